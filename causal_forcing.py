@@ -1,0 +1,1413 @@
+"""Causal Forcing in one file: autoregressive video diffusion distillation, done right.
+
+Paper: "Causal Forcing: Autoregressive Diffusion Distillation Done Right for High-Quality Real-Time
+Interactive Video Generation" (2026). It builds on CausVid, Self Forcing and DMD2.
+
+The recipe distils a slow video diffusion model into a few-step *causal* generator that streams
+video chunk by chunk with a KV cache:
+
+    stage 0  bidirectional base model            flow matching, full attention
+    stage 1  AR teacher by teacher forcing        [clean ; noisy] sequence, block-causal mask
+    stage 2  causal ODE distillation              few-step student regresses the AR teacher's
+                                                  ODE endpoints (clean ground-truth context)
+    stage 3  DMD with self-rollout                real score (frozen) vs fake score (trained on
+                                                  the generator's own samples)
+
+The point of the paper (Sec. 3, "frame-level injectivity"): stage 2 must distil an *AR* teacher.
+A bidirectional teacher's flow map sends frame i's noise to an output that also depends on the
+noise of future frames, which a causal student cannot see; the MSE-optimal student is then a
+conditional expectation (a blurred average of futures, Prop. 3.3). The AR teacher's flow map for
+frame i is a function of exactly what the student sees, so the regression target is unique.
+
+Everything here runs on toy 2-D "videos" (each frame a point in the plane) whose data distribution
+is a Gaussian mixture, so the teachers also have *exact* closed forms, used as ground truth.
+
+Run it:
+    python causal_forcing.py                  # whole pipeline on toy 2-D videos, prints the table
+    python causal_forcing.py --help           # every flag
+    python -m pytest                          # the tests
+
+Sections, in the order the data flows:
+    1. config          typed dataclasses, named presets, checked overrides
+    2. toy data        2-D videos as a Gaussian mixture, and their exact flow-matching teachers
+    3. flow matching   shift, noising, x0/velocity, loss weight, timesteps, Euler ODE
+    4. network         CausalDiT (Wan-style), attention masks, KV cache
+    5. samplers        bidirectional teacher, AR teacher, few-step streaming student
+    6. injectivity     the frame-level floor of ODE regression, from the exact teachers
+    7. training        base, AR teacher, ODE pairs, ODE student, DMD
+    8. evaluation      toy metrics
+    9. pipeline        every stage, the table, results.json, the figure
+   10. command line
+
+Shapes: B batch, F frames, C channels, H W height width, S tokens per frame, N tokens, D width,
+h heads, d head dim. Videos are (B, F, C, H, W); timesteps are sigmas (B, F) in [0, 1], 1 = noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F_
+from einops import rearrange
+
+# =================================================================================================
+# 1. config
+# =================================================================================================
+
+
+@dataclass
+class DataConfig:
+    """The toy 2-D videos: a point that starts on a circle and turns by a fixed angle every frame."""
+
+    frames: int = 4  # F, frames per video
+    num_starts: int = 8  # K start points, evenly spaced on the circle
+    radius: float = 2.0
+    turn_degrees: float = 45.0  # each video turns by +turn or by -turn every frame
+    noise_std: float = 0.15  # Gaussian noise on every coordinate of every frame
+    train_size: int = 20000  # a fixed training set, as a user would have
+    test_size: int = 2000  # held-out videos for the metrics
+
+
+@dataclass
+class ModelConfig:
+    """CausalDiT shapes. Field names follow Wan2.1 where Wan has the same knob."""
+
+    in_channels: int = 2  # C; toy 2-D frames are (C=2, H=1, W=1)
+    height: int = 1  # H of a frame (before patchify)
+    width: int = 1  # W of a frame
+    patch_size: int = 1  # spatial patch (Wan: 2); the temporal patch is always 1 frame
+    dim: int = 64  # D
+    ffn_dim: int = 256
+    num_heads: int = 4
+    num_layers: int = 3
+    freq_dim: int = 64  # sinusoidal timestep features (Wan: 256)
+    cond_dim: int = 0  # width of the conditioning sequence (Wan: 4096 text features); 0 = none
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+    chunk_frames: int = 1  # causal block size: 1 = frame-wise, 3 = chunk-wise (Wan latents)
+    window_frames: Optional[int] = None  # rolling attention window in frames (None = full)
+    sink_frames: int = 0  # first frames always attended inside a rolling window
+
+
+@dataclass
+class TrainConfig:
+    """Training stages. Upstream values (Wan2.1-1.3B fine-tuning) in comments; the toy defaults
+    train a 100k-parameter model from scratch in seconds, so learning rates are larger and step
+    counts smaller."""
+
+    batch_size: int = 256  # upstream 64 clips
+    weight_decay: float = 0.01  # upstream 0.01 everywhere
+    adam_beta1: float = 0.0  # upstream betas (0, 0.999) for teacher, ODE and DMD stages
+    adam_beta2: float = 0.999
+    grad_clip: float = 10.0  # upstream 10
+    # stage 0: the bidirectional base (upstream: the pretrained Wan model, not trained here)
+    base_steps: int = 1500
+    base_lr: float = 2e-3
+    # stage 1: AR teacher (upstream lr 2e-6, ~2K steps)
+    teacher_steps: int = 800
+    teacher_lr: float = 5e-4
+    teacher_mode: str = "teacher_forcing"  # or "diffusion_forcing" (the paper's ablation)
+    # stage 2: ODE pairs and ODE distillation (upstream lr 2e-6, ~1K steps)
+    ode_pairs: int = 4096
+    ode_steps: int = 600
+    ode_lr: float = 5e-4
+    # stage 3: DMD (upstream gen lr 2e-6, critic lr 4e-7, ratio 5, EMA 0.99 from step 200)
+    dmd_steps: int = 400  # critic updates; the generator updates every `gen_update_ratio` steps
+    gen_lr: float = 2e-4
+    critic_lr: float = 4e-4
+    gen_update_ratio: int = 5  # "two time-scale update": the fake score must track the generator
+    ema_decay: float = 0.99
+    ema_start_step: int = 20  # in generator updates (upstream 200 of ~750)
+    dmd_min_sigma: float = 0.02  # DMD/critic timesteps are clamped to [0.02, 0.98] (upstream)
+    dmd_max_sigma: float = 0.98
+    real_guidance: float = 4.0  # CFG scale uncond + g (cond - uncond); upstream "cond + 3 (cond - uncond)"
+    teacher_guidance: float = 6.0  # CFG of the ODE-pair teacher (upstream 6); unused when unconditional
+
+
+@dataclass
+class SampleConfig:
+    """Noise schedule and samplers (Wan flow-matching conventions)."""
+
+    shift: float = 5.0  # s' = k s / (1 + (k - 1) s); upstream generator k = 5
+    num_train_timesteps: int = 1000
+    teacher_solver_steps: int = 48  # Euler steps of the teachers (upstream 48 for ODE pairs)
+    denoising_steps: tuple = (1000, 750, 500, 250)  # the student's steps before warping
+    warp_denoising_steps: bool = True  # map them through the shifted schedule: 1000, 937.5, 833.3, 625
+    context_noise: float = 0.0  # sigma at which finished chunks are written to the KV cache
+
+
+@dataclass
+class EvalConfig:
+    eval_samples: int = 2000
+    floor_outer: int = 256  # Monte-Carlo samples of what the student sees
+    floor_inner: int = 32  # resamples of the future noise it cannot see
+    transition_tol_degrees: float = 15.0
+
+
+@dataclass
+class Config:
+    name: str = "toy2d"
+    seed: int = 0
+    device: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = ("data", "model", "train", "sample", "eval")
+_PRESETS: dict[str, dict] = {
+    # Each frame is one token; frame-wise causal blocks, as in the paper's frame-wise models.
+    "toy2d": {},
+}
+
+
+def _field_types() -> dict[str, tuple[str, object]]:
+    """Every overridable field name -> (section or "", type). Names are unique across sections."""
+    out: dict[str, tuple[str, object]] = {}
+    top = typing.get_type_hints(Config)
+    for name in ("name", "seed", "device"):
+        out[name] = ("", top[name])
+    for section in _SECTIONS:
+        hints = typing.get_type_hints(type(getattr(Config(), section)))
+        for f in dataclasses.fields(getattr(Config(), section)):
+            assert f.name not in out, f"config field {f.name} is defined twice"
+            out[f.name] = (section, hints[f.name])
+    return out
+
+
+def _coerce(key: str, value, typ):
+    """Check one override's type; ints are accepted where a float is expected."""
+    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
+    if optional:
+        if value is None:
+            return None
+        typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        tuple: isinstance(value, (tuple, list)),
+    }.get(typ, False)
+    if not ok:
+        raise ValueError(f"config override {key}={value!r} has type {type(value).__name__}, expected {typ.__name__}")
+    return float(value) if typ is float else tuple(value) if typ is tuple else value
+
+
+def get_config(name: str = "toy2d", **overrides) -> Config:
+    """A named preset with overrides by field name, wherever the field lives:
+    get_config("toy2d", chunk_frames=2, frames=6). Unknown or ill-typed keys raise ValueError."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown config {name!r}; available: {sorted(_PRESETS)}")
+    types = _field_types()
+    cfg = Config(name=name)
+    for key, value in {**_PRESETS[name], **overrides}.items():
+        if key not in types:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
+        section, typ = types[key]
+        target = getattr(cfg, section) if section else cfg
+        setattr(target, key, _coerce(key, value, typ))
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    m, d = cfg.model, cfg.data
+    problems = []
+    if m.dim % m.num_heads:
+        problems.append(f"dim={m.dim} is not divisible by num_heads={m.num_heads}")
+    elif (m.dim // m.num_heads) % 2 or m.dim // m.num_heads < 6:
+        problems.append(f"head dim {m.dim // m.num_heads} must be even and >= 6 for 3-D rotary positions")
+    if m.height % m.patch_size or m.width % m.patch_size:
+        problems.append(f"frame {m.height}x{m.width} is not divisible by patch_size={m.patch_size}")
+    if m.chunk_frames < 1 or d.frames < 1:
+        problems.append("chunk_frames and frames must be >= 1")
+    if m.window_frames is not None and m.window_frames - m.sink_frames < m.chunk_frames:
+        problems.append(f"window_frames - sink_frames = {m.window_frames - m.sink_frames} must hold a chunk ({m.chunk_frames})")
+    if m.sink_frames < 0 or m.sink_frames % m.chunk_frames:
+        problems.append(f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames")
+    if cfg.train.teacher_mode not in ("teacher_forcing", "diffusion_forcing"):
+        problems.append(f"teacher_mode={cfg.train.teacher_mode!r} is not 'teacher_forcing' or 'diffusion_forcing'")
+    if not all(0 < s <= cfg.sample.num_train_timesteps for s in cfg.sample.denoising_steps):
+        problems.append(f"denoising_steps {cfg.sample.denoising_steps} must lie in (0, {cfg.sample.num_train_timesteps}]")
+    if not 0.0 <= cfg.sample.context_noise < 1.0:
+        problems.append("context_noise must lie in [0, 1)")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+
+
+# =================================================================================================
+# 2. toy data: 2-D videos as a Gaussian mixture, and their exact flow-matching teachers
+# =================================================================================================
+
+
+class ToyVideos:
+    """Videos of F frames, each a point in R^2 (a frame of shape C=2, H=W=1).
+
+    A video starts at one of K points on a circle and turns by +turn or -turn every frame; every
+    coordinate has Gaussian noise. So the data is a mixture of 2K isotropic Gaussians in R^(2F)
+    with means mu_m (one path each) and std sigma_d, and the flow-matching teachers have closed
+    forms: under x_s = (1 - s) x0 + s eps, component m gives x_s ~ N((1 - s) mu_m, v_s I) with
+    v_s = (1 - s)^2 sigma_d^2 + s^2, and E[x0 | x_s] mixes the per-component posterior means.
+    """
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        k = torch.arange(cfg.num_starts, dtype=torch.float64)
+        start = 2 * math.pi * k / cfg.num_starts  # (K,)
+        turn = math.radians(cfg.turn_degrees) * torch.tensor([1.0, -1.0], dtype=torch.float64)
+        i = torch.arange(cfg.frames, dtype=torch.float64)
+        angle = start[:, None, None] + turn[None, :, None] * i  # (K, 2, F)
+        path = cfg.radius * torch.stack([angle.cos(), angle.sin()], -1)  # (K, 2, F, 2)
+        self.means = rearrange(path, "k d f c -> (k d) f c")  # (M, F, 2), M = 2K modes
+        self.log_weights = torch.full((len(self.means),), -math.log(len(self.means)), dtype=torch.float64)
+        self.std = cfg.noise_std
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(n, F, 2, 1, 1) float32 videos."""
+        m = torch.randint(len(self.means), (n,), generator=generator)
+        x = self.means[m] + self.std * torch.randn(n, *self.means.shape[1:], generator=generator, dtype=torch.float64)
+        return x.float()[..., None, None]
+
+    def frame_points(self) -> torch.Tensor:
+        """(P, 2): every distinct point a frame can sit on (the K circle points)."""
+        pts = rearrange(self.means, "m f c -> (m f) c")
+        return torch.unique(pts.round(decimals=6), dim=0)
+
+    # --- exact teachers -----------------------------------------------------------------------
+    def exact_x0(self, x_s: torch.Tensor, s: torch.Tensor, frames: Optional[slice] = None,
+                 context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """E[x0 | x_s] for the frames `frames` of a video (all frames if None), optionally given
+        clean earlier frames `context` = x0[:, :frames.start]. Conditioning a mixture on some of its
+        coordinates reweights its components by how well each explains them: that is the exact AR
+        teacher. x_s is (B, f, 2, 1, 1); s is a float or (B,)."""
+        frames = frames or slice(0, self.means.shape[1])
+        B = x_s.shape[0]
+        x = x_s.double().reshape(B, -1)  # (B, f*2)
+        mu = self.means[:, frames].reshape(len(self.means), -1)  # (M, f*2)
+        s = torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1).expand(B, 1)  # (B, 1)
+        var_s = (1 - s) ** 2 * self.std**2 + s**2  # (B, 1)
+        logw = self.log_weights[None].expand(B, -1)  # (B, M)
+        if context is not None and context.shape[1] > 0:
+            c = context.double().reshape(B, -1)
+            mu_c = self.means[:, : context.shape[1]].reshape(len(self.means), -1)
+            logw = logw - torch.cdist(c, mu_c) ** 2 / (2 * self.std**2)
+        logw = logw - ((x[:, None] - (1 - s)[:, :, None] * mu[None]) ** 2).sum(-1) / (2 * var_s)
+        w = torch.softmax(logw, dim=-1)  # (B, M) posterior over components
+        gain = (1 - s) * self.std**2 / var_s  # (B, 1)
+        post = mu[None] + gain[:, :, None] * (x[:, None] - (1 - s)[:, :, None] * mu[None])  # (B, M, f*2)
+        return torch.einsum("bm,bmd->bd", w, post).reshape(x_s.shape)
+
+    def exact_velocity(self, x_s, s, frames=None, context=None) -> torch.Tensor:
+        """The exact flow-matching velocity E[eps - x0 | x_s] = (x_s - E[x0 | x_s]) / s, s > 0."""
+        s_ = torch.as_tensor(s, dtype=torch.float64).reshape(-1, *[1] * (x_s.dim() - 1))
+        return (x_s.double() - self.exact_x0(x_s, s, frames, context)) / s_
+
+
+# =================================================================================================
+# 3. flow matching (Wan conventions; REFERENCE section 3)
+# =================================================================================================
+
+
+def shift_sigma(sigma, shift: float):
+    """s' = k s / (1 + (k - 1) s). Spends more of the schedule at high noise (k > 1)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_s = (1 - s) x0 + s eps; sigma broadcasts from (B, F)."""
+    s = _per_frame(sigma, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def x0_from_velocity(x_s, v, sigma):
+    """x0 = x_s - s v, from v = eps - x0."""
+    return x_s - _per_frame(sigma, x_s) * v
+
+
+def velocity_from_x0(x_s, x0, sigma):
+    """v = (x_s - x0) / s (s > 0)."""
+    return (x_s - x0) / _per_frame(sigma, x_s)
+
+
+def _per_frame(sigma, x):
+    """(B, F) or (B,) or scalar sigma -> broadcastable against x (B, F, C, H, W)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return sigma.reshape(*sigma.shape, *[1] * (x.dim() - sigma.dim()))
+
+
+def training_sigmas(cfg: SampleConfig) -> torch.Tensor:
+    """The 1000 training sigmas of Wan's scheduler: shift(linspace(1, 0, 1001)[:-1]), descending."""
+    raw = torch.linspace(1, 0, cfg.num_train_timesteps + 1, dtype=torch.float64)[:-1]
+    return shift_sigma(raw, cfg.shift)
+
+
+def bump_weight(sigma: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+    """Training-loss weight over timesteps t = 1000 s: exp(-2 ((t - 500) / 1000)^2), shifted to a
+    minimum of 0 and normalised to mean 1 over the training schedule (upstream "bsmntw"). It
+    downweights the two ends, where the flow-matching target is nearly trivial or pure noise."""
+    T = cfg.num_train_timesteps
+    grid = training_sigmas(cfg) * T
+    w = torch.exp(-2 * ((grid - T / 2) / T) ** 2)
+    w = w - w.min()
+    w = w * len(w) / w.sum()
+    idx = (grid[None].to(sigma.device) - (sigma.double() * T).reshape(-1, 1)).abs().argmin(-1)
+    return w.to(sigma.device)[idx].reshape(sigma.shape).to(sigma.dtype)
+
+
+def sample_sigmas(batch: int, frames: int, chunk_frames: int, cfg: SampleConfig, generator=None,
+                  lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """(B, F) training sigmas: one per chunk, uniform over the shifted schedule (restricted to
+    [lo, hi] before shifting); chunk_frames >= frames gives one sigma per clip."""
+    chunks = -(-frames // chunk_frames)
+    u = lo + (hi - lo) * torch.rand(batch, chunks, generator=generator, dtype=torch.float64)
+    u = (u * 1000).floor().clamp(max=999) / 1000 + 1e-3  # one of the 1000 discrete steps
+    s = shift_sigma(u, cfg.shift).float()
+    return s.repeat_interleave(chunk_frames, dim=1)[:, :frames]
+
+
+def solver_sigmas(steps: int, cfg: SampleConfig) -> torch.Tensor:
+    """steps + 1 descending sigmas from 1 to 0 on the shifted schedule, for the Euler ODE."""
+    return shift_sigma(torch.linspace(1, 0, steps + 1, dtype=torch.float64), cfg.shift)
+
+
+def student_sigmas(cfg: SampleConfig) -> list[float]:
+    """The few-step student's sigmas. Warped through the shifted schedule (Self Forcing's
+    warp_denoising_step), [1000, 750, 500, 250] becomes [1000, 937.5, 833.3, 625] / 1000."""
+    T = cfg.num_train_timesteps
+    raw = torch.tensor(cfg.denoising_steps, dtype=torch.float64) / T
+    return [float(s) for s in (shift_sigma(raw, cfg.shift) if cfg.warp_denoising_steps else raw)]
+
+
+def euler_ode(velocity: Callable, x: torch.Tensor, sigmas: torch.Tensor,
+              keep: Optional[list[float]] = None) -> tuple[torch.Tensor, dict]:
+    """Integrates the PF-ODE dx/ds = v(x, s) from sigmas[0] to sigmas[-1] with Euler steps
+    x <- x + v (s_next - s). Returns the endpoint and the states at the sigmas listed in `keep`."""
+    kept = {}
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        for k in keep or []:
+            if abs(k - s) < 1e-6:
+                kept[k] = x
+        x = x + velocity(x, s) * (s_next - s)
+    return x, kept
+
+
+# =================================================================================================
+# 4. network: a Wan-style DiT with causal attention, teacher forcing and a KV cache
+# =================================================================================================
+
+
+def frame_visibility(q_frames: torch.Tensor, k_frames: torch.Tensor, chunk_frames: int,
+                     window_frames: Optional[int] = None, sink_frames: int = 0) -> torch.Tensor:
+    """(Fq, Fk) bool: may a query in frame q see a key in frame k? Causal over chunks of
+    `chunk_frames` frames (aligned to absolute frame 0), bidirectional inside a chunk:
+        k < end(chunk(q)),
+    and, with a rolling window of W frames and S sink frames, only the sink or the latest W - S
+    frames up to the end of the query's chunk:  k < S  or  k >= end(chunk(q)) - (W - S)."""
+    q_end = (q_frames // chunk_frames + 1) * chunk_frames  # (Fq,)
+    vis = k_frames[None, :] < q_end[:, None]
+    if window_frames is not None:
+        recent = k_frames[None, :] >= (q_end - (window_frames - sink_frames))[:, None]
+        vis = vis & (recent | (k_frames[None, :] < sink_frames))
+    return vis
+
+
+def teacher_forcing_visibility(frames: torch.Tensor, chunk_frames: int, window_frames=None,
+                               sink_frames: int = 0) -> torch.Tensor:
+    """(2F, 2F) bool over the sequence [clean frames ; noisy frames] (REFERENCE sec. 2, stage 1).
+    Clean frames attend block-causally among clean frames; noisy chunk b attends to the clean
+    frames of chunks < b and to its own noisy chunk; noisy frames never serve as context."""
+    causal = frame_visibility(frames, frames, chunk_frames, window_frames, sink_frames)
+    chunk = frames // chunk_frames
+    earlier = chunk[None, :] < chunk[:, None]  # key chunk < query chunk
+    same = chunk[None, :] == chunk[:, None]
+    top = torch.cat([causal, torch.zeros_like(causal)], 1)  # clean queries
+    bottom = torch.cat([causal & earlier, same], 1)  # noisy queries
+    return torch.cat([top, bottom], 0)
+
+
+def expand_to_tokens(vis: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """(Fq, Fk) frame mask -> (Fq*S, Fk*S) token mask (tokens are frame-major)."""
+    return vis.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """(N, 3) integer (frame, y, x) positions -> (N, d/2) rotation angles in float64.
+    As in Wan, the d/2 complex pairs split into frame / height / width parts of
+    d - 4 (d // 6), 2 (d // 6), 2 (d // 6) real dims; an axis of real size d_a uses the
+    frequencies theta^(-2i / d_a). Angles are computed from positions directly (no table), so
+    positions never overflow however long a video streams."""
+    d_hw = 2 * (head_dim // 6)
+    parts = []
+    for axis, d_a in enumerate((head_dim - 2 * d_hw, d_hw, d_hw)):
+        omega = theta ** (-torch.arange(0, d_a, 2, dtype=torch.float64, device=positions.device) / d_a)
+        parts.append(positions[:, axis, None].double() * omega[None])
+    return torch.cat(parts, -1)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotates adjacent pairs (x[2j], x[2j+1]) of x (B, N, h, d) by angles (N, d/2)."""
+    cos, sin = angles.cos().to(x.dtype)[:, None], angles.sin().to(x.dtype)[:, None]  # (N, 1, d/2)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)  # (B, N, h, d/2, 2)
+    return out.flatten(-2)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full width (Wan applies it to q and k before splitting heads)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class KVCache:
+    """Keys and values of frames already generated, for every layer, so that each new chunk costs
+    attention over the cache instead of a forward pass over the whole prefix.
+
+    Buffers are (layers, B, h, slots, S, d): one slot per frame. Without a window there is a slot for
+    every frame up to max_frames. With a rolling window of W frames there are W slots: the first
+    `sink_frames` frames keep theirs (an attention sink), later frames share W - S slots in a ring,
+    so memory stays fixed however long the video runs. Keys are stored after rotary embedding at
+    absolute frame positions. Writing frames [a, a + F) again (re-denoising a chunk) overwrites the
+    same slots and forgets any frame after them."""
+
+    def __init__(self, num_layers, batch_size, num_heads, head_dim, tokens_per_frame, chunk_frames,
+                 max_frames=None, window_frames=None, sink_frames=0, dtype=torch.float32, device="cpu"):
+        if window_frames is None and max_frames is None:
+            raise ValueError("a KV cache needs max_frames, or window_frames for a rolling cache")
+        if window_frames is not None and window_frames - sink_frames < chunk_frames:
+            raise ValueError(f"window_frames - sink_frames = {window_frames - sink_frames} must hold a chunk of {chunk_frames}")
+        self.batch_size, self.chunk_frames = batch_size, chunk_frames
+        self.max_frames, self.window_frames, self.sink_frames = max_frames, window_frames, sink_frames
+        slots = window_frames if window_frames is not None else max_frames
+        shape = (num_layers, batch_size, num_heads, slots, tokens_per_frame, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot_frame = torch.full((slots,), -1, dtype=torch.long)  # which frame each slot holds
+        self.end = 0  # frames [0, end) have been written
+
+    def slot(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.window_frames is None:
+            return frames
+        ring = self.window_frames - self.sink_frames
+        return torch.where(frames < self.sink_frames, frames, self.sink_frames + (frames - self.sink_frames) % ring)
+
+    def plan(self, start_frame: int, num_frames: int, batch_size: int):
+        """Checks a call for frames [start, start + F) and returns (read_slots, key_frames, vis):
+        the cached slots to read, the frame of every key (cached, then new), and (Fq, Fk) vis."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"batch size {batch_size} does not match the KV cache's {self.batch_size}")
+        if start_frame < 0 or start_frame > self.end:
+            raise ValueError(f"start_frame={start_frame} is beyond the KV cache: frames [0, {self.end}) are cached, "
+                             f"so the next call may start at any frame up to {self.end}")
+        if start_frame % self.chunk_frames:
+            raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={self.chunk_frames})")
+        if self.window_frames is None and start_frame + num_frames > self.max_frames:
+            raise ValueError(f"frames [{start_frame}, {start_frame + num_frames}) do not fit a KV cache of "
+                             f"max_frames={self.max_frames}; make a larger cache or use window_frames")
+        if self.window_frames is not None and num_frames > self.window_frames - self.sink_frames:
+            raise ValueError(f"{num_frames} frames at once do not fit the rolling window's "
+                             f"{self.window_frames - self.sink_frames} non-sink slots")
+        held = (self.slot_frame >= 0) & (self.slot_frame < start_frame)
+        read_slots = torch.nonzero(held).flatten()
+        read_slots = read_slots[self.slot_frame[read_slots].argsort()]
+        cached = self.slot_frame[read_slots]
+        q = torch.arange(start_frame, start_frame + num_frames)
+        needed = frame_visibility(q, torch.arange(start_frame), self.chunk_frames, self.window_frames,
+                                  self.sink_frames).any(0)
+        missing = sorted(set(torch.nonzero(needed).flatten().tolist()) - set(cached.tolist()))
+        if missing:
+            raise ValueError(f"frames {missing} are needed but no longer in the rolling KV cache "
+                             f"(written up to frame {self.end}); re-denoise only the latest chunk")
+        key_frames = torch.cat([cached, q])
+        vis = frame_visibility(q, key_frames, self.chunk_frames, self.window_frames, self.sink_frames)
+        return read_slots, key_frames, vis
+
+    def commit(self, start_frame: int, num_frames: int) -> None:
+        """Records that every layer wrote frames [start, start + F); later frames are forgotten."""
+        self.slot_frame[self.slot_frame >= start_frame] = -1
+        frames = torch.arange(start_frame, start_frame + num_frames)
+        self.slot_frame[self.slot(frames)] = frames
+        self.end = start_frame + num_frames
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, num_heads, eps):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x, angles, mask=None, cache: Optional[tuple] = None):
+        """x (B, N, D); angles (N, d/2); mask (N, Nk) bool, True = attend; cache = (KVCache, layer,
+        read_slots, write_slots): keys of cached frames come first, then the new ones."""
+        B, N, D = x.shape
+        split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.num_heads)  # noqa: E731
+        q = apply_rope(split(self.norm_q(self.q(x))), angles)  # (B, N, h, d)
+        k = apply_rope(split(self.norm_k(self.k(x))), angles)
+        v = split(self.v(x))
+        q, k, v = (rearrange(t, "b n h d -> b h n d") for t in (q, k, v))
+        if cache is not None:
+            kv, layer, read_slots, write_slots = cache
+            S = kv.k.shape[-2]
+            old_k = rearrange(kv.k[layer][:, :, read_slots], "b h f s d -> b h (f s) d")
+            old_v = rearrange(kv.v[layer][:, :, read_slots], "b h f s d -> b h (f s) d")
+            # Store detached copies: the cache carries values, never a graph, so a later in-place
+            # refresh of these slots cannot break a backward pass through this call (DMD rollout).
+            kv.k[layer][:, :, write_slots] = rearrange(k.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.k.dtype)
+            kv.v[layer][:, :, write_slots] = rearrange(v.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.v.dtype)
+            k, v = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
+        out = F_.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, d)
+        return self.o(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    """Video tokens attend to the conditioning sequence (text features upstream). No RoPE."""
+
+    def __init__(self, dim, num_heads, eps):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x, ctx):
+        split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)  # noqa: E731
+        q, k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(ctx))), split(self.v(ctx))
+        out = F_.scaled_dot_product_attention(q, k, v)
+        return self.o(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class Block(nn.Module):
+    """Wan's block with per-frame adaLN: (shift, scale, gate) for self-attention and for the FFN
+    come from the frame's timestep embedding plus a learned offset `modulation`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.dim
+        self.norm1 = nn.LayerNorm(D, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(D, cfg.num_heads, cfg.eps)
+        if cfg.cond_dim:
+            self.norm3 = nn.LayerNorm(D, eps=cfg.eps)
+            self.cross_attn = CrossAttention(D, cfg.num_heads, cfg.eps)
+        self.norm2 = nn.LayerNorm(D, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, D))  # adaLN-Zero: see CausalDiT.init_weights
+
+    def forward(self, x, e0, ctx, angles, mask=None, cache=None):
+        """x (B, N, D) with N = F*S; e0 (B, F, 6, D) per-frame modulation."""
+        B, N, D = x.shape
+        Fr = e0.shape[1]
+        m = (self.modulation[:, None] + e0).chunk(6, dim=2)  # six (B, F, 1, D)
+        per_frame = lambda t: rearrange(t, "b (f s) d -> b f s d", f=Fr)  # noqa: E731
+        flat = lambda t: rearrange(t, "b f s d -> b (f s) d")  # noqa: E731
+        a = flat(per_frame(self.norm1(x)) * (1 + m[1]) + m[0])
+        x = x + flat(per_frame(self.self_attn(a, angles, mask, cache)) * m[2])
+        if ctx is not None:
+            x = x + self.cross_attn(self.norm3(x), ctx)
+        b = flat(per_frame(self.norm2(x)) * (1 + m[4]) + m[3])
+        return x + flat(per_frame(self.ffn(b)) * m[5])
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.patch_size**2 * cfg.in_channels)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+    def forward(self, x, e):
+        """x (B, F*S, D), e (B, F, D) -> (B, F*S, p*p*C)."""
+        shift, scale = (self.modulation[:, None] + e[:, :, None]).chunk(2, dim=2)  # (B, F, 1, D) each
+        x = rearrange(self.norm(x), "b (f s) d -> b f s d", f=e.shape[1]) * (1 + scale) + shift
+        return self.head(rearrange(x, "b f s d -> b (f s) d"))
+
+
+def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of t (any shape, 0..1000), cosine first as in Wan: (..., dim)."""
+    half = dim // 2
+    omega = 10000.0 ** (-torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    arg = t.double()[..., None] * omega
+    return torch.cat([arg.cos(), arg.sin()], -1).float()
+
+
+class CausalDiT(nn.Module):
+    """A Wan2.1-style video DiT. `causal=False` is the bidirectional model (full attention);
+    `causal=True` uses block-causal attention over chunks of `chunk_frames` frames.
+
+    model(x, t, cond=None, kv_cache=None, start_frame=0, clean_context=None) -> velocity
+        x (B, F, C, H, W); t (B, F) sigmas; cond (B, L, cond_dim) or None. Returns eps - x0.
+        clean_context (B, F, C, H, W): teacher forcing, the sequence [clean ; noisy].
+        kv_cache: streaming; x holds frames [start_frame, start_frame + F) of the video.
+    The network knows nothing of losses or samplers."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True):
+        super().__init__()
+        self.cfg, self.causal = cfg, causal
+        D, p = cfg.dim, cfg.patch_size
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, D, kernel_size=(1, p, p), stride=(1, p, p))
+        if cfg.cond_dim:
+            self.text_embedding = nn.Sequential(nn.Linear(cfg.cond_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.init_weights()
+
+    def init_weights(self):
+        """Xavier-uniform linears with zero bias (as Wan); then adaLN-Zero (as DiT): the modulation
+        offsets, the time projection and the output layer start at zero, so every block starts as
+        the identity and the model's first output is 0. Training moves the gates off zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.cfg.dim, -1))
+        for m in self.time_embedding:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for p in (self.time_projection[1].weight, self.time_projection[1].bias, self.head.head.weight,
+                  self.head.head.bias, self.head.modulation, *(b.modulation for b in self.blocks)):
+            nn.init.zeros_(p)
+
+    # --- shapes ----------------------------------------------------------------------------------
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.cfg.height // self.cfg.patch_size) * (self.cfg.width // self.cfg.patch_size)
+
+    def check_video(self, x: torch.Tensor, name: str = "x") -> None:
+        c = self.cfg
+        want = (c.in_channels, c.height, c.width)
+        if x.dim() != 5 or tuple(x.shape[2:]) != want:
+            raise ValueError(f"{name} must have shape (B, F, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
+
+    def patchify(self, x):
+        """(B, F, C, H, W) -> (B, F*S, D), tokens frame-major then row then column."""
+        y = self.patch_embedding(rearrange(x, "b f c h w -> b c f h w"))  # (B, D, F, h, w)
+        return rearrange(y, "b d f h w -> b (f h w) d")
+
+    def unpatchify(self, y, frames):
+        """(B, F*S, p*p*C) -> (B, F, C, H, W); inside a token the channel is the fastest index (Wan)."""
+        p, c = self.cfg.patch_size, self.cfg
+        return rearrange(y, "b (f h w) (ph pw c) -> b f c (h ph) (w pw)", f=frames,
+                         h=c.height // p, w=c.width // p, ph=p, pw=p)
+
+    def positions(self, frames: torch.Tensor) -> torch.Tensor:
+        """(F,) absolute frame indices -> (F*S, 3) token positions (frame, y, x)."""
+        hh, ww = self.cfg.height // self.cfg.patch_size, self.cfg.width // self.cfg.patch_size
+        f, y, x = torch.meshgrid(frames, torch.arange(hh), torch.arange(ww), indexing="ij")
+        return torch.stack([f, y, x], -1).reshape(-1, 3)
+
+    def embed_cond(self, cond, batch, dtype, device):
+        if not self.cfg.cond_dim:
+            if cond is not None:
+                raise ValueError("this model has no conditioning (cond_dim=0) but cond was given")
+            return None
+        if cond is None:  # the null condition (classifier-free guidance's "uncond")
+            cond = torch.zeros(batch, 1, self.cfg.cond_dim, dtype=dtype, device=device)
+        if cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != self.cfg.cond_dim:
+            raise ValueError(f"cond must have shape ({batch}, L, {self.cfg.cond_dim}), got {tuple(cond.shape)}")
+        return self.text_embedding(cond)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, x, t, cond=None, kv_cache: Optional[KVCache] = None, start_frame: int = 0,
+                clean_context=None):
+        c = self.cfg
+        self.check_video(x)
+        B, Fr = x.shape[:2]
+        if t.shape != (B, Fr):
+            raise ValueError(f"t must have shape (B, F) = ({B}, {Fr}), got {tuple(t.shape)}")
+        if (kv_cache is not None or clean_context is not None) and not self.causal:
+            raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
+        if kv_cache is not None and clean_context is not None:
+            raise ValueError("pass either kv_cache or clean_context, not both")
+        S = self.tokens_per_frame
+        frames = torch.arange(start_frame, start_frame + Fr)
+        tokens = self.patchify(x)  # (B, F*S, D)
+        ctx = self.embed_cond(cond, B, x.dtype, x.device)
+        mask, caches = None, [None] * len(self.blocks)
+
+        if clean_context is not None:  # teacher forcing: [clean ; noisy], shared positions
+            if clean_context.shape != x.shape:
+                raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got {tuple(clean_context.shape)}")
+            tokens = torch.cat([self.patchify(clean_context), tokens], 1)  # (B, 2*F*S, D)
+            t = torch.cat([torch.zeros_like(t), t], 1)  # clean frames carry t = 0
+            vis = teacher_forcing_visibility(frames, c.chunk_frames, c.window_frames, c.sink_frames)
+            mask = expand_to_tokens(vis, S).to(x.device)
+            angles = rope_angles(self.positions(torch.cat([frames, frames])), c.dim // c.num_heads, c.rope_theta)
+        elif kv_cache is not None:
+            read_slots, key_frames, vis = kv_cache.plan(start_frame, Fr, B)
+            write_slots = kv_cache.slot(frames)
+            mask = None if bool(vis.all()) else expand_to_tokens(vis, S).to(x.device)
+            caches = [(kv_cache, i, read_slots, write_slots) for i in range(len(self.blocks))]
+            angles = rope_angles(self.positions(frames), c.dim // c.num_heads, c.rope_theta)
+        else:
+            if self.causal:
+                vis = frame_visibility(frames, frames, c.chunk_frames, c.window_frames, c.sink_frames)
+                mask = None if bool(vis.all()) else expand_to_tokens(vis, S).to(x.device)
+            angles = rope_angles(self.positions(frames), c.dim // c.num_heads, c.rope_theta)
+        angles = angles.to(x.device)
+
+        e = self.time_embedding(timestep_features(t * 1000.0, c.freq_dim).to(x.dtype))  # (B, F', D)
+        e0 = rearrange(self.time_projection(e), "b f (six d) -> b f six d", six=6)  # (B, F', 6, D)
+        for block, cache in zip(self.blocks, caches):
+            tokens = block(tokens, e0, ctx, angles, mask, cache)
+        if kv_cache is not None:
+            kv_cache.commit(start_frame, Fr)
+        if clean_context is not None:  # only the noisy half is predicted
+            tokens, e = tokens[:, Fr * S:], e[:, Fr:]
+        return self.unpatchify(self.head(tokens, e), Fr)
+
+    def new_kv_cache(self, batch_size: int, max_frames: Optional[int] = None,
+                     window_frames: Optional[int] = None, sink_frames: Optional[int] = None) -> KVCache:
+        """An empty cache for streaming. Defaults come from the config: a full cache of
+        max_frames (default 1024) or, with window_frames, a rolling cache with sink_frames."""
+        c = self.cfg
+        window = c.window_frames if window_frames is None else window_frames
+        sink = c.sink_frames if sink_frames is None else sink_frames
+        if window is None and max_frames is None:
+            max_frames = 1024
+        p = next(self.parameters())
+        return KVCache(len(self.blocks), batch_size, c.num_heads, c.dim // c.num_heads, self.tokens_per_frame,
+                       c.chunk_frames, max_frames, window, sink, p.dtype, p.device)
+
+
+def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, **kw):
+    """Classifier-free guidance uncond + g (cond - uncond); plain prediction without a condition."""
+    if cond is None or guidance == 1.0:
+        return model(x, t, cond, **kw)
+    if kw.get("kv_cache") is not None:
+        raise ValueError("classifier-free guidance with a KV cache needs two caches; not supported here")
+    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]),
+              **{k: (torch.cat([v_, v_]) if torch.is_tensor(v_) else v_) for k, v_ in kw.items()})
+    v_cond, v_uncond = v.chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+# =================================================================================================
+# 5. samplers
+# =================================================================================================
+
+
+def _video_shape(cfg: Config, batch: int, frames: int) -> tuple:
+    m = cfg.model
+    return (batch, frames, m.in_channels, m.height, m.width)
+
+
+def _randn(shape, generator, device):
+    return torch.randn(shape, generator=generator).to(device)
+
+
+@torch.no_grad()
+def sample_bidirectional(model: CausalDiT, cfg: Config, batch_size: int, cond=None, steps=None,
+                         guidance: float = 1.0, generator=None, noise=None) -> torch.Tensor:
+    """The bidirectional teacher: Euler on the shifted schedule, one timestep for the whole clip."""
+    x = noise if noise is not None else _randn(_video_shape(cfg, batch_size, cfg.data.frames), generator, cfg.device)
+    sig = solver_sigmas(steps or cfg.sample.teacher_solver_steps, cfg.sample)
+    vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance)  # noqa: E731
+    return euler_ode(vel, x, sig)[0]
+
+
+@torch.no_grad()
+def sample_ar_teacher(model: CausalDiT, cfg: Config, batch_size: int, num_frames=None, cond=None,
+                      steps=None, generator=None) -> torch.Tensor:
+    """The AR teacher: chunk by chunk, a full Euler ODE per chunk with the KV cache holding the
+    clean earlier chunks; each finished chunk is written to the cache at t = context_noise."""
+    num_frames = num_frames or cfg.data.frames
+    cache = model.new_kv_cache(batch_size, max_frames=num_frames)
+    sig = solver_sigmas(steps or cfg.sample.teacher_solver_steps, cfg.sample)
+    chunks = []
+    for start in range(0, num_frames, cfg.model.chunk_frames):
+        n = min(cfg.model.chunk_frames, num_frames - start)
+        vel = lambda x_, s: model(x_, torch.full(x_.shape[:2], s, device=x_.device), cond,  # noqa: E731
+                                  kv_cache=cache, start_frame=start)
+        x0 = euler_ode(vel, _randn(_video_shape(cfg, batch_size, n), generator, cfg.device), sig)[0]
+        chunks.append(x0)
+        if start + n < num_frames:
+            _write_context(model, cfg, x0, cond, cache, start, generator)
+    return torch.cat(chunks, 1)
+
+
+def _write_context(model, cfg, x0, cond, cache, start, generator):
+    """Re-run a finished chunk at sigma = context_noise to overwrite its cache slots with the
+    keys/values of (nearly) clean frames, which is what later chunks should attend to."""
+    s = cfg.sample.context_noise
+    x = add_noise(x0, _randn(x0.shape, generator, x0.device), s) if s > 0 else x0
+    with torch.no_grad():
+        model(x, torch.full(x.shape[:2], s, device=x.device), cond, kv_cache=cache, start_frame=start)
+
+
+def denoise_chunk(model, cfg: Config, x, sigmas, cond, cache, start, exit_step=None, generator=None):
+    """Few-step student on one chunk (Self Forcing Alg. 1): at each sigma predict x0, then re-noise
+    it with *fresh* noise to the next sigma. Steps after `exit_step` are skipped; only the exit
+    step runs with gradients (when grad mode is on). Returns the chunk's x0."""
+    exit_step = len(sigmas) - 1 if exit_step is None else exit_step
+    for k, s in enumerate(sigmas[: exit_step + 1]):
+        t = torch.full(x.shape[:2], s, device=x.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):
+            x0 = x0_from_velocity(x, model(x, t, cond, kv_cache=cache, start_frame=start), t)
+        if k < exit_step:
+            x = add_noise(x0, _randn(x.shape, generator, x.device), sigmas[k + 1])
+    return x0
+
+
+def stream(generator: CausalDiT, cfg: Config, num_frames: int, batch_size: int, cond=None,
+           kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """Streams the few-step causal student: yields each finished chunk (B, f, C, H, W) as soon as
+    it is denoised, then writes it to the KV cache at t = context_noise for the chunks after it."""
+    model = generator
+    cache = kv_cache or model.new_kv_cache(batch_size, max_frames=None if model.cfg.window_frames else num_frames)
+    sigmas = student_sigmas(cfg.sample)
+    with torch.no_grad():
+        for start in range(0, num_frames, cfg.model.chunk_frames):
+            n = min(cfg.model.chunk_frames, num_frames - start)
+            x0 = denoise_chunk(model, cfg, _randn(_video_shape(cfg, batch_size, n), rng, cfg.device),
+                               sigmas, cond, cache, start, generator=rng)
+            yield x0
+            if start + n < num_frames:
+                _write_context(model, cfg, x0, cond, cache, start, rng)
+
+
+def sample_student(model, cfg: Config, batch_size: int, num_frames=None, cond=None, rng=None) -> torch.Tensor:
+    """The whole video from `stream`, (B, F, C, H, W)."""
+    return torch.cat(list(stream(model, cfg, num_frames or cfg.data.frames, batch_size, cond, rng=rng)), 1)
+
+
+@contextlib.contextmanager
+def count_frame_evaluations(model: nn.Module):
+    """Counts network evaluations per generated frame: each forward call adds its number of
+    (noisy) frames. Yields a dict whose 'frames' entry grows while the block runs."""
+    box = {"frames": 0}
+    handle = model.register_forward_hook(lambda m, args, out: box.__setitem__("frames", box["frames"] + out.shape[1]))
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+# =================================================================================================
+# 6. injectivity: the frame-level floor of ODE regression (paper Sec. 3, Lemma 3.2, Prop. 3.3)
+# =================================================================================================
+
+
+def exact_bidirectional_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """phi_Bi: noise of all frames -> the exact bidirectional teacher's clean video."""
+    return euler_ode(lambda x, s: data.exact_velocity(x, s), eps.double(), sigmas)[0]
+
+
+def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chunk_frames: int,
+                  context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """phi_AR: chunk by chunk, the exact AR teacher's ODE given clean earlier frames. The context
+    is its own earlier outputs, or `context` (ground truth, as when ODE pairs are made)."""
+    out = []
+    for start in range(0, eps.shape[1], chunk_frames):
+        fr = slice(start, min(start + chunk_frames, eps.shape[1]))
+        ctx = (context if context is not None else torch.cat(out, 1) if out else eps[:, :0].double())[:, :start]
+        vel = lambda x, s: data.exact_velocity(x, s, fr, ctx)  # noqa: E731
+        out.append(euler_ode(vel, eps[:, fr].double(), sigmas)[0])
+    return torch.cat(out, 1)
+
+
+def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer: int, inner: int,
+                      generator=None, shape=(2, 1, 1)) -> torch.Tensor:
+    """E[ Var(phi(eps)^i | eps of the chunks up to i's) ] per frame i, summed over a frame's
+    coordinates: the part of the ODE-regression loss that no causal student can remove, because
+    frame i's target depends on noise it does not see. Monte Carlo: `outer` draws of the visible
+    noise, `inner` redraws of the future noise for each. (F,) float64."""
+    floor = torch.zeros(frames, dtype=torch.float64)
+    for i in range(frames):
+        seen = min((i // chunk_frames + 1) * chunk_frames, frames)
+        eps = torch.randn(outer, 1, frames, *shape, generator=generator, dtype=torch.float64).repeat(1, inner, 1, 1, 1, 1)
+        eps[:, :, seen:] = torch.randn(outer, inner, frames - seen, *shape, generator=generator, dtype=torch.float64)
+        x = flow_map(eps.reshape(outer * inner, frames, *shape)).reshape(outer, inner, frames, -1)
+        floor[i] = x[:, :, i].var(dim=1).sum(-1).mean()
+    return floor
+
+
+# =================================================================================================
+# 7. training stages
+# =================================================================================================
+
+
+def _adamw(params, lr, cfg: TrainConfig):
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+
+
+def _step(opt, model, loss, clip):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return float(norm)
+
+
+def _batches(data: torch.Tensor, batch: int, generator) -> Iterator[torch.Tensor]:
+    """Endless shuffled minibatches of a fixed dataset."""
+    while True:
+        for idx in torch.randperm(len(data), generator=generator).split(batch):
+            if len(idx) == batch:
+                yield data[idx]
+
+
+def _log(log, stage, step, total, loss, every=None):
+    every = every or max(total // 5, 1)
+    if log and (step % every == 0 or step == total - 1):
+        log(f"  [{stage}] step {step + 1:5d}/{total}  loss {loss:.4f}")
+
+
+def flow_matching_loss(model, x0, sigma, noise, sample_cfg: Optional[SampleConfig] = None, cond=None, **kw):
+    """MSE between the predicted and the true velocity eps - x0 (Wan's objective), per frame
+    weighted by the bump weight when `sample_cfg` is given (its schedule defines the weight)."""
+    x_s = add_noise(x0, noise, sigma)
+    err = (model(x_s, sigma, cond, **kw) - (noise - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, F)
+    return (err * bump_weight(sigma, sample_cfg)).mean() if sample_cfg is not None else err.mean()
+
+
+def train_base(cfg: Config, data: torch.Tensor, log=print, generator=None) -> tuple[CausalDiT, list]:
+    """Stage 0: the bidirectional base model, flow matching with one timestep per clip. Upstream
+    this is the pretrained Wan2.1 model; here we train it so the pipeline starts from data."""
+    t = cfg.train
+    model = CausalDiT(cfg.model, causal=False).to(cfg.device)
+    opt = _adamw(model.parameters(), t.base_lr, t)
+    losses, batches = [], _batches(data, t.batch_size, generator)
+    for step in range(t.base_steps):
+        x0 = next(batches).to(cfg.device)
+        sigma = sample_sigmas(len(x0), x0.shape[1], x0.shape[1], cfg.sample, generator).to(cfg.device)
+        loss = flow_matching_loss(model, x0, sigma, torch.randn(x0.shape, generator=generator).to(cfg.device), cfg.sample)
+        _step(opt, model, loss, t.grad_clip)
+        losses.append(loss.item())
+        _log(log, "base", step, t.base_steps, loss)
+    return model, losses
+
+
+def to_causal(model: CausalDiT) -> CausalDiT:
+    """A causal copy of a model (same parameters; only the attention mask differs)."""
+    causal = CausalDiT(model.cfg, causal=True).to(next(model.parameters()).device)
+    causal.load_state_dict(model.state_dict())
+    return causal
+
+
+def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None, log=print,
+                     generator=None) -> tuple[CausalDiT, list]:
+    """Stage 1: the AR teacher, initialised from the bidirectional base, one timestep per chunk.
+    teacher forcing (default): the model sees [clean video ; noisy video]; noisy chunk b attends
+      to the clean chunks < b, exactly the context it will have at inference.
+    diffusion forcing (ablation): every chunk is noisy at its own level and attends to the noisy
+      earlier chunks; at inference the context is clean, a train/test mismatch (Prop. 3.4)."""
+    t, mode = cfg.train, mode or cfg.train.teacher_mode
+    model = to_causal(base)
+    opt = _adamw(model.parameters(), t.teacher_lr, t)
+    losses, batches = [], _batches(data, t.batch_size, generator)
+    for step in range(t.teacher_steps):
+        x0 = next(batches).to(cfg.device)
+        sigma = sample_sigmas(len(x0), x0.shape[1], cfg.model.chunk_frames, cfg.sample, generator).to(cfg.device)
+        noise = torch.randn(x0.shape, generator=generator).to(cfg.device)
+        kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
+        loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample, **kw)
+        _step(opt, model, loss, t.grad_clip)
+        losses.append(loss.item())
+        _log(log, f"ar teacher, {mode.replace('_', ' ')}", step, t.teacher_steps, loss)
+    return model, losses
+
+
+@torch.no_grad()
+def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: str, cond=None,
+                   generator=None, batch: int = 1024) -> dict:
+    """ODE pairs for the few-step student: the teacher's Euler trajectory (teacher_solver_steps on
+    the shifted grid, which contains the student's warped sigmas) is kept at the student's sigmas.
+      kind="ar": the AR teacher integrates every chunk given the *ground-truth* clean earlier
+        chunks (the teacher-forcing mask does all chunks in one pass).
+      kind="bidirectional": the bidirectional teacher integrates the whole clip from noise.
+    Returns {"xt": (n, K, F, C, H, W) states at the K student sigmas, "x0": teacher endpoints,
+    "clean": the ground-truth clips}."""
+    if kind not in ("ar", "bidirectional"):
+        raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
+    keep = student_sigmas(cfg.sample)
+    sig = solver_sigmas(cfg.sample.teacher_solver_steps, cfg.sample)
+    missing = [s for s in keep if not any(abs(s - g) < 1e-6 for g in sig.tolist())]
+    if missing:
+        raise ValueError(f"student sigmas {missing} are not on the teacher's {len(sig) - 1}-step grid; "
+                         "choose teacher_solver_steps so that the grids align")
+    out = {"xt": [], "x0": [], "clean": []}
+    for clean in data[: cfg.train.ode_pairs].split(batch):
+        clean = clean.to(cfg.device)
+        kw = {"clean_context": clean} if kind == "ar" else {}
+        vel = lambda x_, s: guided_velocity(teacher, x_, torch.full(x_.shape[:2], s, device=x_.device),  # noqa: E731
+                                            cond, cfg.train.teacher_guidance, **kw)
+        x0, kept = euler_ode(vel, torch.randn(clean.shape, generator=generator).to(cfg.device), sig, keep)
+        out["xt"].append(torch.stack([kept[s] for s in keep], 1))
+        out["x0"].append(x0)
+        out["clean"].append(clean)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k: int, kind: str) -> torch.Tensor:
+    """MSE between the student's x0 from x at the student's k-th sigma and the teacher's endpoint,
+    per frame summed over its coordinates: (B, F). The AR variant sees clean ground-truth
+    context (teacher-forcing mask); the bidirectional variant sees the noisy earlier frames under
+    the block-causal mask, as in CausVid / Self Forcing."""
+    s = student_sigmas(cfg.sample)[k]
+    x = pairs["xt"][idx, k]
+    t = torch.full(x.shape[:2], s, device=x.device)
+    kw = {"clean_context": pairs["clean"][idx]} if kind == "ar" else {}
+    x0 = x0_from_velocity(x, student(x, t, **kw), t)
+    return (x0 - pairs["x0"][idx]).pow(2).sum(dim=(2, 3, 4))
+
+
+def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=print,
+                      generator=None) -> tuple[CausalDiT, list]:
+    """Stage 2: few-step causal student by ODE regression, initialised from `init` (the AR teacher
+    for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). One student
+    sigma per step, shared by all frames."""
+    t = cfg.train
+    student = to_causal(init)
+    opt = _adamw(student.parameters(), t.ode_lr, t)
+    losses, n, K = [], len(pairs["x0"]), len(student_sigmas(cfg.sample))
+    for step in range(t.ode_steps):
+        idx = torch.randint(n, (t.batch_size,), generator=generator)
+        k = int(torch.randint(K, (1,), generator=generator))
+        loss = ode_regression_loss(student, cfg, pairs, idx, k, kind).mean() / (cfg.model.in_channels * cfg.model.height * cfg.model.width)
+        _step(opt, student, loss, t.grad_clip)
+        losses.append(loss.item())
+        _log(log, f"ode student from {kind}", step, t.ode_steps, loss)
+    return student, losses
+
+
+def self_rollout(generator: CausalDiT, cfg: Config, batch_size: int, exit_step: Optional[int] = None,
+                 cond=None, rng=None) -> torch.Tensor:
+    """Self Forcing's training rollout: the generator produces the whole video chunk by chunk from
+    its own outputs through the KV cache (a fresh cache each time). The steps before `exit_step`
+    run without gradient; the exit step keeps its graph; the cache refresh has no gradient."""
+    frames = cfg.data.frames
+    cache = generator.new_kv_cache(batch_size, max_frames=frames)
+    sigmas, chunks = student_sigmas(cfg.sample), []
+    for start in range(0, frames, cfg.model.chunk_frames):
+        n = min(cfg.model.chunk_frames, frames - start)
+        noise = _randn(_video_shape(cfg, batch_size, n), rng, cfg.device)
+        chunks.append(denoise_chunk(generator, cfg, noise, sigmas, cond, cache, start, exit_step, rng))
+        if start + n < frames:
+            _write_context(generator, cfg, chunks[-1].detach(), cond, cache, start, rng)
+    return torch.cat(chunks, 1)
+
+
+def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """The DMD gradient (DMD2 / Self Forcing), normalised per sample:
+        grad = (x0_fake - x0_real) / mean|x - x0_real|.
+    The KL between the generator's and the data distribution, noised, has gradient
+    (score_fake - score_real); with x0-predictions this is proportional to x0_fake - x0_real."""
+    norm = (x - x0_real).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    return (x0_fake - x0_real) / norm
+
+
+def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 * MSE(x, (x - grad).detach()) in float64: its gradient w.r.t. x is grad / numel, so
+    a descent step moves the samples along -grad, from the fake towards the real distribution."""
+    return 0.5 * F_.mse_loss(x.double(), (x.double() - grad.double()).detach())
+
+
+def _dmd_sigma(cfg: Config, batch, generator, device):
+    t = cfg.train
+    return sample_sigmas(batch, cfg.data.frames, cfg.data.frames, cfg.sample, generator,
+                         lo=t.dmd_min_sigma, hi=t.dmd_max_sigma).to(device)
+
+
+def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_init: CausalDiT,
+              cond_sampler: Optional[Callable] = None, log=print, rng=None) -> tuple[CausalDiT, dict]:
+    """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (a
+    bidirectional model, initialised from the base) by flow matching on fresh generator samples;
+    every `gen_update_ratio` steps the generator takes a DMD step. The real score is frozen and
+    guided when conditioned. Returns the EMA generator (or the raw one before EMA starts)."""
+    t = cfg.train
+    gen = copy.deepcopy(generator).train().requires_grad_(True)
+    fake = copy.deepcopy(fake_init).train().requires_grad_(True)
+    real = real_score.eval()  # frozen: only ever called under no_grad
+    opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
+    ema, gen_updates = None, 0
+    hist = {"generator": [], "critic": []}
+    K = len(student_sigmas(cfg.sample))
+    for step in range(t.dmd_steps):
+        cond = cond_sampler(t.batch_size) if cond_sampler else None
+        x = None
+        if step % t.gen_update_ratio == 0:
+            exit_step = int(torch.randint(K, (1,), generator=rng))
+            x = self_rollout(gen, cfg, t.batch_size, exit_step, cond, rng)
+            with torch.no_grad():
+                sigma = _dmd_sigma(cfg, len(x), rng, cfg.device)
+                x_s = add_noise(x, _randn(x.shape, rng, x.device), sigma)
+                x0_real = x0_from_velocity(x_s, guided_velocity(real, x_s, sigma, cond, t.real_guidance), sigma)
+                x0_fake = x0_from_velocity(x_s, fake(x_s, sigma, cond), sigma)
+                grad = dmd_gradient(x, x0_real, x0_fake)
+            loss = dmd_loss(x, grad)
+            _step(opt_g, gen, loss, t.grad_clip)
+            gen_updates += 1
+            hist["generator"].append(loss.item())
+            if gen_updates == t.ema_start_step:
+                ema = copy.deepcopy(gen).requires_grad_(False)
+            elif ema is not None:
+                with torch.no_grad():
+                    for pe, pg in zip(ema.parameters(), gen.parameters()):
+                        pe.lerp_(pg, 1 - t.ema_decay)
+        # the critic: flow matching on the generator's current samples
+        with torch.no_grad():
+            x = x.detach() if x is not None else self_rollout(gen, cfg, t.batch_size, None, cond, rng)
+        sigma = _dmd_sigma(cfg, len(x), rng, cfg.device)
+        loss_f = flow_matching_loss(fake, x, sigma, _randn(x.shape, rng, x.device), None, cond)
+        _step(opt_f, fake, loss_f, t.grad_clip)
+        hist["critic"].append(loss_f.item())
+        _log(log, "dmd critic", step, t.dmd_steps, loss_f)
+    out = ema if ema is not None else gen
+    return out.eval(), hist
+
+
+# =================================================================================================
+# 8. evaluation (toy videos)
+# =================================================================================================
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """2 E|X - Y| - E|X - X'| - E|Y - Y'| between two sets of flattened videos (0 iff equal laws)."""
+    x, y = x.double().flatten(1), y.double().flatten(1)
+    return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
+
+
+def toy_metrics(videos: torch.Tensor, data: ToyVideos, held_out: torch.Tensor, tol_degrees: float) -> dict:
+    """Energy distance to held-out data; off_manifold = fraction of frames more than 3 std from
+    every point a frame of the data can sit on; motion = mean frame-to-frame displacement over the
+    data's; transition_accuracy = fraction of consecutive frames that turn by +-turn (within tol)."""
+    pts = rearrange(videos.double(), "b f c h w -> b f (c h w)")
+    ref = rearrange(held_out.double(), "b f c h w -> b f (c h w)")
+    dist = torch.cdist(pts.reshape(-1, 2), data.frame_points())  # (B*F, P)
+    step = lambda p: (p[:, 1:] - p[:, :-1]).norm(dim=-1).mean()  # noqa: E731
+    ang = torch.atan2(pts[..., 1], pts[..., 0])
+    turn = torch.remainder(ang[:, 1:] - ang[:, :-1] + math.pi, 2 * math.pi) - math.pi
+    target = math.radians(data.cfg.turn_degrees)
+    ok = (turn.abs() - target).abs() < math.radians(tol_degrees)
+    return {
+        "energy_distance": energy_distance(videos, held_out),
+        "off_manifold": float((dist.min(-1).values > 3 * data.std).double().mean()),
+        "motion": float(step(pts) / step(ref)) if pts.shape[1] > 1 else float("nan"),
+        "transition_accuracy": float(ok.double().mean()) if pts.shape[1] > 1 else float("nan"),
+    }
+
+
+# =================================================================================================
+# 9. pipeline
+# =================================================================================================
+
+ROWS = ("bidirectional_teacher", "ar_teacher", "ode_student_from_bidirectional", "ode_student_from_ar",
+        "self_forcing", "causal_forcing")
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename over `path`: an interrupted
+    save never leaves a truncated file, and an older checkpoint survives until the new one is whole."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.endswith(".json"):
+                f.write(json.dumps(obj, indent=2).encode())
+            else:
+                torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
+    """Every stage on the toy videos, then the table. Returns the results dict (also written to
+    out/results.json with the trained models in out/models.pt and the figure out/samples.png)."""
+    log = log or (lambda *_: None)
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    toy = ToyVideos(cfg.data)
+    train_set, test_set = toy.sample(cfg.data.train_size, g), toy.sample(cfg.data.test_size, g)
+    seconds, models, extra = {}, {}, {}
+
+    def stage(name, fn):
+        log(f"stage: {name}")
+        t0 = time.perf_counter()
+        result = fn()
+        seconds[name] = round(time.perf_counter() - t0, 2)
+        return result
+
+    models["bidirectional_teacher"], _ = stage("bidirectional_base", lambda: train_base(cfg, train_set, log, g))
+    models["ar_teacher"], _ = stage("ar_teacher", lambda: train_ar_teacher(cfg, models["bidirectional_teacher"], train_set, log=log, generator=g))
+    pairs = {}
+    pairs["bidirectional"] = stage("ode_pairs_bidirectional", lambda: make_ode_pairs(cfg, models["bidirectional_teacher"], train_set, "bidirectional", generator=g))
+    pairs["ar"] = stage("ode_pairs_ar", lambda: make_ode_pairs(cfg, models["ar_teacher"], train_set, "ar", generator=g))
+    init = {"bidirectional": models["bidirectional_teacher"], "ar": models["ar_teacher"]}
+    for kind in ("bidirectional", "ar"):
+        models[f"ode_student_from_{kind}"], _ = stage(f"ode_student_{kind}", lambda: train_ode_student(cfg, init[kind], pairs[kind], kind, log, g))
+        with torch.no_grad():  # the regression loss at sigma = 1 on held-out pairs, in floor units
+            held = make_ode_pairs(cfg, models["ar_teacher" if kind == "ar" else "bidirectional_teacher"], test_set[:512], kind, generator=g)
+            extra[kind] = ode_regression_loss(models[f"ode_student_from_{kind}"], cfg, held, slice(None), 0, kind).mean(0).tolist()
+    for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
+        models[row], _ = stage(f"dmd_{row}", lambda: train_dmd(cfg, models[f"ode_student_from_{kind}"], models["bidirectional_teacher"],
+                                                               models["bidirectional_teacher"], log=log, rng=g))
+
+    def floors():
+        sig = solver_sigmas(cfg.sample.teacher_solver_steps, cfg.sample)
+        e = cfg.eval
+        bi = injectivity_floor(lambda eps: exact_bidirectional_flow(toy, eps, sig), cfg.data.frames, cfg.model.chunk_frames, e.floor_outer, e.floor_inner, g)
+        ar = injectivity_floor(lambda eps: exact_ar_flow(toy, eps, sig, cfg.model.chunk_frames), cfg.data.frames, cfg.model.chunk_frames, e.floor_outer, e.floor_inner, g)
+        return bi, ar
+    floor_bi, floor_ar = stage("injectivity_floor", floors)
+
+    def evaluate():
+        rows, samples = {}, {}
+        n = cfg.eval.eval_samples
+        for row in ROWS:
+            model = models[row].eval()
+            with count_frame_evaluations(model) as nfe:
+                if row == "bidirectional_teacher":
+                    x = sample_bidirectional(model, cfg, n, generator=g)
+                elif row == "ar_teacher":
+                    x = sample_ar_teacher(model, cfg, n, generator=g)
+                else:
+                    x = sample_student(model, cfg, n, rng=g)
+            samples[row] = x.cpu()
+            rows[row] = {**toy_metrics(x.cpu(), toy, test_set, cfg.eval.transition_tol_degrees),
+                         "nfe_per_frame": nfe["frames"] / cfg.data.frames}
+        return rows, samples
+    rows, samples = stage("evaluation", evaluate)
+    results = {
+        "config": cfg.to_dict(),
+        "rows": rows,
+        "data": toy_metrics(toy.sample(cfg.eval.eval_samples, g), toy, test_set, cfg.eval.transition_tol_degrees),
+        "injectivity_floor": {"bidirectional": float(floor_bi.mean()), "ar": float(floor_ar.mean()),
+                              "per_frame": {"bidirectional": floor_bi.tolist(), "ar": floor_ar.tolist()}},
+        "ode_loss_at_sigma_1": extra,
+        "stage_seconds": seconds,
+    }
+    if out:
+        os.makedirs(out, exist_ok=True)
+        save_atomic(results, os.path.join(out, "results.json"))
+        save_atomic({k: m.state_dict() for k, m in models.items()}, os.path.join(out, "models.pt"))
+        plot_samples(samples, test_set, os.path.join(out, "samples.png"))
+    return results
+
+
+def format_table(results: dict) -> str:
+    cols = ("energy_distance", "off_manifold", "motion", "transition_accuracy", "nfe_per_frame")
+    lines = [f"{'row':32s}" + "".join(f"{c:>21s}" for c in cols)]
+    for row, m in [("data (held-out vs fresh)", {**results["data"], "nfe_per_frame": float("nan")}),
+                   *results["rows"].items()]:
+        lines.append(f"{row:32s}" + "".join(f"{m[c]:21.3f}" for c in cols))
+    fl = results["injectivity_floor"]["per_frame"]
+    lines.append("")
+    lines.append("injectivity floor E[Var(phi(eps)^i | eps^<=i)] per frame (exact teachers):")
+    lines.append("  bidirectional: " + "  ".join(f"{v:.3f}" for v in fl["bidirectional"]))
+    lines.append("  ar:            " + "  ".join(f"{v:.3f}" for v in fl["ar"]))
+    for kind, v in results.get("ode_loss_at_sigma_1", {}).items():
+        lines.append(f"  ode student from {kind:13s} held-out loss at sigma=1: " + "  ".join(f"{x:.3f}" for x in v))
+    lines.append("")
+    lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["stage_seconds"].items()))
+    return "\n".join(lines)
+
+
+def plot_samples(samples: dict, data: torch.Tensor, path: str, max_points: int = 600) -> None:
+    """A scatter panel per row: its frames (colour = frame index) over the data (grey)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 8.6), sharex=True, sharey=True)
+    ref = rearrange(data[:max_points], "b f c h w -> (b f) (c h w)")
+    for ax, (row, x) in zip(axes.flat, samples.items()):
+        pts = rearrange(x[:max_points], "b f c h w -> b f (c h w)")
+        ax.scatter(ref[:, 0], ref[:, 1], s=3, c="0.8", label="data")
+        for f in range(pts.shape[1]):
+            ax.scatter(pts[:, f, 0], pts[:, f, 1], s=3, label=f"frame {f}")
+        ax.set_title(row.replace("_", " "))
+        ax.set_aspect("equal")
+        ax.set_xlabel("x1")
+        ax.set_ylabel("x2")
+    axes.flat[0].legend(loc="upper right", fontsize=7, markerscale=3)
+    fig.suptitle("Generated frames (colour = frame index) against the data (grey)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# =================================================================================================
+# 10. command line
+# =================================================================================================
+
+
+def _parse_override(text: str, types: dict) -> tuple[str, object]:
+    if "=" not in text:
+        raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    if key not in types:
+        raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
+    typ = types[key][1]
+    if raw == "None":
+        return key, None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(value, list):
+        value = tuple(value)
+    if typ is float and isinstance(value, int):
+        value = float(value)
+    return key, value
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Causal Forcing on toy 2-D videos: trains every stage "
+                                     "(bidirectional base, AR teacher, ODE students, DMD) and prints the table.")
+    parser.add_argument("--config", default="toy2d", choices=sorted(_PRESETS), help="named preset (default toy2d)")
+    parser.add_argument("--out", default="runs/toy2d", help="folder for results.json, models.pt and samples.png")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by name, e.g. --set frames=6 --set chunk_frames=2 (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        overrides = dict(_parse_override(s, _field_types()) for s in args.set)
+        cfg = get_config(args.config, seed=args.seed, **overrides)
+    except ValueError as e:
+        parser.error(str(e))
+    t0 = time.perf_counter()
+    results = run_pipeline(cfg, args.out)
+    print()
+    print(format_table(results))
+    print(f"\ntotal {time.perf_counter() - t0:.1f} s; wrote {os.path.join(args.out, 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

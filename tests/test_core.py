@@ -1,0 +1,483 @@
+"""Core tests: two code paths that must agree do agree, causality holds, closed forms match their
+formulas, bad input gets a clear error. Everything runs on a CPU in seconds."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import causal_forcing as cf
+
+
+def random_model(causal=True, dtype=torch.float64, seed=0, **overrides):
+    """A small model with every parameter random: zero-initialised gates would make the network
+    output 0 and every equivalence test vacuous."""
+    cfg = cf.get_config("toy2d", num_layers=2, dim=48, num_heads=4, ffn_dim=64, **overrides)
+    torch.manual_seed(seed)
+    model = cf.CausalDiT(cfg.model, causal=causal).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model, cfg
+
+
+def video(model, batch, frames, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    c = model.cfg
+    x = torch.randn(batch, frames, c.in_channels, c.height, c.width, generator=g, dtype=dtype)
+    t = torch.rand(batch, frames, generator=g, dtype=dtype)
+    return x, t
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def test_overrides_reach_any_section():
+    cfg = cf.get_config("toy2d", chunk_frames=2, frames=6, base_lr=1e-3, shift=3, eval_samples=10)
+    assert (cfg.model.chunk_frames, cfg.data.frames, cfg.train.base_lr) == (2, 6, 1e-3)
+    assert cfg.sample.shift == 3.0 and isinstance(cfg.sample.shift, float)
+    assert cfg.eval.eval_samples == 10
+
+
+def test_unknown_and_ill_typed_overrides_are_named():
+    with pytest.raises(ValueError, match="unknown config key 'chunk_frame'.*chunk_frames"):
+        cf.get_config("toy2d", chunk_frame=2)
+    with pytest.raises(ValueError, match="frames=2.5"):
+        cf.get_config("toy2d", frames=2.5)
+    with pytest.raises(ValueError, match="teacher_steps=True"):
+        cf.get_config("toy2d", teacher_steps=True)
+    with pytest.raises(ValueError, match="unknown config 'nope'"):
+        cf.get_config("nope")
+    with pytest.raises(ValueError, match="num_heads"):
+        cf.get_config("toy2d", dim=50)
+    with pytest.raises(ValueError, match="window_frames"):
+        cf.get_config("toy2d", chunk_frames=2, window_frames=3, sink_frames=2)
+
+
+# --- KV cache vs full forward ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk,frames", [(1, 5), (2, 6), (3, 7)])
+def test_kv_cache_streaming_equals_full_causal_forward(chunk, frames):
+    model, _ = random_model(chunk_frames=chunk)
+    x, t = video(model, 3, frames)
+    full = model(x, t)
+    cache = model.new_kv_cache(3, max_frames=frames)
+    outs = []
+    for start in range(0, frames, chunk):
+        sl = slice(start, start + chunk)
+        # a first pass with other inputs, then the real one: re-denoising overwrites the slots
+        model(torch.randn_like(x[:, sl]), 0.5 * t[:, sl], kv_cache=cache, start_frame=start)
+        outs.append(model(x[:, sl], t[:, sl], kv_cache=cache, start_frame=start))
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-10)
+
+
+def test_kv_cache_with_multi_token_frames_and_conditioning():
+    model, _ = random_model(chunk_frames=2, in_channels=3, height=4, width=4, patch_size=2, cond_dim=5)
+    x, t = video(model, 2, 6)
+    cond = torch.randn(2, 3, 5, dtype=torch.float64)
+    full = model(x, t, cond)
+    cache = model.new_kv_cache(2, max_frames=6)
+    streamed = torch.cat([model(x[:, s:s + 2], t[:, s:s + 2], cond, kv_cache=cache, start_frame=s)
+                          for s in range(0, 6, 2)], 1)
+    torch.testing.assert_close(streamed, full, rtol=0, atol=1e-10)
+    assert full.shape == x.shape
+
+
+def test_several_chunks_in_one_cached_call_keep_block_causality():
+    model, _ = random_model(chunk_frames=2)
+    x, t = video(model, 2, 8)
+    cache = model.new_kv_cache(2, max_frames=8)
+    a = model(x[:, :2], t[:, :2], kv_cache=cache, start_frame=0)
+    b = model(x[:, 2:8], t[:, 2:8], kv_cache=cache, start_frame=2)
+    torch.testing.assert_close(torch.cat([a, b], 1), model(x, t), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk,window,sink", [(1, 3, 1), (2, 6, 2), (2, 4, 0)])
+def test_rolling_window_equals_banded_mask(chunk, window, sink):
+    frames = 12
+    model, _ = random_model(chunk_frames=chunk, window_frames=window, sink_frames=sink)
+    x, t = video(model, 2, frames)
+    full = model(x, t)  # the config's window makes the full forward use the banded mask
+    vis = cf.frame_visibility(torch.arange(frames), torch.arange(frames), chunk, window, sink)
+    assert not vis.all() and vis[-1, :sink].all()  # the band is real, and the sink is attended
+    cache = model.new_kv_cache(2)
+    assert cache.k.shape[3] == window  # fixed memory: W slots, whatever the length
+    outs = []
+    for start in range(0, frames, chunk):
+        sl = slice(start, start + chunk)
+        model(torch.randn_like(x[:, sl]), t[:, sl], kv_cache=cache, start_frame=start)
+        outs.append(model(x[:, sl], t[:, sl], kv_cache=cache, start_frame=start))
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-10)
+    # the unmasked full forward differs: the window really drops frames
+    model.cfg.window_frames = None
+    assert (model(x, t) - full).abs().max() > 1e-6
+
+
+def test_rolling_cache_refuses_to_go_back_past_what_it_holds():
+    model, _ = random_model(chunk_frames=1, window_frames=3, sink_frames=1)
+    x, t = video(model, 1, 6)
+    cache = model.new_kv_cache(1)
+    for s in range(6):
+        model(x[:, s:s + 1], t[:, s:s + 1], kv_cache=cache, start_frame=s)
+    with pytest.raises(ValueError, match="no longer in the rolling KV cache"):
+        model(x[:, :1], t[:, :1], kv_cache=cache, start_frame=3)
+
+
+def test_rope_has_no_table_to_overflow():
+    model, _ = random_model(chunk_frames=1, window_frames=2, sink_frames=1)
+    x, t = video(model, 1, 1)
+    cache = model.new_kv_cache(1)
+    cache.end = 10_000  # pretend 10,000 frames were streamed; only the angles depend on position
+    cache.slot_frame[:] = torch.tensor([0, 9_999])
+    out = model(x, t, kv_cache=cache, start_frame=10_000)
+    assert torch.isfinite(out).all()
+
+
+# --- causality -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_later_chunks_do_not_change_earlier_outputs(chunk):
+    model, _ = random_model(chunk_frames=chunk)
+    x, t = video(model, 2, 6)
+    y = x.clone()
+    y[:, 2 * chunk:] += torch.randn_like(y[:, 2 * chunk:])
+    a, b = model(x, t), model(y, t)
+    torch.testing.assert_close(a[:, :2 * chunk], b[:, :2 * chunk], rtol=0, atol=0)
+    assert (a[:, 2 * chunk:] - b[:, 2 * chunk:]).abs().max() > 1e-3
+
+
+def test_bidirectional_model_sees_the_future():
+    model, _ = random_model(causal=False)
+    x, t = video(model, 2, 4)
+    y = x.clone()
+    y[:, -1] += 1.0
+    assert (model(x, t)[:, 0] - model(y, t)[:, 0]).abs().max() > 1e-3
+
+
+# --- teacher forcing -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk,frames", [(1, 4), (2, 6)])
+def test_teacher_forcing_equals_explicit_clean_context(chunk, frames):
+    model, _ = random_model(chunk_frames=chunk)
+    x, t = video(model, 2, frames)
+    clean = torch.randn_like(x)
+    tf = model(x, t, clean_context=clean)
+    for start in range(0, frames, chunk):
+        sl = slice(start, start + chunk)
+        seq = torch.cat([clean[:, :start], x[:, sl]], 1)
+        tt = torch.cat([torch.zeros_like(t[:, :start]), t[:, sl]], 1)
+        torch.testing.assert_close(tf[:, sl], model(seq, tt)[:, start:], rtol=0, atol=1e-10)
+
+
+def test_teacher_forcing_ignores_other_noisy_chunks_and_future_clean_frames():
+    model, _ = random_model(chunk_frames=2)
+    x, t = video(model, 2, 6)
+    clean = torch.randn_like(x)
+    base = model(x, t, clean_context=clean)
+    x2, clean2 = x.clone(), clean.clone()
+    x2[:, :2] += 1.0  # another chunk's noisy frames
+    clean2[:, 2:] += 1.0  # the clean frames of chunk 1 and later
+    out = model(x2, t, clean_context=clean2)
+    torch.testing.assert_close(out[:, 2:4], base[:, 2:4], rtol=0, atol=0)
+
+
+# --- flow matching closed forms ----------------------------------------------------------------
+
+
+def test_shift_conversions_and_weights():
+    sc = cf.get_config("toy2d").sample
+    s = torch.rand(100, dtype=torch.float64)
+    k = sc.shift
+    torch.testing.assert_close(s, cf.shift_sigma(cf.shift_sigma(s, k), 1 / k))  # inverse shift
+    assert cf.student_sigmas(sc) == pytest.approx([1.0, 0.9375, 0.833333, 0.625], abs=1e-5)
+    x0, eps = torch.randn(2, 3, 2, 1, 1), torch.randn(2, 3, 2, 1, 1)
+    sigma = torch.rand(2, 3) * 0.9 + 0.05
+    xs = cf.add_noise(x0, eps, sigma)
+    v = eps - x0
+    torch.testing.assert_close(cf.x0_from_velocity(xs, v, sigma), x0)
+    torch.testing.assert_close(cf.velocity_from_x0(xs, x0, sigma), v)
+    grid = cf.training_sigmas(sc)
+    w = cf.bump_weight(grid, sc)
+    assert w.min() == 0 and w.mean() == pytest.approx(1.0)
+    t = grid * 1000
+    expected = torch.exp(-2 * ((t - 500) / 1000) ** 2)
+    expected = (expected - expected.min()) / (expected - expected.min()).mean()
+    torch.testing.assert_close(w, expected)
+
+
+def test_one_timestep_per_chunk():
+    sc = cf.get_config("toy2d").sample
+    s = cf.sample_sigmas(50, 7, 3, sc, torch.Generator().manual_seed(0))
+    assert s.shape == (50, 7)
+    assert (s[:, 0:3] == s[:, :1]).all() and (s[:, 3:6] == s[:, 3:4]).all()
+    assert ((s > 0) & (s <= 1)).all()
+    assert (s[:, 0] != s[:, 3]).any()
+
+
+def _gmm_log_density(x_s, s, means, std, log_w):
+    """log p_s(x_s) of the noised mixture, written out independently of the module."""
+    var = (1 - s) ** 2 * std**2 + s**2
+    d = x_s.shape[-1]
+    comp = -((x_s[:, None] - (1 - s) * means[None]) ** 2).sum(-1) / (2 * var) - d / 2 * math.log(2 * math.pi * var)
+    return torch.logsumexp(log_w + comp, -1)
+
+
+@pytest.mark.parametrize("s", [0.2, 0.6, 0.95])
+def test_exact_bidirectional_velocity_matches_autograd_score(s):
+    toy = cf.ToyVideos(cf.get_config("toy2d").data)
+    g = torch.Generator().manual_seed(0)
+    x_s = cf.add_noise(toy.sample(64, g).double(), torch.randn(64, 4, 2, 1, 1, generator=g, dtype=torch.float64), s)
+    flat = x_s.reshape(64, -1).requires_grad_(True)
+    logp = _gmm_log_density(flat, s, toy.means.reshape(len(toy.means), -1), toy.std, toy.log_weights)
+    score = torch.autograd.grad(logp.sum(), flat)[0]
+    # Tweedie for x_s = (1 - s) x0 + s eps: E[eps | x_s] = -s score, E[x0 | x_s] = (x_s - s E[eps]) / (1 - s)
+    e_eps = -s * score
+    e_x0 = (flat - s * e_eps) / (1 - s)
+    torch.testing.assert_close(toy.exact_velocity(x_s, s).reshape(64, -1), (e_eps - e_x0).detach(), rtol=1e-7, atol=1e-8)
+
+
+def test_exact_ar_velocity_matches_autograd_score_of_the_conditional():
+    toy = cf.ToyVideos(cf.get_config("toy2d").data)
+    g = torch.Generator().manual_seed(1)
+    clean = toy.sample(32, g).double()
+    s, b = 0.7, 2  # frame 2 given clean frames 0, 1
+    x_s = cf.add_noise(clean[:, b:b + 1], torch.randn(32, 1, 2, 1, 1, generator=g, dtype=torch.float64), s)
+    flat = x_s.reshape(32, -1).requires_grad_(True)
+    ctx = clean[:, :b].reshape(32, -1)
+    mu_c = toy.means[:, :b].reshape(len(toy.means), -1)
+    log_w = toy.log_weights[None] - ((ctx[:, None] - mu_c[None]) ** 2).sum(-1) / (2 * toy.std**2)  # p(c | m)
+    log_w = log_w - torch.logsumexp(log_w, -1, keepdim=True)
+    var = (1 - s) ** 2 * toy.std**2 + s**2
+    mu_b = toy.means[:, b].reshape(len(toy.means), -1)
+    logp = torch.logsumexp(log_w - ((flat[:, None] - (1 - s) * mu_b[None]) ** 2).sum(-1) / (2 * var), -1)
+    score = torch.autograd.grad(logp.sum(), flat)[0]
+    e_eps = -s * score
+    v = e_eps - (flat - s * e_eps) / (1 - s)
+    got = toy.exact_velocity(x_s, s, slice(b, b + 1), clean[:, :b]).reshape(32, -1)
+    torch.testing.assert_close(got, v.detach(), rtol=1e-7, atol=1e-8)
+
+
+def test_exact_velocity_matches_monte_carlo_posterior():
+    """E[x0 | x_s] by self-normalised importance sampling over real data samples."""
+    toy = cf.ToyVideos(cf.get_config("toy2d", frames=2).data)
+    g = torch.Generator().manual_seed(2)
+    x0 = toy.sample(400_000, g).double().reshape(400_000, -1)
+    s = 0.8
+    x_s = torch.tensor([[1.0, 0.5, -0.3, 1.2]], dtype=torch.float64)
+    logw = -((x_s - (1 - s) * x0) ** 2).sum(-1) / (2 * s**2)
+    w = torch.softmax(logw, 0)
+    mc = (w[:, None] * x0).sum(0)
+    exact = toy.exact_x0(x_s.reshape(1, 2, 2, 1, 1), s).reshape(-1)
+    torch.testing.assert_close(exact, mc, rtol=0, atol=0.02)
+
+
+def test_toy_metrics_of_the_data_itself():
+    toy = cf.ToyVideos(cf.get_config("toy2d").data)
+    g = torch.Generator().manual_seed(3)
+    a, b = toy.sample(2000, g), toy.sample(2000, g)
+    m = cf.toy_metrics(a, toy, b, 15.0)
+    assert m["energy_distance"] < 0.02
+    assert m["off_manifold"] == pytest.approx(math.exp(-4.5), abs=0.006)  # P(chi_2 > 3) for a 2-D Gaussian
+    assert m["motion"] == pytest.approx(1.0, abs=0.03) and m["transition_accuracy"] > 0.95
+    blurred = a.mean(0, keepdim=True).expand_as(a)  # an average of futures collapses to the centre
+    mb = cf.toy_metrics(blurred, toy, b, 15.0)
+    assert mb["off_manifold"] == 1.0 and mb["energy_distance"] > 1.0
+
+
+# --- injectivity --------------------------------------------------------------------------------
+
+
+def test_injectivity_floors_bidirectional_positive_ar_zero():
+    cfg = cf.get_config("toy2d")
+    toy = cf.ToyVideos(cfg.data)
+    sig = cf.solver_sigmas(48, cfg.sample)
+    g = torch.Generator().manual_seed(0)
+    bi = cf.injectivity_floor(lambda e: cf.exact_bidirectional_flow(toy, e, sig), 4, 1, 96, 16, g)
+    ar = cf.injectivity_floor(lambda e: cf.exact_ar_flow(toy, e, sig, 1), 4, 1, 96, 16, g)
+    # the issue's Monte-Carlo reference: about 2.4, 1.6, 1.5, 0
+    assert bi[:3].min() > 1.0 and bi[0] > bi[1]
+    assert bi[0] == pytest.approx(2.4, abs=0.4)
+    assert bi[3] < 1e-12  # the last frame sees all the noise there is
+    assert ar.abs().max() < 1e-12
+
+
+def test_bidirectional_regression_target_is_a_blurred_average():
+    """Prop. 3.3: the best causal student returns E[x0^i | eps^<=i], which falls off the data."""
+    cfg = cf.get_config("toy2d")
+    toy = cf.ToyVideos(cfg.data)
+    sig = cf.solver_sigmas(48, cfg.sample)
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(64, 1, 4, 2, 1, 1, generator=g, dtype=torch.float64).repeat(1, 32, 1, 1, 1, 1)
+    eps[:, :, 1:] = torch.randn(64, 32, 3, 2, 1, 1, generator=g, dtype=torch.float64)
+    x = cf.exact_bidirectional_flow(toy, eps.reshape(-1, 4, 2, 1, 1), sig).reshape(64, 32, 4, 2)
+    mean_frame0 = x[:, :, 0].mean(1)  # (64, 2)
+    dist = torch.cdist(mean_frame0, toy.frame_points()).min(-1).values
+    assert (dist > 3 * toy.std).double().mean() > 0.5
+
+
+# --- DMD ---------------------------------------------------------------------------------------------
+
+
+def test_dmd_gradient_zero_when_scores_agree():
+    x = torch.randn(4, 3, 2, 1, 1)
+    x0 = torch.randn(4, 3, 2, 1, 1)
+    assert cf.dmd_gradient(x, x0, x0).abs().max() == 0
+
+
+def test_dmd_moves_fake_towards_real():
+    """Gaussians N(m, 1) have x0-predictors in closed form: E[x0 | x_s] = m + (1-s)(x_s - (1-s)m)/v_s.
+    The generator's samples come from N(0, 1), the data from N(2, 1); descending the DMD loss
+    moves the samples towards 2, and the loss's gradient is grad / numel."""
+    def x0_pred(x_s, s, m):
+        v = (1 - s) ** 2 + s**2
+        return m + (1 - s) * (x_s - (1 - s) * m) / v
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 1, 1, 1, 1, generator=g, dtype=torch.float64).requires_grad_(True)
+    s = 0.5
+    x_s = cf.add_noise(x.detach(), torch.randn(x.shape, generator=g, dtype=torch.float64), s)
+    grad = cf.dmd_gradient(x.detach(), x0_pred(x_s, s, 2.0), x0_pred(x_s, s, 0.0))
+    loss = cf.dmd_loss(x, grad)
+    (g_x,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g_x, grad / grad.numel())
+    assert (-grad).mean() > 0.5  # descent direction points from fake (0) to real (2)
+
+
+def test_self_rollout_keeps_a_graph_only_at_the_exit_step():
+    model, cfg = random_model(chunk_frames=1, dtype=torch.float32)
+    cfg.data.frames = 3
+    x = cf.self_rollout(model, cfg, 2, exit_step=1, rng=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 2, 1, 1) and x.requires_grad
+    x.sum().backward()  # the cache refreshes in place; the backward pass must not see them
+    assert all(p.grad is not None for p in model.blocks[0].parameters())
+
+
+# --- samplers -----------------------------------------------------------------------------------
+
+
+def test_stream_yields_chunks_and_counts_evaluations():
+    model, cfg = random_model(chunk_frames=2, dtype=torch.float32)
+    chunks = list(cf.stream(model, cfg, 5, 3, rng=torch.Generator().manual_seed(0)))
+    assert [c.shape[1] for c in chunks] == [2, 2, 1]
+    with cf.count_frame_evaluations(model) as nfe:
+        cf.sample_student(model, cfg, 3, num_frames=6, rng=torch.Generator().manual_seed(0))
+    # 4 denoising steps per frame, plus a cache refresh for every chunk but the last
+    assert nfe["frames"] / 6 == pytest.approx(4 + 4 / 6)
+    a = cf.sample_student(model, cfg, 3, rng=torch.Generator().manual_seed(5))
+    b = cf.sample_student(model, cfg, 3, rng=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ar_teacher_sampler_matches_its_recompute_the_prefix_definition():
+    """The cached chunk-by-chunk sampler equals running the ODE per chunk on [own clean prefix at
+    t = 0 ; noisy chunk] without any cache."""
+    model, cfg = random_model(chunk_frames=2, dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.2)  # a tamer field, so a short ODE stays well behaved
+    cfg.data.frames = 4
+    model.double()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = cf.sample_ar_teacher(model, cfg, 2, steps=8, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        sig = cf.solver_sigmas(8, cfg.sample)
+        out = []
+        for start in (0, 2):
+            x = torch.randn(2, 2, 2, 1, 1, generator=g)
+            prefix = torch.cat(out, 1) if out else x[:, :0]
+
+            def vel(x_, s):
+                seq = torch.cat([prefix, x_], 1)
+                t = torch.cat([torch.zeros(2, start), torch.full((2, 2), s)], 1)
+                return model(seq, t)[:, start:]
+            out.append(cf.euler_ode(vel, x, sig)[0])
+    finally:
+        torch.set_default_dtype(torch.float32)
+    torch.testing.assert_close(got, torch.cat(out, 1), rtol=0, atol=1e-10)
+
+
+def test_ode_pair_grids_must_align():
+    model, cfg = random_model(chunk_frames=1, dtype=torch.float32)
+    cfg.sample.teacher_solver_steps = 50  # 0.75 is not on a 50-step grid
+    with pytest.raises(ValueError, match="not on the teacher's 50-step grid"):
+        cf.make_ode_pairs(cfg, model, torch.zeros(4, 4, 2, 1, 1), "ar")
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_bad_inputs_get_clear_errors():
+    model, _ = random_model(chunk_frames=2, dtype=torch.float32)
+    x, t = torch.randn(2, 4, 2, 1, 1), torch.rand(2, 4)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, F, 2, 1, 1\)"):
+        model(torch.randn(2, 4, 3, 1, 1), t)
+    with pytest.raises(ValueError, match="t must have shape"):
+        model(x, torch.rand(2))
+    with pytest.raises(ValueError, match="clean_context must have the shape"):
+        model(x, t, clean_context=torch.randn(2, 3, 2, 1, 1))
+    cache = model.new_kv_cache(2, max_frames=8)
+    with pytest.raises(ValueError, match="start_frame=4 is beyond the KV cache"):
+        model(x[:, :2], t[:, :2], kv_cache=cache, start_frame=4)
+    model(x[:, :2], t[:, :2], kv_cache=cache, start_frame=0)
+    with pytest.raises(ValueError, match="not at a chunk boundary"):
+        model(x[:, :2], t[:, :2], kv_cache=cache, start_frame=1)
+    with pytest.raises(ValueError, match="batch size 3"):
+        model(torch.randn(3, 2, 2, 1, 1), torch.rand(3, 2), kv_cache=cache, start_frame=2)
+    with pytest.raises(ValueError, match="do not fit a KV cache of max_frames=8"):
+        model(torch.randn(2, 8, 2, 1, 1), torch.rand(2, 8), kv_cache=cache, start_frame=2)
+    with pytest.raises(ValueError, match="no conditioning"):
+        model(x, t, cond=torch.randn(2, 1, 4))
+    bidi, _ = random_model(causal=False, dtype=torch.float32)
+    with pytest.raises(ValueError, match="need a causal model"):
+        bidi(x, t, kv_cache=cache)
+
+
+# --- files and the command line -----------------------------------------------------------------
+
+
+def test_save_atomic_keeps_the_old_file_when_a_save_fails(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    cf.save_atomic({"w": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        cf.save_atomic({"w": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True)["w"].sum() == 2
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+TINY = dict(frames=3, train_size=256, test_size=128, batch_size=32, base_steps=3, teacher_steps=3,
+            ode_pairs=64, ode_steps=3, dmd_steps=6, ema_start_step=1, eval_samples=64, floor_outer=8,
+            floor_inner=4, teacher_solver_steps=8, num_layers=1)
+
+
+def test_pipeline_end_to_end_writes_results(tmp_path):
+    cfg = cf.get_config("toy2d", **TINY)
+    results = cf.run_pipeline(cfg, str(tmp_path), log=None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved) >= {"config", "rows", "injectivity_floor", "stage_seconds"}
+    assert tuple(saved["rows"]) == cf.ROWS
+    for row in saved["rows"].values():
+        assert set(row) == {"energy_distance", "off_manifold", "motion", "transition_accuracy", "nfe_per_frame"}
+    assert saved["rows"]["bidirectional_teacher"]["nfe_per_frame"] == 8
+    assert saved["rows"]["causal_forcing"]["nfe_per_frame"] == pytest.approx(4 + 2 / 3)
+    assert saved["injectivity_floor"]["ar"] < 1e-12 < saved["injectivity_floor"]["bidirectional"]
+    assert (tmp_path / "samples.png").stat().st_size > 1000
+    state = torch.load(tmp_path / "models.pt", weights_only=True)
+    assert set(state) == set(cf.ROWS)
+    assert "injectivity floor" in cf.format_table(results)
+
+
+def test_command_line_rejects_unknown_keys(capsys):
+    with pytest.raises(SystemExit):
+        cf.main(["--set", "framez=3"])
+    assert "unknown config key 'framez'" in capsys.readouterr().err
