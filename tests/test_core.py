@@ -481,3 +481,25 @@ def test_command_line_rejects_unknown_keys(capsys):
     with pytest.raises(SystemExit):
         cf.main(["--set", "framez=3"])
     assert "unknown config key 'framez'" in capsys.readouterr().err
+
+
+def test_guidance_combines_conditional_and_null_predictions():
+    model, _ = random_model(cond_dim=3)
+    x, t = video(model, 2, 4)
+    cond = torch.randn(2, 2, 3, dtype=torch.float64)
+    got = cf.guided_velocity(model, x, t, cond, guidance=4.0)
+    v_c, v_u = model(x, t, cond), model(x, t, None)
+    torch.testing.assert_close(got, v_u + 4.0 * (v_c - v_u), rtol=0, atol=1e-10)
+    torch.testing.assert_close(cf.guided_velocity(model, x, t, cond, 4.0, clean_context=x)[:, :1],
+                               (model(x, t, None, clean_context=x) + 4.0 * (model(x, t, cond, clean_context=x)
+                                                                           - model(x, t, None, clean_context=x)))[:, :1])
+
+
+@pytest.mark.parametrize("mode", ["teacher_forcing", "diffusion_forcing"])
+def test_ar_teacher_training_modes_learn(mode):
+    cfg = cf.get_config("toy2d", num_layers=1, batch_size=64, teacher_steps=40, teacher_lr=3e-3)
+    toy = cf.ToyVideos(cfg.data)
+    g = torch.Generator().manual_seed(0)
+    base = cf.CausalDiT(cfg.model, causal=False)
+    model, losses = cf.train_ar_teacher(cfg, base, toy.sample(512, g), mode=mode, log=None, generator=g)
+    assert model.causal and sum(losses[-10:]) < sum(losses[:10])
