@@ -59,7 +59,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_
@@ -286,10 +285,10 @@ class ToyVideos:
         self.log_weights = torch.full((len(self.means),), -math.log(len(self.means)), dtype=torch.float64)
         self.std = cfg.noise_std
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, n: int, rng: Optional[torch.Generator] = None) -> torch.Tensor:
         """(n, F, 2, 1, 1) float32 videos."""
-        m = torch.randint(len(self.means), (n,), generator=generator)
-        x = self.means[m] + self.std * torch.randn(n, *self.means.shape[1:], generator=generator, dtype=torch.float64)
+        m = torch.randint(len(self.means), (n,), generator=rng)
+        x = self.means[m] + self.std * torch.randn(n, *self.means.shape[1:], generator=rng, dtype=torch.float64)
         return x.float()[..., None, None]
 
     def frame_points(self) -> torch.Tensor:
@@ -337,6 +336,12 @@ def shift_sigma(sigma, shift: float):
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def _per_frame(sigma, x):
+    """(B, F) or (B,) or scalar sigma -> broadcastable against x (B, F, C, H, W)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return sigma.reshape(*sigma.shape, *[1] * (x.dim() - sigma.dim()))
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """x_s = (1 - s) x0 + s eps; sigma broadcasts from (B, F)."""
     s = _per_frame(sigma, x0)
@@ -353,10 +358,6 @@ def velocity_from_x0(x_s, x0, sigma):
     return (x_s - x0) / _per_frame(sigma, x_s)
 
 
-def _per_frame(sigma, x):
-    """(B, F) or (B,) or scalar sigma -> broadcastable against x (B, F, C, H, W)."""
-    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-    return sigma.reshape(*sigma.shape, *[1] * (x.dim() - sigma.dim()))
 
 
 def training_sigmas(cfg: SampleConfig) -> torch.Tensor:
@@ -378,14 +379,15 @@ def bump_weight(sigma: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
     return w.to(sigma.device)[idx].reshape(sigma.shape).to(sigma.dtype)
 
 
-def sample_sigmas(batch: int, frames: int, chunk_frames: int, cfg: SampleConfig, generator=None,
+def sample_sigmas(batch: int, frames: int, chunk_frames: int, cfg: SampleConfig, rng=None,
                   lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    """(B, F) training sigmas: one per chunk, uniform over the shifted schedule (restricted to
-    [lo, hi] before shifting); chunk_frames >= frames gives one sigma per clip."""
+    """(B, F) training sigmas: one per chunk, drawn uniformly from the 1000 steps of the shifted
+    schedule whose *unshifted* sigma lies in [lo, hi]; chunk_frames >= frames gives one per clip."""
     chunks = -(-frames // chunk_frames)
-    u = lo + (hi - lo) * torch.rand(batch, chunks, generator=generator, dtype=torch.float64)
-    u = (u * 1000).floor().clamp(max=999) / 1000 + 1e-3  # one of the 1000 discrete steps
-    s = shift_sigma(u, cfg.shift).float()
+    T = cfg.num_train_timesteps  # unshifted step i has sigma 1 - i / T
+    first, last = math.ceil(T * (1 - hi) - 1e-9), min(math.floor(T * (1 - lo) + 1e-9), T - 1)
+    idx = torch.randint(first, last + 1, (batch, chunks), generator=rng)
+    s = training_sigmas(cfg)[idx].float()  # (B, chunks)
     return s.repeat_interleave(chunk_frames, dim=1)[:, :frames]
 
 
@@ -570,7 +572,6 @@ class SelfAttention(nn.Module):
     def forward(self, x, angles, mask=None, cache: Optional[tuple] = None):
         """x (B, N, D); angles (N, d/2); mask (N, Nk) bool, True = attend; cache = (KVCache, layer,
         read_slots, write_slots): keys of cached frames come first, then the new ones."""
-        B, N, D = x.shape
         split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.num_heads)  # noqa: E731
         q = apply_rope(split(self.norm_q(self.q(x))), angles)  # (B, N, h, d)
         k = apply_rope(split(self.norm_k(self.k(x))), angles)
@@ -624,10 +625,9 @@ class Block(nn.Module):
 
     def forward(self, x, e0, ctx, angles, mask=None, cache=None):
         """x (B, N, D) with N = F*S; e0 (B, F, 6, D) per-frame modulation."""
-        B, N, D = x.shape
-        Fr = e0.shape[1]
+        F = e0.shape[1]
         m = (self.modulation[:, None] + e0).chunk(6, dim=2)  # six (B, F, 1, D)
-        per_frame = lambda t: rearrange(t, "b (f s) d -> b f s d", f=Fr)  # noqa: E731
+        per_frame = lambda t: rearrange(t, "b (f s) d -> b f s d", f=F)  # noqa: E731
         flat = lambda t: rearrange(t, "b f s d -> b (f s) d")  # noqa: E731
         a = flat(per_frame(self.norm1(x)) * (1 + m[1]) + m[0])
         x = x + flat(per_frame(self.self_attn(a, angles, mask, cache)) * m[2])
@@ -742,15 +742,15 @@ class CausalDiT(nn.Module):
                 clean_context=None):
         c = self.cfg
         self.check_video(x)
-        B, Fr = x.shape[:2]
-        if t.shape != (B, Fr):
-            raise ValueError(f"t must have shape (B, F) = ({B}, {Fr}), got {tuple(t.shape)}")
+        B, F = x.shape[:2]
+        if t.shape != (B, F):
+            raise ValueError(f"t must have shape (B, F) = ({B}, {F}), got {tuple(t.shape)}")
         if (kv_cache is not None or clean_context is not None) and not self.causal:
             raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
         if kv_cache is not None and clean_context is not None:
             raise ValueError("pass either kv_cache or clean_context, not both")
         S = self.tokens_per_frame
-        frames = torch.arange(start_frame, start_frame + Fr)
+        frames = torch.arange(start_frame, start_frame + F)
         tokens = self.patchify(x)  # (B, F*S, D)
         ctx = self.embed_cond(cond, B, x.dtype, x.device)
         mask, caches = None, [None] * len(self.blocks)
@@ -764,12 +764,14 @@ class CausalDiT(nn.Module):
             mask = expand_to_tokens(vis, S).to(x.device)
             angles = rope_angles(self.positions(torch.cat([frames, frames])), c.dim // c.num_heads, c.rope_theta)
         elif kv_cache is not None:
-            read_slots, key_frames, vis = kv_cache.plan(start_frame, Fr, B)
+            read_slots, key_frames, vis = kv_cache.plan(start_frame, F, B)
             write_slots = kv_cache.slot(frames)
             mask = None if bool(vis.all()) else expand_to_tokens(vis, S).to(x.device)
             caches = [(kv_cache, i, read_slots, write_slots) for i in range(len(self.blocks))]
             angles = rope_angles(self.positions(frames), c.dim // c.num_heads, c.rope_theta)
         else:
+            if self.causal and start_frame % c.chunk_frames:
+                raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={c.chunk_frames})")
             if self.causal:
                 vis = frame_visibility(frames, frames, c.chunk_frames, c.window_frames, c.sink_frames)
                 mask = None if bool(vis.all()) else expand_to_tokens(vis, S).to(x.device)
@@ -781,10 +783,10 @@ class CausalDiT(nn.Module):
         for block, cache in zip(self.blocks, caches):
             tokens = block(tokens, e0, ctx, angles, mask, cache)
         if kv_cache is not None:
-            kv_cache.commit(start_frame, Fr)
+            kv_cache.commit(start_frame, F)
         if clean_context is not None:  # only the noisy half is predicted
-            tokens, e = tokens[:, Fr * S:], e[:, Fr:]
-        return self.unpatchify(self.head(tokens, e), Fr)
+            tokens, e = tokens[:, F * S:], e[:, F:]
+        return self.unpatchify(self.head(tokens, e), F)
 
     def new_kv_cache(self, batch_size: int, max_frames: Optional[int] = None,
                      window_frames: Optional[int] = None, sink_frames: Optional[int] = None) -> KVCache:
@@ -800,6 +802,13 @@ class CausalDiT(nn.Module):
                        c.chunk_frames, max_frames, window, sink, p.dtype, p.device)
 
 
+
+
+# =================================================================================================
+# 5. samplers
+# =================================================================================================
+
+
 def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, **kw):
     """Classifier-free guidance uncond + g (cond - uncond); plain prediction without a condition."""
     if cond is None or guidance == 1.0:
@@ -812,25 +821,20 @@ def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, **kw):
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-# =================================================================================================
-# 5. samplers
-# =================================================================================================
-
-
 def _video_shape(cfg: Config, batch: int, frames: int) -> tuple:
     m = cfg.model
     return (batch, frames, m.in_channels, m.height, m.width)
 
 
-def _randn(shape, generator, device):
-    return torch.randn(shape, generator=generator).to(device)
+def _randn(shape, rng, device):
+    return torch.randn(shape, generator=rng).to(device)
 
 
 @torch.no_grad()
 def sample_bidirectional(model: CausalDiT, cfg: Config, batch_size: int, cond=None, steps=None,
-                         guidance: float = 1.0, generator=None, noise=None) -> torch.Tensor:
+                         guidance: float = 1.0, rng=None, noise=None) -> torch.Tensor:
     """The bidirectional teacher: Euler on the shifted schedule, one timestep for the whole clip."""
-    x = noise if noise is not None else _randn(_video_shape(cfg, batch_size, cfg.data.frames), generator, cfg.device)
+    x = noise if noise is not None else _randn(_video_shape(cfg, batch_size, cfg.data.frames), rng, cfg.device)
     sig = solver_sigmas(steps or cfg.sample.teacher_solver_steps, cfg.sample)
     vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance)  # noqa: E731
     return euler_ode(vel, x, sig)[0]
@@ -838,7 +842,7 @@ def sample_bidirectional(model: CausalDiT, cfg: Config, batch_size: int, cond=No
 
 @torch.no_grad()
 def sample_ar_teacher(model: CausalDiT, cfg: Config, batch_size: int, num_frames=None, cond=None,
-                      steps=None, generator=None) -> torch.Tensor:
+                      steps=None, rng=None) -> torch.Tensor:
     """The AR teacher: chunk by chunk, a full Euler ODE per chunk with the KV cache holding the
     clean earlier chunks; each finished chunk is written to the cache at t = context_noise."""
     num_frames = num_frames or cfg.data.frames
@@ -849,23 +853,23 @@ def sample_ar_teacher(model: CausalDiT, cfg: Config, batch_size: int, num_frames
         n = min(cfg.model.chunk_frames, num_frames - start)
         vel = lambda x_, s: model(x_, torch.full(x_.shape[:2], s, device=x_.device), cond,  # noqa: E731
                                   kv_cache=cache, start_frame=start)
-        x0 = euler_ode(vel, _randn(_video_shape(cfg, batch_size, n), generator, cfg.device), sig)[0]
+        x0 = euler_ode(vel, _randn(_video_shape(cfg, batch_size, n), rng, cfg.device), sig)[0]
         chunks.append(x0)
         if start + n < num_frames:
-            _write_context(model, cfg, x0, cond, cache, start, generator)
+            _write_context(model, cfg, x0, cond, cache, start, rng)
     return torch.cat(chunks, 1)
 
 
-def _write_context(model, cfg, x0, cond, cache, start, generator):
+def _write_context(model, cfg, x0, cond, cache, start, rng):
     """Re-run a finished chunk at sigma = context_noise to overwrite its cache slots with the
     keys/values of (nearly) clean frames, which is what later chunks should attend to."""
     s = cfg.sample.context_noise
-    x = add_noise(x0, _randn(x0.shape, generator, x0.device), s) if s > 0 else x0
+    x = add_noise(x0, _randn(x0.shape, rng, x0.device), s) if s > 0 else x0
     with torch.no_grad():
         model(x, torch.full(x.shape[:2], s, device=x.device), cond, kv_cache=cache, start_frame=start)
 
 
-def denoise_chunk(model, cfg: Config, x, sigmas, cond, cache, start, exit_step=None, generator=None):
+def denoise_chunk(model, cfg: Config, x, sigmas, cond, cache, start, exit_step=None, rng=None):
     """Few-step student on one chunk (Self Forcing Alg. 1): at each sigma predict x0, then re-noise
     it with *fresh* noise to the next sigma. Steps after `exit_step` are skipped; only the exit
     step runs with gradients (when grad mode is on). Returns the chunk's x0."""
@@ -875,7 +879,7 @@ def denoise_chunk(model, cfg: Config, x, sigmas, cond, cache, start, exit_step=N
         with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):
             x0 = x0_from_velocity(x, model(x, t, cond, kv_cache=cache, start_frame=start), t)
         if k < exit_step:
-            x = add_noise(x0, _randn(x.shape, generator, x.device), sigmas[k + 1])
+            x = add_noise(x0, _randn(x.shape, rng, x.device), sigmas[k + 1])
     return x0
 
 
@@ -884,13 +888,14 @@ def stream(generator: CausalDiT, cfg: Config, num_frames: int, batch_size: int, 
     """Streams the few-step causal student: yields each finished chunk (B, f, C, H, W) as soon as
     it is denoised, then writes it to the KV cache at t = context_noise for the chunks after it."""
     model = generator
-    cache = kv_cache or model.new_kv_cache(batch_size, max_frames=None if model.cfg.window_frames else num_frames)
+    cache = kv_cache if kv_cache is not None else model.new_kv_cache(
+        batch_size, max_frames=None if model.cfg.window_frames else num_frames)
     sigmas = student_sigmas(cfg.sample)
     with torch.no_grad():
         for start in range(0, num_frames, cfg.model.chunk_frames):
             n = min(cfg.model.chunk_frames, num_frames - start)
             x0 = denoise_chunk(model, cfg, _randn(_video_shape(cfg, batch_size, n), rng, cfg.device),
-                               sigmas, cond, cache, start, generator=rng)
+                               sigmas, cond, cache, start, rng=rng)
             yield x0
             if start + n < num_frames:
                 _write_context(model, cfg, x0, cond, cache, start, rng)
@@ -937,7 +942,7 @@ def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chun
 
 
 def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer: int, inner: int,
-                      generator=None, shape=(2, 1, 1), return_mean: bool = False):
+                      rng=None, shape=(2, 1, 1), return_mean: bool = False):
     """E[ Var(phi(eps)^i | eps of the chunks up to i's) ] per frame i, summed over a frame's
     coordinates: the part of the ODE-regression loss that no causal student can remove, because
     frame i's target depends on noise it does not see. Monte Carlo: `outer` draws of the visible
@@ -947,8 +952,8 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
     mean = torch.zeros(outer, frames, *shape, dtype=torch.float64)
     for i in range(frames):
         seen = min((i // chunk_frames + 1) * chunk_frames, frames)
-        eps = torch.randn(outer, 1, frames, *shape, generator=generator, dtype=torch.float64).repeat(1, inner, 1, 1, 1, 1)
-        eps[:, :, seen:] = torch.randn(outer, inner, frames - seen, *shape, generator=generator, dtype=torch.float64)
+        eps = torch.randn(outer, 1, frames, *shape, generator=rng, dtype=torch.float64).repeat(1, inner, 1, 1, 1, 1)
+        eps[:, :, seen:] = torch.randn(outer, inner, frames - seen, *shape, generator=rng, dtype=torch.float64)
         x = flow_map(eps.reshape(outer * inner, frames, *shape)).reshape(outer, inner, frames, -1)
         floor[i] = x[:, :, i].var(dim=1).sum(-1).mean()
         mean[:, i] = x[:, :, i].mean(1).reshape(outer, *shape)
@@ -979,10 +984,10 @@ def _step(opt, model, loss, clip):
     return float(norm)
 
 
-def _batches(data: torch.Tensor, batch: int, generator) -> Iterator[torch.Tensor]:
+def _batches(data: torch.Tensor, batch: int, rng) -> Iterator[torch.Tensor]:
     """Endless shuffled minibatches of a fixed dataset."""
     while True:
-        for idx in torch.randperm(len(data), generator=generator).split(batch):
+        for idx in torch.randperm(len(data), generator=rng).split(batch):
             if len(idx) == batch:
                 yield data[idx]
 
@@ -1001,17 +1006,17 @@ def flow_matching_loss(model, x0, sigma, noise, sample_cfg: Optional[SampleConfi
     return (err * bump_weight(sigma, sample_cfg)).mean() if sample_cfg is not None else err.mean()
 
 
-def train_base(cfg: Config, data: torch.Tensor, log=print, generator=None) -> tuple[CausalDiT, list]:
+def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None) -> tuple[CausalDiT, list]:
     """Stage 0: the bidirectional base model, flow matching with one timestep per clip. Upstream
     this is the pretrained Wan2.1 model; here we train it so the pipeline starts from data."""
     t = cfg.train
     model = CausalDiT(cfg.model, causal=False).to(cfg.device)
     opt = _adamw(model.parameters(), t.base_lr, t, beta1=t.base_beta1, cosine_steps=t.base_steps)
-    losses, batches = [], _batches(data, t.batch_size, generator)
+    losses, batches = [], _batches(data, t.batch_size, rng)
     for step in range(t.base_steps):
         x0 = next(batches).to(cfg.device)
-        sigma = sample_sigmas(len(x0), x0.shape[1], x0.shape[1], cfg.sample, generator).to(cfg.device)
-        loss = flow_matching_loss(model, x0, sigma, torch.randn(x0.shape, generator=generator).to(cfg.device), cfg.sample)
+        sigma = sample_sigmas(len(x0), x0.shape[1], x0.shape[1], cfg.sample, rng).to(cfg.device)  # one per clip
+        loss = flow_matching_loss(model, x0, sigma, torch.randn(x0.shape, generator=rng).to(cfg.device), cfg.sample)
         _step(opt, model, loss, t.grad_clip)
         losses.append(loss.item())
         _log(log, "base", step, t.base_steps, loss)
@@ -1026,7 +1031,7 @@ def to_causal(model: CausalDiT) -> CausalDiT:
 
 
 def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None, log=print,
-                     generator=None) -> tuple[CausalDiT, list]:
+                     rng=None) -> tuple[CausalDiT, list]:
     """Stage 1: the AR teacher, initialised from the bidirectional base, one timestep per chunk.
     teacher forcing (default): the model sees [clean video ; noisy video]; noisy chunk b attends
       to the clean chunks < b, exactly the context it will have at inference.
@@ -1035,11 +1040,11 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
     t, mode = cfg.train, mode or cfg.train.teacher_mode
     model = to_causal(base)
     opt = _adamw(model.parameters(), t.teacher_lr, t, cosine_steps=t.teacher_steps)
-    losses, batches = [], _batches(data, t.batch_size, generator)
+    losses, batches = [], _batches(data, t.batch_size, rng)
     for step in range(t.teacher_steps):
         x0 = next(batches).to(cfg.device)
-        sigma = sample_sigmas(len(x0), x0.shape[1], cfg.model.chunk_frames, cfg.sample, generator).to(cfg.device)
-        noise = torch.randn(x0.shape, generator=generator).to(cfg.device)
+        sigma = sample_sigmas(len(x0), x0.shape[1], cfg.model.chunk_frames, cfg.sample, rng).to(cfg.device)
+        noise = torch.randn(x0.shape, generator=rng).to(cfg.device)
         kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
         loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample, **kw)
         _step(opt, model, loss, t.grad_clip)
@@ -1050,7 +1055,7 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
 
 @torch.no_grad()
 def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: str, cond=None,
-                   generator=None, batch: int = 1024) -> dict:
+                   rng=None, batch: int = 1024) -> dict:
     """ODE pairs for the few-step student: the teacher's Euler trajectory (teacher_solver_steps on
     the shifted grid, which contains the student's warped sigmas) is kept at the student's sigmas.
       kind="ar": the AR teacher integrates every chunk given the *ground-truth* clean earlier
@@ -1072,7 +1077,7 @@ def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: st
         kw = {"clean_context": clean} if kind == "ar" else {}
         vel = lambda x_, s: guided_velocity(teacher, x_, torch.full(x_.shape[:2], s, device=x_.device),  # noqa: E731
                                             cond, cfg.train.teacher_guidance, **kw)
-        x0, kept = euler_ode(vel, torch.randn(clean.shape, generator=generator).to(cfg.device), sig, keep)
+        x0, kept = euler_ode(vel, torch.randn(clean.shape, generator=rng).to(cfg.device), sig, keep)
         out["xt"].append(torch.stack([kept[s] for s in keep], 1))
         out["x0"].append(x0)
         out["clean"].append(clean)
@@ -1093,7 +1098,7 @@ def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k: in
 
 
 def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=print,
-                      generator=None) -> tuple[CausalDiT, list]:
+                      rng=None) -> tuple[CausalDiT, list]:
     """Stage 2: few-step causal student by ODE regression, initialised from `init` (the AR teacher
     for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). One student
     sigma per step, shared by all frames."""
@@ -1102,9 +1107,10 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
     opt = _adamw(student.parameters(), t.ode_lr, t, cosine_steps=t.ode_steps)
     losses, n, K = [], len(pairs["x0"]), len(student_sigmas(cfg.sample))
     for step in range(t.ode_steps):
-        idx = torch.randint(n, (t.batch_size,), generator=generator)
-        k = int(torch.randint(K, (1,), generator=generator))
-        loss = ode_regression_loss(student, cfg, pairs, idx, k, kind).mean() / (cfg.model.in_channels * cfg.model.height * cfg.model.width)
+        idx = torch.randint(n, (t.batch_size,), generator=rng)
+        k = int(torch.randint(K, (1,), generator=rng))
+        per_coordinate = cfg.model.in_channels * cfg.model.height * cfg.model.width  # MSE per coordinate
+        loss = ode_regression_loss(student, cfg, pairs, idx, k, kind).mean() / per_coordinate
         _step(opt, student, loss, t.grad_clip)
         losses.append(loss.item())
         _log(log, f"ode student from {kind}", step, t.ode_steps, loss)
@@ -1143,10 +1149,12 @@ def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F_.mse_loss(x.double(), (x.double() - grad.double()).detach())
 
 
-def _dmd_sigma(cfg: Config, batch, generator, device):
+def _dmd_sigma(cfg: Config, batch, rng, device):
+    """One sigma per clip (chunk = the whole clip) for the DMD and critic losses: a step drawn in
+    [0.02, 0.98], shifted, then clamped to [0.02, 0.98] again, in Self Forcing's order."""
     t = cfg.train
-    return sample_sigmas(batch, cfg.data.frames, cfg.data.frames, cfg.sample, generator,
-                         lo=t.dmd_min_sigma, hi=t.dmd_max_sigma).to(device)
+    s = sample_sigmas(batch, cfg.data.frames, cfg.data.frames, cfg.sample, rng, lo=t.dmd_min_sigma, hi=t.dmd_max_sigma)
+    return s.clamp(t.dmd_min_sigma, t.dmd_max_sigma).to(device)
 
 
 def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_init: CausalDiT,
@@ -1165,7 +1173,6 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     K = len(student_sigmas(cfg.sample))
     for step in range(t.dmd_steps):
         cond = cond_sampler(t.batch_size) if cond_sampler else None
-        x = None
         if step % t.gen_update_ratio == 0:
             exit_step = int(torch.randint(K, (1,), generator=rng))
             x = self_rollout(gen, cfg, t.batch_size, exit_step, cond, rng)
@@ -1179,15 +1186,16 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
             _step(opt_g, gen, loss, t.grad_clip)
             gen_updates += 1
             hist["generator"].append(loss.item())
-            if gen_updates == t.ema_start_step:
+            if ema is None and gen_updates >= t.ema_start_step:
                 ema = copy.deepcopy(gen).requires_grad_(False)
             elif ema is not None:
                 with torch.no_grad():
                     for pe, pg in zip(ema.parameters(), gen.parameters()):
                         pe.lerp_(pg, 1 - t.ema_decay)
-        # the critic: flow matching on the generator's current samples
+        # the critic: flow matching on fresh samples, with a random exit step as the generator's
+        # DMD samples have, so the fake score models the distribution that DMD evaluates
         with torch.no_grad():
-            x = x.detach() if x is not None else self_rollout(gen, cfg, t.batch_size, None, cond, rng)
+            x = self_rollout(gen, cfg, t.batch_size, int(torch.randint(K, (1,), generator=rng)), cond, rng)
         sigma = _dmd_sigma(cfg, len(x), rng, cfg.device)
         loss_f = flow_matching_loss(fake, x, sigma, _randn(x.shape, rng, x.device), None, cond)
         _step(opt_f, fake, loss_f, t.grad_clip)
@@ -1273,15 +1281,15 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
         return result
 
     models["bidirectional_teacher"], _ = stage("bidirectional_base", lambda: train_base(cfg, train_set, log, g))
-    models["ar_teacher"], _ = stage("ar_teacher", lambda: train_ar_teacher(cfg, models["bidirectional_teacher"], train_set, log=log, generator=g))
+    models["ar_teacher"], _ = stage("ar_teacher", lambda: train_ar_teacher(cfg, models["bidirectional_teacher"], train_set, log=log, rng=g))
     pairs = {}
-    pairs["bidirectional"] = stage("ode_pairs_bidirectional", lambda: make_ode_pairs(cfg, models["bidirectional_teacher"], train_set, "bidirectional", generator=g))
-    pairs["ar"] = stage("ode_pairs_ar", lambda: make_ode_pairs(cfg, models["ar_teacher"], train_set, "ar", generator=g))
+    pairs["bidirectional"] = stage("ode_pairs_bidirectional", lambda: make_ode_pairs(cfg, models["bidirectional_teacher"], train_set, "bidirectional", rng=g))
+    pairs["ar"] = stage("ode_pairs_ar", lambda: make_ode_pairs(cfg, models["ar_teacher"], train_set, "ar", rng=g))
     init = {"bidirectional": models["bidirectional_teacher"], "ar": models["ar_teacher"]}
     for kind in ("bidirectional", "ar"):
         models[f"ode_student_from_{kind}"], _ = stage(f"ode_student_{kind}", lambda: train_ode_student(cfg, init[kind], pairs[kind], kind, log, g))
         with torch.no_grad():  # the regression loss at sigma = 1 on held-out pairs, in floor units
-            held = make_ode_pairs(cfg, models["ar_teacher" if kind == "ar" else "bidirectional_teacher"], test_set[:512], kind, generator=g)
+            held = make_ode_pairs(cfg, models["ar_teacher" if kind == "ar" else "bidirectional_teacher"], test_set[:512], kind, rng=g)
             extra[kind] = ode_regression_loss(models[f"ode_student_from_{kind}"], cfg, held, slice(None), 0, kind).mean(0).tolist()
     for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
         models[row], _ = stage(f"dmd_{row}", lambda: train_dmd(cfg, models[f"ode_student_from_{kind}"], models["bidirectional_teacher"],
@@ -1292,9 +1300,9 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
     phi_ar = lambda eps: exact_ar_flow(toy, eps, sig, cfg.model.chunk_frames)  # noqa: E731
 
     def floors():
-        e, Fr, c = cfg.eval, cfg.data.frames, cfg.model.chunk_frames
-        bi, cond_mean = injectivity_floor(phi_bi, Fr, c, e.floor_outer, e.floor_inner, g, return_mean=True)
-        ar = injectivity_floor(phi_ar, Fr, c, e.floor_outer, e.floor_inner, g)
+        e, F, c = cfg.eval, cfg.data.frames, cfg.model.chunk_frames
+        bi, cond_mean = injectivity_floor(phi_bi, F, c, e.floor_outer, e.floor_inner, g, return_mean=True)
+        ar = injectivity_floor(phi_ar, F, c, e.floor_outer, e.floor_inner, g)
         dist = torch.cdist(rearrange(cond_mean, "b f c h w -> b f (c h w)"), toy.frame_points().expand(len(cond_mean), -1, -1))
         off = (dist.min(-1).values > 3 * toy.std).double().mean(0)  # (F,) per frame
         return bi, ar, off
@@ -1307,9 +1315,9 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
             model = models[row].eval()
             with count_frame_evaluations(model) as nfe:
                 if row == "bidirectional_teacher":
-                    x = sample_bidirectional(model, cfg, n, generator=g)
+                    x = sample_bidirectional(model, cfg, n, rng=g)
                 elif row == "ar_teacher":
-                    x = sample_ar_teacher(model, cfg, n, generator=g)
+                    x = sample_ar_teacher(model, cfg, n, rng=g)
                 else:
                     x = sample_student(model, cfg, n, rng=g)
             samples[row] = x.cpu()
@@ -1341,13 +1349,13 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
 
 def format_table(results: dict) -> str:
     cols = ("energy_distance", "off_manifold", "motion", "transition_accuracy", "nfe_per_frame")
-    lines = [f"{'row':32s}" + "".join(f"{c:>21s}" for c in cols)]
+    lines = [f"{'row':40s}" + "".join(f"{c:>21s}" for c in cols)]
     nan = {"nfe_per_frame": float("nan")}
     ref = [("data (held-out vs fresh)", {**results["data"], **nan})]
     ref += [(f"exact {k} teacher (reference)", {**v, "nfe_per_frame": results["rows"]["bidirectional_teacher"]["nfe_per_frame"]})
             for k, v in results.get("exact_teachers", {}).items()]
     for row, m in [*ref, *results["rows"].items()]:
-        lines.append(f"{row:32s}" + "".join(f"{m[c]:21.3f}" for c in cols))
+        lines.append(f"{row:40s}" + "".join(f"{m[c]:21.3f}" for c in cols))
     fl = results["injectivity_floor"]["per_frame"]
     lines.append("")
     lines.append("injectivity floor E[Var(phi(eps)^i | eps^<=i)] per frame (exact teachers):")
