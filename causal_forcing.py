@@ -96,11 +96,17 @@ class ModelConfig:
     num_layers: int = 3
     freq_dim: int = 64  # sinusoidal timestep features (Wan: 256)
     cond_dim: int = 0  # width of the conditioning sequence (Wan: 4096 text features); 0 = none
+    text_len: Optional[int] = None  # pad the conditioning with zero rows to this length (Wan: 512)
     rope_theta: float = 10000.0
     eps: float = 1e-6
     chunk_frames: int = 1  # causal block size: 1 = frame-wise, 3 = chunk-wise (Wan latents)
     window_frames: Optional[int] = None  # rolling attention window in frames (None = full)
     sink_frames: int = 0  # first frames always attended inside a rolling window
+    # speed (off the teaching path; none changes the maths)
+    attention: str = "auto"  # "dense" masks (readable, CPU) or "flex" block masks; auto = flex on CUDA
+    precision: str = "auto"  # "fp32" or "bf16" autocast; auto = bf16 on CUDA, fp32 elsewhere
+    grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
+    compile: bool = False  # torch.compile each block in place (state-dict keys stay unchanged)
 
 
 @dataclass
@@ -165,7 +171,7 @@ class EvalConfig:
 class Config:
     name: str = "toy2d"
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # cuda, then mps, then cpu; resolved by get_config
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -177,9 +183,16 @@ class Config:
 
 
 _SECTIONS = ("data", "model", "train", "sample", "eval")
+# Wan2.1-T2V-1.3B (REFERENCE sec. 6): latent clips of 21 frames x 16 channels x 60 x 104 (480x832
+# pixels), patch 2 -> 1560 tokens per latent frame, chunks of 3 latent frames, umT5 text 512 x 4096.
+_WAN_1_3B = dict(frames=21, in_channels=16, height=60, width=104, patch_size=2, dim=1536, ffn_dim=8960,
+                 num_heads=12, num_layers=30, freq_dim=256, cond_dim=4096, text_len=512, chunk_frames=3)
 _PRESETS: dict[str, dict] = {
     # Each frame is one token; frame-wise causal blocks, as in the paper's frame-wise models.
     "toy2d": {},
+    "wan-1.3b": _WAN_1_3B,
+    # Wan2.1-T2V-14B shapes: the real score of the official recipe.
+    "wan-14b": {**_WAN_1_3B, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40},
 }
 
 
@@ -254,8 +267,24 @@ def validate_config(cfg: Config) -> None:
         problems.append(f"denoising_steps {cfg.sample.denoising_steps} must lie in (0, {cfg.sample.num_train_timesteps}]")
     if not 0.0 <= cfg.sample.context_noise < 1.0:
         problems.append("context_noise must lie in [0, 1)")
+    if m.attention not in ("auto", "dense", "flex"):
+        problems.append(f"attention={m.attention!r} is not 'auto', 'dense' or 'flex'")
+    if m.precision not in ("auto", "fp32", "bf16"):
+        problems.append(f"precision={m.precision!r} is not 'auto', 'fp32' or 'bf16'")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
+    cfg.device = resolve_device(cfg.device)
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' if a GPU is visible, else 'mps' (Apple), else 'cpu'; others unchanged."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 # =================================================================================================
@@ -456,6 +485,50 @@ def expand_to_tokens(vis: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
     return vis.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
+class AttentionMask:
+    """A frame-level visibility (Fq, Fk), handed to the attention kernel in the form it takes:
+    a dense (Nq, Nk) boolean mask for scaled_dot_product_attention (readable; fine on a CPU and for
+    small clips), or a FlexAttention block mask, which never materialises the N x N matrix (a
+    Wan-sized teacher-forcing sequence has 65,520 tokens: a dense mask would be 4.3 GB)."""
+
+    def __init__(self, vis: torch.Tensor, tokens_per_frame: int, backend: str, device):
+        self.vis, self.S, self.backend, self.device = vis.to(device), tokens_per_frame, backend, device
+        self._dense = self._block = None
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = expand_to_tokens(self.vis, self.S)
+        return self._dense
+
+    def block_mask(self):
+        if self._block is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            vis, S = self.vis, self.S
+            Nq, Nk = vis.shape[0] * S, vis.shape[1] * S
+            self._block = create_block_mask(lambda b, h, q, k: vis[q // S, k // S], None, None, Nq, Nk,
+                                            device=str(self.device))
+        return self._block
+
+
+_compiled_flex = None
+
+
+def attend(q, k, v, mask: Optional[AttentionMask]) -> torch.Tensor:
+    """Softmax attention, q (B, h, Nq, d), k v (B, h, Nk, d) -> (B, h, Nq, d), under `mask`."""
+    if mask is None:
+        return F_.scaled_dot_product_attention(q, k, v)  # fused (flash) kernels where available
+    if mask.backend == "flex":
+        global _compiled_flex
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if q.device.type == "cuda":  # FlexAttention is fast only compiled; eager is a reference
+            _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
+            return _compiled_flex(q, k, v, block_mask=mask.block_mask())
+        return flex_attention(q, k, v, block_mask=mask.block_mask())
+    return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
+
+
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """(N, 3) integer (frame, y, x) positions -> (N, d/2) rotation angles in float64.
     As in Wan, the d/2 complex pairs split into frame / height / width parts of
@@ -487,7 +560,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # normalise in >= fp32, as Wan
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -569,9 +642,9 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, angles, mask=None, cache: Optional[tuple] = None):
-        """x (B, N, D); angles (N, d/2); mask (N, Nk) bool, True = attend; cache = (KVCache, layer,
-        read_slots, write_slots): keys of cached frames come first, then the new ones."""
+    def forward(self, x, angles, mask: Optional[AttentionMask] = None, cache: Optional[tuple] = None):
+        """x (B, N, D); angles (N, d/2); mask over (queries, keys), None = all visible;
+        cache = (KVCache, layer, read_slots, write_slots): cached frames' keys first, then the new."""
         split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.num_heads)  # noqa: E731
         q = apply_rope(split(self.norm_q(self.q(x))), angles)  # (B, N, h, d)
         k = apply_rope(split(self.norm_k(self.k(x))), angles)
@@ -587,7 +660,7 @@ class SelfAttention(nn.Module):
             kv.k[layer][:, :, write_slots] = rearrange(k.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.k.dtype)
             kv.v[layer][:, :, write_slots] = rearrange(v.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.v.dtype)
             k, v = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
-        out = F_.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, d)
+        out = attend(q, k, v, mask)  # (B, h, N, d)
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -656,7 +729,7 @@ def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     omega = 10000.0 ** (-torch.arange(half, dtype=torch.float64, device=t.device) / half)
     arg = t.double()[..., None] * omega
-    return torch.cat([arg.cos(), arg.sin()], -1).float()
+    return torch.cat([arg.cos(), arg.sin()], -1)  # float64; the caller casts to its dtype
 
 
 class CausalDiT(nn.Module):
@@ -681,6 +754,9 @@ class CausalDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.init_weights()
+        if cfg.compile:  # in place: parameter names (and saved state dicts) stay exactly the same
+            for block in self.blocks:
+                block.compile()
 
     def init_weights(self):
         """Xavier-uniform linears with zero bias (as Wan); then adaLN-Zero (as DiT): the modulation
@@ -735,11 +811,31 @@ class CausalDiT(nn.Module):
             cond = torch.zeros(batch, 1, self.cfg.cond_dim, dtype=dtype, device=device)
         if cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != self.cfg.cond_dim:
             raise ValueError(f"cond must have shape ({batch}, L, {self.cfg.cond_dim}), got {tuple(cond.shape)}")
+        L = self.cfg.text_len
+        if L is not None:  # Wan pads every prompt with zero rows to 512 and attends over all of them
+            if cond.shape[1] > L:
+                raise ValueError(f"cond has {cond.shape[1]} rows, more than text_len={L}")
+            cond = F_.pad(cond, (0, 0, 0, L - cond.shape[1]))
         return self.text_embedding(cond)
 
     # --- forward ---------------------------------------------------------------------------------
+    def attention_backend(self, device) -> str:
+        a = self.cfg.attention
+        return ("flex" if torch.device(device).type == "cuda" else "dense") if a == "auto" else a
+
+    def autocast(self, device):
+        """bf16 autocast on CUDA (precision auto or bf16); fp32 elsewhere."""
+        kind = torch.device(device).type
+        bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and kind == "cuda")
+        return torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16)
+
     def forward(self, x, t, cond=None, kv_cache: Optional[KVCache] = None, start_frame: int = 0,
                 clean_context=None):
+        with self.autocast(x.device):
+            out = self._forward(x, t, cond, kv_cache, start_frame, clean_context)
+        return out.to(x.dtype)
+
+    def _forward(self, x, t, cond, kv_cache, start_frame, clean_context):
         c = self.cfg
         self.check_video(x)
         B, F = x.shape[:2]
@@ -753,7 +849,7 @@ class CausalDiT(nn.Module):
         frames = torch.arange(start_frame, start_frame + F)
         tokens = self.patchify(x)  # (B, F*S, D)
         ctx = self.embed_cond(cond, B, x.dtype, x.device)
-        mask, caches = None, [None] * len(self.blocks)
+        vis, caches = None, [None] * len(self.blocks)
 
         if clean_context is not None:  # teacher forcing: [clean ; noisy], shared positions
             if clean_context.shape != x.shape:
@@ -761,12 +857,10 @@ class CausalDiT(nn.Module):
             tokens = torch.cat([self.patchify(clean_context), tokens], 1)  # (B, 2*F*S, D)
             t = torch.cat([torch.zeros_like(t), t], 1)  # clean frames carry t = 0
             vis = teacher_forcing_visibility(frames, c.chunk_frames, c.window_frames, c.sink_frames)
-            mask = expand_to_tokens(vis, S).to(x.device)
             angles = rope_angles(self.positions(torch.cat([frames, frames])), c.dim // c.num_heads, c.rope_theta)
         elif kv_cache is not None:
             read_slots, key_frames, vis = kv_cache.plan(start_frame, F, B)
             write_slots = kv_cache.slot(frames)
-            mask = None if bool(vis.all()) else expand_to_tokens(vis, S).to(x.device)
             caches = [(kv_cache, i, read_slots, write_slots) for i in range(len(self.blocks))]
             angles = rope_angles(self.positions(frames), c.dim // c.num_heads, c.rope_theta)
         else:
@@ -774,14 +868,18 @@ class CausalDiT(nn.Module):
                 raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={c.chunk_frames})")
             if self.causal:
                 vis = frame_visibility(frames, frames, c.chunk_frames, c.window_frames, c.sink_frames)
-                mask = None if bool(vis.all()) else expand_to_tokens(vis, S).to(x.device)
             angles = rope_angles(self.positions(frames), c.dim // c.num_heads, c.rope_theta)
         angles = angles.to(x.device)
+        # within a single chunk every key is visible: no mask, so the fused kernel runs
+        mask = None if vis is None or bool(vis.all()) else AttentionMask(vis, S, self.attention_backend(x.device), x.device)
 
         e = self.time_embedding(timestep_features(t * 1000.0, c.freq_dim).to(x.dtype))  # (B, F', D)
         e0 = rearrange(self.time_projection(e), "b f (six d) -> b f six d", six=6)  # (B, F', 6, D)
         for block, cache in zip(self.blocks, caches):
-            tokens = block(tokens, e0, ctx, angles, mask, cache)
+            if c.grad_checkpointing and torch.is_grad_enabled():  # keep only block inputs for backward
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, e0, ctx, angles, mask, cache, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, ctx, angles, mask, cache)
         if kv_cache is not None:
             kv_cache.commit(start_frame, F)
         if clean_context is not None:  # only the noisy half is predicted
@@ -802,6 +900,67 @@ class CausalDiT(nn.Module):
                        c.chunk_frames, max_frames, window, sink, p.dtype, p.device)
 
 
+
+
+# --- Wan2.1 / Causal Forcing / Self Forcing checkpoints -----------------------------------------
+
+_WRAPPER_PREFIXES = ("module.", "model.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
+
+
+def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
+    """Bare WanModel parameter names from any of the files the field uses: the official
+    diffusion_pytorch_model.safetensors (bare names); a Causal Forcing / Self Forcing checkpoint
+    {"generator_ema" | "generator" | "critic" | "model": {"model." + name: tensor}} (EMA weights may
+    carry "model._fsdp_wrapped_module."); DDP's "module." and torch.compile's "_orig_mod.".
+    Without `key`, the first of generator_ema, generator, model found is used."""
+    if key is not None:
+        if key not in state:
+            raise KeyError(f"checkpoint has no entry {key!r}; it has {sorted(state)}")
+        state = state[key]
+    elif not all(torch.is_tensor(v) for v in state.values()):
+        found = [k for k in ("generator_ema", "generator", "model") if isinstance(state.get(k), dict)]
+        if not found:
+            raise KeyError(f"no state dict in this checkpoint: top-level keys {sorted(state)}")
+        state = state[found[0]]
+    out = {}
+    for name, tensor in state.items():
+        stripped = True
+        while stripped:  # wrappers nest: model._fsdp_wrapped_module._orig_mod.blocks...
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name, stripped = name[len(prefix):], True
+        for inner in ("._fsdp_wrapped_module", "._orig_mod", "._checkpoint_wrapped_module"):
+            name = name.replace(inner, "")
+        out[name] = tensor
+    return out
+
+
+def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None) -> nn.Module:
+    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every
+    parameter must be present with the right shape, and nothing else. Reads .safetensors (needs
+    the safetensors package, imported only here) or a torch file with weights_only=True."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError("reading .safetensors needs the safetensors package: pip install safetensors") from e
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = wan_state_dict(state, key)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path!r} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(wrong)} with other shapes).\n  missing: {missing}\n  unexpected: {unexpected}\n"
+                         f"  shapes: {wrong}")
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 # =================================================================================================

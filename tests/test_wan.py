@@ -1,0 +1,235 @@
+"""Wan2.1 compatibility: parameter names and shapes, checkpoint loading, the forward maths against an
+independent re-implementation of Wan's, and the speed options that must not change the maths."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import causal_forcing as cf
+
+
+def official_wan_shapes(dim, ffn, layers, in_dim=16, text_dim=4096, freq_dim=256, patch=2):
+    """Every parameter of the official WanModel (T2V), written from its published key table."""
+    shapes = {
+        "patch_embedding.weight": (dim, in_dim, 1, patch, patch), "patch_embedding.bias": (dim,),
+        "text_embedding.0.weight": (dim, text_dim), "text_embedding.0.bias": (dim,),
+        "text_embedding.2.weight": (dim, dim), "text_embedding.2.bias": (dim,),
+        "time_embedding.0.weight": (dim, freq_dim), "time_embedding.0.bias": (dim,),
+        "time_embedding.2.weight": (dim, dim), "time_embedding.2.bias": (dim,),
+        "time_projection.1.weight": (6 * dim, dim), "time_projection.1.bias": (6 * dim,),
+        "head.head.weight": (patch * patch * in_dim, dim), "head.head.bias": (patch * patch * in_dim,),
+        "head.modulation": (1, 2, dim),
+    }
+    for i in range(layers):
+        b = f"blocks.{i}."
+        for attn in ("self_attn", "cross_attn"):
+            for lin in "qkvo":
+                shapes[f"{b}{attn}.{lin}.weight"] = (dim, dim)
+                shapes[f"{b}{attn}.{lin}.bias"] = (dim,)
+            shapes[f"{b}{attn}.norm_q.weight"] = (dim,)
+            shapes[f"{b}{attn}.norm_k.weight"] = (dim,)
+        shapes[f"{b}norm3.weight"] = shapes[f"{b}norm3.bias"] = (dim,)
+        shapes[f"{b}ffn.0.weight"], shapes[f"{b}ffn.0.bias"] = (ffn, dim), (ffn,)
+        shapes[f"{b}ffn.2.weight"], shapes[f"{b}ffn.2.bias"] = (dim, ffn), (dim,)
+        shapes[f"{b}modulation"] = (1, 6, dim)
+    return shapes
+
+
+@pytest.mark.parametrize("name,dim,ffn,layers,params", [("wan-1.3b", 1536, 8960, 30, 1_418_996_800),
+                                                         ("wan-14b", 5120, 13824, 40, None)])
+def test_presets_have_exactly_the_official_parameters(name, dim, ffn, layers, params):
+    cfg = cf.get_config(name)
+    with torch.device("meta"):  # shapes only: no memory is allocated
+        model = cf.CausalDiT(cfg.model)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == official_wan_shapes(dim, ffn, layers)
+    if params:
+        assert len(got) == 825 and sum(math.prod(s) for s in got.values()) == params
+    assert model.tokens_per_frame == 1560 and cfg.data.frames == 21 and cfg.model.chunk_frames == 3
+
+
+SMALL = dict(in_channels=4, height=4, width=6, patch_size=2, dim=48, ffn_dim=64, num_heads=4, num_layers=2,
+             freq_dim=16, cond_dim=8, text_len=5, device="cpu")
+
+
+def synthetic_official(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * 0.3 for k, s in official_wan_shapes(48, 64, 2, 4, 8, 16).items()}
+
+
+@pytest.mark.parametrize("layout", ["bare", "generator", "generator_ema_fsdp", "compiled"])
+def test_load_every_checkpoint_layout(tmp_path, layout):
+    state = synthetic_official()
+    file = {"bare": state,
+            "generator": {"generator": {"model." + k: v for k, v in state.items()}},
+            "generator_ema_fsdp": {"generator_ema": {"model._fsdp_wrapped_module." + k: v for k, v in state.items()},
+                                   "generator": {"model." + k: 0 * v for k, v in state.items()}},
+            "compiled": {"model": {"_orig_mod." + k: v for k, v in state.items()}}}[layout]
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(file, path)
+    model = cf.CausalDiT(cf.get_config("toy2d", **SMALL).model)
+    cf.load_wan_weights(model, path)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)  # generator_ema wins over generator
+
+
+def test_load_safetensors(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    state = synthetic_official()
+    path = str(tmp_path / "diffusion_pytorch_model.safetensors")
+    safetensors.save_file(state, path)
+    model = cf.load_wan_weights(cf.CausalDiT(cf.get_config("toy2d", **SMALL).model), path)
+    torch.testing.assert_close(model.blocks[1].ffn[2].weight, state["blocks.1.ffn.2.weight"], rtol=0, atol=0)
+
+
+def test_load_errors_name_every_key(tmp_path):
+    state = synthetic_official()
+    del state["blocks.0.modulation"]
+    state["blocks.0.extra.weight"] = torch.zeros(3)
+    state["head.head.weight"] = torch.zeros(5, 48)
+    path = str(tmp_path / "bad.pt")
+    torch.save(state, path)
+    model = cf.CausalDiT(cf.get_config("toy2d", **SMALL).model)
+    with pytest.raises(ValueError, match=r"1 missing, 1 unexpected, 1 with other shapes") as e:
+        cf.load_wan_weights(model, path)
+    assert "blocks.0.modulation" in str(e.value) and "blocks.0.extra.weight" in str(e.value)
+    assert "head.head.weight: file (5, 48)" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        cf.load_wan_weights(model, str(tmp_path / "missing.pt"))
+    torch.save({"optimizer": {"lr": torch.ones(1)}, "step": torch.ones(1)}, path)
+    with pytest.raises(KeyError, match="no state dict"):
+        cf.load_wan_weights(model, path)
+
+
+def wan_reference_forward(p, x, t, context, cfg, num_heads):
+    """Wan2.1's forward, written from its specification independently of causal_forcing:
+    x (B, C, F, H, W) Wan's layout, t (B,) in [0, 1000], context (B, L, text_dim)."""
+    B, C, Fr, H, W = x.shape
+    D, pt = p["patch_embedding.bias"].shape[0], 2
+    h, w = H // pt, W // pt
+    y = F.conv3d(x, p["patch_embedding.weight"], p["patch_embedding.bias"], stride=(1, pt, pt))
+    tok = y.flatten(2).transpose(1, 2)  # (B, F*h*w, D), w fastest
+
+    def lin(v, name):
+        return F.linear(v, p[name + ".weight"], p[name + ".bias"])
+
+    half = cfg.freq_dim // 2
+    omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / half)
+    sinus = torch.cat([torch.cos(t.double()[:, None] * omega), torch.sin(t.double()[:, None] * omega)], 1).to(x.dtype)
+    e = lin(F.silu(lin(sinus, "time_embedding.0")), "time_embedding.2")
+    e0 = lin(F.silu(e), "time_projection.1").view(B, 6, D)
+    ctx = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+    c = lin(F.gelu(lin(ctx, "text_embedding.0"), approximate="tanh"), "text_embedding.2")
+
+    d = D // num_heads  # 3-D RoPE with complex numbers: pairs split frame / height / width
+    d_hw = 2 * (d // 6)
+    sizes = [d - 2 * d_hw, d_hw, d_hw]
+    ff, yy, xx = torch.meshgrid(torch.arange(Fr), torch.arange(h), torch.arange(w), indexing="ij")
+    freqs = torch.cat([torch.polar(torch.ones(1, dtype=torch.float64),
+                                   pos.reshape(-1, 1).double() * 10000.0 ** (-torch.arange(0, n, 2, dtype=torch.float64) / n))
+                       for pos, n in zip((ff, yy, xx), sizes)], 1)  # (N, d/2) complex
+
+    def rope(v):
+        vc = torch.view_as_complex(v.double().reshape(B, -1, num_heads, d // 2, 2))
+        return torch.view_as_real(vc * freqs[None, :, None]).flatten(3).to(v.dtype)
+
+    def rms(v, name):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * p[name]
+
+    def attn(q_in, kv_in, pre, use_rope):
+        q = rms(lin(q_in, pre + ".q"), pre + ".norm_q.weight")
+        k = rms(lin(kv_in, pre + ".k"), pre + ".norm_k.weight")
+        v = lin(kv_in, pre + ".v")
+        q, k, v = (z.reshape(B, -1, num_heads, d) for z in (q, k, v))
+        if use_rope:
+            q, k = rope(q), rope(k)
+        att = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(d), -1)
+        return lin(torch.einsum("bhnm,bmhd->bnhd", att, v).reshape(B, -1, D), pre + ".o")
+
+    def ln(v):
+        return F.layer_norm(v, (D,), eps=1e-6)
+
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}"
+        s1, c1, g1, s2, c2, g2 = (p[b + ".modulation"] + e0).chunk(6, dim=1)
+        tok = tok + g1 * attn(ln(tok) * (1 + c1) + s1, ln(tok) * (1 + c1) + s1, b + ".self_attn", True)
+        n3 = F.layer_norm(tok, (D,), p[b + ".norm3.weight"], p[b + ".norm3.bias"], 1e-6)
+        tok = tok + attn(n3, c, b + ".cross_attn", False)
+        ff_in = ln(tok) * (1 + c2) + s2
+        tok = tok + g2 * lin(F.gelu(lin(ff_in, b + ".ffn.0"), approximate="tanh"), b + ".ffn.2")
+    shift, scale = (p["head.modulation"] + e[:, None]).chunk(2, dim=1)
+    out = lin(ln(tok) * (1 + scale) + shift, "head.head")  # (B, N, 4*C), channel fastest
+    out = out.view(B, Fr, h, w, 1, pt, pt, C).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return out.reshape(B, C, Fr, H, W)
+
+
+def test_forward_matches_wan_reference_maths(tmp_path):
+    cfg = cf.get_config("toy2d", **SMALL)
+    state = {k: v.double() for k, v in synthetic_official(1).items()}
+    model = cf.CausalDiT(cfg.model, causal=False).double()
+    model.load_state_dict(state)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, 6, generator=g, dtype=torch.float64)  # (B, F, C, H, W)
+    sigma = torch.rand(2, generator=g, dtype=torch.float64)
+    context = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)  # 3 rows, padded to text_len 5
+    ours = model(x, sigma[:, None].expand(2, 3), context)
+    ref = wan_reference_forward(state, x.permute(0, 2, 1, 3, 4), sigma * 1000, context, cfg.model, 4)
+    torch.testing.assert_close(ours.permute(0, 2, 1, 3, 4), ref, rtol=1e-9, atol=1e-9)
+    # the causal model with the whole clip in one chunk and one timestep is exactly WanModel
+    causal = cf.CausalDiT(cf.get_config("toy2d", **{**SMALL, "chunk_frames": 3}).model).double()
+    causal.load_state_dict(state)
+    torch.testing.assert_close(causal(x, sigma[:, None].expand(2, 3), context), ours, rtol=0, atol=1e-12)
+
+
+def test_text_padding_and_its_limit():
+    model = cf.CausalDiT(cf.get_config("toy2d", **SMALL).model)
+    x, t = torch.randn(1, 2, 4, 4, 6), torch.rand(1, 2)
+    short = torch.randn(1, 2, 8)
+    torch.testing.assert_close(model(x, t, short), model(x, t, torch.cat([short, torch.zeros(1, 3, 8)], 1)))
+    with pytest.raises(ValueError, match="more than text_len=5"):
+        model(x, t, torch.randn(1, 6, 8))
+
+
+# --- speed options: none may change the maths ----------------------------------------------------
+
+FLEX = dict(dim=64, num_heads=4, num_layers=2, ffn_dim=64, device="cpu")
+
+
+@pytest.mark.parametrize("kw", [dict(chunk_frames=2), dict(chunk_frames=1, window_frames=3, sink_frames=1)])
+def test_flex_attention_block_masks_equal_dense_masks(kw):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    dense = cf.CausalDiT(cf.get_config("toy2d", attention="dense", **FLEX, **kw).model)
+    flex = cf.CausalDiT(cf.get_config("toy2d", attention="flex", **FLEX, **kw).model)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.normal_(0, 0.3)
+    flex.load_state_dict(dense.state_dict())
+    x, t = torch.randn(2, 6, 2, 1, 1), torch.rand(2, 6)
+    clean = torch.randn_like(x)
+    with torch.no_grad():  # FlexAttention has no backward on a CPU; on CUDA it has
+        torch.testing.assert_close(flex(x, t), dense(x, t), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(flex(x, t, clean_context=clean), dense(x, t, clean_context=clean), rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = cf.get_config("toy2d", chunk_frames=2, device="cpu")
+    plain = cf.CausalDiT(cfg.model).double()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.3)
+    ckpt = cf.CausalDiT(cf.get_config("toy2d", chunk_frames=2, grad_checkpointing=True).model).double()
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = torch.randn(2, 4, 2, 1, 1, dtype=torch.float64), torch.rand(2, 4, dtype=torch.float64)
+    for m in (plain, ckpt):
+        m(x, t, clean_context=x.flip(1)).pow(2).sum().backward()
+    for a, b in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_compile_keeps_parameter_names_and_device_auto_resolves():
+    cfg = cf.get_config("toy2d", compile=True)
+    assert set(cf.CausalDiT(cfg.model).state_dict()) == set(cf.CausalDiT(cf.get_config("toy2d").model).state_dict())
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert cf.get_config("toy2d").device == expected and cf.get_config("toy2d", device="cpu").device == "cpu"
