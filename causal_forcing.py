@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -120,6 +119,7 @@ class TrainConfig:
     adam_beta1: float = 0.0  # upstream betas (0, 0.999) for teacher, ODE and DMD stages
     adam_beta2: float = 0.999
     grad_clip: float = 10.0  # upstream 10
+    data_parallel: str = "auto"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded); auto = fsdp if dim >= 1024
     # stage 0: the bidirectional base (upstream: the pretrained Wan model, not trained here).
     # Trained from scratch, so with the usual Adam momentum (beta1 0.9) and a cosine decay; the
     # later stages fine-tune, like upstream, with beta1 0 and (toy only) a cosine decay too.
@@ -269,6 +269,8 @@ def validate_config(cfg: Config) -> None:
         problems.append("context_noise must lie in [0, 1)")
     if m.attention not in ("auto", "dense", "flex"):
         problems.append(f"attention={m.attention!r} is not 'auto', 'dense' or 'flex'")
+    if cfg.train.data_parallel not in ("auto", "ddp", "fsdp"):
+        problems.append(f"data_parallel={cfg.train.data_parallel!r} is not 'auto', 'ddp' or 'fsdp'")
     if m.precision not in ("auto", "fp32", "bf16"):
         problems.append(f"precision={m.precision!r} is not 'auto', 'fp32' or 'bf16'")
     if problems:
@@ -1124,6 +1126,91 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
 # =================================================================================================
 
 
+# --- data parallel under torchrun ------------------------------------------------------------------
+# Every rank draws the same *global* batch from the same seed and trains on its own slice; gradients
+# are averaged over ranks before each optimizer step. So N processes take exactly the steps one
+# process takes with the whole batch, and parameters stay identical on every rank.
+
+
+def init_distributed() -> tuple[int, int]:
+    """Joins the process group when started by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return rank_and_world()
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _shard(x: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a global batch."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return x
+    if len(x) % world:
+        raise ValueError(f"batch of {len(x)} does not split over {world} processes")
+    return x.chunk(world)[rank]
+
+
+def _rank_rng(rng: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """A generator of this rank's own, derived from the shared one (which every rank advances
+    alike), for draws that must differ between ranks (the noise of each rank's rollouts)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return rng
+    return torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=rng)) + rank)
+
+
+def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
+    """Under torchrun: shard a large model with FSDP (fully_shard per block, then the root), or
+    keep a replica per rank (DDP's scheme: _step averages the gradients). In place."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return model
+    import torch.distributed as dist
+
+    mode = cfg.train.data_parallel
+    if mode == "fsdp" or (mode == "auto" and cfg.model.dim >= 1024):
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)  # FSDP reduce-scatters averaged gradients itself
+        model.fsdp = True
+    else:
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)  # identical replicas, whatever each rank initialised
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole, unsharded state dict on every rank (FSDP gathers it); plain names, no prefixes."""
+    if getattr(model, "fsdp", False):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return model.state_dict()
+
+
+def _global_mean(x: torch.Tensor) -> float:
+    """A loss averaged over ranks (each rank's is the mean over its slice), for logging."""
+    rank, world = rank_and_world()
+    x = x.detach().float()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+        x = x / world
+    return float(x)
+
+
 def _adamw(params, lr, cfg: TrainConfig, beta1=None, cosine_steps: Optional[int] = None):
     """AdamW with the recipe's betas; with cosine_steps, the lr decays to 0 over that many steps."""
     beta1 = cfg.adam_beta1 if beta1 is None else beta1
@@ -1136,6 +1223,16 @@ def _adamw(params, lr, cfg: TrainConfig, beta1=None, cosine_steps: Optional[int]
 def _step(opt, model, loss, clip):
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    rank, world = rank_and_world()
+    if world > 1 and not getattr(model, "fsdp", False):  # average gradients over the replicas
+        import torch.distributed as dist
+
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     if hasattr(opt, "schedule"):
@@ -1169,15 +1266,17 @@ def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None) -> tuple[Ca
     """Stage 0: the bidirectional base model, flow matching with one timestep per clip. Upstream
     this is the pretrained Wan2.1 model; here we train it so the pipeline starts from data."""
     t = cfg.train
-    model = CausalDiT(cfg.model, causal=False).to(cfg.device)
+    model = parallelize(CausalDiT(cfg.model, causal=False).to(cfg.device), cfg)
     opt = _adamw(model.parameters(), t.base_lr, t, beta1=t.base_beta1, cosine_steps=t.base_steps)
     losses, batches = [], _batches(data, t.batch_size, rng)
     for step in range(t.base_steps):
-        x0 = next(batches).to(cfg.device)
-        sigma = sample_sigmas(len(x0), x0.shape[1], x0.shape[1], cfg.sample, rng).to(cfg.device)  # one per clip
-        loss = flow_matching_loss(model, x0, sigma, torch.randn(x0.shape, generator=rng).to(cfg.device), cfg.sample)
+        x0 = next(batches)  # the global batch; each rank trains on its slice
+        sigma = sample_sigmas(len(x0), x0.shape[1], x0.shape[1], cfg.sample, rng)  # one per clip
+        noise = torch.randn(x0.shape, generator=rng)
+        x0, sigma, noise = (_shard(v).to(cfg.device) for v in (x0, sigma, noise))
+        loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample)
         _step(opt, model, loss, t.grad_clip)
-        losses.append(loss.item())
+        losses.append(_global_mean(loss))
         _log(log, "base", step, t.base_steps, loss)
     return model, losses
 
@@ -1185,7 +1284,7 @@ def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None) -> tuple[Ca
 def to_causal(model: CausalDiT) -> CausalDiT:
     """A causal copy of a model (same parameters; only the attention mask differs)."""
     causal = CausalDiT(model.cfg, causal=True).to(next(model.parameters()).device)
-    causal.load_state_dict(model.state_dict())
+    causal.load_state_dict(full_state_dict(model))
     return causal
 
 
@@ -1197,17 +1296,18 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
     diffusion forcing (ablation): every chunk is noisy at its own level and attends to the noisy
       earlier chunks; at inference the context is clean, a train/test mismatch (Prop. 3.4)."""
     t, mode = cfg.train, mode or cfg.train.teacher_mode
-    model = to_causal(base)
+    model = parallelize(to_causal(base), cfg)
     opt = _adamw(model.parameters(), t.teacher_lr, t, cosine_steps=t.teacher_steps)
     losses, batches = [], _batches(data, t.batch_size, rng)
     for step in range(t.teacher_steps):
-        x0 = next(batches).to(cfg.device)
-        sigma = sample_sigmas(len(x0), x0.shape[1], cfg.model.chunk_frames, cfg.sample, rng).to(cfg.device)
-        noise = torch.randn(x0.shape, generator=rng).to(cfg.device)
+        x0 = next(batches)
+        sigma = sample_sigmas(len(x0), x0.shape[1], cfg.model.chunk_frames, cfg.sample, rng)
+        noise = torch.randn(x0.shape, generator=rng)
+        x0, sigma, noise = (_shard(v).to(cfg.device) for v in (x0, sigma, noise))
         kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
         loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample, **kw)
         _step(opt, model, loss, t.grad_clip)
-        losses.append(loss.item())
+        losses.append(_global_mean(loss))
         _log(log, f"ar teacher, {mode.replace('_', ' ')}", step, t.teacher_steps, loss)
     return model, losses
 
@@ -1262,16 +1362,16 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
     for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). One student
     sigma per step, shared by all frames."""
     t = cfg.train
-    student = to_causal(init)
+    student = parallelize(to_causal(init), cfg)
     opt = _adamw(student.parameters(), t.ode_lr, t, cosine_steps=t.ode_steps)
     losses, n, K = [], len(pairs["x0"]), len(student_sigmas(cfg.sample))
     for step in range(t.ode_steps):
-        idx = torch.randint(n, (t.batch_size,), generator=rng)
-        k = int(torch.randint(K, (1,), generator=rng))
+        idx = _shard(torch.randint(n, (t.batch_size,), generator=rng))
+        k = int(torch.randint(K, (1,), generator=rng))  # one student step for the whole batch
         per_coordinate = cfg.model.in_channels * cfg.model.height * cfg.model.width  # MSE per coordinate
         loss = ode_regression_loss(student, cfg, pairs, idx, k, kind).mean() / per_coordinate
         _step(opt, student, loss, t.grad_clip)
-        losses.append(loss.item())
+        losses.append(_global_mean(loss))
         _log(log, f"ode student from {kind}", step, t.ode_steps, loss)
     return student, losses
 
@@ -1323,45 +1423,68 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     every `gen_update_ratio` steps the generator takes a DMD step. The real score is frozen and
     guided when conditioned. Returns the EMA generator (or the raw one before EMA starts)."""
     t = cfg.train
-    gen = copy.deepcopy(generator).train().requires_grad_(True)
-    fake = copy.deepcopy(fake_init).train().requires_grad_(True)
+    gen = parallelize(_copy_model(generator).train(), cfg)
+    fake = parallelize(_copy_model(fake_init).train(), cfg)
     real = real_score.eval()  # frozen: only ever called under no_grad
     opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
-    ema, gen_updates = None, 0
+    ema, gen_updates = None, 0  # EMA: a copy of each (local shard of a) parameter
     hist = {"generator": [], "critic": []}
     K = len(student_sigmas(cfg.sample))
+    rank, world = rank_and_world()
+    batch = len(_shard(torch.empty(t.batch_size)))  # this rank's share of the batch
     for step in range(t.dmd_steps):
-        cond = cond_sampler(t.batch_size) if cond_sampler else None
+        own = _rank_rng(rng)  # the rollouts' noise differs between ranks; exit steps are shared
+        cond = cond_sampler(batch) if cond_sampler else None
         if step % t.gen_update_ratio == 0:
             exit_step = int(torch.randint(K, (1,), generator=rng))
-            x = self_rollout(gen, cfg, t.batch_size, exit_step, cond, rng)
+            x = self_rollout(gen, cfg, batch, exit_step, cond, own)
             with torch.no_grad():
-                sigma = _dmd_sigma(cfg, len(x), rng, cfg.device)
-                x_s = add_noise(x, _randn(x.shape, rng, x.device), sigma)
+                sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
+                x_s = add_noise(x, _randn(x.shape, own, x.device), sigma)
                 x0_real = x0_from_velocity(x_s, guided_velocity(real, x_s, sigma, cond, t.real_guidance), sigma)
                 x0_fake = x0_from_velocity(x_s, fake(x_s, sigma, cond), sigma)
                 grad = dmd_gradient(x, x0_real, x0_fake)
             loss = dmd_loss(x, grad)
             _step(opt_g, gen, loss, t.grad_clip)
             gen_updates += 1
-            hist["generator"].append(loss.item())
-            if ema is None and gen_updates >= t.ema_start_step:
-                ema = copy.deepcopy(gen).requires_grad_(False)
-            elif ema is not None:
-                with torch.no_grad():
-                    for pe, pg in zip(ema.parameters(), gen.parameters()):
+            hist["generator"].append(_global_mean(loss))
+            _reshard(gen)
+            with torch.no_grad():
+                if ema is None and gen_updates >= t.ema_start_step:
+                    ema = [p.detach().clone() for p in gen.parameters()]
+                elif ema is not None:
+                    for pe, pg in zip(ema, gen.parameters()):
                         pe.lerp_(pg, 1 - t.ema_decay)
         # the critic: flow matching on fresh samples, with a random exit step as the generator's
         # DMD samples have, so the fake score models the distribution that DMD evaluates
+        exit_step = int(torch.randint(K, (1,), generator=rng))
         with torch.no_grad():
-            x = self_rollout(gen, cfg, t.batch_size, int(torch.randint(K, (1,), generator=rng)), cond, rng)
-        sigma = _dmd_sigma(cfg, len(x), rng, cfg.device)
-        loss_f = flow_matching_loss(fake, x, sigma, _randn(x.shape, rng, x.device), None, cond)
+            x = self_rollout(gen, cfg, batch, exit_step, cond, own)
+        sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
+        loss_f = flow_matching_loss(fake, x, sigma, _randn(x.shape, own, x.device), None, cond)
         _step(opt_f, fake, loss_f, t.grad_clip)
-        hist["critic"].append(loss_f.item())
-        _log(log, "dmd critic", step, t.dmd_steps, loss_f)
-    out = ema if ema is not None else gen
-    return out.eval(), hist
+        hist["critic"].append(_global_mean(loss_f))
+        _log(log, "dmd critic", step, t.dmd_steps, hist["critic"][-1])
+    if ema is not None:  # hand back the EMA weights
+        _reshard(gen)
+        with torch.no_grad():
+            for pe, pg in zip(ema, gen.parameters()):
+                pg.copy_(pe)
+    return gen.eval().requires_grad_(False), hist
+
+
+def _reshard(model: nn.Module) -> None:
+    """FSDP keeps the root's parameters gathered after a forward pass; shard them again so that
+    model.parameters() are the (sharded) parameters the optimizer and the EMA hold."""
+    if getattr(model, "fsdp", False):
+        model.reshard()
+
+
+def _copy_model(model: CausalDiT) -> CausalDiT:
+    """A fresh, trainable copy (also of an FSDP-sharded model: its full weights are gathered)."""
+    new = CausalDiT(model.cfg, causal=model.causal).to(next(model.parameters()).device)
+    new.load_state_dict(full_state_dict(model))
+    return new
 
 
 # =================================================================================================
@@ -1425,7 +1548,8 @@ def save_atomic(obj, path: str) -> None:
 def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
     """Every stage on the toy videos, then the table. Returns the results dict (also written to
     out/results.json with the trained models in out/models.pt and the figure out/samples.png)."""
-    log = log or (lambda *_: None)
+    rank, world = rank_and_world()
+    log = log if log and rank == 0 else (lambda *_: None)  # under torchrun only rank 0 speaks and writes
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     toy = ToyVideos(cfg.data)
@@ -1498,11 +1622,14 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
         "ode_loss_at_sigma_1": extra,
         "stage_seconds": seconds,
     }
+    results["world_size"] = world
     if out:
-        os.makedirs(out, exist_ok=True)
-        save_atomic(results, os.path.join(out, "results.json"))
-        save_atomic({k: m.state_dict() for k, m in models.items()}, os.path.join(out, "models.pt"))
-        plot_samples(samples, test_set, os.path.join(out, "samples.png"))
+        states = {k: full_state_dict(m) for k, m in models.items()}  # every rank joins the gather
+        if rank == 0:
+            os.makedirs(out, exist_ok=True)
+            save_atomic(results, os.path.join(out, "results.json"))
+            save_atomic(states, os.path.join(out, "models.pt"))
+            plot_samples(samples, test_set, os.path.join(out, "samples.png"))
     return results
 
 
@@ -1596,11 +1723,13 @@ def main(argv=None) -> int:
         cfg = get_config(args.config, seed=args.seed, **overrides)
     except ValueError as e:
         parser.error(str(e))
+    rank, world = init_distributed()
     t0 = time.perf_counter()
     results = run_pipeline(cfg, args.out)
-    print()
-    print(format_table(results))
-    print(f"\ntotal {time.perf_counter() - t0:.1f} s; wrote {os.path.join(args.out, 'results.json')}")
+    if rank == 0:
+        print()
+        print(format_table(results))
+        print(f"\ntotal {time.perf_counter() - t0:.1f} s on {world} process(es); wrote {os.path.join(args.out, 'results.json')}")
     return 0
 
 

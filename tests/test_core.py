@@ -532,9 +532,19 @@ def test_dmd_schedule_update_ratio_and_ema():
     for key, value in dict(frames=2, batch_size=8, dmd_steps=7, gen_update_ratio=3, ema_start_step=0).items():
         setattr(cfg.train if hasattr(cfg.train, key) else cfg.data, key, value)
     bidi, _ = random_model(causal=False, dtype=torch.float32, seed=1)
-    out, hist = cf.train_dmd(cfg, model, bidi, bidi, log=None, rng=torch.Generator().manual_seed(0))
+    def run(**kw):
+        for key, value in kw.items():
+            setattr(cfg.train, key, value)
+        return cf.train_dmd(cfg, model, bidi, bidi, log=None, rng=torch.Generator().manual_seed(0))
+
+    out, hist = run()
     assert len(hist["generator"]) == 3 and len(hist["critic"]) == 7  # steps 0, 3, 6
-    assert out is not model and not any(p.requires_grad for p in out.parameters())  # the EMA copy
-    assert any((a - b).abs().max() > 0 for a, b in zip(out.parameters(), model.parameters()))
+    assert not any(p.requires_grad for p in out.parameters())
+    assert any((a - b).abs().max() > 0 for a, b in zip(out.parameters(), model.parameters()))  # it trained
+    raw, _ = run(ema_start_step=10**6)  # EMA never starts: the raw generator comes back
+    no_avg, _ = run(ema_start_step=0, ema_decay=0.0)  # EMA that copies the generator: the same
+    for a, b, c in zip(out.parameters(), raw.parameters(), no_avg.parameters()):
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(out.parameters(), raw.parameters()))  # EMA returned
     s = cf._dmd_sigma(cfg, 20000, torch.Generator().manual_seed(0), "cpu")
     assert s.min() >= 0.02 and s.max() <= 0.98 and (s == 0.98).any()
