@@ -1682,6 +1682,79 @@ def plot_samples(samples: dict, data: torch.Tensor, path: str, max_points: int =
 
 
 # =================================================================================================
+# 10. benchmark: streaming speed of the few-step causal generator
+# =================================================================================================
+
+# dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), for the utilisation figure
+_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+
+
+def forward_flops(cfg: ModelConfig, frames: int, key_frames: int, text_tokens: int) -> int:
+    """Matrix-multiply FLOPs (2 per multiply-add) of one forward pass over `frames` frames whose
+    queries see `key_frames` frames: per layer the q/k/v/o and FFN projections, attention, and
+    cross-attention to the text; plus patch embedding, time and text embeddings and the head."""
+    D, S = cfg.dim, (cfg.height // cfg.patch_size) * (cfg.width // cfg.patch_size)
+    n, k, pixels = frames * S, key_frames * S, cfg.patch_size**2 * cfg.in_channels
+    per_layer = 2 * n * (4 * D * D + 2 * D * cfg.ffn_dim) + 4 * n * k * D
+    if cfg.cond_dim:
+        per_layer += 2 * n * 2 * D * D + 2 * text_tokens * 2 * D * D + 4 * n * text_tokens * D
+    outer = 2 * n * D * pixels * 2 + 2 * frames * (cfg.freq_dim * D + D * D + 6 * D * D)
+    if cfg.cond_dim:
+        outer += 2 * text_tokens * (cfg.cond_dim * D + D * D)
+    return cfg.num_layers * per_layer + outer
+
+
+def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: int = 1, repeats: int = 2) -> dict:
+    """Streams `num_frames` latent frames with the few-step sampler (4 steps per chunk, cache
+    refresh) from a randomly initialised generator and measures it: latent frames per second,
+    time to the first chunk, peak GPU memory, and the fraction of the card's bf16 peak. The
+    first run warms up (kernel selection, compilation) and is not counted."""
+    num_frames = num_frames or cfg.data.frames
+    device = torch.device(cfg.device)
+    model = CausalDiT(cfg.model).to(device).eval()
+    if device.type == "cuda" and cfg.model.precision != "fp32":
+        model = model.to(torch.bfloat16)  # inference in bf16 weights and a bf16 cache, as upstream
+    cond = None
+    if cfg.model.cond_dim:
+        cond = torch.randn(batch_size, cfg.model.text_len or 1, cfg.model.cond_dim, device=device,
+                           dtype=next(model.parameters()).dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    S, c = model.tokens_per_frame, cfg.model.chunk_frames
+    steps = len(cfg.sample.denoising_steps)
+    flops = 0.0  # per video: every denoising step, and the refresh of every chunk but the last
+    for start in range(0, num_frames, c):
+        n = min(c, num_frames - start)
+        calls = steps + (1 if start + n < num_frames else 0)
+        flops += calls * forward_flops(cfg.model, n, start + n, cfg.model.text_len or 1) * batch_size
+    runs = []
+    for r in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        first = None
+        for chunk in stream(model, cfg, num_frames, batch_size, cond, rng=torch.Generator().manual_seed(r)):
+            if first is None:
+                sync()
+                first = time.perf_counter() - t0
+        sync()
+        runs.append((time.perf_counter() - t0, first))
+    total, first = min(runs[1:]) if repeats else runs[0]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    peak = next((v for k, v in _BF16_PEAK.items() if k in name), None)
+    return {
+        "config": cfg.name, "device": name, "frames": num_frames, "batch_size": batch_size,
+        "tokens_per_frame": S, "chunk_frames": c, "denoising_steps": steps,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "latent_frames_per_second": num_frames * batch_size / total,
+        "seconds_per_video": total, "time_to_first_chunk_s": first,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "tflops_per_second": flops / total / 1e12,
+        "fraction_of_bf16_peak": flops / total / peak if peak else None,
+    }
+
+
+# =================================================================================================
 # 10. command line
 # =================================================================================================
 
@@ -1707,8 +1780,12 @@ def _parse_override(text: str, types: dict) -> tuple[str, object]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(description="Causal Forcing on toy 2-D videos: trains every stage "
-                                     "(bidirectional base, AR teacher, ODE students, DMD) and prints the table.")
+                                     "(bidirectional base, AR teacher, ODE students, DMD) and prints the table. "
+                                     "'python causal_forcing.py bench --help' measures streaming speed.")
     parser.add_argument("--config", default="toy2d", choices=sorted(_PRESETS), help="named preset (default toy2d)")
     parser.add_argument("--out", default="runs/toy2d", help="folder for results.json, models.pt and samples.png")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
@@ -1723,6 +1800,9 @@ def main(argv=None) -> int:
         cfg = get_config(args.config, seed=args.seed, **overrides)
     except ValueError as e:
         parser.error(str(e))
+    if cfg.name != "toy2d":
+        parser.error(f"the training pipeline runs on toy2d; {cfg.name!r} has no training data here "
+                     "(its stage functions take your latents and text embeddings; 'bench' measures its speed)")
     rank, world = init_distributed()
     t0 = time.perf_counter()
     results = run_pipeline(cfg, args.out)
@@ -1730,6 +1810,32 @@ def main(argv=None) -> int:
         print()
         print(format_table(results))
         print(f"\ntotal {time.perf_counter() - t0:.1f} s on {world} process(es); wrote {os.path.join(args.out, 'results.json')}")
+    return 0
+
+
+def bench_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="causal_forcing.py bench", description="Streaming speed of the "
+                                     "few-step causal generator (random weights): latent frames per second, time "
+                                     "to the first chunk, peak GPU memory, fraction of the card's bf16 peak.")
+    parser.add_argument("--config", default="wan-1.3b", choices=sorted(_PRESETS), help="preset (default wan-1.3b)")
+    parser.add_argument("--frames", type=int, default=None, help="latent frames per video (default: the config's)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up run; the best counts")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        overrides = dict(_parse_override(s, _field_types()) for s in args.set)
+        if args.device:
+            overrides["device"] = args.device
+        cfg = get_config(args.config, **overrides)
+    except ValueError as e:
+        parser.error(str(e))
+    result = benchmark_stream(cfg, args.frames, args.batch_size, args.repeats)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        save_atomic(result, args.out)
     return 0
 
 

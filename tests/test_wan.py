@@ -233,3 +233,28 @@ def test_compile_keeps_parameter_names_and_device_auto_resolves():
     assert set(cf.CausalDiT(cfg.model).state_dict()) == set(cf.CausalDiT(cf.get_config("toy2d").model).state_dict())
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     assert cf.get_config("toy2d").device == expected and cf.get_config("toy2d", device="cpu").device == "cpu"
+
+
+def test_forward_flops_match_pytorchs_flop_counter():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = cf.get_config("toy2d", **{**SMALL, "chunk_frames": 2})
+    model = cf.CausalDiT(cfg.model)
+    cache = model.new_kv_cache(1, max_frames=6)
+    x, t, cond = torch.randn(1, 2, 4, 4, 6), torch.rand(1, 2), torch.randn(1, 3, 8)
+    with torch.no_grad():
+        model(torch.randn(1, 2, 4, 4, 6), t, cond, kv_cache=cache, start_frame=0)
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # attention as matmuls
+            model(x, t, cond, kv_cache=cache, start_frame=2)  # 2 new frames that see 4
+    assert counter.get_total_flops() == cf.forward_flops(cfg.model, 2, 4, 5)
+
+
+def test_benchmark_reports_measured_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    cf.main(["bench", "--config", "toy2d", "--device", "cpu", "--frames", "4", "--repeats", "1", "--out", str(out)])
+    import json
+
+    r = json.loads(out.read_text())
+    assert r["frames"] == 4 and r["latent_frames_per_second"] > 0 and r["time_to_first_chunk_s"] > 0
+    assert r["tflops_per_second"] > 0 and r["peak_gpu_memory_gib"] is None
