@@ -19,25 +19,30 @@ noise of future frames, which a causal student cannot see; the MSE-optimal stude
 conditional expectation (a blurred average of futures, Prop. 3.3). The AR teacher's flow map for
 frame i is a function of exactly what the student sees, so the regression target is unique.
 
-Everything here runs on toy 2-D "videos" (each frame a point in the plane) whose data distribution
-is a Gaussian mixture, so the teachers also have *exact* closed forms, used as ground truth.
+The default run trains every stage on toy 2-D "videos" (each frame a point in the plane) whose data
+distribution is a Gaussian mixture, so the teachers also have *exact* closed forms, used as ground
+truth. The same network, with the "wan-1.3b" preset, is Wan2.1-T2V-1.3B's DiT: its parameter names
+and forward maths are Wan's, so official and Causal/Self Forcing checkpoints load into it.
 
 Run it:
     python causal_forcing.py                  # whole pipeline on toy 2-D videos, prints the table
     python causal_forcing.py --help           # every flag
+    torchrun --nproc_per_node=2 causal_forcing.py     # the same, data parallel
+    python causal_forcing.py bench --config wan-1.3b  # streaming speed of a Wan-sized generator
     python -m pytest                          # the tests
 
 Sections, in the order the data flows:
     1. config          typed dataclasses, named presets, checked overrides
     2. toy data        2-D videos as a Gaussian mixture, and their exact flow-matching teachers
     3. flow matching   shift, noising, x0/velocity, loss weight, timesteps, Euler ODE
-    4. network         CausalDiT (Wan-style), attention masks, KV cache
+    4. network         CausalDiT (Wan2.1's DiT), attention masks, KV cache, Wan checkpoints
     5. samplers        bidirectional teacher, AR teacher, few-step streaming student
     6. injectivity     the frame-level floor of ODE regression, from the exact teachers
-    7. training        base, AR teacher, ODE pairs, ODE student, DMD
+    7. training        data parallel helpers; base, AR teacher, ODE pairs, ODE student, DMD
     8. evaluation      toy metrics
     9. pipeline        every stage, the table, results.json, the figure
-   10. command line
+   10. benchmark       streaming speed, FLOPs
+   11. command line
 
 Shapes: B batch, F frames, C channels, H W height width, S tokens per frame, N tokens, D width,
 h heads, d head dim. Videos are (B, F, C, H, W); timesteps are sigmas (B, F) in [0, 1], 1 = noise.
@@ -183,7 +188,7 @@ class Config:
 
 
 _SECTIONS = ("data", "model", "train", "sample", "eval")
-# Wan2.1-T2V-1.3B (REFERENCE sec. 6): latent clips of 21 frames x 16 channels x 60 x 104 (480x832
+# Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832
 # pixels), patch 2 -> 1560 tokens per latent frame, chunks of 3 latent frames, umT5 text 512 x 4096.
 _WAN_1_3B = dict(frames=21, in_channels=16, height=60, width=104, patch_size=2, dim=1536, ffn_dim=8960,
                  num_heads=12, num_layers=30, freq_dim=256, cond_dim=4096, text_len=512, chunk_frames=3)
@@ -358,7 +363,7 @@ class ToyVideos:
 
 
 # =================================================================================================
-# 3. flow matching (Wan conventions; REFERENCE section 3)
+# 3. flow matching (Wan2.1 conventions)
 # =================================================================================================
 
 
@@ -470,7 +475,7 @@ def frame_visibility(q_frames: torch.Tensor, k_frames: torch.Tensor, chunk_frame
 
 def teacher_forcing_visibility(frames: torch.Tensor, chunk_frames: int, window_frames=None,
                                sink_frames: int = 0) -> torch.Tensor:
-    """(2F, 2F) bool over the sequence [clean frames ; noisy frames] (REFERENCE sec. 2, stage 1).
+    """(2F, 2F) bool over the sequence [clean frames ; noisy frames] (the AR teacher, stage 1).
     Clean frames attend block-causally among clean frames; noisy chunk b attends to the clean
     frames of chunks < b and to its own noisy chunk; noisy frames never serve as context."""
     causal = frame_visibility(frames, frames, chunk_frames, window_frames, sink_frames)
@@ -666,14 +671,9 @@ class SelfAttention(nn.Module):
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
 
 
-class CrossAttention(nn.Module):
-    """Video tokens attend to the conditioning sequence (text features upstream). No RoPE."""
-
-    def __init__(self, dim, num_heads, eps):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+class CrossAttention(SelfAttention):
+    """Video tokens attend to the conditioning sequence (text features upstream): the same
+    projections and norms as self-attention, but keys and values come from `ctx`, and no RoPE."""
 
     def forward(self, x, ctx):
         split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)  # noqa: E731
@@ -1755,7 +1755,7 @@ def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: 
 
 
 # =================================================================================================
-# 10. command line
+# 11. command line
 # =================================================================================================
 
 
