@@ -1791,12 +1791,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by name, e.g. --set frames=6 --set chunk_frames=2 (repeatable)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         overrides = dict(_parse_override(s, _field_types()) for s in args.set)
+        if args.device:
+            overrides["device"] = args.device
         cfg = get_config(args.config, seed=args.seed, **overrides)
     except ValueError as e:
         parser.error(str(e))
