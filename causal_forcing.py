@@ -362,6 +362,119 @@ class ToyVideos:
         return (x_s.double() - self.exact_x0(x_s, s, frames, context)) / s_
 
 
+# --- moving digits (Srivastava et al., 2015) ------------------------------------------------------
+
+MNIST_ENV = "CAUSAL_FORCING_MNIST"  # a folder with the MNIST IDX files, if the user has them
+_SPRITES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_data", "digit_sprites.npz")
+
+
+def read_idx(path: str) -> torch.Tensor:
+    """An IDX file (MNIST's format, raw or .gz) as a uint8 tensor. The header is two zero bytes,
+    a type byte (0x08 = uint8), the number of dimensions, then each dimension as a big-endian
+    uint32; the data must be exactly as long as the dimensions say."""
+    import gzip
+    import struct
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no IDX file at {path!r}")
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot be read ({e}); the file is corrupt or truncated") from e
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{path} is not a uint8 IDX file (header {raw[:4].hex()}, expected 0000 08 <ndim>)")
+    header = 4 + 4 * raw[3]
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated header ({len(raw)} bytes)")
+    dims = struct.unpack(f">{raw[3]}I", raw[4:header])
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        raise ValueError(f"{path}: expected {expected} bytes for shape {dims}, found {len(raw)}; "
+                         "the file is truncated or corrupt")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
+
+
+def load_digits(mnist_dir: Optional[str] = None, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Digit images (N, 28, 28) uint8, labels (N,) long, and where they came from: the MNIST
+    `split` from `mnist_dir` (or the folder in $CAUSAL_FORCING_MNIST), else the digit sprites
+    shipped in toy_data/ (rendered from matplotlib's fonts; see toy_data/make_digit_sprites.py)."""
+    mnist_dir = mnist_dir or os.environ.get(MNIST_ENV)
+    if mnist_dir:
+        prefix = {"test": "t10k", "train": "train"}[split]
+        found = {}
+        for kind, rank in (("images", 3), ("labels", 1)):
+            names = [f"{prefix}-{kind}-idx{rank}-ubyte{ext}" for ext in ("", ".gz")]
+            names += [f"{prefix}-{kind}.idx{rank}-ubyte{ext}" for ext in ("", ".gz")]
+            path = next((os.path.join(mnist_dir, n) for n in names if os.path.isfile(os.path.join(mnist_dir, n))), None)
+            if path is None:
+                raise FileNotFoundError(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
+            found[kind] = read_idx(path)
+        images, labels = found["images"], found["labels"]
+        if images.dim() != 3 or len(images) != len(labels):
+            raise ValueError(f"MNIST files in {mnist_dir!r} disagree: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+        return images, labels.long(), f"MNIST {split} set from {mnist_dir}"
+    if not os.path.isfile(_SPRITES):
+        raise FileNotFoundError(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
+                                f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
+    import numpy as np
+
+    with np.load(_SPRITES) as d:
+        return torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long(), "digit sprites (toy_data)"
+
+
+def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits: int = 2, speed: float = 0.1,
+                  digit_size: int = 28, digits: Optional[tuple] = None, rng: Optional[torch.Generator] = None,
+                  return_positions: bool = False):
+    """Moving-digit videos as in Srivastava et al. (2015). Each digit starts at a uniform position
+    in the unit square and moves `speed` per frame in a uniform direction; a coordinate that leaves
+    [0, 1] is clamped to the edge and its velocity flips (a bounce). Positions scale by
+    size - digit_size to the digit's top-left pixel; overlapping digits combine by max.
+    The paper's setting is the default (64x64, 2 digits of 28 px, 20 frames, speed 0.1).
+    Returns videos (N, F, size, size) uint8 and labels (N, num_digits); with return_positions
+    also the top-left pixel of every digit in every frame, (N, F, num_digits, 2) as (y, x)."""
+    images, labels = digits if digits is not None else load_digits()[:2]
+    if digit_size > size:
+        raise ValueError(f"digit_size={digit_size} does not fit a {size}x{size} canvas")
+    if digit_size != images.shape[-1]:  # area-averaged resize, e.g. 28 -> 14 px for small canvases
+        images = F_.interpolate(images[:, None].float(), size=(digit_size, digit_size), mode="area")
+        images = images[:, 0].round().clamp(0, 255).to(torch.uint8)
+    N, D, span = num_videos, num_digits, size - digit_size
+    pick = torch.randint(len(images), (N, D), generator=rng)
+    pos = torch.rand(N, D, 2, generator=rng, dtype=torch.float64)  # (y, x) in the unit square
+    angle = 2 * math.pi * torch.rand(N, D, generator=rng, dtype=torch.float64)
+    vel = speed * torch.stack([angle.sin(), angle.cos()], -1)  # (N, D, 2)
+    video = torch.zeros(N, frames, size, size, dtype=torch.uint8)
+    tops = torch.zeros(N, frames, D, 2, dtype=torch.long)
+    grid = torch.arange(digit_size)
+    n = torch.arange(N)[:, None, None]
+    for f in range(frames):
+        tops[:, f] = (pos * span).round().long()
+        for d in range(D):
+            rows = (tops[:, f, d, 0, None] + grid)[:, :, None]  # (N, s, 1)
+            cols = (tops[:, f, d, 1, None] + grid)[:, None, :]  # (N, 1, s)
+            canvas = video[:, f]
+            canvas[n, rows, cols] = torch.maximum(canvas[n, rows, cols], images[pick[:, d]])
+        pos = pos + vel
+        out = (pos < 0) | (pos > 1)
+        pos, vel = pos.clamp(0, 1), torch.where(out, -vel, vel)
+    result = (video, labels[pick])
+    return (*result, tops) if return_positions else result
+
+
+def load_moving_mnist(path: str) -> torch.Tensor:
+    """The released Moving MNIST test set (mnist_test_seq.npy: uint8, time first, (20, 10000, 64,
+    64)) as videos (N, T, H, W) uint8."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no Moving MNIST file at {path!r}")
+    arr = np.load(path)
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise ValueError(f"{path}: expected uint8 of shape (T, N, H, W), time first; got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(arr).permute(1, 0, 2, 3).contiguous()
+
+
 # =================================================================================================
 # 3. flow matching (Wan2.1 conventions)
 # =================================================================================================
