@@ -545,11 +545,15 @@ def solver_sigmas(steps: int, cfg: SampleConfig) -> torch.Tensor:
     return shift_sigma(torch.linspace(1, 0, steps + 1, dtype=torch.float64), cfg.shift)
 
 
-def student_sigmas(cfg: SampleConfig) -> list[float]:
-    """The few-step student's sigmas. Warped through the shifted schedule (Self Forcing's
-    warp_denoising_step), [1000, 750, 500, 250] becomes [1000, 937.5, 833.3, 625] / 1000."""
+def student_sigmas(cfg: SampleConfig, steps: Optional[tuple] = None) -> list[float]:
+    """The few-step student's sigmas for `steps` (default cfg.denoising_steps). Warped through the
+    shifted schedule (Self Forcing's warp_denoising_step), [1000, 750, 500, 250] becomes
+    [1000, 937.5, 833.3, 625] / 1000; the 2-step [1000, 500] becomes [1000, 833.3] / 1000."""
     T = cfg.num_train_timesteps
-    raw = torch.tensor(cfg.denoising_steps, dtype=torch.float64) / T
+    steps = cfg.denoising_steps if steps is None else steps
+    if not steps or not all(0 < k <= T for k in steps):
+        raise ValueError(f"denoising steps {steps} must be a non-empty list of timesteps in (0, {T}]")
+    raw = torch.tensor(steps, dtype=torch.float64) / T
     return [float(s) for s in (shift_sigma(raw, cfg.shift) if cfg.warp_denoising_steps else raw)]
 
 
@@ -1134,10 +1138,10 @@ def sample_ar_teacher(model: CausalDiT, cfg: Config, batch_size: int, num_frames
     return torch.cat(chunks, 1)
 
 
-def _write_context(model, cfg, x0, cond, cache, start, rng):
+def _write_context(model, cfg, x0, cond, cache, start, rng, context_noise=None):
     """Re-run a finished chunk at sigma = context_noise to overwrite its cache slots with the
     keys/values of (nearly) clean frames, which is what later chunks should attend to."""
-    s = cfg.sample.context_noise
+    s = cfg.sample.context_noise if context_noise is None else context_noise
     x = add_noise(x0, _randn(x0.shape, rng, x0.device), s) if s > 0 else x0
     with torch.no_grad():
         model(x, torch.full(x.shape[:2], s, device=x.device), cond, kv_cache=cache, start_frame=start)
@@ -1158,21 +1162,32 @@ def denoise_chunk(model, cfg: Config, x, sigmas, cond, cache, start, exit_step=N
 
 
 def stream(generator: CausalDiT, cfg: Config, num_frames: int, batch_size: int, cond=None,
-           kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+           kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None,
+           denoising_steps: Optional[tuple] = None, first_chunk_steps: Optional[tuple] = None,
+           context_noise: Optional[float] = None) -> Iterator[torch.Tensor]:
     """Streams the few-step causal student: yields each finished chunk (B, f, C, H, W) as soon as
-    it is denoised, then writes it to the KV cache at t = context_noise for the chunks after it."""
+    it is denoised, then writes it to the KV cache at t = context_noise for the chunks after it.
+
+    denoising_steps: timesteps before warping, default cfg (1000, 750, 500, 250); (1000, 500) or
+      (1000,) for 2- or 1-step students, with first_chunk_steps (default: the same) for the first
+      chunk, which has no context to lean on (Causal Forcing++ keeps 4 steps there).
+    A new prompt mid-stream: `chunks.send(new_cond)` returns the next chunk, generated with the new
+    condition; the finished chunks stay in the cache under the prompt they were made with."""
     model = generator
     cache = kv_cache if kv_cache is not None else model.new_kv_cache(
         batch_size, max_frames=None if model.cfg.window_frames else num_frames)
-    sigmas = student_sigmas(cfg.sample)
+    sigmas = student_sigmas(cfg.sample, denoising_steps)
+    first = student_sigmas(cfg.sample, first_chunk_steps) if first_chunk_steps is not None else sigmas
     with torch.no_grad():
         for start in range(0, num_frames, cfg.model.chunk_frames):
             n = min(cfg.model.chunk_frames, num_frames - start)
             x0 = denoise_chunk(model, cfg, _randn(_video_shape(cfg, batch_size, n), rng, cfg.device),
-                               sigmas, cond, cache, start, rng=rng)
-            yield x0
+                               first if start == 0 else sigmas, cond, cache, start, rng=rng)
+            new_cond = yield x0
             if start + n < num_frames:
-                _write_context(model, cfg, x0, cond, cache, start, rng)
+                _write_context(model, cfg, x0, cond, cache, start, rng, context_noise)
+            if new_cond is not None:
+                cond = new_cond
 
 
 def sample_student(model, cfg: Config, batch_size: int, num_frames=None, cond=None, rng=None) -> torch.Tensor:

@@ -548,3 +548,46 @@ def test_dmd_schedule_update_ratio_and_ema():
     assert any((a - b).abs().max() > 1e-6 for a, b in zip(out.parameters(), raw.parameters()))  # EMA returned
     s = cf._dmd_sigma(cfg, 20000, torch.Generator().manual_seed(0), "cpu")
     assert s.min() >= 0.02 and s.max() <= 0.98 and (s == 0.98).any()
+
+
+def test_stream_options_steps_and_context_noise():
+    model, cfg = random_model(chunk_frames=1, dtype=torch.float32)
+    with cf.count_frame_evaluations(model) as nfe:
+        list(cf.stream(model, cfg, 4, 2, rng=torch.Generator().manual_seed(0), denoising_steps=(1000, 500),
+                       first_chunk_steps=(1000, 750, 500, 250)))
+    assert nfe["frames"] == 4 + 3 * 2 + 3  # 4 steps for frame 0, 2 for the others, 3 refreshes
+    assert cf.student_sigmas(cfg.sample, (1000, 500)) == pytest.approx([1.0, 5 * 0.5 / (1 + 4 * 0.5)])
+    a = torch.cat(list(cf.stream(model, cfg, 3, 2, rng=torch.Generator().manual_seed(1))), 1)
+    b = torch.cat(list(cf.stream(model, cfg, 3, 2, rng=torch.Generator().manual_seed(1), context_noise=0.3)), 1)
+    torch.testing.assert_close(a[:, 0], b[:, 0], rtol=0, atol=0)  # the first frame has no context
+    assert (a[:, 1:] - b[:, 1:]).abs().max() > 1e-4  # later frames see a noisier cache
+    with pytest.raises(ValueError, match="denoising steps"):
+        next(cf.stream(model, cfg, 3, 2, denoising_steps=()))
+
+
+def test_stream_takes_a_new_prompt_mid_video():
+    model, cfg = random_model(chunk_frames=1, cond_dim=3, dtype=torch.float32)
+    cond_a, cond_b = torch.randn(2, 1, 3), torch.randn(2, 1, 3)
+
+    def run(switch_at=None):
+        chunks = cf.stream(model, cfg, 4, 2, cond=cond_a, rng=torch.Generator().manual_seed(0))
+        out = [next(chunks)]
+        while len(out) < 4:
+            out.append(chunks.send(cond_b) if len(out) == switch_at else next(chunks))
+        return torch.cat(out, 1)
+
+    plain, switched = run(), run(switch_at=2)
+    torch.testing.assert_close(switched[:, :2], plain[:, :2], rtol=0, atol=0)  # the past is kept
+    assert (switched[:, 2:] - plain[:, 2:]).abs().max() > 1e-4  # the new prompt takes over
+    # the same as generating frames 2 and 3 by hand under cond_b on the cache that frames 0, 1 left
+    g = torch.Generator().manual_seed(0)
+    cache = model.new_kv_cache(2, max_frames=4)
+    sig = cf.student_sigmas(cfg.sample)
+    manual = []
+    with torch.no_grad():
+        for f in range(4):
+            c = cond_a if f < 2 else cond_b
+            manual.append(cf.denoise_chunk(model, cfg, torch.randn(2, 1, 2, 1, 1, generator=g), sig, c, cache, f, rng=g))
+            if f < 3:
+                cf._write_context(model, cfg, manual[-1], c, cache, f, g)
+    torch.testing.assert_close(switched, torch.cat(manual, 1), rtol=0, atol=0)
