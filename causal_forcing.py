@@ -612,27 +612,66 @@ def expand_to_tokens(vis: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
 class AttentionMask:
     """A frame-level visibility (Fq, Fk), handed to the attention kernel in the form it takes:
     a dense (Nq, Nk) boolean mask for scaled_dot_product_attention (readable; fine on a CPU and for
-    small clips), or a FlexAttention block mask, which never materialises the N x N matrix (a
-    Wan-sized teacher-forcing sequence has 65,520 tokens: a dense mask would be 4.3 GB)."""
+    small clips), or a FlexAttention block mask built from the frame mask at the kernel's block
+    granularity, so that no N x N matrix is ever made (a Wan-sized teacher-forcing sequence has
+    65,520 tokens: a dense mask would be 4.3 GB)."""
+
+    _made: dict = {}  # the same few masks recur every step: build each once
 
     def __init__(self, vis: torch.Tensor, tokens_per_frame: int, backend: str, device):
         self.vis, self.S, self.backend, self.device = vis.to(device), tokens_per_frame, backend, device
         self._dense = self._block = None
+
+    @classmethod
+    def get(cls, vis: torch.Tensor, tokens_per_frame: int, backend: str, device) -> "AttentionMask":
+        key = (tuple(vis.shape), vis.cpu().numpy().tobytes(), tokens_per_frame, backend, str(device))
+        if key not in cls._made:
+            if len(cls._made) >= 32:
+                cls._made.clear()
+            cls._made[key] = cls(vis, tokens_per_frame, backend, device)
+        return cls._made[key]
 
     def dense(self) -> torch.Tensor:
         if self._dense is None:
             self._dense = expand_to_tokens(self.vis, self.S)
         return self._dense
 
-    def block_mask(self):
+    def block_mask(self, block: int = 128):
         if self._block is None:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            vis, S = self.vis, self.S
-            Nq, Nk = vis.shape[0] * S, vis.shape[1] * S
-            self._block = create_block_mask(lambda b, h, q, k: vis[q // S, k // S], None, None, Nq, Nk,
-                                            device=str(self.device))
+            self._block = _flex_block_mask(self.vis, self.S, block)
         return self._block
+
+
+def _flex_block_mask(vis: torch.Tensor, S: int, block: int = 128):
+    """A FlexAttention BlockMask for the token mask vis[q // S, k // S], computed per pair of
+    128-token blocks: a block pair is skipped if no frame pair it touches is visible, computed
+    without a mask if every one is, and masked token by token otherwise. A block's frames are
+    those of its first to last token; 2-D prefix sums count visible frame pairs in each rectangle."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    Fq, Fk = vis.shape
+    Nq, Nk = Fq * S, Fk * S
+    nq, nk = -(-Nq // block), -(-Nk // block)
+    dev = vis.device
+    q0 = torch.arange(nq, device=dev) * block // S  # first and last frame of every block
+    q1 = (torch.clamp(torch.arange(1, nq + 1, device=dev) * block, max=Nq) - 1) // S
+    k0 = torch.arange(nk, device=dev) * block // S
+    k1 = (torch.clamp(torch.arange(1, nk + 1, device=dev) * block, max=Nk) - 1) // S
+    csum = F_.pad(vis.long().cumsum(0).cumsum(1), (1, 0, 1, 0))  # (Fq+1, Fk+1) prefix sums
+    seen = (csum[q1 + 1][:, k1 + 1] - csum[q0][:, k1 + 1] - csum[q1 + 1][:, k0] + csum[q0][:, k0])  # (nq, nk)
+    area = (q1 - q0 + 1)[:, None] * (k1 - k0 + 1)[None, :]
+    full, partial = seen == area, (seen > 0) & (seen < area)
+
+    def lists(m):  # per query block: how many key blocks, and which (padded to nk)
+        order = torch.argsort((~m).to(torch.int8), dim=1, stable=True).to(torch.int32)
+        return m.sum(1).to(torch.int32)[None, None], order[None, None]
+
+    def mask_mod(b, h, q, k):
+        return vis[torch.clamp(q // S, max=Fq - 1), torch.clamp(k // S, max=Fk - 1)] & (q < Nq) & (k < Nk)
+
+    (n_part, i_part), (n_full, i_full) = lists(partial), lists(full)
+    return BlockMask.from_kv_blocks(n_part, i_part, n_full, i_full, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(Nq, Nk))
 
 
 _compiled_flex = None
@@ -640,6 +679,7 @@ _compiled_flex = None
 
 def attend(q, k, v, mask: Optional[AttentionMask]) -> torch.Tensor:
     """Softmax attention, q (B, h, Nq, d), k v (B, h, Nk, d) -> (B, h, Nq, d), under `mask`."""
+    q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast q, k leave the fp32 norm gains as fp32
     if mask is None:
         return F_.scaled_dot_product_attention(q, k, v)  # fused (flash) kernels where available
     if mask.backend == "flex":
@@ -668,11 +708,13 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.T
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotates adjacent pairs (x[2j], x[2j+1]) of x (B, N, h, d) by angles (N, d/2)."""
-    cos, sin = angles.cos().to(x.dtype)[:, None], angles.sin().to(x.dtype)[:, None]  # (N, 1, d/2)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
+    """Rotates adjacent pairs (x[2j], x[2j+1]) of x (B, N, h, d) by angles (N, d/2), in at least
+    float32 (Wan rotates in float64), and returns x's dtype."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    cos, sin = angles.cos().to(xf.dtype)[:, None], angles.sin().to(xf.dtype)[:, None]  # (N, 1, d/2)
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)  # (B, N, h, d/2, 2)
-    return out.flatten(-2)
+    return out.flatten(-2).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -740,6 +782,8 @@ class KVCache:
         read_slots = torch.nonzero(held).flatten()
         read_slots = read_slots[self.slot_frame[read_slots].argsort()]
         cached = self.slot_frame[read_slots]
+        if len(read_slots) and bool((read_slots == torch.arange(int(read_slots[0]), int(read_slots[0]) + len(read_slots))).all()):
+            read_slots = slice(int(read_slots[0]), int(read_slots[0]) + len(read_slots))  # a view, no copy
         q = torch.arange(start_frame, start_frame + num_frames)
         needed = frame_visibility(q, torch.arange(start_frame), self.chunk_frames, self.window_frames,
                                   self.sink_frames).any(0)
@@ -942,11 +986,12 @@ class CausalDiT(nn.Module):
         a = self.cfg.attention
         return ("flex" if torch.device(device).type == "cuda" else "dense") if a == "auto" else a
 
+    def uses_bf16(self, device) -> bool:
+        """precision "bf16", or "auto" on CUDA."""
+        return self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and torch.device(device).type == "cuda")
+
     def autocast(self, device):
-        """bf16 autocast on CUDA (precision auto or bf16); fp32 elsewhere."""
-        kind = torch.device(device).type
-        bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and kind == "cuda")
-        return torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=self.uses_bf16(device))
 
     def forward(self, x, t, cond=None, kv_cache: Optional[KVCache] = None, start_frame: int = 0,
                 clean_context=None):
@@ -990,12 +1035,16 @@ class CausalDiT(nn.Module):
             angles = rope_angles(self.positions(frames), c.dim // c.num_heads, c.rope_theta)
         angles = angles.to(x.device)
         # within a single chunk every key is visible: no mask, so the fused kernel runs
-        mask = None if vis is None or bool(vis.all()) else AttentionMask(vis, S, self.attention_backend(x.device), x.device)
+        mask = None if vis is None or bool(vis.all()) else AttentionMask.get(vis, S, self.attention_backend(x.device), x.device)
 
-        e = self.time_embedding(timestep_features(t * 1000.0, c.freq_dim).to(x.dtype))  # (B, F', D)
-        e0 = rearrange(self.time_projection(e), "b f (six d) -> b f six d", six=6)  # (B, F', 6, D)
+        with torch.autocast(x.device.type, enabled=False):  # as Wan: time embedding in the weights' dtype
+            wdtype = self.time_embedding[0].weight.dtype
+            e = self.time_embedding(timestep_features(t * 1000.0, c.freq_dim).to(wdtype))  # (B, F', D)
+            e0 = rearrange(self.time_projection(e), "b f (six d) -> b f six d", six=6)  # (B, F', 6, D)
         for block, cache in zip(self.blocks, caches):
-            if c.grad_checkpointing and torch.is_grad_enabled():  # keep only block inputs for backward
+            # checkpointing keeps only block inputs for backward; not on cached calls, whose recompute
+            # would read cache slots that later chunks may have overwritten (a rolling window)
+            if c.grad_checkpointing and torch.is_grad_enabled() and cache is None:
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, e0, ctx, angles, mask, cache, use_reentrant=False)
             else:
                 tokens = block(tokens, e0, ctx, angles, mask, cache)
@@ -1003,7 +1052,10 @@ class CausalDiT(nn.Module):
             kv_cache.commit(start_frame, F)
         if clean_context is not None:  # only the noisy half is predicted
             tokens, e = tokens[:, F * S:], e[:, F:]
-        return self.unpatchify(self.head(tokens, e), F)
+        with torch.autocast(x.device.type, enabled=False):  # as Wan: the head in the weights' dtype
+            wdtype = self.head.head.weight.dtype
+            out = self.head(tokens.to(wdtype), e.to(wdtype))
+        return self.unpatchify(out, F)
 
     def new_kv_cache(self, batch_size: int, max_frames: Optional[int] = None,
                      window_frames: Optional[int] = None, sink_frames: Optional[int] = None) -> KVCache:
@@ -1015,8 +1067,9 @@ class CausalDiT(nn.Module):
         if window is None and max_frames is None:
             max_frames = 1024
         p = next(self.parameters())
+        dtype = torch.bfloat16 if self.uses_bf16(p.device) else p.dtype  # keys/values are bf16 under autocast
         return KVCache(len(self.blocks), batch_size, c.num_heads, c.dim // c.num_heads, self.tokens_per_frame,
-                       c.chunk_frames, max_frames, window, sink, p.dtype, p.device)
+                       c.chunk_frames, max_frames, window, sink, dtype, p.device)
 
 
 
@@ -1068,7 +1121,7 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None) -> 
             raise ImportError("reading .safetensors needs the safetensors package: pip install safetensors") from e
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no full copy in RAM
     state = wan_state_dict(state, key)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -1078,7 +1131,8 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None) -> 
         raise ValueError(f"{path!r} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, "
                          f"{len(wrong)} with other shapes).\n  missing: {missing}\n  unexpected: {unexpected}\n"
                          f"  shapes: {wrong}")
-    model.load_state_dict(state, strict=True)
+    on_meta = any(p.is_meta for p in model.parameters())  # built on the meta device: take the tensors
+    model.load_state_dict(state, strict=True, assign=on_meta)
     return model
 
 
@@ -1260,14 +1314,16 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
 # process takes with the whole batch, and parameters stay identical on every rank.
 
 
-def init_distributed() -> tuple[int, int]:
-    """Joins the process group when started by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+def init_distributed(device: str = "cpu") -> tuple[int, int]:
+    """Joins the process group when started by torchrun (WORLD_SIZE > 1): NCCL for CUDA, gloo
+    otherwise. Each process uses the GPU of its LOCAL_RANK."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
     return rank_and_world()
 
 
@@ -1405,7 +1461,7 @@ def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None) -> tuple[Ca
         loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample)
         _step(opt, model, loss, t.grad_clip)
         losses.append(_global_mean(loss))
-        _log(log, "base", step, t.base_steps, loss)
+        _log(log, "base", step, t.base_steps, losses[-1])
     return model, losses
 
 
@@ -1436,7 +1492,7 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
         loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample, **kw)
         _step(opt, model, loss, t.grad_clip)
         losses.append(_global_mean(loss))
-        _log(log, f"ar teacher, {mode.replace('_', ' ')}", step, t.teacher_steps, loss)
+        _log(log, f"ar teacher, {mode.replace('_', ' ')}", step, t.teacher_steps, losses[-1])
     return model, losses
 
 
@@ -1500,7 +1556,7 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
         loss = ode_regression_loss(student, cfg, pairs, idx, k, kind).mean() / per_coordinate
         _step(opt, student, loss, t.grad_clip)
         losses.append(_global_mean(loss))
-        _log(log, f"ode student from {kind}", step, t.ode_steps, loss)
+        _log(log, f"ode student from {kind}", step, t.ode_steps, losses[-1])
     return student, losses
 
 
@@ -1548,6 +1604,7 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
               cond_sampler: Optional[Callable] = None, log=print, rng=None) -> tuple[CausalDiT, dict]:
     """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (a
     bidirectional model, initialised from the base) by flow matching on fresh generator samples;
+    cond_sampler(batch, rng), if given, draws the conditions of a batch (e.g. prompt embeddings);
     every `gen_update_ratio` steps the generator takes a DMD step. The real score is frozen and
     guided when conditioned. Returns the EMA generator (or the raw one before EMA starts)."""
     t = cfg.train
@@ -1562,7 +1619,7 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     batch = len(_shard(torch.empty(t.batch_size)))  # this rank's share of the batch
     for step in range(t.dmd_steps):
         own = _rank_rng(rng)  # the rollouts' noise differs between ranks; exit steps are shared
-        cond = cond_sampler(batch) if cond_sampler else None
+        cond = cond_sampler(batch, own) if cond_sampler else None  # this rank's prompts
         if step % t.gen_update_ratio == 0:
             exit_step = int(torch.randint(K, (1,), generator=rng))
             x = self_rollout(gen, cfg, batch, exit_step, cond, own)
@@ -1814,7 +1871,8 @@ def plot_samples(samples: dict, data: torch.Tensor, path: str, max_points: int =
 # =================================================================================================
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), for the utilisation figure
-_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "L40S": 362e12, "RTX 4090": 165e12}
 
 
 def forward_flops(cfg: ModelConfig, frames: int, key_frames: int, text_tokens: int) -> int:
@@ -1866,8 +1924,9 @@ def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: 
                 sync()
                 first = time.perf_counter() - t0
         sync()
-        runs.append((time.perf_counter() - t0, first))
-    total, first = min(runs[1:]) if repeats else runs[0]
+        memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        runs.append((time.perf_counter() - t0, first, memory))
+    total, first, memory = min(runs[1:]) if repeats else runs[0]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     peak = next((v for k, v in _BF16_PEAK.items() if k in name), None)
     return {
@@ -1876,7 +1935,7 @@ def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: 
         "parameters": sum(p.numel() for p in model.parameters()),
         "latent_frames_per_second": num_frames * batch_size / total,
         "seconds_per_video": total, "time_to_first_chunk_s": first,
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "peak_gpu_memory_gib": memory,
         "tflops_per_second": flops / total / 1e12,
         "fraction_of_bf16_peak": flops / total / peak if peak else None,
     }
@@ -1934,7 +1993,7 @@ def main(argv=None) -> int:
     if cfg.name != "toy2d":
         parser.error(f"the training pipeline runs on toy2d; {cfg.name!r} has no training data here "
                      "(its stage functions take your latents and text embeddings; 'bench' measures its speed)")
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.device)
     t0 = time.perf_counter()
     results = run_pipeline(cfg, args.out)
     if rank == 0:

@@ -30,9 +30,24 @@ def single(tmp_path_factory):
     return torch.load(out / "rank0.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one_process(mode, single, tmp_path):
-    r0, r1 = torchrun(mode, tmp_path)
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    return torchrun("ddp", tmp_path_factory.mktemp("ddp"))
+
+
+def test_fsdp_takes_the_same_steps_as_ddp(ddp_run, tmp_path):
+    """Sharded and replicated training are the same algorithm: every stage, DMD included, ends in
+    the same weights and the same critic losses."""
+    fsdp = torchrun("fsdp", tmp_path)
+    for r in (0, 1):
+        for name, state in ddp_run[r]["states"].items():
+            for k, v in state.items():
+                torch.testing.assert_close(fsdp[r]["states"][name][k], v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(fsdp[r]["critic"]), torch.tensor(ddp_run[r]["critic"]), rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_match_one_process(ddp_run, single):
+    r0, r1 = ddp_run
     assert r0["world"] == 2 and single["world"] == 1
     for name in r0["states"]:
         for k, v in r0["states"][name].items():

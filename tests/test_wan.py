@@ -185,9 +185,15 @@ def test_forward_matches_wan_reference_maths(tmp_path):
 
 def test_text_padding_and_its_limit():
     model = cf.CausalDiT(cf.get_config("toy2d", **SMALL).model)
+    model.load_state_dict(synthetic_official(2))  # random weights: a fresh model outputs exactly 0
     x, t = torch.randn(1, 2, 4, 4, 6), torch.rand(1, 2)
     short = torch.randn(1, 2, 8)
-    torch.testing.assert_close(model(x, t, short), model(x, t, torch.cat([short, torch.zeros(1, 3, 8)], 1)))
+    padded = model(x, t, short)
+    assert padded.abs().max() > 1e-3
+    torch.testing.assert_close(padded, model(x, t, torch.cat([short, torch.zeros(1, 3, 8)], 1)))
+    unpadded = cf.CausalDiT(cf.get_config("toy2d", **{**SMALL, "text_len": None}).model)
+    unpadded.load_state_dict(synthetic_official(2))
+    assert (unpadded(x, t, short) - padded).abs().max() > 1e-4  # the zero rows are attended, as in Wan
     with pytest.raises(ValueError, match="more than text_len=5"):
         model(x, t, torch.randn(1, 6, 8))
 
@@ -197,8 +203,11 @@ def test_text_padding_and_its_limit():
 FLEX = dict(dim=64, num_heads=4, num_layers=2, ffn_dim=64, device="cpu")
 
 
-@pytest.mark.parametrize("kw", [dict(chunk_frames=2), dict(chunk_frames=1, window_frames=3, sink_frames=1)])
+@pytest.mark.parametrize("kw", [dict(chunk_frames=2), dict(chunk_frames=1, window_frames=3, sink_frames=1),
+                                dict(chunk_frames=2, in_channels=3, height=10, width=14, patch_size=2)])
 def test_flex_attention_block_masks_equal_dense_masks(kw):
+    """Including frames of 35 tokens (sequences that are no multiple of the 128-token blocks) and the
+    cached path (several chunks in one call, and a rolling window)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     dense = cf.CausalDiT(cf.get_config("toy2d", attention="dense", **FLEX, **kw).model)
     flex = cf.CausalDiT(cf.get_config("toy2d", attention="flex", **FLEX, **kw).model)
@@ -206,11 +215,46 @@ def test_flex_attention_block_masks_equal_dense_masks(kw):
         for p in dense.parameters():
             p.normal_(0, 0.3)
     flex.load_state_dict(dense.state_dict())
-    x, t = torch.randn(2, 6, 2, 1, 1), torch.rand(2, 6)
+    c = dense.cfg
+    x, t = torch.randn(2, 6, c.in_channels, c.height, c.width), torch.rand(2, 6)
     clean = torch.randn_like(x)
     with torch.no_grad():  # FlexAttention has no backward on a CPU; on CUDA it has
         torch.testing.assert_close(flex(x, t), dense(x, t), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(flex(x, t, clean_context=clean), dense(x, t, clean_context=clean), rtol=1e-5, atol=1e-5)
+        caches = [m.new_kv_cache(2, max_frames=6) for m in (flex, dense)]
+        # a rolling window takes a chunk per call (its sink and ring make the mask); a full cache
+        # takes the last four frames, two chunks, in one call (block-causal among them)
+        calls = [(s, s + c.chunk_frames) for s in range(0, 6, c.chunk_frames)] if c.window_frames else [(0, 2), (2, 6)]
+        for a, b in calls:
+            torch.testing.assert_close(flex(x[:, a:b], t[:, a:b], kv_cache=caches[0], start_frame=a),
+                                       dense(x[:, a:b], t[:, a:b], kv_cache=caches[1], start_frame=a), rtol=1e-5, atol=1e-5)
+
+
+def test_flex_block_mask_is_built_per_block_not_per_token():
+    """A Wan-sized teacher-forcing mask (2 x 21 frames x 1560 tokens) at 128-token granularity."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    vis = cf.teacher_forcing_visibility(torch.arange(21), 3)
+    bm = cf._flex_block_mask(vis, 1560)
+    assert bm.shape[-2:] == (65520, 65520) and bm.kv_num_blocks.shape[-1] == 512
+    assert 0.2 < bm.sparsity() / 100 < 0.9  # most of the future is skipped, not masked token by token
+
+
+def test_bf16_autocast_paths_run_and_stay_close_to_fp32():
+    """precision="bf16" on a CPU exercises the dtypes of the CUDA path: autocast, a bf16 KV cache,
+    the fp32 time embedding and head, rotary positions in fp32."""
+    kw = dict(chunk_frames=2, in_channels=3, height=4, width=4, patch_size=2, cond_dim=8, text_len=4, **FLEX)
+    fp32 = cf.CausalDiT(cf.get_config("toy2d", **kw).model)
+    bf16 = cf.CausalDiT(cf.get_config("toy2d", precision="bf16", **kw).model)
+    with torch.no_grad():
+        for p in fp32.parameters():
+            p.normal_(0, 0.1)
+    bf16.load_state_dict(fp32.state_dict())
+    x, t, cond = torch.randn(2, 4, 3, 4, 4), torch.rand(2, 4), torch.randn(2, 2, 8)
+    cache = bf16.new_kv_cache(2, max_frames=4)
+    assert cache.k.dtype == torch.bfloat16
+    out = torch.cat([bf16(x[:, s:s + 2], t[:, s:s + 2], cond, kv_cache=cache, start_frame=s) for s in (0, 2)], 1)
+    ref = fp32(x, t, cond)
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
