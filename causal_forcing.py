@@ -1266,22 +1266,46 @@ def count_frame_evaluations(model: nn.Module):
 # =================================================================================================
 
 
-def exact_bidirectional_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """phi_Bi: noise of all frames -> the exact bidirectional teacher's clean video."""
-    return euler_ode(lambda x, s: data.exact_velocity(x, s), eps.double(), sigmas)[0]
+def exact_bidirectional_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, keep=None):
+    """phi_Bi: noise of all frames -> the exact bidirectional teacher's clean video. With `keep`
+    (a list of sigmas), also the states there: (x0, {sigma: x})."""
+    x0, kept = euler_ode(lambda x, s: data.exact_velocity(x, s), eps.double(), sigmas, keep)
+    return (x0, kept) if keep else x0
 
 
 def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chunk_frames: int,
-                  context: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  context: Optional[torch.Tensor] = None, keep=None):
     """phi_AR: chunk by chunk, the exact AR teacher's ODE given clean earlier frames. The context
-    is its own earlier outputs, or `context` (ground truth, as when ODE pairs are made)."""
-    out = []
+    is its own earlier outputs, or `context` (ground truth, as when ODE pairs are made). With
+    `keep`, also the states at those sigmas: (x0, {sigma: x})."""
+    out, kept = [], {k: [] for k in keep or []}
     for start in range(0, eps.shape[1], chunk_frames):
         fr = slice(start, min(start + chunk_frames, eps.shape[1]))
         ctx = (context if context is not None else torch.cat(out, 1) if out else eps[:, :0].double())[:, :start]
         vel = lambda x, s: data.exact_velocity(x, s, fr, ctx)  # noqa: E731
-        out.append(euler_ode(vel, eps[:, fr].double(), sigmas)[0])
-    return torch.cat(out, 1)
+        x0, states = euler_ode(vel, eps[:, fr].double(), sigmas, keep)
+        out.append(x0)
+        for k in kept:
+            kept[k].append(states[k])
+    x0 = torch.cat(out, 1)
+    return (x0, {k: torch.cat(v, 1) for k, v in kept.items()}) if keep else x0
+
+
+def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str, rng=None) -> dict:
+    """ODE pairs in make_ode_pairs' format, from the *exact* teachers (toy data only): "ar" runs every
+    chunk given the ground-truth clean earlier frames, "bidirectional" the whole clip from noise.
+    They isolate the injectivity argument from any error of a learned teacher."""
+    keep = student_sigmas(cfg.sample)
+    sig = solver_sigmas(cfg.sample.teacher_solver_steps, cfg.sample)
+    eps = torch.randn(clean.shape, generator=rng, dtype=torch.float64)
+    if kind == "ar":
+        x0, kept = exact_ar_flow(data, eps, sig, cfg.model.chunk_frames, context=clean.double(), keep=keep)
+    elif kind == "bidirectional":
+        x0, kept = exact_bidirectional_flow(data, eps, sig, keep=keep)
+    else:
+        raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
+    dev = cfg.device
+    return {"xt": torch.stack([kept[k] for k in keep], 1).float().to(dev), "x0": x0.float().to(dev), "clean": clean.to(dev)}
 
 
 def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer: int, inner: int,
