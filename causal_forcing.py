@@ -1914,6 +1914,23 @@ def forward_flops(cfg: ModelConfig, frames: int, key_frames: int, text_tokens: i
     return cfg.num_layers * per_layer + outer
 
 
+def streaming_cost(cfg: Config, num_frames: Optional[int] = None, batch_size: int = 1) -> dict:
+    """What streaming one clip costs, from the shapes alone: parameters, matrix FLOPs of every
+    denoising step and cache refresh (`forward_flops`), and KV-cache bytes per frame in bf16."""
+    m, num_frames = cfg.model, num_frames or cfg.data.frames
+    with torch.device("meta"):  # shapes only: no memory, even for 14B parameters
+        params = sum(p.numel() for p in CausalDiT(m).parameters())
+    S = (m.height // m.patch_size) * (m.width // m.patch_size)
+    steps, flops = len(cfg.sample.denoising_steps), 0
+    for start in range(0, num_frames, m.chunk_frames):  # every step, and the refresh of all but the last chunk
+        n = min(m.chunk_frames, num_frames - start)
+        calls = steps + (1 if start + n < num_frames else 0)
+        flops += calls * forward_flops(m, n, start + n, m.text_len or 1) * batch_size
+    return {"parameters": params, "tokens_per_frame": S, "frames": num_frames, "flops_per_clip": flops,
+            "flops_per_frame": flops / (num_frames * batch_size),
+            "kv_cache_bytes_per_frame": m.num_layers * 2 * S * m.dim * 2 * batch_size}
+
+
 def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: int = 1, repeats: int = 2) -> dict:
     """Streams `num_frames` latent frames with the few-step sampler (4 steps per chunk, cache
     refresh) from a randomly initialised generator and measures it: latent frames per second,
@@ -1929,13 +1946,8 @@ def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: 
         cond = torch.randn(batch_size, cfg.model.text_len or 1, cfg.model.cond_dim, device=device,
                            dtype=next(model.parameters()).dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    S, c = model.tokens_per_frame, cfg.model.chunk_frames
-    steps = len(cfg.sample.denoising_steps)
-    flops = 0.0  # per video: every denoising step, and the refresh of every chunk but the last
-    for start in range(0, num_frames, c):
-        n = min(c, num_frames - start)
-        calls = steps + (1 if start + n < num_frames else 0)
-        flops += calls * forward_flops(cfg.model, n, start + n, cfg.model.text_len or 1) * batch_size
+    cost = streaming_cost(cfg, num_frames, batch_size)
+    flops = cost["flops_per_clip"]
     runs = []
     for r in range(repeats + 1):
         if device.type == "cuda":
@@ -1955,8 +1967,8 @@ def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: 
     peak = next((v for k, v in _BF16_PEAK.items() if k in name), None)
     return {
         "config": cfg.name, "device": name, "frames": num_frames, "batch_size": batch_size,
-        "tokens_per_frame": S, "chunk_frames": c, "denoising_steps": steps,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens_per_frame": cost["tokens_per_frame"], "chunk_frames": cfg.model.chunk_frames,
+        "denoising_steps": len(cfg.sample.denoising_steps), "parameters": cost["parameters"],
         "latent_frames_per_second": num_frames * batch_size / total,
         "seconds_per_video": total, "time_to_first_chunk_s": first,
         "peak_gpu_memory_gib": memory,
