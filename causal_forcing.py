@@ -33,7 +33,8 @@ Run it:
 
 Sections, in the order the data flows:
     1. config          typed dataclasses, named presets, checked overrides
-    2. toy data        2-D videos as a Gaussian mixture, and their exact flow-matching teachers
+    2. data            toy 2-D videos (a Gaussian mixture, with exact flow-matching teachers);
+                       moving digits (MNIST or bundled sprites)
     3. flow matching   shift, noising, x0/velocity, loss weight, timesteps, Euler ODE
     4. network         CausalDiT (Wan2.1's DiT), attention masks, KV cache, Wan checkpoints
     5. samplers        bidirectional teacher, AR teacher, few-step streaming student
@@ -106,7 +107,7 @@ class ModelConfig:
     chunk_frames: int = 1  # causal block size: 1 = frame-wise, 3 = chunk-wise (Wan latents)
     window_frames: Optional[int] = None  # rolling attention window in frames (None = full)
     sink_frames: int = 0  # first frames always attended inside a rolling window
-    # speed (off the teaching path; none changes the maths)
+    # speed (off the teaching path; none changes the method, bf16 only the rounding)
     attention: str = "auto"  # "dense" masks (readable, CPU) or "flex" block masks; auto = flex on CUDA
     precision: str = "auto"  # "fp32" or "bf16" autocast; auto = bf16 on CUDA, fp32 elsewhere
     grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
@@ -116,7 +117,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     """Training stages. Upstream values (Wan2.1-1.3B fine-tuning) in comments; the toy defaults
-    train a 100k-parameter model from scratch in seconds, so learning rates are larger and step
+    train a 184k-parameter model from scratch in seconds, so learning rates are larger and step
     counts smaller."""
 
     batch_size: int = 256  # upstream 64 clips
@@ -1407,6 +1408,20 @@ def full_state_dict(model: nn.Module) -> dict:
     return model.state_dict()
 
 
+def _reshard(model: nn.Module) -> None:
+    """FSDP keeps the root's parameters gathered after a forward pass; shard them again so that
+    model.parameters() are the (sharded) parameters the optimizer and the EMA hold."""
+    if getattr(model, "fsdp", False):
+        model.reshard()
+
+
+def _copy_model(model: CausalDiT) -> CausalDiT:
+    """A fresh, trainable copy (also of an FSDP-sharded model: its full weights are gathered)."""
+    new = CausalDiT(model.cfg, causal=model.causal).to(next(model.parameters()).device)
+    new.load_state_dict(full_state_dict(model))
+    return new
+
+
 def _global_mean(x: torch.Tensor) -> float:
     """A loss averaged over ranks (each rank's is the mean over its slice), for logging."""
     rank, world = rank_and_world()
@@ -1681,19 +1696,6 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
                 pg.copy_(pe)
     return gen.eval().requires_grad_(False), hist
 
-
-def _reshard(model: nn.Module) -> None:
-    """FSDP keeps the root's parameters gathered after a forward pass; shard them again so that
-    model.parameters() are the (sharded) parameters the optimizer and the EMA hold."""
-    if getattr(model, "fsdp", False):
-        model.reshard()
-
-
-def _copy_model(model: CausalDiT) -> CausalDiT:
-    """A fresh, trainable copy (also of an FSDP-sharded model: its full weights are gathered)."""
-    new = CausalDiT(model.cfg, causal=model.causal).to(next(model.parameters()).device)
-    new.load_state_dict(full_state_dict(model))
-    return new
 
 
 # =================================================================================================
