@@ -1245,6 +1245,29 @@ def stream(generator: CausalDiT, cfg: Config, num_frames: int, batch_size: int, 
                 cond = new_cond
 
 
+def stream_recompute(generator: CausalDiT, cfg: Config, num_frames: int, batch_size: int, cond=None,
+                     rng: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """`stream` without a KV cache: every denoising step runs the model on [the clean frames made so
+    far, at t = 0 ; the noisy chunk], so chunk k costs a forward pass over k chunks. The same
+    samples as `stream` (context_noise 0, same rng); the baseline the cache is measured against."""
+    if cfg.sample.context_noise:
+        raise ValueError("stream_recompute re-encodes the context at t = 0; set context_noise=0 to compare")
+    sigmas, done = student_sigmas(cfg.sample), []
+    with torch.no_grad():
+        for start in range(0, num_frames, cfg.model.chunk_frames):
+            n = min(cfg.model.chunk_frames, num_frames - start)
+            x = _randn(_video_shape(cfg, batch_size, n), rng, cfg.device)
+            prefix = torch.cat(done, 1) if done else x[:, :0]  # a rolling window is the config's banded mask
+            for k, s in enumerate(sigmas):
+                t = torch.cat([torch.zeros(batch_size, start), torch.full((batch_size, n), s)], 1).to(x.device)
+                v = generator(torch.cat([prefix, x], 1), t, cond)[:, start:]
+                x0 = x0_from_velocity(x, v, s)
+                if k + 1 < len(sigmas):
+                    x = add_noise(x0, _randn(x.shape, rng, x.device), sigmas[k + 1])
+            done.append(x0)
+            yield x0
+
+
 def sample_student(model, cfg: Config, batch_size: int, num_frames=None, cond=None, rng=None) -> torch.Tensor:
     """The whole video from `stream`, (B, F, C, H, W)."""
     return torch.cat(list(stream(model, cfg, num_frames or cfg.data.frames, batch_size, cond, rng=rng)), 1)
@@ -1979,6 +2002,47 @@ def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: 
     }
 
 
+def _timed_chunks(chunks: Iterator[torch.Tensor], device) -> list[float]:
+    """Wall-clock seconds of every chunk a stream yields."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    times, t0 = [], time.perf_counter()
+    for _ in chunks:
+        sync()
+        times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+    return times
+
+
+def benchmark_cache(cfg: Config, lengths=(16, 64, 256), batch_size: int = 1) -> list[dict]:
+    """Streaming with the KV cache against recomputing the whole prefix for every chunk
+    (`stream_recompute`, which gives the same samples), side by side in one run, per video length.
+    The cache makes each chunk's cost grow with the prefix only through attention; recomputing
+    makes it grow through every layer, so the ratio grows with the length."""
+    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=None, sink_frames=0))
+    model = CausalDiT(c.model).to(c.device).eval()
+    out = []
+    for n in lengths:
+        cached = sum(_timed_chunks(stream(model, c, n, batch_size, rng=torch.Generator().manual_seed(0)), c.device))
+        recomputed = sum(_timed_chunks(stream_recompute(model, c, n, batch_size, rng=torch.Generator().manual_seed(0)), c.device))
+        out.append({"frames": n, "cached_s": cached, "recompute_s": recomputed, "speedup": recomputed / cached})
+    return out
+
+
+def benchmark_flat_cost(cfg: Config, window_frames: int, sink_frames: int = 0, at_chunks=(10, 1000),
+                        probe: int = 5, batch_size: int = 1) -> dict:
+    """With a rolling cache, the time per chunk should not grow: streams past the last of `at_chunks`
+    and compares the mean time of `probe` chunks from each, and the cache's size."""
+    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=window_frames, sink_frames=sink_frames))
+    model = CausalDiT(c.model).to(c.device).eval()
+    cache = model.new_kv_cache(batch_size)
+    frames = (max(at_chunks) + probe) * c.model.chunk_frames
+    times = _timed_chunks(stream(model, c, frames, batch_size, kv_cache=cache, rng=torch.Generator().manual_seed(0)), c.device)
+    per_chunk = {k: sum(times[k: k + probe]) / probe for k in at_chunks}
+    return {"window_frames": window_frames, "sink_frames": sink_frames, "seconds_per_chunk": per_chunk,
+            "ratio_last_to_first": per_chunk[max(at_chunks)] / per_chunk[min(at_chunks)],
+            "kv_cache_bytes": cache.k.numel() * cache.k.element_size() * 2}
+
+
 # =================================================================================================
 # 11. command line
 # =================================================================================================
@@ -2051,6 +2115,9 @@ def bench_main(argv) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up run; the best counts")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--suite", default="speed", choices=["speed", "streaming"],
+                        help="speed: frames/s, first chunk, memory (default); streaming: KV cache against "
+                             "recomputing the prefix at 16/64/256 frames, and the flat cost of a rolling window")
     parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     try:
@@ -2060,7 +2127,13 @@ def bench_main(argv) -> int:
         cfg = get_config(args.config, **overrides)
     except ValueError as e:
         parser.error(str(e))
-    result = benchmark_stream(cfg, args.frames, args.batch_size, args.repeats)
+    if args.suite == "speed":
+        result = benchmark_stream(cfg, args.frames, args.batch_size, args.repeats)
+    else:
+        window = cfg.model.window_frames or 2 * cfg.model.chunk_frames
+        result = {"config": cfg.name, "device": cfg.device, "batch_size": args.batch_size,
+                  "cache_vs_recompute": benchmark_cache(cfg, batch_size=args.batch_size),
+                  "flat_cost": benchmark_flat_cost(cfg, window, cfg.model.sink_frames, batch_size=args.batch_size)}
     print(json.dumps(result, indent=2))
     if args.out:
         save_atomic(result, args.out)

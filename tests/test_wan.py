@@ -302,3 +302,11 @@ def test_benchmark_reports_measured_numbers(tmp_path):
     r = json.loads(out.read_text())
     assert r["frames"] == 4 and r["latent_frames_per_second"] > 0 and r["time_to_first_chunk_s"] > 0
     assert r["tflops_per_second"] > 0 and r["peak_gpu_memory_gib"] is None
+
+
+def test_streaming_benchmarks_report_side_by_side_numbers():
+    cfg = cf.get_config("toy2d", device="cpu", num_layers=1)
+    rows = cf.benchmark_cache(cfg, lengths=(4, 8))
+    assert [r["frames"] for r in rows] == [4, 8] and all(r["cached_s"] > 0 and r["recompute_s"] > 0 for r in rows)
+    flat = cf.benchmark_flat_cost(cfg, window_frames=2, at_chunks=(2, 6), probe=2)
+    assert set(flat["seconds_per_chunk"]) == {2, 6} and flat["kv_cache_bytes"] == 2 * 1 * 1 * 4 * 2 * 1 * 16 * 4
