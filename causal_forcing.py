@@ -546,6 +546,17 @@ def solver_sigmas(steps: int, cfg: SampleConfig) -> torch.Tensor:
     return shift_sigma(torch.linspace(1, 0, steps + 1, dtype=torch.float64), cfg.shift)
 
 
+def ode_pair_sigmas(cfg: SampleConfig) -> tuple[list[float], torch.Tensor]:
+    """(the student's sigmas, the teacher's Euler grid) for ODE pairs: the teacher's trajectory is
+    kept where it passes the student's sigmas, so these must lie on its grid."""
+    keep, grid = student_sigmas(cfg), solver_sigmas(cfg.teacher_solver_steps, cfg)
+    missing = [s for s in keep if not any(abs(s - g) < 1e-6 for g in grid.tolist())]
+    if missing:
+        raise ValueError(f"student sigmas {missing} are not on the teacher's {len(grid) - 1}-step grid; "
+                         "choose teacher_solver_steps so that the grids align")
+    return keep, grid
+
+
 def student_sigmas(cfg: SampleConfig, steps: Optional[tuple] = None) -> list[float]:
     """The few-step student's sigmas for `steps` (default cfg.denoising_steps). Warped through the
     shifted schedule (Self Forcing's warp_denoising_step), [1000, 750, 500, 250] becomes
@@ -1253,19 +1264,18 @@ def stream_recompute(generator: CausalDiT, cfg: Config, num_frames: int, batch_s
     if cfg.sample.context_noise:
         raise ValueError("stream_recompute re-encodes the context at t = 0; set context_noise=0 to compare")
     sigmas, done = student_sigmas(cfg.sample), []
+
+    def on_prefix(x, t, cond, kv_cache, start_frame):  # the model on [clean prefix at t = 0 ; chunk]
+        prefix = torch.cat(done, 1) if done else x[:, :0]  # a rolling window is the config's banded mask
+        t_all = torch.cat([torch.zeros(len(x), prefix.shape[1], device=x.device), t], 1)
+        return generator(torch.cat([prefix, x], 1), t_all, cond)[:, prefix.shape[1]:]
+
     with torch.no_grad():
         for start in range(0, num_frames, cfg.model.chunk_frames):
             n = min(cfg.model.chunk_frames, num_frames - start)
             x = _randn(_video_shape(cfg, batch_size, n), rng, cfg.device)
-            prefix = torch.cat(done, 1) if done else x[:, :0]  # a rolling window is the config's banded mask
-            for k, s in enumerate(sigmas):
-                t = torch.cat([torch.zeros(batch_size, start), torch.full((batch_size, n), s)], 1).to(x.device)
-                v = generator(torch.cat([prefix, x], 1), t, cond)[:, start:]
-                x0 = x0_from_velocity(x, v, s)
-                if k + 1 < len(sigmas):
-                    x = add_noise(x0, _randn(x.shape, rng, x.device), sigmas[k + 1])
-            done.append(x0)
-            yield x0
+            done.append(denoise_chunk(on_prefix, cfg, x, sigmas, cond, None, start, rng=rng))
+            yield done[-1]
 
 
 def sample_student(model, cfg: Config, batch_size: int, num_frames=None, cond=None, rng=None) -> torch.Tensor:
@@ -1319,8 +1329,7 @@ def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str
     """ODE pairs in make_ode_pairs' format, from the *exact* teachers (toy data only): "ar" runs every
     chunk given the ground-truth clean earlier frames, "bidirectional" the whole clip from noise.
     They isolate the injectivity argument from any error of a learned teacher."""
-    keep = student_sigmas(cfg.sample)
-    sig = solver_sigmas(cfg.sample.teacher_solver_steps, cfg.sample)
+    keep, sig = ode_pair_sigmas(cfg.sample)
     eps = torch.randn(clean.shape, generator=rng, dtype=torch.float64)
     if kind == "ar":
         x0, kept = exact_ar_flow(data, eps, sig, cfg.model.chunk_frames, context=clean.double(), keep=keep)
@@ -1438,13 +1447,6 @@ def _reshard(model: nn.Module) -> None:
         model.reshard()
 
 
-def _copy_model(model: CausalDiT) -> CausalDiT:
-    """A fresh, trainable copy (also of an FSDP-sharded model: its full weights are gathered)."""
-    new = CausalDiT(model.cfg, causal=model.causal).to(next(model.parameters()).device)
-    new.load_state_dict(full_state_dict(model))
-    return new
-
-
 def _global_mean(x: torch.Tensor) -> float:
     """A loss averaged over ranks (each rank's is the mean over its slice), for logging."""
     rank, world = rank_and_world()
@@ -1527,11 +1529,12 @@ def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None) -> tuple[Ca
     return model, losses
 
 
-def to_causal(model: CausalDiT) -> CausalDiT:
-    """A causal copy of a model (same parameters; only the attention mask differs)."""
-    causal = CausalDiT(model.cfg, causal=True).to(next(model.parameters()).device)
-    causal.load_state_dict(full_state_dict(model))
-    return causal
+def copy_model(model: CausalDiT, causal: Optional[bool] = None) -> CausalDiT:
+    """A fresh, trainable copy, also of an FSDP-sharded model (its full weights are gathered);
+    causal=True makes the causal copy of a bidirectional model: same parameters, only the mask differs."""
+    new = CausalDiT(model.cfg, causal=model.causal if causal is None else causal).to(next(model.parameters()).device)
+    new.load_state_dict(full_state_dict(model))
+    return new
 
 
 def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None, log=print,
@@ -1542,7 +1545,7 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
     diffusion forcing (ablation): every chunk is noisy at its own level and attends to the noisy
       earlier chunks; at inference the context is clean, a train/test mismatch (Prop. 3.4)."""
     t, mode = cfg.train, mode or cfg.train.teacher_mode
-    model = parallelize(to_causal(base), cfg)
+    model = parallelize(copy_model(base, causal=True), cfg)
     opt = _adamw(model.parameters(), t.teacher_lr, t, cosine_steps=t.teacher_steps)
     losses, batches = [], _batches(data, t.batch_size, rng)
     for step in range(t.teacher_steps):
@@ -1570,12 +1573,7 @@ def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: st
     "clean": the ground-truth clips}."""
     if kind not in ("ar", "bidirectional"):
         raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
-    keep = student_sigmas(cfg.sample)
-    sig = solver_sigmas(cfg.sample.teacher_solver_steps, cfg.sample)
-    missing = [s for s in keep if not any(abs(s - g) < 1e-6 for g in sig.tolist())]
-    if missing:
-        raise ValueError(f"student sigmas {missing} are not on the teacher's {len(sig) - 1}-step grid; "
-                         "choose teacher_solver_steps so that the grids align")
+    keep, sig = ode_pair_sigmas(cfg.sample)
     out = {"xt": [], "x0": [], "clean": []}
     for clean in data[: cfg.train.ode_pairs].split(batch):
         clean = clean.to(cfg.device)
@@ -1608,7 +1606,7 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
     for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). One student
     sigma per step, shared by all frames."""
     t = cfg.train
-    student = parallelize(to_causal(init), cfg)
+    student = parallelize(copy_model(init, causal=True), cfg)
     opt = _adamw(student.parameters(), t.ode_lr, t, cosine_steps=t.ode_steps)
     losses, n, K = [], len(pairs["x0"]), len(student_sigmas(cfg.sample))
     for step in range(t.ode_steps):
@@ -1670,8 +1668,8 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     every `gen_update_ratio` steps the generator takes a DMD step. The real score is frozen and
     guided when conditioned. Returns the EMA generator (or the raw one before EMA starts)."""
     t = cfg.train
-    gen = parallelize(_copy_model(generator).train(), cfg)
-    fake = parallelize(_copy_model(fake_init).train(), cfg)
+    gen = parallelize(copy_model(generator).train(), cfg)
+    fake = parallelize(copy_model(fake_init).train(), cfg)
     real = real_score.eval()  # frozen: only ever called under no_grad
     opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
     ema, gen_updates = None, 0  # EMA: a copy of each (local shard of a) parameter
@@ -2068,6 +2066,17 @@ def _parse_override(text: str, types: dict) -> tuple[str, object]:
     return key, value
 
 
+def _config_from_flags(parser, name: str, sets: list, device: Optional[str], **fixed) -> Config:
+    """get_config from --config, --set KEY=VALUE and --device; a bad key or value is a usage error."""
+    try:
+        overrides = dict(_parse_override(s, _field_types()) for s in sets)
+        if device:
+            overrides["device"] = device
+        return get_config(name, **fixed, **overrides)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
@@ -2085,13 +2094,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        overrides = dict(_parse_override(s, _field_types()) for s in args.set)
-        if args.device:
-            overrides["device"] = args.device
-        cfg = get_config(args.config, seed=args.seed, **overrides)
-    except ValueError as e:
-        parser.error(str(e))
+    cfg = _config_from_flags(parser, args.config, args.set, args.device, seed=args.seed)
     if cfg.name != "toy2d":
         parser.error(f"the training pipeline runs on toy2d; {cfg.name!r} has no training data here "
                      "(its stage functions take your latents and text embeddings; 'bench' measures its speed)")
@@ -2120,13 +2123,7 @@ def bench_main(argv) -> int:
                              "recomputing the prefix at 16/64/256 frames, and the flat cost of a rolling window")
     parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
-    try:
-        overrides = dict(_parse_override(s, _field_types()) for s in args.set)
-        if args.device:
-            overrides["device"] = args.device
-        cfg = get_config(args.config, **overrides)
-    except ValueError as e:
-        parser.error(str(e))
+    cfg = _config_from_flags(parser, args.config, args.set, args.device)
     if args.suite == "speed":
         result = benchmark_stream(cfg, args.frames, args.batch_size, args.repeats)
     else:
