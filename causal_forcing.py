@@ -76,8 +76,10 @@ from einops import rearrange
 
 @dataclass
 class DataConfig:
-    """The toy 2-D videos: a point that starts on a circle and turns by a fixed angle every frame."""
+    """Which videos: "toy2d", a point that starts on a circle and turns by a fixed angle every frame;
+    or "moving_digits", digits that move and bounce on a canvas (Srivastava et al. 2015)."""
 
+    dataset: str = "toy2d"  # or "moving_digits"; "none" for the Wan presets (no training data here)
     frames: int = 4  # F, frames per video
     num_starts: int = 8  # K start points, evenly spaced on the circle
     radius: float = 2.0
@@ -85,6 +87,12 @@ class DataConfig:
     noise_std: float = 0.15  # Gaussian noise on every coordinate of every frame
     train_size: int = 20000  # a fixed training set, as a user would have
     test_size: int = 2000  # held-out videos for the metrics
+    # moving digits (the paper-standard setting is canvas 64, digit_size 28, num_digits 2, speed 0.1)
+    canvas: int = 32
+    digit_size: int = 16  # digits are resized from 28 px
+    num_digits: int = 1  # one digit, so that its label is the video's class
+    speed: float = 0.2  # per frame, in units of the canvas span (canvas - digit_size)
+    mnist_dir: Optional[str] = None  # MNIST IDX files; None: $CAUSAL_FORCING_MNIST, else toy_data sprites
 
 
 @dataclass
@@ -149,6 +157,9 @@ class TrainConfig:
     ema_start_step: int = 20  # in generator updates (upstream 200 of ~750)
     dmd_min_sigma: float = 0.02  # DMD/critic timesteps are clamped to [0.02, 0.98] (upstream)
     dmd_max_sigma: float = 0.98
+    cond_dropout: float = 0.1  # base and AR teacher: drop the condition so that CFG has an "uncond"
+    classifier_steps: int = 600  # the digit classifier behind the moving-digit metrics
+    checkpoint_every: int = 100  # steps between resumable checkpoints of a stage (with --out)
     real_guidance: float = 4.0  # CFG scale uncond + g (cond - uncond); upstream "cond + 3 (cond - uncond)"
     teacher_guidance: float = 6.0  # CFG of the ODE-pair teacher (upstream 6); unused when unconditional
 
@@ -191,11 +202,24 @@ class Config:
 _SECTIONS = ("data", "model", "train", "sample", "eval")
 # Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832
 # pixels), patch 2 -> 1560 tokens per latent frame, chunks of 3 latent frames, umT5 text 512 x 4096.
-_WAN_1_3B = dict(frames=21, in_channels=16, height=60, width=104, patch_size=2, dim=1536, ffn_dim=8960,
+_WAN_1_3B = dict(dataset="none", frames=21, in_channels=16, height=60, width=104, patch_size=2, dim=1536, ffn_dim=8960,
                  num_heads=12, num_layers=30, freq_dim=256, cond_dim=4096, text_len=512, chunk_frames=3)
+# Moving digits on a 2-core CPU: 8 frames of 16x16 pixels (12-pixel digits), patch 4 -> 16 tokens per
+# frame, chunks of 2 frames, the digit's label as a one-token condition (one-hot, 10 wide), and a
+# milder noise shift for these small frames. Sized so that every stage together runs in under 30
+# minutes on a 2-core CPU. The paper-standard data is one override away (canvas=64, height=64,
+# width=64, digit_size=28, num_digits=2, frames=20, speed=0.1), at a GPU's cost.
+_MNIST = dict(dataset="moving_digits", frames=8, canvas=16, digit_size=12, num_digits=1, speed=0.25,
+              train_size=10000, test_size=1000, in_channels=1, height=16, width=16, patch_size=4, dim=96,
+              ffn_dim=384, num_heads=4, num_layers=4, freq_dim=64, cond_dim=10, chunk_frames=2,
+              batch_size=64, base_steps=1200, base_lr=2e-3, teacher_steps=300, teacher_lr=5e-4,
+              ode_pairs=512, ode_steps=300, ode_lr=5e-4, dmd_steps=200, gen_lr=5e-5, critic_lr=4e-4,
+              ema_start_step=10, shift=1.5, teacher_solver_steps=16, teacher_guidance=4.0, real_guidance=4.0,
+              eval_samples=250)
 _PRESETS: dict[str, dict] = {
     # Each frame is one token; frame-wise causal blocks, as in the paper's frame-wise models.
     "toy2d": {},
+    "mnist": _MNIST,
     "wan-1.3b": _WAN_1_3B,
     # Wan2.1-T2V-14B shapes: the real score of the official recipe.
     "wan-14b": {**_WAN_1_3B, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40},
@@ -267,6 +291,18 @@ def validate_config(cfg: Config) -> None:
         problems.append(f"window_frames - sink_frames = {m.window_frames - m.sink_frames} must hold a chunk ({m.chunk_frames})")
     if m.sink_frames < 0 or m.sink_frames % m.chunk_frames:
         problems.append(f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames")
+    if d.dataset not in ("toy2d", "moving_digits", "none"):
+        problems.append(f"dataset={d.dataset!r} is not 'toy2d', 'moving_digits' or 'none'")
+    elif d.dataset == "moving_digits":
+        if (m.in_channels, m.height, m.width) != (1, d.canvas, d.canvas):
+            problems.append(f"moving digits are 1x{d.canvas}x{d.canvas} frames (canvas={d.canvas}); the model has "
+                            f"in_channels={m.in_channels}, height={m.height}, width={m.width}")
+        if d.digit_size > d.canvas:
+            problems.append(f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas")
+        if m.cond_dim not in (0, 10):
+            problems.append(f"cond_dim={m.cond_dim} must be 10 (a one-hot label per digit) or 0 (unconditional)")
+    if not 0.0 <= cfg.train.cond_dropout < 1.0:
+        problems.append(f"cond_dropout={cfg.train.cond_dropout} must lie in [0, 1)")
     if cfg.train.teacher_mode not in ("teacher_forcing", "diffusion_forcing"):
         problems.append(f"teacher_mode={cfg.train.teacher_mode!r} is not 'teacher_forcing' or 'diffusion_forcing'")
     if not all(0 < s <= cfg.sample.num_train_timesteps for s in cfg.sample.denoising_steps):
@@ -474,6 +510,54 @@ def load_moving_mnist(path: str) -> torch.Tensor:
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise ValueError(f"{path}: expected uint8 of shape (T, N, H, W), time first; got {arr.dtype} {arr.shape}")
     return torch.from_numpy(arr).permute(1, 0, 2, 3).contiguous()
+
+
+def digit_split(cfg: DataConfig) -> dict:
+    """The digit images for training videos and those held out for the metrics: a fixed 90/10 split
+    of the pool (MNIST or the sprites), the same for every seed, so held-out videos show digits
+    that no training video contains. Returns {"train": (images, labels), "test": ..., "source": str}."""
+    images, labels, source = load_digits(cfg.mnist_dir)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(12345))
+    cut = len(images) // 10
+    return {"train": (images[order[cut:]], labels[order[cut:]]), "test": (images[order[:cut]], labels[order[:cut]]),
+            "source": source}
+
+
+def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moving-digit videos as model input: (N, F, 1, H, W) float in [-1, 1] (0 -> -1, 255 -> 1), and
+    the labels (N, num_digits)."""
+    video, labels = moving_digits(num_videos, cfg.frames, cfg.canvas, cfg.num_digits, cfg.speed, cfg.digit_size,
+                                  digits, rng)
+    return to_unit(video)[:, :, None], labels
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> floats in [-1, 1]."""
+    return pixels.float() / 127.5 - 1
+
+
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Floats in [-1, 1] -> uint8 pixels (clipped)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def label_cond(labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
+    """Digit labels (B,) or (B, num_digits) -> the conditioning sequence (B, num_digits, 10): one
+    one-hot row per digit, fed through the cross-attention path that carries text in Wan. The null
+    condition of classifier-free guidance is all zeros (what `cond=None` gives the model)."""
+    labels = labels.reshape(len(labels), -1)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    return F_.one_hot(labels.long(), num_classes).float()
+
+
+def drop_cond(cond: Optional[torch.Tensor], p: float, rng=None) -> Optional[torch.Tensor]:
+    """Replaces each sample's condition by the null condition (zeros) with probability p, so that one
+    network learns both the conditional and the unconditional velocity (classifier-free guidance)."""
+    if cond is None or p == 0:
+        return cond
+    keep = (torch.rand(len(cond), generator=rng) >= p).to(cond.dtype).to(cond.device)
+    return cond * keep.reshape(-1, *[1] * (cond.dim() - 1))
 
 
 # =================================================================================================
@@ -1154,11 +1238,11 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None) -> 
 
 
 def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, **kw):
-    """Classifier-free guidance uncond + g (cond - uncond); plain prediction without a condition."""
+    """Classifier-free guidance uncond + g (cond - uncond); plain prediction without a condition.
+    One forward pass on the doubled batch [x ; x] with conditions [cond ; null]; a KV cache for it
+    holds 2B rows, the conditional streams then the unconditional ones (see sample_ar_teacher)."""
     if cond is None or guidance == 1.0:
         return model(x, t, cond, **kw)
-    if kw.get("kv_cache") is not None:
-        raise ValueError("classifier-free guidance with a KV cache needs two caches; not supported here")
     v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]),
               **{k: (torch.cat([v_, v_]) if torch.is_tensor(v_) else v_) for k, v_ in kw.items()})
     v_cond, v_uncond = v.chunk(2)
@@ -1186,21 +1270,27 @@ def sample_bidirectional(model: CausalDiT, cfg: Config, batch_size: int, cond=No
 
 @torch.no_grad()
 def sample_ar_teacher(model: CausalDiT, cfg: Config, batch_size: int, num_frames=None, cond=None,
-                      steps=None, rng=None) -> torch.Tensor:
+                      steps=None, guidance: float = 1.0, rng=None) -> torch.Tensor:
     """The AR teacher: chunk by chunk, a full Euler ODE per chunk with the KV cache holding the
-    clean earlier chunks; each finished chunk is written to the cache at t = context_noise."""
+    clean earlier chunks; each finished chunk is written to the cache at t = context_noise.
+    With guidance, the conditional and the unconditional predictions each keep their own context
+    (a cache of 2B rows), and the finished chunk is written to both."""
     num_frames = num_frames or cfg.data.frames
-    cache = model.new_kv_cache(batch_size, max_frames=num_frames)
+    guided = cond is not None and guidance != 1.0
+    cache = model.new_kv_cache(2 * batch_size if guided else batch_size, max_frames=num_frames)
     sig = solver_sigmas(steps or cfg.sample.teacher_solver_steps, cfg.sample)
     chunks = []
     for start in range(0, num_frames, cfg.model.chunk_frames):
         n = min(cfg.model.chunk_frames, num_frames - start)
-        vel = lambda x_, s: model(x_, torch.full(x_.shape[:2], s, device=x_.device), cond,  # noqa: E731
-                                  kv_cache=cache, start_frame=start)
+        vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond,  # noqa: E731
+                                            guidance, kv_cache=cache, start_frame=start)
         x0 = euler_ode(vel, _randn(_video_shape(cfg, batch_size, n), rng, cfg.device), sig)[0]
         chunks.append(x0)
         if start + n < num_frames:
-            _write_context(model, cfg, x0, cond, cache, start, rng)
+            if guided:
+                _write_context(model, cfg, torch.cat([x0, x0]), torch.cat([cond, torch.zeros_like(cond)]), cache, start, rng)
+            else:
+                _write_context(model, cfg, x0, cond, cache, start, rng)
     return torch.cat(chunks, 1)
 
 
@@ -1285,10 +1375,15 @@ def sample_student(model, cfg: Config, batch_size: int, num_frames=None, cond=No
 
 @contextlib.contextmanager
 def count_frame_evaluations(model: nn.Module):
-    """Counts network evaluations per generated frame: each forward call adds its number of
-    (noisy) frames. Yields a dict whose 'frames' entry grows while the block runs."""
-    box = {"frames": 0}
-    handle = model.register_forward_hook(lambda m, args, out: box.__setitem__("frames", box["frames"] + out.shape[1]))
+    """Counts network evaluations: each forward call adds its number of (noisy) frames to 'frames',
+    and batch x frames to 'sample_frames' (so a guided call, on a doubled batch, counts twice).
+    Yields the dict; its entries grow while the block runs."""
+    box = {"frames": 0, "sample_frames": 0}
+
+    def hook(m, args, out):
+        box["frames"] += out.shape[1]
+        box["sample_frames"] += out.shape[0] * out.shape[1]
+    handle = model.register_forward_hook(hook)
     try:
         yield box
     finally:
@@ -1488,18 +1583,92 @@ def _step(opt, model, loss, clip):
     return float(norm)
 
 
-def _batches(data: torch.Tensor, batch: int, rng) -> Iterator[torch.Tensor]:
-    """Endless shuffled minibatches of a fixed dataset."""
-    while True:
-        for idx in torch.randperm(len(data), generator=rng).split(batch):
-            if len(idx) == batch:
-                yield data[idx]
+class Batches:
+    """Endless shuffled minibatches (index tensors) of a fixed dataset of n samples: a new permutation
+    each epoch, drawn from rng, incomplete last batches dropped. Its state (the permutation and the
+    position in it) is saved with a stage's checkpoint, so a resumed stage sees the same batches."""
+
+    def __init__(self, n: int, batch: int, rng):
+        if batch > n:
+            raise ValueError(f"batch_size={batch} is larger than the dataset ({n} samples)")
+        self.n, self.batch, self.rng = n, batch, rng
+        self.perm, self.pos = torch.empty(0, dtype=torch.long), 0
+
+    def __next__(self) -> torch.Tensor:
+        if self.pos + self.batch > len(self.perm):
+            self.perm, self.pos = torch.randperm(self.n, generator=self.rng), 0
+        self.pos += self.batch
+        return self.perm[self.pos - self.batch: self.pos]
+
+    def state_dict(self) -> dict:
+        return {"perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm, self.pos = state["perm"], state["pos"]
 
 
-def _log(log, stage, step, total, loss, every=None):
-    every = every or max(total // 5, 1)
-    if log and (step % every == 0 or step == total - 1):
-        log(f"  [{stage}] step {step + 1:5d}/{total}  loss {loss:.4f}")
+class Progress:
+    """Prints a stage's progress about ten times: step, loss, iterations per second, time left."""
+
+    def __init__(self, log, stage: str, total: int, start: int = 0):
+        self.log, self.stage, self.total, self.start = log, stage, total, start
+        self.every, self.t0 = max(total // 10, 1), time.perf_counter()
+
+    def __call__(self, step: int, loss: float) -> None:
+        if not self.log or not (step % self.every == 0 or step == self.total - 1):
+            return
+        rate = (step + 1 - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+        self.log(f"  [{self.stage}] step {step + 1:5d}/{self.total}  loss {loss:.4f}  "
+                 f"{rate:6.2f} it/s  {(self.total - step - 1) / rate:5.0f} s left")
+
+
+def _state_of(obj):
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if isinstance(obj, torch.optim.Optimizer):
+        return {"opt": obj.state_dict(), "schedule": obj.schedule.state_dict() if hasattr(obj, "schedule") else None}
+    return full_state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict()  # a model, Batches
+
+
+def _load_state(obj, state) -> None:
+    if isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    elif isinstance(obj, torch.optim.Optimizer):
+        obj.load_state_dict(state["opt"])
+        if state["schedule"] is not None:
+            obj.schedule.load_state_dict(state["schedule"])
+    else:
+        obj.load_state_dict(state)
+
+
+class StageCheckpoint:
+    """The resumable state of one training stage in one file, written atomically every `every`
+    steps: models, optimizers (with their lr schedules), the random generators and the step, so that
+    a resumed stage takes exactly the steps an uninterrupted one would. path=None (or torchrun, whose
+    sharded optimizer states are not gathered here) turns it off: stages then restart from scratch."""
+
+    def __init__(self, path: Optional[str] = None, every: int = 100):
+        self.path = path if rank_and_world()[1] == 1 else None
+        self.every = every
+
+    def restore(self, **objs) -> tuple[int, dict]:
+        """Loads the saved state into `objs` (models, optimizers, generators); returns the step to
+        continue from (0 without a checkpoint) and the extras saved with it."""
+        if not self.path or not os.path.exists(self.path):
+            return 0, {}
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        for name, obj in objs.items():
+            if obj is not None:
+                _load_state(obj, state["objs"][name])
+        torch.set_rng_state(state["torch_rng"])
+        return state["step"], state["extra"]
+
+    def save(self, step: int, total: int, extra: Optional[dict] = None, **objs) -> None:
+        """After `step` finished steps: saves every `every` steps, not after the last (the stage's
+        result is saved then)."""
+        if self.path and step % self.every == 0 and step < total:
+            save_atomic({"step": step, "objs": {k: _state_of(o) for k, o in objs.items() if o is not None},
+                         "extra": extra or {}, "torch_rng": torch.get_rng_state()}, self.path)
 
 
 def flow_matching_loss(model, x0, sigma, noise, sample_cfg: Optional[SampleConfig] = None, cond=None, **kw):
@@ -1510,22 +1679,35 @@ def flow_matching_loss(model, x0, sigma, noise, sample_cfg: Optional[SampleConfi
     return (err * bump_weight(sigma, sample_cfg)).mean() if sample_cfg is not None else err.mean()
 
 
-def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None) -> tuple[CausalDiT, list]:
+def _cond_batch(cond, idx, p, rng):
+    """The conditions of a minibatch, with classifier-free-guidance dropout p; None if unconditional."""
+    return None if cond is None else drop_cond(cond[idx], p, rng)
+
+
+def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None,
+               ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
     """Stage 0: the bidirectional base model, flow matching with one timestep per clip. Upstream
-    this is the pretrained Wan2.1 model; here we train it so the pipeline starts from data."""
-    t = cfg.train
+    this is the pretrained Wan2.1 model; here we train it so the pipeline starts from data.
+    cond (N, L, cond_dim), if given, holds each training video's condition (dropped at cond_dropout)."""
+    t, ckpt = cfg.train, ckpt or StageCheckpoint()
     model = parallelize(CausalDiT(cfg.model, causal=False).to(cfg.device), cfg)
     opt = _adamw(model.parameters(), t.base_lr, t, beta1=t.base_beta1, cosine_steps=t.base_steps)
-    losses, batches = [], _batches(data, t.batch_size, rng)
-    for step in range(t.base_steps):
-        x0 = next(batches)  # the global batch; each rank trains on its slice
+    batches = Batches(len(data), t.batch_size, rng)
+    start, extra = ckpt.restore(model=model, opt=opt, rng=rng, batches=batches)
+    losses, progress = extra.get("losses", []), Progress(log, "base", t.base_steps, start)
+    for step in range(start, t.base_steps):
+        idx = next(batches)  # the global batch; each rank trains on its slice
+        x0 = data[idx]
         sigma = sample_sigmas(len(x0), x0.shape[1], x0.shape[1], cfg.sample, rng)  # one per clip
         noise = torch.randn(x0.shape, generator=rng)
+        c = _cond_batch(cond, idx, t.cond_dropout, rng)
         x0, sigma, noise = (_shard(v).to(cfg.device) for v in (x0, sigma, noise))
-        loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample)
+        c = None if c is None else _shard(c).to(cfg.device)
+        loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample, c)
         _step(opt, model, loss, t.grad_clip)
         losses.append(_global_mean(loss))
-        _log(log, "base", step, t.base_steps, losses[-1])
+        progress(step, losses[-1])
+        ckpt.save(step + 1, t.base_steps, {"losses": losses}, model=model, opt=opt, rng=rng, batches=batches)
     return model, losses
 
 
@@ -1538,26 +1720,33 @@ def copy_model(model: CausalDiT, causal: Optional[bool] = None) -> CausalDiT:
 
 
 def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None, log=print,
-                     rng=None) -> tuple[CausalDiT, list]:
+                     rng=None, cond=None, ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
     """Stage 1: the AR teacher, initialised from the bidirectional base, one timestep per chunk.
     teacher forcing (default): the model sees [clean video ; noisy video]; noisy chunk b attends
       to the clean chunks < b, exactly the context it will have at inference.
     diffusion forcing (ablation): every chunk is noisy at its own level and attends to the noisy
       earlier chunks; at inference the context is clean, a train/test mismatch (Prop. 3.4)."""
-    t, mode = cfg.train, mode or cfg.train.teacher_mode
+    t, mode, ckpt = cfg.train, mode or cfg.train.teacher_mode, ckpt or StageCheckpoint()
     model = parallelize(copy_model(base, causal=True), cfg)
     opt = _adamw(model.parameters(), t.teacher_lr, t, cosine_steps=t.teacher_steps)
-    losses, batches = [], _batches(data, t.batch_size, rng)
-    for step in range(t.teacher_steps):
-        x0 = next(batches)
+    batches = Batches(len(data), t.batch_size, rng)
+    start, extra = ckpt.restore(model=model, opt=opt, rng=rng, batches=batches)
+    losses = extra.get("losses", [])
+    progress = Progress(log, f"ar teacher, {mode.replace('_', ' ')}", t.teacher_steps, start)
+    for step in range(start, t.teacher_steps):
+        idx = next(batches)
+        x0 = data[idx]
         sigma = sample_sigmas(len(x0), x0.shape[1], cfg.model.chunk_frames, cfg.sample, rng)
         noise = torch.randn(x0.shape, generator=rng)
+        c = _cond_batch(cond, idx, t.cond_dropout, rng)
         x0, sigma, noise = (_shard(v).to(cfg.device) for v in (x0, sigma, noise))
+        c = None if c is None else _shard(c).to(cfg.device)
         kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
-        loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample, **kw)
+        loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample, c, **kw)
         _step(opt, model, loss, t.grad_clip)
         losses.append(_global_mean(loss))
-        _log(log, f"ar teacher, {mode.replace('_', ' ')}", step, t.teacher_steps, losses[-1])
+        progress(step, losses[-1])
+        ckpt.save(step + 1, t.teacher_steps, {"losses": losses}, model=model, opt=opt, rng=rng, batches=batches)
     return model, losses
 
 
@@ -1569,22 +1758,30 @@ def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: st
       kind="ar": the AR teacher integrates every chunk given the *ground-truth* clean earlier
         chunks (the teacher-forcing mask does all chunks in one pass).
       kind="bidirectional": the bidirectional teacher integrates the whole clip from noise.
+    cond (N, L, cond_dim), aligned with data: each clip's condition; the teacher is guided with
+    teacher_guidance, and the pairs keep the condition for the student.
     Returns {"xt": (n, K, F, C, H, W) states at the K student sigmas, "x0": teacher endpoints,
-    "clean": the ground-truth clips}."""
+    "clean": the ground-truth clips, and "cond" when conditioned}."""
     if kind not in ("ar", "bidirectional"):
         raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
+    if cond is not None and len(cond) != len(data):
+        raise ValueError(f"cond has {len(cond)} rows for {len(data)} clips; pass one condition per clip")
     keep, sig = ode_pair_sigmas(cfg.sample)
-    out = {"xt": [], "x0": [], "clean": []}
-    for clean in data[: cfg.train.ode_pairs].split(batch):
-        clean = clean.to(cfg.device)
+    n = min(cfg.train.ode_pairs, len(data))
+    out = {"xt": [], "x0": [], "clean": [], "cond": []}
+    for idx in torch.arange(n).split(batch):
+        clean = data[idx].to(cfg.device)
+        c = None if cond is None else cond[idx].to(cfg.device)
         kw = {"clean_context": clean} if kind == "ar" else {}
         vel = lambda x_, s: guided_velocity(teacher, x_, torch.full(x_.shape[:2], s, device=x_.device),  # noqa: E731
-                                            cond, cfg.train.teacher_guidance, **kw)
+                                            c, cfg.train.teacher_guidance, **kw)
         x0, kept = euler_ode(vel, torch.randn(clean.shape, generator=rng).to(cfg.device), sig, keep)
         out["xt"].append(torch.stack([kept[s] for s in keep], 1))
         out["x0"].append(x0)
         out["clean"].append(clean)
-    return {k: torch.cat(v) for k, v in out.items()}
+        if c is not None:
+            out["cond"].append(c)
+    return {k: torch.cat(v) for k, v in out.items() if v}
 
 
 def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k: int, kind: str) -> torch.Tensor:
@@ -1596,27 +1793,31 @@ def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k: in
     x = pairs["xt"][idx, k]
     t = torch.full(x.shape[:2], s, device=x.device)
     kw = {"clean_context": pairs["clean"][idx]} if kind == "ar" else {}
-    x0 = x0_from_velocity(x, student(x, t, **kw), t)
+    cond = pairs["cond"][idx] if "cond" in pairs else None
+    x0 = x0_from_velocity(x, student(x, t, cond, **kw), t)
     return (x0 - pairs["x0"][idx]).pow(2).sum(dim=(2, 3, 4))
 
 
 def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=print,
-                      rng=None) -> tuple[CausalDiT, list]:
+                      rng=None, ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
     """Stage 2: few-step causal student by ODE regression, initialised from `init` (the AR teacher
     for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). One student
     sigma per step, shared by all frames."""
-    t = cfg.train
+    t, ckpt = cfg.train, ckpt or StageCheckpoint()
     student = parallelize(copy_model(init, causal=True), cfg)
     opt = _adamw(student.parameters(), t.ode_lr, t, cosine_steps=t.ode_steps)
-    losses, n, K = [], len(pairs["x0"]), len(student_sigmas(cfg.sample))
-    for step in range(t.ode_steps):
+    start, extra = ckpt.restore(model=student, opt=opt, rng=rng)
+    losses, n, K = extra.get("losses", []), len(pairs["x0"]), len(student_sigmas(cfg.sample))
+    progress = Progress(log, f"ode student from {kind}", t.ode_steps, start)
+    for step in range(start, t.ode_steps):
         idx = _shard(torch.randint(n, (t.batch_size,), generator=rng))
         k = int(torch.randint(K, (1,), generator=rng))  # one student step for the whole batch
         per_coordinate = cfg.model.in_channels * cfg.model.height * cfg.model.width  # MSE per coordinate
         loss = ode_regression_loss(student, cfg, pairs, idx, k, kind).mean() / per_coordinate
         _step(opt, student, loss, t.grad_clip)
         losses.append(_global_mean(loss))
-        _log(log, f"ode student from {kind}", step, t.ode_steps, losses[-1])
+        progress(step, losses[-1])
+        ckpt.save(step + 1, t.ode_steps, {"losses": losses}, model=student, opt=opt, rng=rng)
     return student, losses
 
 
@@ -1661,23 +1862,25 @@ def _dmd_sigma(cfg: Config, batch, rng, device):
 
 
 def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_init: CausalDiT,
-              cond_sampler: Optional[Callable] = None, log=print, rng=None) -> tuple[CausalDiT, dict]:
+              cond_sampler: Optional[Callable] = None, log=print, rng=None,
+              ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, dict]:
     """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (a
     bidirectional model, initialised from the base) by flow matching on fresh generator samples;
     cond_sampler(batch, rng), if given, draws the conditions of a batch (e.g. prompt embeddings);
     every `gen_update_ratio` steps the generator takes a DMD step. The real score is frozen and
     guided when conditioned. Returns the EMA generator (or the raw one before EMA starts)."""
-    t = cfg.train
+    t, ckpt = cfg.train, ckpt or StageCheckpoint()
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
     real = real_score.eval()  # frozen: only ever called under no_grad
     opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
-    ema, gen_updates = None, 0  # EMA: a copy of each (local shard of a) parameter
-    hist = {"generator": [], "critic": []}
+    start, extra = ckpt.restore(gen=gen, fake=fake, opt_g=opt_g, opt_f=opt_f, rng=rng)
+    ema, gen_updates = extra.get("ema"), extra.get("gen_updates", 0)  # EMA: a copy of each (local shard of a) parameter
+    hist = extra.get("hist", {"generator": [], "critic": []})
     K = len(student_sigmas(cfg.sample))
-    rank, world = rank_and_world()
     batch = len(_shard(torch.empty(t.batch_size)))  # this rank's share of the batch
-    for step in range(t.dmd_steps):
+    progress = Progress(log, "dmd critic", t.dmd_steps, start)
+    for step in range(start, t.dmd_steps):
         own = _rank_rng(rng)  # the rollouts' noise differs between ranks; exit steps are shared
         cond = cond_sampler(batch, own) if cond_sampler else None  # this rank's prompts
         if step % t.gen_update_ratio == 0:
@@ -1709,7 +1912,9 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
         loss_f = flow_matching_loss(fake, x, sigma, _randn(x.shape, own, x.device), None, cond)
         _step(opt_f, fake, loss_f, t.grad_clip)
         hist["critic"].append(_global_mean(loss_f))
-        _log(log, "dmd critic", step, t.dmd_steps, hist["critic"][-1])
+        progress(step, hist["critic"][-1])
+        ckpt.save(step + 1, t.dmd_steps, {"ema": ema, "gen_updates": gen_updates, "hist": hist},
+                  gen=gen, fake=fake, opt_g=opt_g, opt_f=opt_f, rng=rng)
     if ema is not None:  # hand back the EMA weights
         _reshard(gen)
         with torch.no_grad():
@@ -1750,6 +1955,114 @@ def toy_metrics(videos: torch.Tensor, data: ToyVideos, held_out: torch.Tensor, t
     }
 
 
+# --- moving digits: a small digit classifier, and the paper's metrics in miniature --------------
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN that reads the digit in a frame (B, 1, H, W), pixels in [-1, 1]. Its 128-wide
+    penultimate activations are the features of the Frechet distance (the role Inception or I3D
+    features play for FID / FVD)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        if size % 8:
+            raise ValueError(f"DigitClassifier needs a frame size divisible by 8, got {size}")
+        conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]  # noqa: E731
+        self.body = nn.Sequential(*conv(1, 32), *conv(32, 64), *conv(64, 64), nn.Flatten(),
+                                  nn.Linear(64 * (size // 8) ** 2, 128), nn.ReLU())
+        self.out = nn.Linear(128, 10)
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, H, W) -> (features (B, 128), logits (B, 10))."""
+        f = self.body(frames)
+        return f, self.out(f)
+
+
+def train_classifier(cfg: Config, videos: torch.Tensor, labels: torch.Tensor, log=print, rng=None,
+                     ckpt: Optional[StageCheckpoint] = None, batch: int = 128) -> tuple[DigitClassifier, list]:
+    """Trains the DigitClassifier on the frames of the training videos (one digit per video, so
+    every frame carries the video's label), with Adam for classifier_steps steps."""
+    ckpt = ckpt or StageCheckpoint()
+    frames = rearrange(videos, "n f c h w -> (n f) c h w")
+    targets = labels[:, 0].repeat_interleave(videos.shape[1])
+    model = DigitClassifier(videos.shape[-1]).to(cfg.device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = Batches(len(frames), batch, rng)
+    start, extra = ckpt.restore(model=model, opt=opt, rng=rng, batches=batches)
+    losses, steps = extra.get("losses", []), cfg.train.classifier_steps
+    progress = Progress(log, "digit classifier", steps, start)
+    for step in range(start, steps):
+        idx = next(batches)
+        loss = F_.cross_entropy(model(frames[idx].to(cfg.device))[1], targets[idx].to(cfg.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        progress(step, losses[-1])
+        ckpt.save(step + 1, steps, {"losses": losses}, model=model, opt=opt, rng=rng, batches=batches)
+    return model.eval().requires_grad_(False), losses
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) (FID's formula):
+        |mu_x - mu_y|^2 + tr(C_x + C_y - 2 (C_x^1/2 C_y C_x^1/2)^1/2).
+    The matrix square roots come from symmetric eigendecompositions, in float64."""
+    x, y = x.double(), y.double()
+    mx, my = x.mean(0), y.mean(0)
+    cx, cy = torch.cov(x.T), torch.cov(y.T)
+    w, V = torch.linalg.eigh(cx)
+    root_x = (V * w.clamp(min=0).sqrt()) @ V.T
+    cross = torch.linalg.eigvalsh(root_x @ cy @ root_x).clamp(min=0).sqrt().sum()
+    return float((mx - my).pow(2).sum() + cx.trace() + cy.trace() - 2 * cross)
+
+
+def centroids(videos: torch.Tensor) -> torch.Tensor:
+    """Intensity-weighted centre of every frame (B, F, 1, H, W) -> (B, F, 2) as (y, x) pixels;
+    the weight is the pixel brightness in [0, 1]."""
+    w = ((videos[:, :, 0].double() + 1) / 2).clamp(0, 1)  # (B, F, H, W)
+    H, W = w.shape[-2:]
+    total = w.sum((-2, -1)).clamp(min=1e-9)
+    ys = (w.sum(-1) * torch.arange(H, dtype=w.dtype)).sum(-1) / total
+    xs = (w.sum(-2) * torch.arange(W, dtype=w.dtype)).sum(-1) / total
+    return torch.stack([ys, xs], -1)
+
+
+def sharpness(videos: torch.Tensor) -> float:
+    """Mean absolute difference between neighbouring pixels (both directions): low for blur."""
+    v = videos.double()
+    return float(((v[..., 1:, :] - v[..., :-1, :]).abs().mean() + (v[..., :, 1:] - v[..., :, :-1]).abs().mean()) / 2)
+
+
+@torch.no_grad()
+def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Tensor,
+                  classifier: DigitClassifier) -> dict:
+    """Metrics of generated moving-digit videos (B, F, 1, H, W) made for `labels` (B, num_digits),
+    against held-out videos (the paper's table in miniature):
+      frechet_distance   FD of the classifier's per-frame features, generated vs held-out  (quality)
+      sharpness          neighbouring-pixel contrast over the held-out videos'; < 1 is blur  (quality)
+      dynamic_degree     mean centroid displacement per frame over the held-out videos'      (motion)
+      instruction_following  fraction of frames the classifier reads as the requested digit
+      temporal_consistency   fraction of frames that agree with their video's majority reading
+    The label metrics read one digit per video (num_digits = 1); with more they are NaN."""
+    def read(v):
+        feats, logits = zip(*(classifier(rearrange(part, "b f c h w -> (b f) c h w").float())
+                              for part in v.split(256)))
+        return torch.cat(feats), torch.cat(logits).argmax(-1).reshape(len(v), v.shape[1])
+
+    feats, pred = read(videos)
+    ref_feats, _ = read(held_out)
+    step = lambda v: (centroids(v)[:, 1:] - centroids(v)[:, :-1]).norm(dim=-1).mean()  # noqa: E731
+    one = labels.shape[1] == 1
+    majority = pred.mode(dim=1).values
+    return {
+        "frechet_distance": frechet_distance(feats, ref_feats),
+        "sharpness": sharpness(videos) / sharpness(held_out),
+        "dynamic_degree": float(step(videos) / step(held_out)),
+        "instruction_following": float((pred == labels[:, :1]).double().mean()) if one else float("nan"),
+        "temporal_consistency": float((pred == majority[:, None]).double().mean()) if one else float("nan"),
+    }
+
+
 # =================================================================================================
 # 9. pipeline
 # =================================================================================================
@@ -1777,95 +2090,218 @@ def save_atomic(obj, path: str) -> None:
         raise
 
 
+DIGIT_ROWS = ROWS[:2] + ("ar_teacher_diffusion_forcing",) + ROWS[2:]  # moving digits add the ablation
+
+
+def _check_run_folder(cfg: Config, out: str) -> None:
+    """A run folder belongs to one config: the first run writes out/config.json, a later run in the
+    same folder must have the same config (the device aside), or its saved stages would be mixed
+    with the wrong ones."""
+    path = os.path.join(out, "config.json")
+    mine = {k: v for k, v in cfg.to_dict().items() if k != "device"}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = {k: v for k, v in json.load(f).items() if k != "device"}
+        mine_json = json.loads(json.dumps(mine))  # tuples -> lists, as saved
+        if saved != mine_json:
+            flat = lambda d: {f"{k}.{k2}": v2 for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [("", v)])}  # noqa: E731
+            a, b = flat(saved), flat(mine_json)
+            diff = sorted(k.rstrip(".") for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ValueError(f"{out!r} holds a run with another config (differs in {', '.join(diff)}); "
+                             "use another --out folder, or delete this one to start over")
+    elif rank_and_world()[0] == 0:
+        save_atomic(cfg.to_dict(), path)
+
+
 def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
-    """Every stage on the toy videos, then the table. Returns the results dict (also written to
-    out/results.json with the trained models in out/models.pt and the figure out/samples.png)."""
+    """Every stage on the config's videos (toy 2-D, or moving digits), then the table. Returns the
+    results dict; with `out` it also writes out/results.json, the trained models out/models.pt and
+    the samples (toy: out/samples.png; digits: out/samples.gif).
+
+    With `out`, every finished stage is saved to out/stages/<stage>.pt, and a training stage in
+    progress to out/stages/<stage>.partial.pt every checkpoint_every steps (both written
+    atomically). Running the same command again skips the finished stages and resumes the
+    interrupted one from its checkpoint, with the same results as an uninterrupted run."""
+    if cfg.data.dataset == "none":
+        raise ValueError(f"config {cfg.name!r} has no training data here (dataset='none'); the pipeline "
+                         "trains toy2d or mnist")
+    digits = cfg.data.dataset == "moving_digits"
+    if digits and not cfg.data.mnist_dir and os.environ.get(MNIST_ENV):  # record where the digits come from
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mnist_dir=os.environ[MNIST_ENV]))
     rank, world = rank_and_world()
     log = log if log and rank == 0 else (lambda *_: None)  # under torchrun only rank 0 speaks and writes
+    if out:
+        _check_run_folder(cfg, out)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    toy = ToyVideos(cfg.data)
-    train_set, test_set = toy.sample(cfg.data.train_size, g), toy.sample(cfg.data.test_size, g)
+    cond = test_labels = None
+    if digits:
+        split = digit_split(cfg.data)
+        log(f"data: {cfg.data.train_size} training and {cfg.data.test_size} held-out videos of {split['source']}")
+        train_set, train_labels = digit_videos(cfg.data, cfg.data.train_size, split["train"], g)
+        test_set, test_labels = digit_videos(cfg.data, cfg.data.test_size, split["test"], g)
+        cond = label_cond(train_labels) if cfg.model.cond_dim else None
+    else:
+        if (cfg.model.in_channels, cfg.model.height, cfg.model.width) != (2, 1, 1):
+            raise ValueError("toy2d frames are points in the plane: in_channels=2, height=width=1")
+        toy = ToyVideos(cfg.data)
+        train_set, test_set = toy.sample(cfg.data.train_size, g), toy.sample(cfg.data.test_size, g)
     seconds, models, extra = {}, {}, {}
 
-    def stage(name, fn):
+    def stage(name, fn, pack=lambda r: r, unpack=lambda r: r):
+        """Runs fn(checkpoint), or loads its result if an earlier run finished it. The random
+        generators' states are saved with it, so the stages after it draw the same numbers."""
+        done = os.path.join(out, "stages", f"{name}.pt") if out else None
+        if done and os.path.exists(done):
+            saved = torch.load(done, map_location="cpu", weights_only=True)
+            g.set_state(saved["rng"])
+            torch.set_rng_state(saved["torch_rng"])
+            seconds[name] = saved["seconds"]
+            log(f"stage: {name} (finished earlier: loaded {done})")
+            return unpack(saved["result"])
         log(f"stage: {name}")
         t0 = time.perf_counter()
-        result = fn()
+        partial = os.path.join(out, "stages", f"{name}.partial.pt") if out else None
+        result = fn(StageCheckpoint(partial, cfg.train.checkpoint_every))
         seconds[name] = round(time.perf_counter() - t0, 2)
+        if done:
+            packed = pack(result)  # every rank joins an FSDP gather
+            if rank == 0:
+                save_atomic({"result": packed, "rng": g.get_state(), "torch_rng": torch.get_rng_state(),
+                             "seconds": seconds[name]}, done)
+                if os.path.exists(partial):
+                    os.remove(partial)
+        log(f"  {name}: {seconds[name]:.1f} s")
         return result
 
-    models["bidirectional_teacher"], _ = stage("bidirectional_base", lambda: train_base(cfg, train_set, log, g))
-    models["ar_teacher"], _ = stage("ar_teacher", lambda: train_ar_teacher(cfg, models["bidirectional_teacher"], train_set, log=log, rng=g))
+    def dit(causal):  # save / load a trained CausalDiT and its loss curve
+        def unpack(r):
+            model = CausalDiT(cfg.model, causal=causal).to(cfg.device)
+            model.load_state_dict(r["model"])
+            return model, r["losses"]
+        return dict(pack=lambda r: {"model": full_state_dict(r[0]), "losses": r[1]}, unpack=unpack)
+
+    def to_cpu(d):
+        return {k: v.cpu() for k, v in d.items()}
+
+    classifier = None
+    if digits:
+        def unpack_classifier(r):
+            model = DigitClassifier(cfg.data.canvas).to(cfg.device)
+            model.load_state_dict(r["model"])
+            return model.eval().requires_grad_(False), r["losses"]
+        classifier, _ = stage("digit_classifier", lambda ck: train_classifier(cfg, train_set, train_labels, log, g, ck),
+                              pack=lambda r: {"model": r[0].state_dict(), "losses": r[1]}, unpack=unpack_classifier)
+        with torch.no_grad():  # how well it reads held-out digits (in the data's own frames)
+            pred = classifier(rearrange(test_set, "n f c h w -> (n f) c h w").to(cfg.device))[1].argmax(-1).cpu()
+            extra["classifier_accuracy"] = float((pred == test_labels[:, 0].repeat_interleave(cfg.data.frames)).double().mean())
+        log(f"  digit classifier reads {extra['classifier_accuracy']:.3f} of held-out frames correctly")
+
+    models["bidirectional_teacher"], _ = stage("bidirectional_base", lambda ck: train_base(cfg, train_set, log, g, cond, ck), **dit(False))
+    models["ar_teacher"], _ = stage("ar_teacher", lambda ck: train_ar_teacher(
+        cfg, models["bidirectional_teacher"], train_set, "teacher_forcing", log, g, cond, ck), **dit(True))
+    if digits:  # the ablation: the AR teacher by diffusion forcing (noisy context in training)
+        models["ar_teacher_diffusion_forcing"], _ = stage("ar_teacher_diffusion_forcing", lambda ck: train_ar_teacher(
+            cfg, models["bidirectional_teacher"], train_set, "diffusion_forcing", log, g, cond, ck), **dit(True))
     pairs = {}
-    pairs["bidirectional"] = stage("ode_pairs_bidirectional", lambda: make_ode_pairs(cfg, models["bidirectional_teacher"], train_set, "bidirectional", rng=g))
-    pairs["ar"] = stage("ode_pairs_ar", lambda: make_ode_pairs(cfg, models["ar_teacher"], train_set, "ar", rng=g))
+    pairs["bidirectional"] = stage("ode_pairs_bidirectional", lambda ck: to_cpu(make_ode_pairs(
+        cfg, models["bidirectional_teacher"], train_set, "bidirectional", cond, g)))
+    pairs["ar"] = stage("ode_pairs_ar", lambda ck: to_cpu(make_ode_pairs(cfg, models["ar_teacher"], train_set, "ar", cond, g)))
+    pairs = {k: {n: v.to(cfg.device) for n, v in p.items()} for k, p in pairs.items()}
     init = {"bidirectional": models["bidirectional_teacher"], "ar": models["ar_teacher"]}
     for kind in ("bidirectional", "ar"):
-        models[f"ode_student_from_{kind}"], _ = stage(f"ode_student_{kind}", lambda: train_ode_student(cfg, init[kind], pairs[kind], kind, log, g))
-        with torch.no_grad():  # the regression loss at sigma = 1 on held-out pairs, in floor units
-            held = make_ode_pairs(cfg, models["ar_teacher" if kind == "ar" else "bidirectional_teacher"], test_set[:512], kind, rng=g)
-            extra[kind] = ode_regression_loss(models[f"ode_student_from_{kind}"], cfg, held, slice(None), 0, kind).mean(0).tolist()
+        models[f"ode_student_from_{kind}"], _ = stage(f"ode_student_{kind}", lambda ck: train_ode_student(
+            cfg, init[kind], pairs[kind], kind, log, g, ck), **dit(True))
+        if not digits:
+            with torch.no_grad():  # the regression loss at sigma = 1 on held-out pairs, in floor units
+                held = make_ode_pairs(cfg, init[kind], test_set[:512], kind, rng=g)
+                extra[kind] = ode_regression_loss(models[f"ode_student_from_{kind}"], cfg, held, slice(None), 0, kind).mean(0).tolist()
+
+    def prompts(batch, rng):  # DMD's conditions: uniformly drawn digit labels
+        return label_cond(torch.randint(10, (batch, cfg.data.num_digits), generator=rng)).to(cfg.device)
     for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
-        models[row], _ = stage(f"dmd_{row}", lambda: train_dmd(cfg, models[f"ode_student_from_{kind}"], models["bidirectional_teacher"],
-                                                               models["bidirectional_teacher"], log=log, rng=g))
+        models[row], _ = stage(f"dmd_{row}", lambda ck: train_dmd(
+            cfg, models[f"ode_student_from_{kind}"], models["bidirectional_teacher"], models["bidirectional_teacher"],
+            prompts if cond is not None else None, log, g, ck), **dit(True))
 
-    sig = solver_sigmas(cfg.sample.teacher_solver_steps, cfg.sample)
-    phi_bi = lambda eps: exact_bidirectional_flow(toy, eps, sig)  # noqa: E731
-    phi_ar = lambda eps: exact_ar_flow(toy, eps, sig, cfg.model.chunk_frames)  # noqa: E731
+    if not digits:  # the injectivity floor, measured with the exact teachers
+        sig = solver_sigmas(cfg.sample.teacher_solver_steps, cfg.sample)
+        phi_bi = lambda eps: exact_bidirectional_flow(toy, eps, sig)  # noqa: E731
+        phi_ar = lambda eps: exact_ar_flow(toy, eps, sig, cfg.model.chunk_frames)  # noqa: E731
 
-    def floors():
-        e, F, c = cfg.eval, cfg.data.frames, cfg.model.chunk_frames
-        bi, cond_mean = injectivity_floor(phi_bi, F, c, e.floor_outer, e.floor_inner, g, return_mean=True)
-        ar = injectivity_floor(phi_ar, F, c, e.floor_outer, e.floor_inner, g)
-        dist = torch.cdist(rearrange(cond_mean, "b f c h w -> b f (c h w)"), toy.frame_points().expand(len(cond_mean), -1, -1))
-        off = (dist.min(-1).values > 3 * toy.std).double().mean(0)  # (F,) per frame
-        return bi, ar, off
-    floor_bi, floor_ar, cond_off = stage("injectivity_floor", floors)
+        def floors(ck):
+            e, F, c = cfg.eval, cfg.data.frames, cfg.model.chunk_frames
+            bi, cond_mean = injectivity_floor(phi_bi, F, c, e.floor_outer, e.floor_inner, g, return_mean=True)
+            ar = injectivity_floor(phi_ar, F, c, e.floor_outer, e.floor_inner, g)
+            dist = torch.cdist(rearrange(cond_mean, "b f c h w -> b f (c h w)"), toy.frame_points().expand(len(cond_mean), -1, -1))
+            off = (dist.min(-1).values > 3 * toy.std).double().mean(0)  # (F,) per frame
+            return bi, ar, off
+        floor_bi, floor_ar, cond_off = stage("injectivity_floor", floors)
 
-    def evaluate():
+    rows_order = DIGIT_ROWS if digits else ROWS
+    def evaluate(ck):
         rows, samples = {}, {}
-        n = cfg.eval.eval_samples
-        for row in ROWS:
+        n, F = cfg.eval.eval_samples, cfg.data.frames
+        labels = torch.arange(n)[:, None].repeat(1, cfg.data.num_digits) % 10  # every digit alike
+        c = label_cond(labels).to(cfg.device) if cond is not None else None
+        guide = cfg.train.teacher_guidance
+        for row in rows_order:
             model = models[row].eval()
+            t0 = time.perf_counter()
             with count_frame_evaluations(model) as nfe:
                 if row == "bidirectional_teacher":
-                    x = sample_bidirectional(model, cfg, n, rng=g)
-                elif row == "ar_teacher":
-                    x = sample_ar_teacher(model, cfg, n, rng=g)
+                    x = sample_bidirectional(model, cfg, n, c, guidance=guide, rng=g)
+                elif row.startswith("ar_teacher"):
+                    x = sample_ar_teacher(model, cfg, n, cond=c, guidance=guide, rng=g)
                 else:
-                    x = sample_student(model, cfg, n, rng=g)
+                    x = sample_student(model, cfg, n, cond=c, rng=g)
+            wall = time.perf_counter() - t0
             samples[row] = x.cpu()
-            rows[row] = {**toy_metrics(x.cpu(), toy, test_set, cfg.eval.transition_tol_degrees),
-                         "nfe_per_frame": nfe["frames"] / cfg.data.frames}
+            metrics = (digit_metrics(x.cpu(), labels, test_set, classifier) if digits else
+                       toy_metrics(x.cpu(), toy, test_set, cfg.eval.transition_tol_degrees))
+            rows[row] = {**metrics, "nfe_per_frame": nfe["sample_frames"] / (n * F), "ms_per_frame": 1000 * wall / (n * F)}
         return rows, samples
     rows, samples = stage("evaluation", evaluate)
-    results = {
-        "config": cfg.to_dict(),
-        "rows": rows,
-        "data": toy_metrics(toy.sample(cfg.eval.eval_samples, g), toy, test_set, cfg.eval.transition_tol_degrees),
+    results = {"config": cfg.to_dict(), "rows": rows, "stage_seconds": seconds, "world_size": world}
+    t = cfg.train  # training throughput: clips through each stage's optimizer per second (DMD: the critic's)
+    steps = {"digit_classifier": 0, "bidirectional_base": t.base_steps, "ar_teacher": t.teacher_steps,
+             "ar_teacher_diffusion_forcing": t.teacher_steps, "ode_student_bidirectional": t.ode_steps,
+             "ode_student_ar": t.ode_steps, "dmd_self_forcing": t.dmd_steps, "dmd_causal_forcing": t.dmd_steps}
+    results["train_clips_per_second"] = {k: round(n * t.batch_size / seconds[k], 1) for k, n in steps.items()
+                                         if n and seconds.get(k)}
+    if digits:
+        data_video, data_labels = digit_videos(cfg.data, cfg.eval.eval_samples, split["test"], g)
+        results["data"] = digit_metrics(data_video, data_labels, test_set, classifier)
+        results["digits"] = split["source"]
+        results["classifier_accuracy"] = extra["classifier_accuracy"]
+    else:
+        results["data"] = toy_metrics(toy.sample(cfg.eval.eval_samples, g), toy, test_set, cfg.eval.transition_tol_degrees)
         # the exact teachers through the same 48-step sampler: what a perfect network would give
-        "exact_teachers": {name: toy_metrics(phi(torch.randn(cfg.eval.eval_samples, cfg.data.frames, 2, 1, 1, generator=g,
-                                                                dtype=torch.float64)), toy, test_set, cfg.eval.transition_tol_degrees)
-                           for name, phi in (("bidirectional", phi_bi), ("ar", phi_ar))},
-        "injectivity_floor": {"bidirectional": float(floor_bi.mean()), "ar": float(floor_ar.mean()),
-                              "per_frame": {"bidirectional": floor_bi.tolist(), "ar": floor_ar.tolist()},
-                              "conditional_mean_off_manifold": cond_off.tolist()},
-        "ode_loss_at_sigma_1": extra,
-        "stage_seconds": seconds,
-    }
-    results["world_size"] = world
+        results["exact_teachers"] = {
+            name: toy_metrics(phi(torch.randn(cfg.eval.eval_samples, cfg.data.frames, 2, 1, 1, generator=g, dtype=torch.float64)),
+                              toy, test_set, cfg.eval.transition_tol_degrees)
+            for name, phi in (("bidirectional", phi_bi), ("ar", phi_ar))}
+        results["injectivity_floor"] = {"bidirectional": float(floor_bi.mean()), "ar": float(floor_ar.mean()),
+                                        "per_frame": {"bidirectional": floor_bi.tolist(), "ar": floor_ar.tolist()},
+                                        "conditional_mean_off_manifold": cond_off.tolist()}
+        results["ode_loss_at_sigma_1"] = extra
     if out:
         states = {k: full_state_dict(m) for k, m in models.items()}  # every rank joins the gather
         if rank == 0:
-            os.makedirs(out, exist_ok=True)
             save_atomic(results, os.path.join(out, "results.json"))
             save_atomic(states, os.path.join(out, "models.pt"))
-            plot_samples(samples, test_set, os.path.join(out, "samples.png"))
+            if digits:  # a column per row; row i of the grid asks for digit i % 10; the data column shows that digit too
+                first = [int(torch.nonzero(test_labels[:, 0] == d)[0]) for d in range(10)] * 2
+                save_gif({"data": test_set[first], **{r: v[:20] for r, v in samples.items()}},
+                         os.path.join(out, "samples.gif"))
+            else:
+                plot_samples(samples, test_set, os.path.join(out, "samples.png"))
     return results
 
 
 def format_table(results: dict) -> str:
+    if "classifier_accuracy" in results:
+        return _format_digit_table(results)
     cols = ("energy_distance", "off_manifold", "motion", "transition_accuracy", "nfe_per_frame")
     lines = [f"{'row':40s}" + "".join(f"{c:>21s}" for c in cols)]
     nan = {"nfe_per_frame": float("nan")}
@@ -1885,6 +2321,20 @@ def format_table(results: dict) -> str:
         lines.append(f"  ode student from {kind:13s} held-out loss at sigma=1: " + "  ".join(f"{x:.3f}" for x in v))
     lines.append("")
     lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["stage_seconds"].items()))
+    return "\n".join(lines)
+
+
+def _format_digit_table(results: dict) -> str:
+    cols = ("frechet_distance", "sharpness", "dynamic_degree", "instruction_following", "temporal_consistency",
+            "nfe_per_frame", "ms_per_frame")
+    short = ("FD", "sharpness", "dynamic", "instruction", "consistency", "NFE/frame", "ms/frame")
+    lines = [f"{'row':32s}" + "".join(f"{c:>12s}" for c in short)]
+    for row, m in [("data (held-out vs fresh)", results["data"]), *results["rows"].items()]:
+        lines.append(f"{row:32s}" + "".join(f"{m.get(c, float('nan')):12.3f}" for c in cols))
+    lines.append("")
+    lines.append(f"digits: {results['digits']}; the classifier reads {results['classifier_accuracy']:.3f} of held-out frames")
+    lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["stage_seconds"].items())
+                 + f"; total {sum(results['stage_seconds'].values()):.0f}")
     return "\n".join(lines)
 
 
@@ -1911,6 +2361,42 @@ def plot_samples(samples: dict, data: torch.Tensor, path: str, max_points: int =
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def save_gif(columns: dict, path: str, scale: int = 2, ms_per_frame: int = 250) -> None:
+    """An animated GIF of moving-digit videos: one column per entry of `columns` (name -> (N, F, 1,
+    H, W) in [-1, 1], the same N and F for all), one row per video, the name above each column.
+    Written with Pillow, which matplotlib already depends on."""
+    from PIL import Image, ImageDraw
+
+    vids = [to_pixels(v[:, :, 0]) for v in columns.values()]  # (N, F, H, W) uint8
+    N, F, H, W = vids[0].shape
+    pad, header = 2, 24
+    cell_w = W * scale + pad
+    sheet_w, sheet_h = len(vids) * cell_w + pad, header + N * (H * scale + pad) + pad
+    frames = []
+    for f in range(F):
+        img = Image.new("L", (sheet_w, sheet_h), 96)
+        draw = ImageDraw.Draw(img)
+        for j, (name, v) in enumerate(zip(columns, vids)):
+            x = pad + j * cell_w
+            for k, word in enumerate(name.replace("ode_student_from_", "ode_").replace("diffusion_forcing", "df")
+                                     .split("_")[:3]):
+                draw.text((x, 1 + 7 * k), word[:cell_w // 6], fill=255)
+            for i in range(N):
+                tile = Image.fromarray(v[i, f].numpy()).resize((W * scale, H * scale), Image.NEAREST)
+                img.paste(tile, (x, header + pad + i * (H * scale + pad)))
+        frames.append(img)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".gif")
+    os.close(fd)
+    try:
+        frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # =================================================================================================
@@ -2034,11 +2520,31 @@ def benchmark_flat_cost(cfg: Config, window_frames: int, sink_frames: int = 0, a
     model = CausalDiT(c.model).to(c.device).eval()
     cache = model.new_kv_cache(batch_size)
     frames = (max(at_chunks) + probe) * c.model.chunk_frames
-    times = _timed_chunks(stream(model, c, frames, batch_size, kv_cache=cache, rng=torch.Generator().manual_seed(0)), c.device)
+    peak = {}  # the process's peak memory after the first probe, and at the end
+
+    def chunks():
+        for k, chunk in enumerate(stream(model, c, frames, batch_size, kv_cache=cache, rng=torch.Generator().manual_seed(0))):
+            yield chunk
+            if k + 1 in (min(at_chunks) + probe, max(at_chunks) + probe):
+                peak[k + 1] = _peak_memory_bytes(c.device)
+    times = _timed_chunks(chunks(), c.device)
     per_chunk = {k: sum(times[k: k + probe]) / probe for k in at_chunks}
     return {"window_frames": window_frames, "sink_frames": sink_frames, "seconds_per_chunk": per_chunk,
             "ratio_last_to_first": per_chunk[max(at_chunks)] / per_chunk[min(at_chunks)],
-            "kv_cache_bytes": cache.k.numel() * cache.k.element_size() * 2}
+            "kv_cache_bytes": cache.k.numel() * cache.k.element_size() * 2,
+            "peak_memory_bytes_after_chunk": peak}
+
+
+def _peak_memory_bytes(device) -> int:
+    """Peak memory so far: allocated GPU memory on CUDA, else the process's peak resident set."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        import resource
+    except ImportError:  # Windows
+        return -1
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kib) * (1 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux KiB
 
 
 # =================================================================================================
@@ -2081,23 +2587,32 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return bench_main(argv[1:])
-    parser = argparse.ArgumentParser(description="Causal Forcing on toy 2-D videos: trains every stage "
-                                     "(bidirectional base, AR teacher, ODE students, DMD) and prints the table. "
+    parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage (bidirectional base, AR "
+                                     "teacher, ODE students, DMD) on toy 2-D videos (--config toy2d) or moving "
+                                     "digits (--config mnist) and prints the table. Re-running the same command "
+                                     "resumes from the stages saved in --out. "
                                      "'python causal_forcing.py bench --help' measures streaming speed.")
     parser.add_argument("--config", default="toy2d", choices=sorted(_PRESETS), help="named preset (default toy2d)")
-    parser.add_argument("--out", default="runs/toy2d", help="folder for results.json, models.pt and samples.png")
+    parser.add_argument("--out", default=None, help="run folder: stage checkpoints, results.json, models.pt and "
+                        "the samples (default runs/<config>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by name, e.g. --set frames=6 --set chunk_frames=2 (repeatable)")
+    parser.add_argument("--mnist-dir", default=None, help="folder with the MNIST IDX files (raw or .gz) for "
+                        "--config mnist; default $CAUSAL_FORCING_MNIST, else the digit sprites in toy_data/")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = _config_from_flags(parser, args.config, args.set, args.device, seed=args.seed)
-    if cfg.name != "toy2d":
-        parser.error(f"the training pipeline runs on toy2d; {cfg.name!r} has no training data here "
+    fixed = {"seed": args.seed, **({"mnist_dir": args.mnist_dir} if args.mnist_dir else {})}
+    cfg = _config_from_flags(parser, args.config, args.set, args.device, **fixed)
+    if cfg.data.dataset == "none":
+        parser.error(f"the training pipeline runs on toy2d or mnist; {cfg.name!r} has no training data here "
                      "(its stage functions take your latents and text embeddings; 'bench' measures its speed)")
+    if args.mnist_dir and not os.path.isdir(args.mnist_dir):
+        parser.error(f"--mnist-dir {args.mnist_dir!r} is not a folder")
+    args.out = args.out or os.path.join("runs", cfg.name)
     rank, world = init_distributed(cfg.device)
     t0 = time.perf_counter()
     results = run_pipeline(cfg, args.out)

@@ -480,7 +480,7 @@ def test_pipeline_end_to_end_writes_results(tmp_path):
     assert set(saved) >= {"config", "rows", "injectivity_floor", "stage_seconds"}
     assert tuple(saved["rows"]) == cf.ROWS
     for row in saved["rows"].values():
-        assert set(row) == {"energy_distance", "off_manifold", "motion", "transition_accuracy", "nfe_per_frame"}
+        assert set(row) == {"energy_distance", "off_manifold", "motion", "transition_accuracy", "nfe_per_frame", "ms_per_frame"}
     assert saved["rows"]["bidirectional_teacher"]["nfe_per_frame"] == 8
     assert saved["rows"]["causal_forcing"]["nfe_per_frame"] == pytest.approx(4 + 2 / 3)
     assert saved["injectivity_floor"]["ar"] < 1e-12 < saved["injectivity_floor"]["bidirectional"]

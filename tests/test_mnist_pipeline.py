@@ -1,0 +1,184 @@
+"""The moving-digit pipeline: label conditioning, guided AR sampling through the cache, the metrics'
+closed forms, stage checkpoints and resuming, and a tiny end-to-end run."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import causal_forcing as cf
+
+# every stage runs a few steps on a 1-layer model: the whole pipeline in seconds
+TINY = dict(train_size=64, test_size=40, base_steps=4, teacher_steps=4, ode_steps=4, dmd_steps=4, classifier_steps=4,
+            ode_pairs=16, batch_size=8, eval_samples=20, teacher_solver_steps=4, device="cpu", num_layers=1,
+            checkpoint_every=1, gen_update_ratio=2, ema_start_step=1)
+
+
+def test_mnist_preset_and_its_checks():
+    cfg = cf.get_config("mnist")
+    assert cfg.data.dataset == "moving_digits" and (cfg.model.height, cfg.model.width) == (16, 16)
+    assert cfg.model.cond_dim == 10 and cfg.model.chunk_frames == 2
+    with pytest.raises(ValueError, match="moving digits are 1x16x16 frames"):
+        cf.get_config("mnist", height=32)
+    with pytest.raises(ValueError, match="cond_dim=7 must be 10"):
+        cf.get_config("mnist", cond_dim=7)
+    with pytest.raises(ValueError, match="dataset='cifar'"):
+        cf.get_config("mnist", dataset="cifar")
+
+
+def test_label_cond_and_dropout():
+    c = cf.label_cond(torch.tensor([3, 0, 9]))
+    assert c.shape == (3, 1, 10) and torch.equal(c.argmax(-1)[:, 0], torch.tensor([3, 0, 9])) and torch.equal(c.sum(-1), torch.ones(3, 1))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        cf.label_cond(torch.tensor([10]))
+    many = cf.label_cond(torch.arange(4000) % 10)
+    dropped = cf.drop_cond(many, 0.25, torch.Generator().manual_seed(0))
+    null = dropped.sum((1, 2)) == 0
+    assert abs(null.double().mean().item() - 0.25) < 0.03  # the null condition, at the dropout rate
+    assert torch.equal(dropped[~null], many[~null])  # the rest untouched
+    assert cf.drop_cond(many, 0.0) is many
+
+
+def test_guided_ar_teacher_through_the_cache_matches_recomputing_the_prefix():
+    """CFG with a KV cache of 2B rows (conditional rows, then unconditional) is the same sampler as
+    running the guided model on [clean prefix at t = 0 ; chunk] for every step, without a cache."""
+    cfg = cf.get_config("mnist", device="cpu", num_layers=2, frames=6, teacher_solver_steps=4)
+    model = cf.CausalDiT(cfg.model, causal=True).double()
+    for p in model.parameters():  # adaLN-Zero starts as the identity; make every path matter
+        p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1)) if p.dim() > 1 else None
+    cond = cf.label_cond(torch.tensor([2, 7, 5])).double()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = cf.sample_ar_teacher(model, cfg, 3, cond=cond, guidance=3.0, rng=torch.Generator().manual_seed(0))
+        g, sig, done = torch.Generator().manual_seed(0), cf.solver_sigmas(4, cfg.sample), []
+        for start in range(0, 6, 2):
+            x = torch.randn(3, 2, 1, 16, 16, generator=g)
+
+            def on_prefix(x_, t_, c_, **kw):  # the doubled batch carries the prefix twice
+                prefix = torch.cat(done, 1) if done else x_[:, :0]
+                prefix = torch.cat([prefix, prefix]) if done else prefix
+                t_all = torch.cat([torch.zeros(len(x_), prefix.shape[1]), t_], 1)
+                return model(torch.cat([prefix, x_], 1), t_all, c_)[:, prefix.shape[1]:]
+            vel = lambda x_, s: cf.guided_velocity(on_prefix, x_, torch.full(x_.shape[:2], s), cond, 3.0)  # noqa: E731
+            done.append(cf.euler_ode(vel, x, sig)[0])
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert torch.allclose(got, torch.cat(done, 1), atol=1e-10)
+
+
+def test_frechet_distance_closed_form():
+    """Diagonal Gaussians: FD = |mu_x - mu_y|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2."""
+    g = torch.Generator().manual_seed(0)
+    n, a, b = 200000, torch.tensor([1.0, 4.0, 0.25]), torch.tensor([2.0, 1.0, 1.0])
+    mx, my = torch.tensor([0.0, 1.0, -1.0]), torch.tensor([0.5, 1.0, 0.0])
+    x = mx + a.sqrt() * torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = my + b.sqrt() * torch.randn(n, 3, generator=g, dtype=torch.float64)
+    want = float((mx - my).pow(2).sum() + (a.sqrt() - b.sqrt()).pow(2).sum())
+    assert cf.frechet_distance(x, y) == pytest.approx(want, abs=0.02)
+    assert cf.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    # a full covariance against the same one rotated: only the rotation's effect remains, and the
+    # eigendecomposition route agrees with a brute-force matrix square root
+    C = torch.tensor([[2.0, 0.8], [0.8, 1.0]], dtype=torch.float64)
+    L = torch.linalg.cholesky(C)
+    z = torch.randn(n, 2, generator=g, dtype=torch.float64) @ L.T
+    w = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    cz, cw = torch.cov(z.T), torch.cov(w.T)
+
+    def sqrtm(m):
+        e, v = torch.linalg.eigh(m)
+        return v @ torch.diag(e.sqrt()) @ v.T
+    brute = (z.mean(0) - w.mean(0)).pow(2).sum() + torch.trace(cz + cw - 2 * sqrtm(sqrtm(cz) @ cw @ sqrtm(cz)))
+    assert cf.frechet_distance(z, w) == pytest.approx(float(brute), rel=1e-9)
+
+
+def test_centroids_sharpness_and_dynamic_degree():
+    video = -torch.ones(1, 3, 1, 8, 8)
+    for f, (y, x) in enumerate([(1, 1), (1, 4), (5, 4)]):  # a 2x2 bright square that moves 3 px, then 4 px
+        video[0, f, 0, y:y + 2, x:x + 2] = 1
+    assert torch.allclose(cf.centroids(video)[0], torch.tensor([[1.5, 1.5], [1.5, 4.5], [5.5, 4.5]], dtype=torch.float64))
+    blurred = torch.nn.functional.avg_pool2d(video[0], 3, 1, 1, count_include_pad=False)[None]
+    assert cf.sharpness(blurred) < cf.sharpness(video)
+    assert cf.sharpness(torch.zeros(1, 2, 1, 4, 4)) == 0.0
+
+
+def test_digit_metrics_on_data_and_on_a_frozen_video():
+    """Held-out data scores like data; a video that stands still has dynamic degree 0, and one
+    whose frames disagree about the digit loses temporal consistency."""
+    cfg = cf.get_config("mnist", device="cpu", classifier_steps=60)
+    split = cf.digit_split(cfg.data)
+    g = torch.Generator().manual_seed(0)
+    videos, labels = cf.digit_videos(cfg.data, 300, split["train"], g)
+    clf, losses = cf.train_classifier(cfg, videos, labels, log=None, rng=g)
+    assert losses[-1] < losses[0]
+    held, held_labels = cf.digit_videos(cfg.data, 100, split["test"], g)
+    fresh, fresh_labels = cf.digit_videos(cfg.data, 100, split["test"], g)
+    m = cf.digit_metrics(fresh, fresh_labels, held, clf)
+    assert 0.8 < m["dynamic_degree"] < 1.2 and 0.8 < m["sharpness"] < 1.2
+    frozen = fresh[:, :1].expand_as(fresh)
+    assert cf.digit_metrics(frozen, fresh_labels, held, clf)["dynamic_degree"] == 0.0
+    mixed = torch.cat([fresh[:, :4], fresh.roll(1, 0)[:, 4:]], 1)  # second half shows another video's digit
+    assert cf.digit_metrics(mixed, fresh_labels, held, clf)["temporal_consistency"] < m["temporal_consistency"]
+
+
+def test_batches_restore_mid_epoch():
+    a = cf.Batches(10, 3, torch.Generator().manual_seed(0))
+    seen = [next(a) for _ in range(4)]  # crosses an epoch (3 full batches of 10)
+    b = cf.Batches(10, 3, torch.Generator().manual_seed(99))
+    b.load_state_dict(a.state_dict())
+    b.rng.set_state(a.rng.get_state())
+    assert all(torch.equal(next(a), next(b)) for _ in range(5))
+    assert len(torch.cat(seen[:3]).unique()) == 9
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        cf.Batches(2, 3, None)
+
+
+def _results_and_models(folder):
+    with open(os.path.join(folder, "results.json")) as f:
+        results = json.load(f)
+    return results, torch.load(os.path.join(folder, "models.pt"), weights_only=True)
+
+
+def test_tiny_end_to_end_run_and_interrupted_runs_resume_to_the_same_result(tmp_path):
+    cfg = cf.get_config("mnist", **TINY)
+    full = cf.run_pipeline(cfg, str(tmp_path / "full"), log=None)
+    assert set(full["rows"]) == set(cf.DIGIT_ROWS)
+    for row, m in full["rows"].items():
+        assert all(math.isfinite(v) for v in m.values()), row
+    assert full["rows"]["causal_forcing"]["nfe_per_frame"] == pytest.approx(4 + 3 / 4)  # 4 steps + 3 refreshes of 4 chunks
+    assert full["rows"]["bidirectional_teacher"]["nfe_per_frame"] == 2 * 4  # 4 guided steps
+    assert os.path.getsize(tmp_path / "full" / "samples.gif") > 1000
+
+    # interrupt inside two stages (ar teacher mid-way, dmd after its first generator updates), then
+    # re-run the same call each time: finished stages load, the interrupted one resumes
+    class Stop(Exception):
+        pass
+    for stop_at in ("[ar teacher, teacher forcing] step     3/", "[dmd critic] step     3/"):
+        def log(msg, stop_at=stop_at):
+            if msg.strip().startswith(stop_at):
+                raise Stop(msg)
+        with pytest.raises(Stop):
+            cf.run_pipeline(cfg, str(tmp_path / "resumed"), log=log)
+        partial = [p for p in os.listdir(tmp_path / "resumed" / "stages") if p.endswith(".partial.pt")]
+        assert len(partial) == 1, partial
+    messages = []
+    resumed = cf.run_pipeline(cfg, str(tmp_path / "resumed"), log=messages.append)
+    assert any("finished earlier" in m for m in messages)
+    for row, m in full["rows"].items():  # every metric identical; only the wall time differs
+        assert {k: v for k, v in resumed["rows"][row].items() if k != "ms_per_frame"} == \
+            {k: v for k, v in m.items() if k != "ms_per_frame"}, row
+    a, b = _results_and_models(tmp_path / "full")[1], _results_and_models(tmp_path / "resumed")[1]
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    assert not [p for p in os.listdir(tmp_path / "resumed" / "stages") if p.endswith(".partial.pt")]
+
+
+def test_a_run_folder_refuses_another_config(tmp_path):
+    cfg = cf.get_config("mnist", **TINY)
+    cf._check_run_folder(cfg, str(tmp_path))
+    cf._check_run_folder(cfg, str(tmp_path))  # the same config again: fine
+    with pytest.raises(ValueError, match=r"another config \(differs in seed, train.base_steps\)"):
+        cf._check_run_folder(cf.get_config("mnist", **{**TINY, "base_steps": 5}, seed=1), str(tmp_path))
