@@ -2291,8 +2291,8 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
             save_atomic(results, os.path.join(out, "results.json"))
             save_atomic(states, os.path.join(out, "models.pt"))
             if digits:  # a column per row; row i of the grid asks for digit i % 10; the data column shows that digit too
-                first = [int(torch.nonzero(test_labels[:, 0] == d)[0]) for d in range(10)] * 2
-                save_gif({"data": test_set[first], **{r: v[:20] for r, v in samples.items()}},
+                first = [int(torch.nonzero(test_labels[:, 0] == d)[0]) for d in range(10)]
+                save_gif({"data": test_set[first], **{r: v[:10] for r, v in samples.items()}},
                          os.path.join(out, "samples.gif"))
             else:
                 plot_samples(samples, test_set, os.path.join(out, "samples.png"))
@@ -2363,7 +2363,7 @@ def plot_samples(samples: dict, data: torch.Tensor, path: str, max_points: int =
     plt.close(fig)
 
 
-def save_gif(columns: dict, path: str, scale: int = 2, ms_per_frame: int = 250) -> None:
+def save_gif(columns: dict, path: str, scale: int = 3, ms_per_frame: int = 250) -> None:
     """An animated GIF of moving-digit videos: one column per entry of `columns` (name -> (N, F, 1,
     H, W) in [-1, 1], the same N and F for all), one row per video, the name above each column.
     Written with Pillow, which matplotlib already depends on."""
@@ -2371,7 +2371,7 @@ def save_gif(columns: dict, path: str, scale: int = 2, ms_per_frame: int = 250) 
 
     vids = [to_pixels(v[:, :, 0]) for v in columns.values()]  # (N, F, H, W) uint8
     N, F, H, W = vids[0].shape
-    pad, header = 2, 24
+    pad, header = 2, 26
     cell_w = W * scale + pad
     sheet_w, sheet_h = len(vids) * cell_w + pad, header + N * (H * scale + pad) + pad
     frames = []
@@ -2381,7 +2381,7 @@ def save_gif(columns: dict, path: str, scale: int = 2, ms_per_frame: int = 250) 
         for j, (name, v) in enumerate(zip(columns, vids)):
             x = pad + j * cell_w
             for k, word in enumerate(name.replace("ode_student_from_", "ode_").replace("diffusion_forcing", "df")
-                                     .split("_")[:3]):
+                                     .replace("bidirectional", "bidir").split("_")[:3]):
                 draw.text((x, 1 + 7 * k), word[:cell_w // 6], fill=255)
             for i in range(N):
                 tile = Image.fromarray(v[i, f].numpy()).resize((W * scale, H * scale), Image.NEAREST)
