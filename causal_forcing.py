@@ -21,11 +21,13 @@ frame i is a function of exactly what the student sees, so the regression target
 
 The default run trains every stage on toy 2-D "videos" (each frame a point in the plane) whose data
 distribution is a Gaussian mixture, so the teachers also have *exact* closed forms, used as ground
-truth. The same network, with the "wan-1.3b" preset, is Wan2.1-T2V-1.3B's DiT: its parameter names
+truth. The "mnist" preset trains the same stages on pixels: moving digits conditioned on their
+label through the cross-attention path. The same network, with the "wan-1.3b" preset, is Wan2.1-T2V-1.3B's DiT: its parameter names
 and forward maths are Wan's, so official and Causal/Self Forcing checkpoints load into it.
 
 Run it:
     python causal_forcing.py                  # whole pipeline on toy 2-D videos, prints the table
+    python causal_forcing.py --config mnist   # the same on class-labelled moving digits (26 min, CPU)
     python causal_forcing.py --help           # every flag
     torchrun --nproc_per_node=2 causal_forcing.py     # the same, data parallel
     python causal_forcing.py bench --config wan-1.3b  # streaming speed of a Wan-sized generator
@@ -40,8 +42,9 @@ Sections, in the order the data flows:
     5. samplers        bidirectional teacher, AR teacher, few-step streaming student
     6. injectivity     the frame-level floor of ODE regression, from the exact teachers
     7. training        data parallel helpers; base, AR teacher, ODE pairs, ODE student, DMD
-    8. evaluation      toy metrics
-    9. pipeline        every stage, the table, results.json, the figure
+    8. evaluation      toy metrics; a digit classifier and the moving-digit metrics (FD, sharpness,
+                       dynamic degree, instruction following, temporal consistency)
+    9. pipeline        every stage (resumable from saved stages), the table, results.json, figures
    10. benchmark       streaming speed, FLOPs
    11. command line
 
@@ -1925,7 +1928,7 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
 
 
 # =================================================================================================
-# 8. evaluation (toy videos)
+# 8. evaluation
 # =================================================================================================
 
 
