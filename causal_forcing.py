@@ -302,8 +302,15 @@ def validate_config(cfg: Config) -> None:
                             f"in_channels={m.in_channels}, height={m.height}, width={m.width}")
         if d.digit_size > d.canvas:
             problems.append(f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas")
+        if d.num_digits != 1:
+            problems.append(f"num_digits={d.num_digits}: the pipeline's label conditions and digit metrics read one digit "
+                            "per video (moving_digits() itself makes any number)")
+        if d.canvas % 8:
+            problems.append(f"canvas={d.canvas} must be a multiple of 8 (the digit classifier pools three times)")
         if m.cond_dim not in (0, 10):
             problems.append(f"cond_dim={m.cond_dim} must be 10 (a one-hot label per digit) or 0 (unconditional)")
+    if cfg.train.checkpoint_every < 1:
+        problems.append(f"checkpoint_every={cfg.train.checkpoint_every} must be >= 1")
     if not 0.0 <= cfg.train.cond_dropout < 1.0:
         problems.append(f"cond_dropout={cfg.train.cond_dropout} must lie in [0, 1)")
     if cfg.train.teacher_mode not in ("teacher_forcing", "diffusion_forcing"):
@@ -1291,17 +1298,19 @@ def sample_ar_teacher(model: CausalDiT, cfg: Config, batch_size: int, num_frames
         chunks.append(x0)
         if start + n < num_frames:
             if guided:
-                _write_context(model, cfg, torch.cat([x0, x0]), torch.cat([cond, torch.zeros_like(cond)]), cache, start, rng)
+                _write_context(model, cfg, x0, torch.cat([cond, torch.zeros_like(cond)]), cache, start, rng, copies=2)
             else:
                 _write_context(model, cfg, x0, cond, cache, start, rng)
     return torch.cat(chunks, 1)
 
 
-def _write_context(model, cfg, x0, cond, cache, start, rng, context_noise=None):
+def _write_context(model, cfg, x0, cond, cache, start, rng, context_noise=None, copies: int = 1):
     """Re-run a finished chunk at sigma = context_noise to overwrite its cache slots with the
-    keys/values of (nearly) clean frames, which is what later chunks should attend to."""
+    keys/values of (nearly) clean frames, which is what later chunks should attend to. copies=2
+    writes the same noised chunk to both halves of a guided cache (cond holds 2B rows then)."""
     s = cfg.sample.context_noise if context_noise is None else context_noise
     x = add_noise(x0, _randn(x0.shape, rng, x0.device), s) if s > 0 else x0
+    x = torch.cat([x] * copies) if copies > 1 else x
     with torch.no_grad():
         model(x, torch.full(x.shape[:2], s, device=x.device), cond, kv_cache=cache, start_frame=start)
 
@@ -1653,6 +1662,11 @@ class StageCheckpoint:
     def __init__(self, path: Optional[str] = None, every: int = 100):
         self.path = path if rank_and_world()[1] == 1 else None
         self.every = every
+        self.t0, self.earlier = time.perf_counter(), 0.0  # seconds spent before a resume
+
+    def elapsed(self) -> float:
+        """Seconds spent on the stage, the runs before an interruption included."""
+        return self.earlier + time.perf_counter() - self.t0
 
     def restore(self, **objs) -> tuple[int, dict]:
         """Loads the saved state into `objs` (models, optimizers, generators); returns the step to
@@ -1664,6 +1678,7 @@ class StageCheckpoint:
             if obj is not None:
                 _load_state(obj, state["objs"][name])
         torch.set_rng_state(state["torch_rng"])
+        self.earlier = state.get("seconds", 0.0)
         return state["step"], state["extra"]
 
     def save(self, step: int, total: int, extra: Optional[dict] = None, **objs) -> None:
@@ -1671,7 +1686,7 @@ class StageCheckpoint:
         result is saved then)."""
         if self.path and step % self.every == 0 and step < total:
             save_atomic({"step": step, "objs": {k: _state_of(o) for k, o in objs.items() if o is not None},
-                         "extra": extra or {}, "torch_rng": torch.get_rng_state()}, self.path)
+                         "extra": extra or {}, "torch_rng": torch.get_rng_state(), "seconds": self.elapsed()}, self.path)
 
 
 def flow_matching_loss(model, x0, sigma, noise, sample_cfg: Optional[SampleConfig] = None, cond=None, **kw):
@@ -1879,6 +1894,8 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
     start, extra = ckpt.restore(gen=gen, fake=fake, opt_g=opt_g, opt_f=opt_f, rng=rng)
     ema, gen_updates = extra.get("ema"), extra.get("gen_updates", 0)  # EMA: a copy of each (local shard of a) parameter
+    if ema is not None:  # restored on the CPU
+        ema = [e.to(p.device) for e, p in zip(ema, gen.parameters())]
     hist = extra.get("hist", {"generator": [], "critic": []})
     K = len(student_sigmas(cfg.sample))
     batch = len(_shard(torch.empty(t.batch_size)))  # this rank's share of the batch
@@ -2046,23 +2063,25 @@ def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Te
       dynamic_degree     mean centroid displacement per frame over the held-out videos'      (motion)
       instruction_following  fraction of frames the classifier reads as the requested digit
       temporal_consistency   fraction of frames that agree with their video's majority reading
-    The label metrics read one digit per video (num_digits = 1); with more they are NaN."""
+    labels=None (an unconditional model) makes instruction_following NaN."""
+    device = next(classifier.parameters()).device
+
     def read(v):
-        feats, logits = zip(*(classifier(rearrange(part, "b f c h w -> (b f) c h w").float())
+        feats, logits = zip(*(classifier(rearrange(part, "b f c h w -> (b f) c h w").float().to(device))
                               for part in v.split(256)))
-        return torch.cat(feats), torch.cat(logits).argmax(-1).reshape(len(v), v.shape[1])
+        return torch.cat(feats).cpu(), torch.cat(logits).argmax(-1).reshape(len(v), v.shape[1]).cpu()
 
     feats, pred = read(videos)
     ref_feats, _ = read(held_out)
     step = lambda v: (centroids(v)[:, 1:] - centroids(v)[:, :-1]).norm(dim=-1).mean()  # noqa: E731
-    one = labels.shape[1] == 1
+    videos, held_out = videos.cpu(), held_out.cpu()
     majority = pred.mode(dim=1).values
     return {
         "frechet_distance": frechet_distance(feats, ref_feats),
         "sharpness": sharpness(videos) / sharpness(held_out),
         "dynamic_degree": float(step(videos) / step(held_out)),
-        "instruction_following": float((pred == labels[:, :1]).double().mean()) if one else float("nan"),
-        "temporal_consistency": float((pred == majority[:, None]).double().mean()) if one else float("nan"),
+        "instruction_following": float((pred == labels[:, :1]).double().mean()) if labels is not None else float("nan"),
+        "temporal_consistency": float((pred == majority[:, None]).double().mean()),
     }
 
 
@@ -2096,15 +2115,22 @@ def save_atomic(obj, path: str) -> None:
 DIGIT_ROWS = ROWS[:2] + ("ar_teacher_diffusion_forcing",) + ROWS[2:]  # moving digits add the ablation
 
 
+def _run_identity(config: dict) -> dict:
+    """The config without the fields that do not change a run's results (device, checkpoint_every)."""
+    out = {k: v for k, v in config.items() if k != "device"}
+    out["train"] = {k: v for k, v in out["train"].items() if k != "checkpoint_every"}
+    return out
+
+
 def _check_run_folder(cfg: Config, out: str) -> None:
     """A run folder belongs to one config: the first run writes out/config.json, a later run in the
-    same folder must have the same config (the device aside), or its saved stages would be mixed
-    with the wrong ones."""
+    same folder must have the same config (device and checkpoint_every aside), or its saved stages
+    would be mixed with the wrong ones."""
     path = os.path.join(out, "config.json")
-    mine = {k: v for k, v in cfg.to_dict().items() if k != "device"}
+    mine = _run_identity(cfg.to_dict())
     if os.path.exists(path):
         with open(path) as f:
-            saved = {k: v for k, v in json.load(f).items() if k != "device"}
+            saved = _run_identity(json.load(f))
         mine_json = json.loads(json.dumps(mine))  # tuples -> lists, as saved
         if saved != mine_json:
             flat = lambda d: {f"{k}.{k2}": v2 for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [("", v)])}  # noqa: E731
@@ -2157,16 +2183,17 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
         done = os.path.join(out, "stages", f"{name}.pt") if out else None
         if done and os.path.exists(done):
             saved = torch.load(done, map_location="cpu", weights_only=True)
+            result = unpack(saved["result"])  # first: building its models draws from the global generator
             g.set_state(saved["rng"])
             torch.set_rng_state(saved["torch_rng"])
             seconds[name] = saved["seconds"]
             log(f"stage: {name} (finished earlier: loaded {done})")
-            return unpack(saved["result"])
+            return result
         log(f"stage: {name}")
-        t0 = time.perf_counter()
         partial = os.path.join(out, "stages", f"{name}.partial.pt") if out else None
-        result = fn(StageCheckpoint(partial, cfg.train.checkpoint_every))
-        seconds[name] = round(time.perf_counter() - t0, 2)
+        ckpt = StageCheckpoint(partial, cfg.train.checkpoint_every)
+        result = fn(ckpt)
+        seconds[name] = round(ckpt.elapsed(), 2)  # including the time before an interruption
         if done:
             packed = pack(result)  # every rank joins an FSDP gather
             if rank == 0:
@@ -2260,7 +2287,7 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
                     x = sample_student(model, cfg, n, cond=c, rng=g)
             wall = time.perf_counter() - t0
             samples[row] = x.cpu()
-            metrics = (digit_metrics(x.cpu(), labels, test_set, classifier) if digits else
+            metrics = (digit_metrics(x.cpu(), labels if c is not None else None, test_set, classifier) if digits else
                        toy_metrics(x.cpu(), toy, test_set, cfg.eval.transition_tol_degrees))
             rows[row] = {**metrics, "nfe_per_frame": nfe["sample_frames"] / (n * F), "ms_per_frame": 1000 * wall / (n * F)}
         return rows, samples
@@ -2294,7 +2321,8 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
             save_atomic(results, os.path.join(out, "results.json"))
             save_atomic(states, os.path.join(out, "models.pt"))
             if digits:  # a column per row; row i of the grid asks for digit i % 10; the data column shows that digit too
-                first = [int(torch.nonzero(test_labels[:, 0] == d)[0]) for d in range(10)]
+                first = [int((torch.nonzero(test_labels[:, 0] == d).flatten().tolist() or [d % len(test_set)])[0])
+                         for d in range(10)]  # a held-out video of each digit (any video if none has it)
                 save_gif({"data": test_set[first], **{r: v[:10] for r, v in samples.items()}},
                          os.path.join(out, "samples.gif"))
             else:
@@ -2523,31 +2551,32 @@ def benchmark_flat_cost(cfg: Config, window_frames: int, sink_frames: int = 0, a
     model = CausalDiT(c.model).to(c.device).eval()
     cache = model.new_kv_cache(batch_size)
     frames = (max(at_chunks) + probe) * c.model.chunk_frames
-    peak = {}  # the process's peak memory after the first probe, and at the end
+    memory = {}  # memory in use after the first probe, and at the end
+    if torch.device(c.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
     def chunks():
         for k, chunk in enumerate(stream(model, c, frames, batch_size, kv_cache=cache, rng=torch.Generator().manual_seed(0))):
             yield chunk
             if k + 1 in (min(at_chunks) + probe, max(at_chunks) + probe):
-                peak[k + 1] = _peak_memory_bytes(c.device)
+                memory[k + 1] = _memory_bytes(c.device)
     times = _timed_chunks(chunks(), c.device)
     per_chunk = {k: sum(times[k: k + probe]) / probe for k in at_chunks}
     return {"window_frames": window_frames, "sink_frames": sink_frames, "seconds_per_chunk": per_chunk,
             "ratio_last_to_first": per_chunk[max(at_chunks)] / per_chunk[min(at_chunks)],
             "kv_cache_bytes": cache.k.numel() * cache.k.element_size() * 2,
-            "peak_memory_bytes_after_chunk": peak}
+            "memory_bytes_after_chunk": memory, "memory_measure": _memory_bytes.__doc__}
 
 
-def _peak_memory_bytes(device) -> int:
-    """Peak memory so far: allocated GPU memory on CUDA, else the process's peak resident set."""
+def _memory_bytes(device) -> int:
+    """CUDA: peak allocated GPU memory since the stream began; CPU: resident memory now (Linux)."""
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated())
     try:
-        import resource
-    except ImportError:  # Windows
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):  # not Linux
         return -1
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kib) * (1 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux KiB
 
 
 # =================================================================================================

@@ -26,6 +26,12 @@ def test_mnist_preset_and_its_checks():
         cf.get_config("mnist", cond_dim=7)
     with pytest.raises(ValueError, match="dataset='cifar'"):
         cf.get_config("mnist", dataset="cifar")
+    with pytest.raises(ValueError, match="num_digits=2: the pipeline's label conditions"):
+        cf.get_config("mnist", num_digits=2)
+    with pytest.raises(ValueError, match="canvas=20 must be a multiple of 8"):
+        cf.get_config("mnist", canvas=20, height=20, width=20, patch_size=4)
+    with pytest.raises(ValueError, match="checkpoint_every=0 must be >= 1"):
+        cf.get_config("mnist", checkpoint_every=0)
 
 
 def test_label_cond_and_dropout():
@@ -150,18 +156,21 @@ def test_tiny_end_to_end_run_and_interrupted_runs_resume_to_the_same_result(tmp_
     assert full["rows"]["bidirectional_teacher"]["nfe_per_frame"] == 2 * 4  # 4 guided steps
     assert os.path.getsize(tmp_path / "full" / "samples.gif") > 1000
 
-    # interrupt inside two stages (ar teacher mid-way, dmd after its first generator updates), then
-    # re-run the same call each time: finished stages load, the interrupted one resumes
+    # interrupt three times: in the base's first step (before any checkpoint: the stage restarts
+    # after loading the classifier, whose model building must not shift the random numbers), in
+    # the AR teacher mid-way, and in DMD after its EMA has started; re-run the same call each time:
+    # finished stages load, the interrupted one resumes from its checkpoint
     class Stop(Exception):
         pass
-    for stop_at in ("[ar teacher, teacher forcing] step     3/", "[dmd critic] step     3/"):
+    for stop_at, partials in (("[base] step     1/", 0), ("[ar teacher, teacher forcing] step     3/", 1),
+                              ("[dmd critic] step     3/", 1)):
         def log(msg, stop_at=stop_at):
             if msg.strip().startswith(stop_at):
                 raise Stop(msg)
         with pytest.raises(Stop):
             cf.run_pipeline(cfg, str(tmp_path / "resumed"), log=log)
         partial = [p for p in os.listdir(tmp_path / "resumed" / "stages") if p.endswith(".partial.pt")]
-        assert len(partial) == 1, partial
+        assert len(partial) == partials, partial
     messages = []
     resumed = cf.run_pipeline(cfg, str(tmp_path / "resumed"), log=messages.append)
     assert any("finished earlier" in m for m in messages)
@@ -180,5 +189,6 @@ def test_a_run_folder_refuses_another_config(tmp_path):
     cfg = cf.get_config("mnist", **TINY)
     cf._check_run_folder(cfg, str(tmp_path))
     cf._check_run_folder(cfg, str(tmp_path))  # the same config again: fine
+    cf._check_run_folder(cf.get_config("mnist", **{**TINY, "checkpoint_every": 7}), str(tmp_path))  # no effect on results
     with pytest.raises(ValueError, match=r"another config \(differs in seed, train.base_steps\)"):
         cf._check_run_folder(cf.get_config("mnist", **{**TINY, "base_steps": 5}, seed=1), str(tmp_path))
