@@ -2637,7 +2637,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fixed = {"seed": args.seed, **({"mnist_dir": args.mnist_dir} if args.mnist_dir else {})}
+    mnist_dir = args.mnist_dir or os.environ.get(MNIST_ENV)
+    fixed = {"seed": args.seed, **({"mnist_dir": mnist_dir} if mnist_dir and args.config == "mnist" else {})}
     cfg = _config_from_flags(parser, args.config, args.set, args.device, **fixed)
     if cfg.data.dataset == "none":
         parser.error(f"the training pipeline runs on toy2d or mnist; {cfg.name!r} has no training data here "
@@ -2646,6 +2647,10 @@ def main(argv=None) -> int:
         parser.error(f"--mnist-dir {args.mnist_dir!r} is not a folder")
     args.out = args.out or os.path.join("runs", cfg.name)
     rank, world = init_distributed(cfg.device)
+    try:
+        _check_run_folder(cfg, args.out)
+    except ValueError as e:
+        parser.error(str(e))
     t0 = time.perf_counter()
     results = run_pipeline(cfg, args.out)
     if rank == 0:

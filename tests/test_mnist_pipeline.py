@@ -192,3 +192,10 @@ def test_a_run_folder_refuses_another_config(tmp_path):
     cf._check_run_folder(cf.get_config("mnist", **{**TINY, "checkpoint_every": 7}), str(tmp_path))  # no effect on results
     with pytest.raises(ValueError, match=r"another config \(differs in seed, train.base_steps\)"):
         cf._check_run_folder(cf.get_config("mnist", **{**TINY, "base_steps": 5}, seed=1), str(tmp_path))
+
+
+def test_command_line_names_a_run_folder_with_another_config(tmp_path, capsys):
+    cf._check_run_folder(cf.get_config("toy2d", device="cpu"), str(tmp_path))
+    with pytest.raises(SystemExit):
+        cf.main(["--out", str(tmp_path), "--seed", "1", "--device", "cpu"])
+    assert "holds a run with another config (differs in seed)" in capsys.readouterr().err
