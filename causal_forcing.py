@@ -328,6 +328,8 @@ def validate_config(cfg: Config) -> None:
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
     cfg.device = resolve_device(cfg.device)
+    if d.dataset == "moving_digits" and not d.mnist_dir:  # record where the digits will come from
+        d.mnist_dir = os.environ.get(MNIST_ENV) or None
 
 
 def resolve_device(name: str) -> str:
@@ -1697,9 +1699,17 @@ def flow_matching_loss(model, x0, sigma, noise, sample_cfg: Optional[SampleConfi
     return (err * bump_weight(sigma, sample_cfg)).mean() if sample_cfg is not None else err.mean()
 
 
-def _cond_batch(cond, idx, p, rng):
-    """The conditions of a minibatch, with classifier-free-guidance dropout p; None if unconditional."""
-    return None if cond is None else drop_cond(cond[idx], p, rng)
+def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_frames: int, rng):
+    """This rank's share of the next minibatch of a flow-matching stage, on the device: clean clips,
+    one sigma per chunk of `chunk_frames`, noise, and the conditions (dropped at cond_dropout, so
+    that guidance has an "uncond"; None when unconditional). Every rank draws the whole global batch
+    from the shared generator, in this order, and keeps its slice."""
+    idx = next(batches)
+    x0 = data[idx]
+    sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, cfg.sample, rng)
+    noise = torch.randn(x0.shape, generator=rng)
+    c = None if cond is None else drop_cond(cond[idx], cfg.train.cond_dropout, rng)
+    return tuple(None if v is None else _shard(v).to(cfg.device) for v in (x0, sigma, noise, c))
 
 
 def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None,
@@ -1714,13 +1724,7 @@ def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None,
     start, extra = ckpt.restore(model=model, opt=opt, rng=rng, batches=batches)
     losses, progress = extra.get("losses", []), Progress(log, "base", t.base_steps, start)
     for step in range(start, t.base_steps):
-        idx = next(batches)  # the global batch; each rank trains on its slice
-        x0 = data[idx]
-        sigma = sample_sigmas(len(x0), x0.shape[1], x0.shape[1], cfg.sample, rng)  # one per clip
-        noise = torch.randn(x0.shape, generator=rng)
-        c = _cond_batch(cond, idx, t.cond_dropout, rng)
-        x0, sigma, noise = (_shard(v).to(cfg.device) for v in (x0, sigma, noise))
-        c = None if c is None else _shard(c).to(cfg.device)
+        x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, data.shape[1], rng)  # one sigma per clip
         loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample, c)
         _step(opt, model, loss, t.grad_clip)
         losses.append(_global_mean(loss))
@@ -1752,13 +1756,7 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
     losses = extra.get("losses", [])
     progress = Progress(log, f"ar teacher, {mode.replace('_', ' ')}", t.teacher_steps, start)
     for step in range(start, t.teacher_steps):
-        idx = next(batches)
-        x0 = data[idx]
-        sigma = sample_sigmas(len(x0), x0.shape[1], cfg.model.chunk_frames, cfg.sample, rng)
-        noise = torch.randn(x0.shape, generator=rng)
-        c = _cond_batch(cond, idx, t.cond_dropout, rng)
-        x0, sigma, noise = (_shard(v).to(cfg.device) for v in (x0, sigma, noise))
-        c = None if c is None else _shard(c).to(cfg.device)
+        x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, cfg.model.chunk_frames, rng)
         kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
         loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample, c, **kw)
         _step(opt, model, loss, t.grad_clip)
@@ -2054,6 +2052,16 @@ def sharpness(videos: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def read_frames(classifier: DigitClassifier, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier on every frame of videos (B, F, 1, H, W), 256 videos at a time: features
+    (B*F, 128) and the digit it reads in each frame (B, F), both on the CPU."""
+    device = next(classifier.parameters()).device
+    feats, logits = zip(*(classifier(rearrange(part, "b f c h w -> (b f) c h w").float().to(device))
+                          for part in videos.split(256)))
+    return torch.cat(feats).cpu(), torch.cat(logits).argmax(-1).reshape(len(videos), videos.shape[1]).cpu()
+
+
+@torch.no_grad()
 def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Tensor,
                   classifier: DigitClassifier) -> dict:
     """Metrics of generated moving-digit videos (B, F, 1, H, W) made for `labels` (B, num_digits),
@@ -2064,16 +2072,12 @@ def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Te
       instruction_following  fraction of frames the classifier reads as the requested digit
       temporal_consistency   fraction of frames that agree with their video's majority reading
     labels=None (an unconditional model) makes instruction_following NaN."""
-    device = next(classifier.parameters()).device
+    feats, pred = read_frames(classifier, videos)
+    ref_feats, _ = read_frames(classifier, held_out)
 
-    def read(v):
-        feats, logits = zip(*(classifier(rearrange(part, "b f c h w -> (b f) c h w").float().to(device))
-                              for part in v.split(256)))
-        return torch.cat(feats).cpu(), torch.cat(logits).argmax(-1).reshape(len(v), v.shape[1]).cpu()
-
-    feats, pred = read(videos)
-    ref_feats, _ = read(held_out)
-    step = lambda v: (centroids(v)[:, 1:] - centroids(v)[:, :-1]).norm(dim=-1).mean()  # noqa: E731
+    def step(v):  # mean centroid displacement between consecutive frames
+        c = centroids(v)
+        return (c[:, 1:] - c[:, :-1]).norm(dim=-1).mean()
     videos, held_out = videos.cpu(), held_out.cpu()
     majority = pred.mode(dim=1).values
     return {
@@ -2093,23 +2097,30 @@ ROWS = ("bidirectional_teacher", "ar_teacher", "ode_student_from_bidirectional",
         "self_forcing", "causal_forcing")
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`: an interrupted
-    save never leaves a truncated file, and an older checkpoint survives until the new one is whole."""
+@contextlib.contextmanager
+def _atomic_file(path: str):
+    """Yields a binary file in the folder of `path`, renamed over `path` when the block ends: an
+    interrupted write never leaves a truncated file, and an older one survives until the new one is whole."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
-            if path.endswith(".json"):
-                f.write(json.dumps(obj, indent=2).encode())
-            else:
-                torch.save(obj, f)
+            yield f
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save (or JSON for a .json path), written atomically (see _atomic_file)."""
+    with _atomic_file(path) as f:
+        if path.endswith(".json"):
+            f.write(json.dumps(obj, indent=2).encode())
+        else:
+            torch.save(obj, f)
 
 
 DIGIT_ROWS = ROWS[:2] + ("ar_teacher_diffusion_forcing",) + ROWS[2:]  # moving digits add the ablation
@@ -2155,8 +2166,6 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
         raise ValueError(f"config {cfg.name!r} has no training data here (dataset='none'); the pipeline "
                          "trains toy2d or mnist")
     digits = cfg.data.dataset == "moving_digits"
-    if digits and not cfg.data.mnist_dir and os.environ.get(MNIST_ENV):  # record where the digits come from
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mnist_dir=os.environ[MNIST_ENV]))
     rank, world = rank_and_world()
     log = log if log and rank == 0 else (lambda *_: None)  # under torchrun only rank 0 speaks and writes
     if out:
@@ -2211,9 +2220,6 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
             return model, r["losses"]
         return dict(pack=lambda r: {"model": full_state_dict(r[0]), "losses": r[1]}, unpack=unpack)
 
-    def to_cpu(d):
-        return {k: v.cpu() for k, v in d.items()}
-
     classifier = None
     if digits:
         def unpack_classifier(r):
@@ -2222,9 +2228,8 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
             return model.eval().requires_grad_(False), r["losses"]
         classifier, _ = stage("digit_classifier", lambda ck: train_classifier(cfg, train_set, train_labels, log, g, ck),
                               pack=lambda r: {"model": r[0].state_dict(), "losses": r[1]}, unpack=unpack_classifier)
-        with torch.no_grad():  # how well it reads held-out digits (in the data's own frames)
-            pred = classifier(rearrange(test_set, "n f c h w -> (n f) c h w").to(cfg.device))[1].argmax(-1).cpu()
-            extra["classifier_accuracy"] = float((pred == test_labels[:, 0].repeat_interleave(cfg.data.frames)).double().mean())
+        pred = read_frames(classifier, test_set)[1]  # how well it reads held-out digits (in the data's own frames)
+        extra["classifier_accuracy"] = float((pred == test_labels[:, :1]).double().mean())
         log(f"  digit classifier reads {extra['classifier_accuracy']:.3f} of held-out frames correctly")
 
     models["bidirectional_teacher"], _ = stage("bidirectional_base", lambda ck: train_base(cfg, train_set, log, g, cond, ck), **dit(False))
@@ -2233,12 +2238,10 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
     if digits:  # the ablation: the AR teacher by diffusion forcing (noisy context in training)
         models["ar_teacher_diffusion_forcing"], _ = stage("ar_teacher_diffusion_forcing", lambda ck: train_ar_teacher(
             cfg, models["bidirectional_teacher"], train_set, "diffusion_forcing", log, g, cond, ck), **dit(True))
-    pairs = {}
-    pairs["bidirectional"] = stage("ode_pairs_bidirectional", lambda ck: to_cpu(make_ode_pairs(
-        cfg, models["bidirectional_teacher"], train_set, "bidirectional", cond, g)))
-    pairs["ar"] = stage("ode_pairs_ar", lambda ck: to_cpu(make_ode_pairs(cfg, models["ar_teacher"], train_set, "ar", cond, g)))
-    pairs = {k: {n: v.to(cfg.device) for n, v in p.items()} for k, p in pairs.items()}
-    init = {"bidirectional": models["bidirectional_teacher"], "ar": models["ar_teacher"]}
+    init = {"bidirectional": models["bidirectional_teacher"], "ar": models["ar_teacher"]}  # each kind's teacher
+    tensors = dict(pack=lambda d: {k: v.cpu() for k, v in d.items()}, unpack=lambda d: {k: v.to(cfg.device) for k, v in d.items()})
+    pairs = {kind: stage(f"ode_pairs_{kind}", lambda ck: make_ode_pairs(cfg, init[kind], train_set, kind, cond, g), **tensors)
+             for kind in ("bidirectional", "ar")}
     for kind in ("bidirectional", "ar"):
         models[f"ode_student_from_{kind}"], _ = stage(f"ode_student_{kind}", lambda ck: train_ode_student(
             cfg, init[kind], pairs[kind], kind, log, g, ck), **dit(True))
@@ -2294,11 +2297,11 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
     rows, samples = stage("evaluation", evaluate)
     results = {"config": cfg.to_dict(), "rows": rows, "stage_seconds": seconds, "world_size": world}
     t = cfg.train  # training throughput: clips through each stage's optimizer per second (DMD: the critic's)
-    steps = {"digit_classifier": 0, "bidirectional_base": t.base_steps, "ar_teacher": t.teacher_steps,
+    steps = {"bidirectional_base": t.base_steps, "ar_teacher": t.teacher_steps,
              "ar_teacher_diffusion_forcing": t.teacher_steps, "ode_student_bidirectional": t.ode_steps,
              "ode_student_ar": t.ode_steps, "dmd_self_forcing": t.dmd_steps, "dmd_causal_forcing": t.dmd_steps}
     results["train_clips_per_second"] = {k: round(n * t.batch_size / seconds[k], 1) for k, n in steps.items()
-                                         if n and seconds.get(k)}
+                                         if seconds.get(k)}
     if digits:
         data_video, data_labels = digit_videos(cfg.data, cfg.eval.eval_samples, split["test"], g)
         results["data"] = digit_metrics(data_video, data_labels, test_set, classifier)
@@ -2397,7 +2400,7 @@ def plot_samples(samples: dict, data: torch.Tensor, path: str, max_points: int =
 def save_gif(columns: dict, path: str, scale: int = 3, ms_per_frame: int = 250) -> None:
     """An animated GIF of moving-digit videos: one column per entry of `columns` (name -> (N, F, 1,
     H, W) in [-1, 1], the same N and F for all), one row per video, the name above each column.
-    Written with Pillow, which matplotlib already depends on."""
+    Written atomically with Pillow, which matplotlib already depends on."""
     from PIL import Image, ImageDraw
 
     vids = [to_pixels(v[:, :, 0]) for v in columns.values()]  # (N, F, H, W) uint8
@@ -2418,16 +2421,8 @@ def save_gif(columns: dict, path: str, scale: int = 3, ms_per_frame: int = 250) 
                 tile = Image.fromarray(v[i, f].numpy()).resize((W * scale, H * scale), Image.NEAREST)
                 img.paste(tile, (x, header + pad + i * (H * scale + pad)))
         frames.append(img)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".gif")
-    os.close(fd)
-    try:
-        frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with _atomic_file(path) as f:
+        frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
 
 
 # =================================================================================================
@@ -2637,8 +2632,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    mnist_dir = args.mnist_dir or os.environ.get(MNIST_ENV)
-    fixed = {"seed": args.seed, **({"mnist_dir": mnist_dir} if mnist_dir and args.config == "mnist" else {})}
+    fixed = {"seed": args.seed, **({"mnist_dir": args.mnist_dir} if args.mnist_dir else {})}
     cfg = _config_from_flags(parser, args.config, args.set, args.device, **fixed)
     if cfg.data.dataset == "none":
         parser.error(f"the training pipeline runs on toy2d or mnist; {cfg.name!r} has no training data here "
