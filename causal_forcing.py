@@ -535,14 +535,6 @@ def digit_split(cfg: DataConfig) -> dict:
             "source": source}
 
 
-def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moving-digit videos as model input: (N, F, 1, H, W) float in [-1, 1] (0 -> -1, 255 -> 1), and
-    the labels (N, num_digits)."""
-    video, labels = moving_digits(num_videos, cfg.frames, cfg.canvas, cfg.num_digits, cfg.speed, cfg.digit_size,
-                                  digits, rng)
-    return to_unit(video)[:, :, None], labels
-
-
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> floats in [-1, 1]."""
     return pixels.float() / 127.5 - 1
@@ -551,6 +543,14 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
 def to_pixels(x: torch.Tensor) -> torch.Tensor:
     """Floats in [-1, 1] -> uint8 pixels (clipped)."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moving-digit videos as model input: (N, F, 1, H, W) float in [-1, 1] (0 -> -1, 255 -> 1), and
+    the labels (N, num_digits)."""
+    video, labels = moving_digits(num_videos, cfg.frames, cfg.canvas, cfg.num_digits, cfg.speed, cfg.digit_size,
+                                  digits, rng)
+    return to_unit(video)[:, :, None], labels
 
 
 def label_cond(labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
@@ -1636,6 +1636,35 @@ class Progress:
                  f"{rate:6.2f} it/s  {(self.total - step - 1) / rate:5.0f} s left")
 
 
+# --- resumable stages: files written atomically, and the state a stage checkpoints ----------------
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str):
+    """Yields a binary file in the folder of `path`, renamed over `path` when the block ends: an
+    interrupted write never leaves a truncated file, and an older one survives until the new one is whole."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save (or JSON for a .json path), written atomically (see _atomic_file)."""
+    with _atomic_file(path) as f:
+        if path.endswith(".json"):
+            f.write(json.dumps(obj, indent=2).encode())
+        else:
+            torch.save(obj, f)
+
+
 def _state_of(obj):
     if isinstance(obj, torch.Generator):
         return obj.get_state()
@@ -2095,34 +2124,6 @@ def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Te
 
 ROWS = ("bidirectional_teacher", "ar_teacher", "ode_student_from_bidirectional", "ode_student_from_ar",
         "self_forcing", "causal_forcing")
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str):
-    """Yields a binary file in the folder of `path`, renamed over `path` when the block ends: an
-    interrupted write never leaves a truncated file, and an older one survives until the new one is whole."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save (or JSON for a .json path), written atomically (see _atomic_file)."""
-    with _atomic_file(path) as f:
-        if path.endswith(".json"):
-            f.write(json.dumps(obj, indent=2).encode())
-        else:
-            torch.save(obj, f)
-
-
 DIGIT_ROWS = ROWS[:2] + ("ar_teacher_diffusion_forcing",) + ROWS[2:]  # moving digits add the ablation
 
 
