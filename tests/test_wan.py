@@ -310,3 +310,55 @@ def test_streaming_benchmarks_report_side_by_side_numbers():
     assert [r["frames"] for r in rows] == [4, 8] and all(r["cached_s"] > 0 and r["recompute_s"] > 0 for r in rows)
     flat = cf.benchmark_flat_cost(cfg, window_frames=2, at_chunks=(2, 6), probe=2)
     assert set(flat["seconds_per_chunk"]) == {2, 6} and flat["kv_cache_bytes"] == 2 * 1 * 1 * 4 * 2 * 1 * 16 * 4
+
+
+# --- the GPU suite (bench --suite gpu): its checks run on a CPU too, and must be able to fail ------
+
+
+def test_gpu_suite_exactness_checks_pass_and_catch_a_cache_that_forgets(monkeypatch):
+    rows = cf.exactness_checks("cpu", "fp32", "flex", 1e-5)
+    names = {r["check"] for r in rows}
+    assert {"kv_cache_vs_full_causal", "rolling_cache_vs_banded_mask", "causal_flex_vs_dense",
+            "teacher_forcing_flex_vs_dense", "windowed_teacher_forcing_flex_vs_dense"} <= names
+    assert all(r["ok"] for r in rows), rows
+    # a cache whose values are lost once written: later chunks attend to zeros, and the check says so
+    commit = cf.KVCache.commit
+
+    def forgetful(self, start, n):
+        commit(self, start, n)
+        self.v.zero_()
+    monkeypatch.setattr(cf.KVCache, "commit", forgetful)
+    broken = {r["check"]: r for r in cf.exactness_checks("cpu", "fp32", "dense", 1e-5)}
+    assert not broken["kv_cache_vs_full_causal"]["ok"] and broken["kv_cache_vs_full_causal"]["rel_err"] > 1e-3
+
+
+def test_gpu_suite_bf16_checks_compare_with_fp32():
+    rows = {r["check"]: r for r in cf.exactness_checks("cpu", "bf16", "dense", 5e-2)}
+    assert rows["causal_vs_fp32"]["ok"] and 1e-4 < rows["causal_vs_fp32"]["rel_err"]  # bf16 rounds, visibly
+
+
+def test_gpu_suite_command_writes_every_section(tmp_path):
+    import json
+
+    out = tmp_path / "gpu.json"
+    rc = cf.main(["bench", "--suite", "gpu", "--device", "cpu", "--sections", "exactness,training", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert rc == 0 and r["ok"] and r["device"] == "cpu" and "torch" in r
+    assert all(row["ok"] for row in r["exactness"])
+    stages = r["training"]["stages"]
+    assert set(stages) == {"base", "ar_teacher", "ode_student", "dmd_critic", "dmd_generator"}
+    assert all(len(s["fast"]) == 3 and s["finite"] for s in stages.values())
+    assert r["training"]["fast"]["precision"] == "bf16" and r["training"]["fast"]["grad_checkpointing"]
+
+
+def test_gpu_suite_refuses_unknown_sections(capsys):
+    with pytest.raises(SystemExit) as e:
+        cf.main(["bench", "--suite", "gpu", "--device", "cpu", "--sections", "exactnes"])
+    assert e.value.code == 2 and "exactnes" in capsys.readouterr().err
+
+
+def test_profile_ranks_where_the_time_goes():
+    cfg = cf.get_config("toy2d", device="cpu", num_layers=1)
+    rows = cf.profile_stream(cfg, 4, top=5)
+    assert len(rows) == 5 and all(r["ms"] >= 0 and 0 <= r["share"] <= 1 for r in rows)
+    assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)
