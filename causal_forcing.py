@@ -1578,7 +1578,9 @@ def _adamw(params, lr, cfg: TrainConfig, beta1=None, cosine_steps: Optional[int]
     return opt
 
 
-def _step(opt, model, loss, clip):
+def _step(opt, model, loss, clip) -> float:
+    """One optimizer step: backward, average gradients over replicas, clip, step. Refuses (before
+    the step, so the weights stay finite) a loss or gradient that is not finite."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     rank, world = rank_and_world()
@@ -1591,11 +1593,13 @@ def _step(opt, model, loss, clip):
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
                 p.grad /= world
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))  # the same on every rank
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"loss {float(loss.detach()):.4g}, gradient norm {norm}")
     opt.step()
     if hasattr(opt, "schedule"):
         opt.schedule.step()
-    return float(norm)
+    return norm
 
 
 class Batches:
@@ -1657,11 +1661,22 @@ def _atomic_file(path: str):
         raise
 
 
+def _finite_or_none(obj):
+    """obj with every non-finite float replaced by None, so that it is valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def save_atomic(obj, path: str) -> None:
     """torch.save (or JSON for a .json path), written atomically (see _atomic_file)."""
     with _atomic_file(path) as f:
-        if path.endswith(".json"):
-            f.write(json.dumps(obj, indent=2).encode())
+        if path.endswith(".json"):  # strict JSON: a NaN or infinity is written as null
+            f.write(json.dumps(_finite_or_none(obj), indent=2, allow_nan=False).encode())
         else:
             torch.save(obj, f)
 
@@ -1721,12 +1736,52 @@ class StageCheckpoint:
                          "extra": extra or {}, "torch_rng": torch.get_rng_state(), "seconds": self.elapsed()}, self.path)
 
 
-def flow_matching_loss(model, x0, sigma, noise, sample_cfg: Optional[SampleConfig] = None, cond=None, **kw):
-    """MSE between the predicted and the true velocity eps - x0 (Wan's objective), per frame
-    weighted by the bump weight when `sample_cfg` is given (its schedule defines the weight)."""
+class Diverged(RuntimeError):
+    """A training stage met a non-finite loss or gradient. The stage stops before the step that would
+    make its weights non-finite; nothing of it is saved as finished, its last checkpoint is kept."""
+
+
+def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Optional[StageCheckpoint] = None,
+               log=print, state: Optional[dict] = None, hint: str = "", **objs) -> dict:
+    """The training loop of every stage. `step(i)` does step i and returns its losses by name (the
+    first is the one progress shows); this loop does the rest:
+      - resumes: restores `objs` (models, optimizers, random generators, Batches) and `state` (a dict
+        of the stage's own values, e.g. DMD's EMA weights) from `ckpt`, and continues at its step;
+      - refuses a non-finite loss or gradient (`_step` checks the gradient before the update) with a
+        Diverged error naming the stage, the step and `hint` (what to change);
+      - logs progress about ten times and checkpoints every `ckpt.every` steps.
+    Returns the history {loss name: [one value per step that produced it]}."""
+    ckpt = ckpt or StageCheckpoint()
+    start, saved = ckpt.restore(**objs)
+    history = saved.get("history", {})
+    if state is not None:
+        state.update(saved.get("state", {}))
+    progress = Progress(log, stage, steps, start)
+    for i in range(start, steps):
+        try:
+            losses = {name: _global_mean(v) if torch.is_tensor(v) else float(v) for name, v in step(i).items()}
+            bad = {name: v for name, v in losses.items() if not math.isfinite(v)}
+            if bad:
+                raise FloatingPointError(", ".join(f"{name} loss {v}" for name, v in bad.items()))
+        except FloatingPointError as e:
+            raise Diverged(f"training diverged in stage '{stage}' at step {i + 1} of {steps} ({e}). Nothing of "
+                           f"this stage was saved as finished. The usual cause is a learning rate too high for "
+                           f"this model{': ' + hint if hint else ''}.") from None
+        for name, v in losses.items():
+            history.setdefault(name, []).append(v)
+        progress(i, next(iter(losses.values())))
+        ckpt.save(i + 1, steps, {"history": history, "state": state or {}}, **objs)
+    return history
+
+
+def flow_matching_loss(model, x0, sigma, noise, cond=None, weight=None, **kw) -> torch.Tensor:
+    """Flow matching (Wan's objective, rectified flow): the MSE between the model's velocity at
+    x_s = (1 - s) x0 + s eps and the true velocity eps - x0, per frame, averaged with `weight`
+    (B, F) if given (the recipe's bump weight, `bump_weight`), else uniformly. `kw` go to the
+    model (clean_context: teacher forcing)."""
     x_s = add_noise(x0, noise, sigma)
     err = (model(x_s, sigma, cond, **kw) - (noise - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, F)
-    return (err * bump_weight(sigma, sample_cfg)).mean() if sample_cfg is not None else err.mean()
+    return (err * weight).mean() if weight is not None else err.mean()
 
 
 def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_frames: int, rng):
@@ -1747,20 +1802,19 @@ def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None,
     """Stage 0: the bidirectional base model, flow matching with one timestep per clip. Upstream
     this is the pretrained Wan2.1 model; here we train it so the pipeline starts from data.
     cond (N, L, cond_dim), if given, holds each training video's condition (dropped at cond_dropout)."""
-    t, ckpt = cfg.train, ckpt or StageCheckpoint()
+    t = cfg.train
     model = parallelize(CausalDiT(cfg.model, causal=False).to(cfg.device), cfg)
     opt = _adamw(model.parameters(), t.base_lr, t, beta1=t.base_beta1, cosine_steps=t.base_steps)
     batches = Batches(len(data), t.batch_size, rng)
-    start, extra = ckpt.restore(model=model, opt=opt, rng=rng, batches=batches)
-    losses, progress = extra.get("losses", []), Progress(log, "base", t.base_steps, start)
-    for step in range(start, t.base_steps):
+
+    def step(i):
         x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, data.shape[1], rng)  # one sigma per clip
-        loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample, c)
+        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=bump_weight(sigma, cfg.sample))
         _step(opt, model, loss, t.grad_clip)
-        losses.append(_global_mean(loss))
-        progress(step, losses[-1])
-        ckpt.save(step + 1, t.base_steps, {"losses": losses}, model=model, opt=opt, rng=rng, batches=batches)
-    return model, losses
+        return {"flow_matching": loss}
+    history = train_loop("base", t.base_steps, step, ckpt, log, hint=f"lower base_lr (now {t.base_lr:g})",
+                         model=model, opt=opt, rng=rng, batches=batches)
+    return model, history.get("flow_matching", [])
 
 
 def copy_model(model: CausalDiT, causal: Optional[bool] = None) -> CausalDiT:
@@ -1778,22 +1832,20 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
       to the clean chunks < b, exactly the context it will have at inference.
     diffusion forcing (ablation): every chunk is noisy at its own level and attends to the noisy
       earlier chunks; at inference the context is clean, a train/test mismatch (Prop. 3.4)."""
-    t, mode, ckpt = cfg.train, mode or cfg.train.teacher_mode, ckpt or StageCheckpoint()
+    t, mode = cfg.train, mode or cfg.train.teacher_mode
     model = parallelize(copy_model(base, causal=True), cfg)
     opt = _adamw(model.parameters(), t.teacher_lr, t, cosine_steps=t.teacher_steps)
     batches = Batches(len(data), t.batch_size, rng)
-    start, extra = ckpt.restore(model=model, opt=opt, rng=rng, batches=batches)
-    losses = extra.get("losses", [])
-    progress = Progress(log, f"ar teacher, {mode.replace('_', ' ')}", t.teacher_steps, start)
-    for step in range(start, t.teacher_steps):
+
+    def step(i):
         x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, cfg.model.chunk_frames, rng)
         kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
-        loss = flow_matching_loss(model, x0, sigma, noise, cfg.sample, c, **kw)
+        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=bump_weight(sigma, cfg.sample), **kw)
         _step(opt, model, loss, t.grad_clip)
-        losses.append(_global_mean(loss))
-        progress(step, losses[-1])
-        ckpt.save(step + 1, t.teacher_steps, {"losses": losses}, model=model, opt=opt, rng=rng, batches=batches)
-    return model, losses
+        return {"flow_matching": loss}
+    history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", t.teacher_steps, step, ckpt, log,
+                         hint=f"lower teacher_lr (now {t.teacher_lr:g})", model=model, opt=opt, rng=rng, batches=batches)
+    return model, history.get("flow_matching", [])
 
 
 @torch.no_grad()
@@ -1849,22 +1901,21 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
     """Stage 2: few-step causal student by ODE regression, initialised from `init` (the AR teacher
     for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). One student
     sigma per step, shared by all frames."""
-    t, ckpt = cfg.train, ckpt or StageCheckpoint()
+    t = cfg.train
     student = parallelize(copy_model(init, causal=True), cfg)
     opt = _adamw(student.parameters(), t.ode_lr, t, cosine_steps=t.ode_steps)
-    start, extra = ckpt.restore(model=student, opt=opt, rng=rng)
-    losses, n, K = extra.get("losses", []), len(pairs["x0"]), len(student_sigmas(cfg.sample))
-    progress = Progress(log, f"ode student from {kind}", t.ode_steps, start)
-    for step in range(start, t.ode_steps):
+    n, K = len(pairs["x0"]), len(student_sigmas(cfg.sample))
+    per_coordinate = cfg.model.in_channels * cfg.model.height * cfg.model.width  # MSE per coordinate
+
+    def step(i):
         idx = _shard(torch.randint(n, (t.batch_size,), generator=rng))
         k = int(torch.randint(K, (1,), generator=rng))  # one student step for the whole batch
-        per_coordinate = cfg.model.in_channels * cfg.model.height * cfg.model.width  # MSE per coordinate
         loss = ode_regression_loss(student, cfg, pairs, idx, k, kind).mean() / per_coordinate
         _step(opt, student, loss, t.grad_clip)
-        losses.append(_global_mean(loss))
-        progress(step, losses[-1])
-        ckpt.save(step + 1, t.ode_steps, {"losses": losses}, model=student, opt=opt, rng=rng)
-    return student, losses
+        return {"ode_regression": loss}
+    history = train_loop(f"ode student from {kind}", t.ode_steps, step, ckpt, log,
+                         hint=f"lower ode_lr (now {t.ode_lr:g})", model=student, opt=opt, rng=rng)
+    return student, history.get("ode_regression", [])
 
 
 def self_rollout(generator: CausalDiT, cfg: Config, batch_size: int, exit_step: Optional[int] = None,
@@ -1899,6 +1950,27 @@ def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F_.mse_loss(x.double(), (x.double() - grad.double()).detach())
 
 
+def dmd_generator_loss(x: torch.Tensor, real_score: nn.Module, fake_score: nn.Module, sigma: torch.Tensor,
+                       noise: torch.Tensor, cond=None, guidance: float = 1.0) -> torch.Tensor:
+    """The generator's DMD loss (DMD2 eq. 2; upstream `DMD.generator_loss` ->
+    `compute_distribution_matching_loss`): noise the generated clip x to x_s at `sigma`, ask the
+    frozen real score (guided) and the fake score for x0, and pull x along the normalised difference
+    (`dmd_gradient`, through `dmd_loss`). Only x carries a gradient, back into the generator."""
+    with torch.no_grad():
+        x_s = add_noise(x, noise, sigma)
+        x0_real = x0_from_velocity(x_s, guided_velocity(real_score, x_s, sigma, cond, guidance), sigma)
+        x0_fake = x0_from_velocity(x_s, fake_score(x_s, sigma, cond), sigma)
+        grad = dmd_gradient(x, x0_real, x0_fake)
+    return dmd_loss(x, grad)
+
+
+def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond=None) -> torch.Tensor:
+    """The fake score's loss (upstream `DMD.critic_loss`): flow matching on the generator's samples x
+    (no gradient into the generator), unweighted, so that the fake score tracks the distribution
+    the generator produces now."""
+    return flow_matching_loss(fake_score, x.detach(), sigma, noise, cond)
+
+
 def _dmd_sigma(cfg: Config, batch, rng, device):
     """One sigma per clip (chunk = the whole clip) for the DMD and critic losses: a step drawn in
     [0.02, 0.98], shifted, then clamped to [0.02, 0.98] again, in Self Forcing's order."""
@@ -1911,65 +1983,60 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
               cond_sampler: Optional[Callable] = None, log=print, rng=None,
               ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, dict]:
     """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (a
-    bidirectional model, initialised from the base) by flow matching on fresh generator samples;
-    cond_sampler(batch, rng), if given, draws the conditions of a batch (e.g. prompt embeddings);
-    every `gen_update_ratio` steps the generator takes a DMD step. The real score is frozen and
-    guided when conditioned. Returns the EMA generator (or the raw one before EMA starts)."""
-    t, ckpt = cfg.train, ckpt or StageCheckpoint()
+    bidirectional model, initialised from the base) with `critic_loss` on a fresh rollout; every
+    `gen_update_ratio` steps the generator takes a `dmd_generator_loss` step on its own rollout,
+    stopped at a random denoising step. The real score is frozen (guided when conditioned);
+    cond_sampler(batch, rng), if given, draws a batch's conditions (e.g. prompt embeddings).
+    Returns the EMA generator (or the raw one before EMA starts) and the loss histories."""
+    t = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
     real = real_score.eval()  # frozen: only ever called under no_grad
     opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
-    start, extra = ckpt.restore(gen=gen, fake=fake, opt_g=opt_g, opt_f=opt_f, rng=rng)
-    ema, gen_updates = extra.get("ema"), extra.get("gen_updates", 0)  # EMA: a copy of each (local shard of a) parameter
-    if ema is not None:  # restored on the CPU
-        ema = [e.to(p.device) for e, p in zip(ema, gen.parameters())]
-    hist = extra.get("hist", {"generator": [], "critic": []})
-    K = len(student_sigmas(cfg.sample))
-    batch = len(_shard(torch.empty(t.batch_size)))  # this rank's share of the batch
-    progress = Progress(log, "dmd critic", t.dmd_steps, start)
-    for step in range(start, t.dmd_steps):
+    K, batch = len(student_sigmas(cfg.sample)), len(_shard(torch.empty(t.batch_size)))  # this rank's batch
+    state = {"ema": None, "gen_updates": 0}  # EMA: a copy of each (local shard of a) parameter
+
+    def step(i):
+        losses = {}
         own = _rank_rng(rng)  # the rollouts' noise differs between ranks; exit steps are shared
         cond = cond_sampler(batch, own) if cond_sampler else None  # this rank's prompts
-        if step % t.gen_update_ratio == 0:
-            exit_step = int(torch.randint(K, (1,), generator=rng))
-            x = self_rollout(gen, cfg, batch, exit_step, cond, own)
-            with torch.no_grad():
-                sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
-                x_s = add_noise(x, _randn(x.shape, own, x.device), sigma)
-                x0_real = x0_from_velocity(x_s, guided_velocity(real, x_s, sigma, cond, t.real_guidance), sigma)
-                x0_fake = x0_from_velocity(x_s, fake(x_s, sigma, cond), sigma)
-                grad = dmd_gradient(x, x0_real, x0_fake)
-            loss = dmd_loss(x, grad)
+        if i % t.gen_update_ratio == 0:
+            x = self_rollout(gen, cfg, batch, int(torch.randint(K, (1,), generator=rng)), cond, own)
+            sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
+            loss = dmd_generator_loss(x, real, fake, sigma, _randn(x.shape, own, x.device), cond, t.real_guidance)
             _step(opt_g, gen, loss, t.grad_clip)
-            gen_updates += 1
-            hist["generator"].append(_global_mean(loss))
             _reshard(gen)
-            with torch.no_grad():
-                if ema is None and gen_updates >= t.ema_start_step:
-                    ema = [p.detach().clone() for p in gen.parameters()]
-                elif ema is not None:
-                    for pe, pg in zip(ema, gen.parameters()):
-                        pe.lerp_(pg, 1 - t.ema_decay)
-        # the critic: flow matching on fresh samples, with a random exit step as the generator's
-        # DMD samples have, so the fake score models the distribution that DMD evaluates
-        exit_step = int(torch.randint(K, (1,), generator=rng))
-        with torch.no_grad():
-            x = self_rollout(gen, cfg, batch, exit_step, cond, own)
+            _update_ema(state, gen, t)
+            losses["generator"] = loss
+        with torch.no_grad():  # the critic's samples: a fresh rollout with its own random exit step
+            x = self_rollout(gen, cfg, batch, int(torch.randint(K, (1,), generator=rng)), cond, own)
         sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
-        loss_f = flow_matching_loss(fake, x, sigma, _randn(x.shape, own, x.device), None, cond)
+        loss_f = critic_loss(fake, x, sigma, _randn(x.shape, own, x.device), cond)
         _step(opt_f, fake, loss_f, t.grad_clip)
-        hist["critic"].append(_global_mean(loss_f))
-        progress(step, hist["critic"][-1])
-        ckpt.save(step + 1, t.dmd_steps, {"ema": ema, "gen_updates": gen_updates, "hist": hist},
-                  gen=gen, fake=fake, opt_g=opt_g, opt_f=opt_f, rng=rng)
-    if ema is not None:  # hand back the EMA weights
+        return {"critic": loss_f, **losses}
+    history = train_loop("dmd critic", t.dmd_steps, step, ckpt, log, state,
+                         hint=f"lower gen_lr (now {t.gen_lr:g}) or critic_lr (now {t.critic_lr:g})",
+                         gen=gen, fake=fake, opt_g=opt_g, opt_f=opt_f, rng=rng)
+    if state["ema"] is not None:  # hand back the EMA weights
         _reshard(gen)
         with torch.no_grad():
-            for pe, pg in zip(ema, gen.parameters()):
-                pg.copy_(pe)
-    return gen.eval().requires_grad_(False), hist
+            for pe, pg in zip(state["ema"], gen.parameters()):
+                pg.copy_(pe.to(pg.device))
+    return gen.eval().requires_grad_(False), {"generator": history.get("generator", []), "critic": history.get("critic", [])}
 
+
+def _update_ema(state: dict, model: nn.Module, t: TrainConfig) -> None:
+    """After a generator update: count it; from ema_start_step on, keep an exponential moving average
+    of the weights (decay ema_decay) in state["ema"] (restored from a checkpoint on the CPU)."""
+    state["gen_updates"] += 1
+    with torch.no_grad():
+        if state["ema"] is None:
+            if state["gen_updates"] >= t.ema_start_step:
+                state["ema"] = [p.detach().clone() for p in model.parameters()]
+        else:
+            state["ema"] = [e.to(p.device) for e, p in zip(state["ema"], model.parameters())]
+            for pe, pg in zip(state["ema"], model.parameters()):
+                pe.lerp_(pg, 1 - t.ema_decay)
 
 
 # =================================================================================================
@@ -2030,25 +2097,22 @@ def train_classifier(cfg: Config, videos: torch.Tensor, labels: torch.Tensor, lo
                      ckpt: Optional[StageCheckpoint] = None, batch: int = 128) -> tuple[DigitClassifier, list]:
     """Trains the DigitClassifier on the frames of the training videos (one digit per video, so
     every frame carries the video's label), with Adam for classifier_steps steps."""
-    ckpt = ckpt or StageCheckpoint()
     frames = rearrange(videos, "n f c h w -> (n f) c h w")
     targets = labels[:, 0].repeat_interleave(videos.shape[1])
     model = DigitClassifier(videos.shape[-1]).to(cfg.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = Batches(len(frames), batch, rng)
-    start, extra = ckpt.restore(model=model, opt=opt, rng=rng, batches=batches)
-    losses, steps = extra.get("losses", []), cfg.train.classifier_steps
-    progress = Progress(log, "digit classifier", steps, start)
-    for step in range(start, steps):
+
+    def step(i):
         idx = next(batches)
         loss = F_.cross_entropy(model(frames[idx].to(cfg.device))[1], targets[idx].to(cfg.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-        progress(step, losses[-1])
-        ckpt.save(step + 1, steps, {"losses": losses}, model=model, opt=opt, rng=rng, batches=batches)
-    return model.eval().requires_grad_(False), losses
+        return {"cross_entropy": loss}
+    history = train_loop("digit classifier", cfg.train.classifier_steps, step, ckpt, log,
+                         model=model, opt=opt, rng=rng, batches=batches)
+    return model.eval().requires_grad_(False), history.get("cross_entropy", [])
 
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -2985,7 +3049,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     t0 = time.perf_counter()
-    results = run_pipeline(cfg, args.out)
+    try:
+        results = run_pipeline(cfg, args.out)
+    except Diverged as e:  # a clear message and a failing exit, not a traceback (nor a table of NaN)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if rank == 0:
         print()
         print(format_table(results))

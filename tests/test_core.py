@@ -620,3 +620,67 @@ def test_streaming_with_cache_equals_recomputing_the_prefix(kw):
     cached = torch.cat(list(cf.stream(model, cfg, 7, 2, rng=torch.Generator().manual_seed(0))), 1)
     recomputed = torch.cat(list(cf.stream_recompute(model, cfg, 7, 2, rng=torch.Generator().manual_seed(0))), 1)
     torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
+
+
+# --- failing loudly: a diverging stage stops with a clear error, and nothing NaN is kept -------------
+
+
+def test_training_loop_stops_at_the_first_non_finite_loss():
+    seen = []
+
+    def step(i):
+        seen.append(i)
+        return {"flow_matching": torch.tensor(float("nan") if i == 2 else 1.0)}
+    with pytest.raises(cf.Diverged, match=r"stage 'base' at step 3 of 5 \(flow_matching loss nan\).*lower base_lr"):
+        cf.train_loop("base", 5, step, log=None, hint="lower base_lr")
+    assert seen == [0, 1, 2]
+
+
+def test_optimizer_step_refuses_a_non_finite_gradient_and_leaves_the_weights():
+    model = torch.nn.Linear(2, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = model(torch.tensor([[float("inf"), 1.0]])).sum()
+    with pytest.raises(FloatingPointError, match="gradient norm"):
+        cf._step(opt, model, loss, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_diverging_run_exits_with_an_error_and_saves_no_finished_stage(tmp_path, capsys):
+    out = tmp_path / "run"
+    sets = [f"--set={k}={v}" for k, v in {**TINY, "base_steps": 20, "base_lr": 1e4}.items() if k != "device"]
+    rc = cf.main(["--out", str(out), "--device", "cpu", *sets])
+    err = capsys.readouterr().err
+    assert rc == 1 and "stage 'base'" in err and "base_lr" in err and "Traceback" not in err
+    assert not (out / "stages" / "bidirectional_base.pt").exists() and not (out / "results.json").exists()
+
+
+def test_json_results_are_strict_json(tmp_path):
+    path = str(tmp_path / "r.json")
+    cf.save_atomic({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}, path)
+    text = open(path).read()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == \
+        {"a": None, "b": [1.0, None], "c": "x"}
+
+
+def test_named_dmd_losses_equal_their_definitions():
+    model, cfg = random_model(causal=False)
+    other, _ = random_model(causal=False, seed=1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 2, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    sigma, noise = torch.rand(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, 2, 1, 1, generator=g, dtype=torch.float64)
+    loss = cf.dmd_generator_loss(x, model, other, sigma, noise)
+    with torch.no_grad():  # by hand: noise, both scores' x0, the normalised difference
+        x_s = cf.add_noise(x, noise, sigma)
+        grad = cf.dmd_gradient(x, cf.x0_from_velocity(x_s, model(x_s, sigma), sigma),
+                               cf.x0_from_velocity(x_s, other(x_s, sigma), sigma))
+    assert torch.allclose(loss, 0.5 * grad.pow(2).mean(), rtol=1e-12, atol=0)
+    loss.backward()
+    assert torch.allclose(x.grad, grad / grad.numel(), rtol=1e-10, atol=1e-18)  # only x carries a gradient
+    critic = cf.critic_loss(other, x, sigma, noise)
+    velocity = other(cf.add_noise(x.detach(), noise, sigma), sigma)
+    assert torch.allclose(critic, (velocity - (noise - x.detach())).pow(2).mean(), rtol=1e-12, atol=0)
+    assert critic.requires_grad
+    x.grad = None
+    critic.backward()
+    assert x.grad is None  # no gradient into the generator's samples
