@@ -22,8 +22,9 @@ frame i is a function of exactly what the student sees, so the regression target
 The default run trains every stage on toy 2-D "videos" (each frame a point in the plane) whose data
 distribution is a Gaussian mixture, so the teachers also have *exact* closed forms, used as ground
 truth. The "mnist" preset trains the same stages on pixels: moving digits conditioned on their
-label through the cross-attention path. The same network, with the "wan-1.3b" preset, is Wan2.1-T2V-1.3B's DiT: its parameter names
-and forward maths are Wan's, so official and Causal/Self Forcing checkpoints load into it.
+label through the cross-attention path. The same network, with the "wan-1.3b" preset, is
+Wan2.1-T2V-1.3B's DiT: its parameter names and forward maths are Wan's, so official and
+Causal/Self Forcing checkpoints load into it.
 
 Run it:
     python causal_forcing.py                  # whole pipeline on toy 2-D videos, prints the table
@@ -34,20 +35,32 @@ Run it:
     python causal_forcing.py bench --suite gpu        # on a GPU: the fast paths checked, then timed
     python -m pytest                          # the tests
 
-Sections, in the order the data flows:
-    1. config          typed dataclasses, named presets, checked overrides
-    2. data            toy 2-D videos (a Gaussian mixture, with exact flow-matching teachers);
-                       moving digits (MNIST or bundled sprites)
-    3. flow matching   shift, noising, x0/velocity, loss weight, timesteps, Euler ODE
-    4. network         CausalDiT (Wan2.1's DiT), attention masks, KV cache, Wan checkpoints
-    5. samplers        bidirectional teacher, AR teacher, few-step streaming student
-    6. injectivity     the frame-level floor of ODE regression, from the exact teachers
-    7. training        data parallel helpers; base, AR teacher, ODE pairs, ODE student, DMD
-    8. evaluation      toy metrics; a digit classifier and the moving-digit metrics (FD, sharpness,
-                       dynamic degree, instruction following, temporal consistency)
-    9. pipeline        every stage (resumable from saved stages), the table, results.json, figures
-   10. benchmark       streaming speed, FLOPs
-   11. command line
+How to read it. Part I is the method, top to bottom in the order the data flows (the stages run the
+one training loop of II.4, and use its data-parallel helpers):
+    I.1 config          dataclasses and named presets (values only)
+    I.2 data            toy 2-D videos (a Gaussian mixture) and their exact flow-matching teachers;
+                        label conditions
+    I.3 flow matching   shift, noising, x0/velocity, the flow-matching loss and its weight,
+                        timesteps, the Euler ODE
+    I.4 masks           block-causal, teacher-forcing and rolling-window attention masks
+    I.5 network         CausalDiT (Wan2.1's DiT): RoPE, RMSNorm, the KV cache, attention, blocks
+    I.6 samplers        bidirectional teacher, AR teacher, the few-step streaming student (`stream`),
+                        and Self Forcing's training rollout
+    I.7 losses          ODE regression, the DMD generator loss, the critic loss
+    I.8 stages          base, AR teacher, ODE pairs, ODE student, DMD
+    I.9 injectivity     the frame-level floor of ODE regression, from the exact teachers
+Part II is engineering, none of which changes the method:
+    II.1 config checks  overrides by field name, validated
+    II.2 checkpoints    Wan2.1 / Causal Forcing / Self Forcing files
+    II.3 fast attention FlexAttention block masks on a GPU
+    II.4 training loop  the one loop every stage runs: data parallel, resumable checkpoints,
+                        progress, and a stop at the first non-finite loss or gradient
+    II.5 data loaders   moving digits, MNIST files, bundled sprites
+    II.6 metrics        toy metrics; a digit classifier and the moving-digit metrics (FD,
+                        sharpness, dynamic degree, instruction following, temporal consistency)
+    II.7 pipeline       every stage (resumable from saved stages), the table, results.json, figures
+    II.8 benchmark      streaming speed, FLOPs, the GPU suite
+    II.9 command line
 
 Shapes: B batch, F frames, C channels, H W height width, S tokens per frame, N tokens, D width,
 h heads, d head dim. Videos are (B, F, C, H, W); timesteps are sigmas (B, F) in [0, 1], 1 = noise.
@@ -64,6 +77,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -73,8 +87,15 @@ import torch.nn as nn
 import torch.nn.functional as F_
 from einops import rearrange
 
+
+# #################################################################################################
+# PART I: THE METHOD, in the order the data flows: config values, toy data and its exact teachers,
+# flow matching, attention masks, the network and its KV cache, the samplers, the losses, the
+# training stages, the injectivity floor. The stages run the one training loop of Part II.
+# #################################################################################################
+
 # =================================================================================================
-# 1. config
+# I.1 config: what a run is made of (values only; checking and overrides are in Part II)
 # =================================================================================================
 
 
@@ -204,10 +225,14 @@ class Config:
 
 
 _SECTIONS = ("data", "model", "train", "sample", "eval")
+
+
 # Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832
 # pixels), patch 2 -> 1560 tokens per latent frame, chunks of 3 latent frames, umT5 text 512 x 4096.
 _WAN_1_3B = dict(dataset="none", frames=21, in_channels=16, height=60, width=104, patch_size=2, dim=1536, ffn_dim=8960,
                  num_heads=12, num_layers=30, freq_dim=256, cond_dim=4096, text_len=512, chunk_frames=3)
+
+
 # Moving digits on a 2-core CPU: 8 frames of 16x16 pixels (12-pixel digits), patch 4 -> 16 tokens per
 # frame, chunks of 2 frames, the digit's label as a one-token condition (one-hot, 10 wide), and a
 # milder noise shift for these small frames. Sized so that every stage together runs in under 30
@@ -220,6 +245,8 @@ _MNIST = dict(dataset="moving_digits", frames=8, canvas=16, digit_size=12, num_d
               ode_pairs=512, ode_steps=300, ode_lr=5e-4, dmd_steps=200, gen_lr=5e-5, critic_lr=4e-4,
               ema_start_step=10, shift=1.5, teacher_solver_steps=16, teacher_guidance=4.0, real_guidance=4.0,
               eval_samples=250)
+
+
 _PRESETS: dict[str, dict] = {
     # Each frame is one token; frame-wise causal blocks, as in the paper's frame-wise models.
     "toy2d": {},
@@ -230,122 +257,8 @@ _PRESETS: dict[str, dict] = {
 }
 
 
-def _field_types() -> dict[str, tuple[str, object]]:
-    """Every overridable field name -> (section or "", type). Names are unique across sections."""
-    out: dict[str, tuple[str, object]] = {}
-    top = typing.get_type_hints(Config)
-    for name in ("name", "seed", "device"):
-        out[name] = ("", top[name])
-    for section in _SECTIONS:
-        hints = typing.get_type_hints(type(getattr(Config(), section)))
-        for f in dataclasses.fields(getattr(Config(), section)):
-            assert f.name not in out, f"config field {f.name} is defined twice"
-            out[f.name] = (section, hints[f.name])
-    return out
-
-
-def _coerce(key: str, value, typ):
-    """Check one override's type; ints are accepted where a float is expected."""
-    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
-    if optional:
-        if value is None:
-            return None
-        typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        tuple: isinstance(value, (tuple, list)),
-    }.get(typ, False)
-    if not ok:
-        raise ValueError(f"config override {key}={value!r} has type {type(value).__name__}, expected {typ.__name__}")
-    return float(value) if typ is float else tuple(value) if typ is tuple else value
-
-
-def get_config(name: str = "toy2d", **overrides) -> Config:
-    """A named preset with overrides by field name, wherever the field lives:
-    get_config("toy2d", chunk_frames=2, frames=6). Unknown or ill-typed keys raise ValueError."""
-    if name not in _PRESETS:
-        raise ValueError(f"unknown config {name!r}; available: {sorted(_PRESETS)}")
-    types = _field_types()
-    cfg = Config(name=name)
-    for key, value in {**_PRESETS[name], **overrides}.items():
-        if key not in types:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
-        section, typ = types[key]
-        target = getattr(cfg, section) if section else cfg
-        setattr(target, key, _coerce(key, value, typ))
-    validate_config(cfg)
-    return cfg
-
-
-def validate_config(cfg: Config) -> None:
-    m, d = cfg.model, cfg.data
-    problems = []
-    if m.dim % m.num_heads:
-        problems.append(f"dim={m.dim} is not divisible by num_heads={m.num_heads}")
-    elif (m.dim // m.num_heads) % 2 or m.dim // m.num_heads < 6:
-        problems.append(f"head dim {m.dim // m.num_heads} must be even and >= 6 for 3-D rotary positions")
-    if m.height % m.patch_size or m.width % m.patch_size:
-        problems.append(f"frame {m.height}x{m.width} is not divisible by patch_size={m.patch_size}")
-    if m.chunk_frames < 1 or d.frames < 1:
-        problems.append("chunk_frames and frames must be >= 1")
-    if m.window_frames is not None and m.window_frames - m.sink_frames < m.chunk_frames:
-        problems.append(f"window_frames - sink_frames = {m.window_frames - m.sink_frames} must hold a chunk ({m.chunk_frames})")
-    if m.sink_frames < 0 or m.sink_frames % m.chunk_frames:
-        problems.append(f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames")
-    if d.dataset not in ("toy2d", "moving_digits", "none"):
-        problems.append(f"dataset={d.dataset!r} is not 'toy2d', 'moving_digits' or 'none'")
-    elif d.dataset == "moving_digits":
-        if (m.in_channels, m.height, m.width) != (1, d.canvas, d.canvas):
-            problems.append(f"moving digits are 1x{d.canvas}x{d.canvas} frames (canvas={d.canvas}); the model has "
-                            f"in_channels={m.in_channels}, height={m.height}, width={m.width}")
-        if d.digit_size > d.canvas:
-            problems.append(f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas")
-        if d.num_digits != 1:
-            problems.append(f"num_digits={d.num_digits}: the pipeline's label conditions and digit metrics read one digit "
-                            "per video (moving_digits() itself makes any number)")
-        if d.canvas % 8:
-            problems.append(f"canvas={d.canvas} must be a multiple of 8 (the digit classifier pools three times)")
-        if m.cond_dim not in (0, 10):
-            problems.append(f"cond_dim={m.cond_dim} must be 10 (a one-hot label per digit) or 0 (unconditional)")
-    if cfg.train.checkpoint_every < 1:
-        problems.append(f"checkpoint_every={cfg.train.checkpoint_every} must be >= 1")
-    if not 0.0 <= cfg.train.cond_dropout < 1.0:
-        problems.append(f"cond_dropout={cfg.train.cond_dropout} must lie in [0, 1)")
-    if cfg.train.teacher_mode not in ("teacher_forcing", "diffusion_forcing"):
-        problems.append(f"teacher_mode={cfg.train.teacher_mode!r} is not 'teacher_forcing' or 'diffusion_forcing'")
-    if not all(0 < s <= cfg.sample.num_train_timesteps for s in cfg.sample.denoising_steps):
-        problems.append(f"denoising_steps {cfg.sample.denoising_steps} must lie in (0, {cfg.sample.num_train_timesteps}]")
-    if not 0.0 <= cfg.sample.context_noise < 1.0:
-        problems.append("context_noise must lie in [0, 1)")
-    if m.attention not in ("auto", "dense", "flex"):
-        problems.append(f"attention={m.attention!r} is not 'auto', 'dense' or 'flex'")
-    if cfg.train.data_parallel not in ("auto", "ddp", "fsdp"):
-        problems.append(f"data_parallel={cfg.train.data_parallel!r} is not 'auto', 'ddp' or 'fsdp'")
-    if m.precision not in ("auto", "fp32", "bf16"):
-        problems.append(f"precision={m.precision!r} is not 'auto', 'fp32' or 'bf16'")
-    if problems:
-        raise ValueError("invalid config: " + "; ".join(problems))
-    cfg.device = resolve_device(cfg.device)
-    if d.dataset == "moving_digits" and not d.mnist_dir:  # record where the digits will come from
-        d.mnist_dir = os.environ.get(MNIST_ENV) or None
-
-
-def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' if a GPU is visible, else 'mps' (Apple), else 'cpu'; others unchanged."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 # =================================================================================================
-# 2. toy data: 2-D videos as a Gaussian mixture, and their exact flow-matching teachers
+# I.2 data: toy 2-D videos and their exact flow-matching teachers; conditions
 # =================================================================================================
 
 
@@ -412,146 +325,45 @@ class ToyVideos:
         return (x_s.double() - self.exact_x0(x_s, s, frames, context)) / s_
 
 
-# --- moving digits (Srivastava et al., 2015) ------------------------------------------------------
-
-MNIST_ENV = "CAUSAL_FORCING_MNIST"  # a folder with the MNIST IDX files, if the user has them
-_SPRITES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_data", "digit_sprites.npz")
-
-
-def read_idx(path: str) -> torch.Tensor:
-    """An IDX file (MNIST's format, raw or .gz) as a uint8 tensor. The header is two zero bytes,
-    a type byte (0x08 = uint8), the number of dimensions, then each dimension as a big-endian
-    uint32; the data must be exactly as long as the dimensions say."""
-    import gzip
-    import struct
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no IDX file at {path!r}")
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot be read ({e}); the file is corrupt or truncated") from e
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file (header {raw[:4].hex()}, expected 0000 08 <ndim>)")
-    header = 4 + 4 * raw[3]
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated header ({len(raw)} bytes)")
-    dims = struct.unpack(f">{raw[3]}I", raw[4:header])
-    expected = header + math.prod(dims)
-    if len(raw) != expected:
-        raise ValueError(f"{path}: expected {expected} bytes for shape {dims}, found {len(raw)}; "
-                         "the file is truncated or corrupt")
-    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
+def exact_bidirectional_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, keep=None):
+    """phi_Bi: noise of all frames -> the exact bidirectional teacher's clean video. With `keep`
+    (a list of sigmas), also the states there: (x0, {sigma: x})."""
+    x0, kept = euler_ode(lambda x, s: data.exact_velocity(x, s), eps.double(), sigmas, keep)
+    return (x0, kept) if keep else x0
 
 
-def load_digits(mnist_dir: Optional[str] = None, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Digit images (N, 28, 28) uint8, labels (N,) long, and where they came from: the MNIST
-    `split` from `mnist_dir` (or the folder in $CAUSAL_FORCING_MNIST), else the digit sprites
-    shipped in toy_data/ (rendered from matplotlib's fonts; see toy_data/make_digit_sprites.py)."""
-    mnist_dir = mnist_dir or os.environ.get(MNIST_ENV)
-    if mnist_dir:
-        prefix = {"test": "t10k", "train": "train"}[split]
-        found = {}
-        for kind, rank in (("images", 3), ("labels", 1)):
-            names = [f"{prefix}-{kind}-idx{rank}-ubyte{ext}" for ext in ("", ".gz")]
-            names += [f"{prefix}-{kind}.idx{rank}-ubyte{ext}" for ext in ("", ".gz")]
-            path = next((os.path.join(mnist_dir, n) for n in names if os.path.isfile(os.path.join(mnist_dir, n))), None)
-            if path is None:
-                raise FileNotFoundError(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
-            found[kind] = read_idx(path)
-        images, labels = found["images"], found["labels"]
-        if images.dim() != 3 or len(images) != len(labels):
-            raise ValueError(f"MNIST files in {mnist_dir!r} disagree: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
-        return images, labels.long(), f"MNIST {split} set from {mnist_dir}"
-    if not os.path.isfile(_SPRITES):
-        raise FileNotFoundError(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
-                                f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
-    import numpy as np
-
-    with np.load(_SPRITES) as d:
-        return torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long(), "digit sprites (toy_data)"
+def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chunk_frames: int,
+                  context: Optional[torch.Tensor] = None, keep=None):
+    """phi_AR: chunk by chunk, the exact AR teacher's ODE given clean earlier frames. The context
+    is its own earlier outputs, or `context` (ground truth, as when ODE pairs are made). With
+    `keep`, also the states at those sigmas: (x0, {sigma: x})."""
+    out, kept = [], {k: [] for k in keep or []}
+    for start in range(0, eps.shape[1], chunk_frames):
+        fr = slice(start, min(start + chunk_frames, eps.shape[1]))
+        ctx = (context if context is not None else torch.cat(out, 1) if out else eps[:, :0].double())[:, :start]
+        vel = lambda x, s: data.exact_velocity(x, s, fr, ctx)  # noqa: E731
+        x0, states = euler_ode(vel, eps[:, fr].double(), sigmas, keep)
+        out.append(x0)
+        for k in kept:
+            kept[k].append(states[k])
+    x0 = torch.cat(out, 1)
+    return (x0, {k: torch.cat(v, 1) for k, v in kept.items()}) if keep else x0
 
 
-def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits: int = 2, speed: float = 0.1,
-                  digit_size: int = 28, digits: Optional[tuple] = None, rng: Optional[torch.Generator] = None,
-                  return_positions: bool = False):
-    """Moving-digit videos as in Srivastava et al. (2015). Each digit starts at a uniform position
-    in the unit square and moves `speed` per frame in a uniform direction; a coordinate that leaves
-    [0, 1] is clamped to the edge and its velocity flips (a bounce). Positions scale by
-    size - digit_size to the digit's top-left pixel; overlapping digits combine by max.
-    The paper's setting is the default (64x64, 2 digits of 28 px, 20 frames, speed 0.1).
-    Returns videos (N, F, size, size) uint8 and labels (N, num_digits); with return_positions
-    also the top-left pixel of every digit in every frame, (N, F, num_digits, 2) as (y, x)."""
-    images, labels = digits if digits is not None else load_digits()[:2]
-    if digit_size > size:
-        raise ValueError(f"digit_size={digit_size} does not fit a {size}x{size} canvas")
-    if digit_size != images.shape[-1]:  # area-averaged resize, e.g. 28 -> 14 px for small canvases
-        images = F_.interpolate(images[:, None].float(), size=(digit_size, digit_size), mode="area")
-        images = images[:, 0].round().clamp(0, 255).to(torch.uint8)
-    N, D, span = num_videos, num_digits, size - digit_size
-    pick = torch.randint(len(images), (N, D), generator=rng)
-    pos = torch.rand(N, D, 2, generator=rng, dtype=torch.float64)  # (y, x) in the unit square
-    angle = 2 * math.pi * torch.rand(N, D, generator=rng, dtype=torch.float64)
-    vel = speed * torch.stack([angle.sin(), angle.cos()], -1)  # (N, D, 2)
-    video = torch.zeros(N, frames, size, size, dtype=torch.uint8)
-    tops = torch.zeros(N, frames, D, 2, dtype=torch.long)
-    grid = torch.arange(digit_size)
-    n = torch.arange(N)[:, None, None]
-    for f in range(frames):
-        tops[:, f] = (pos * span).round().long()
-        for d in range(D):
-            rows = (tops[:, f, d, 0, None] + grid)[:, :, None]  # (N, s, 1)
-            cols = (tops[:, f, d, 1, None] + grid)[:, None, :]  # (N, 1, s)
-            canvas = video[:, f]
-            canvas[n, rows, cols] = torch.maximum(canvas[n, rows, cols], images[pick[:, d]])
-        pos = pos + vel
-        out = (pos < 0) | (pos > 1)
-        pos, vel = pos.clamp(0, 1), torch.where(out, -vel, vel)
-    result = (video, labels[pick])
-    return (*result, tops) if return_positions else result
-
-
-def load_moving_mnist(path: str) -> torch.Tensor:
-    """The released Moving MNIST test set (mnist_test_seq.npy: uint8, time first, (20, 10000, 64,
-    64)) as videos (N, T, H, W) uint8."""
-    import numpy as np
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no Moving MNIST file at {path!r}")
-    arr = np.load(path)
-    if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise ValueError(f"{path}: expected uint8 of shape (T, N, H, W), time first; got {arr.dtype} {arr.shape}")
-    return torch.from_numpy(arr).permute(1, 0, 2, 3).contiguous()
-
-
-def digit_split(cfg: DataConfig) -> dict:
-    """The digit images for training videos and those held out for the metrics: a fixed 90/10 split
-    of the pool (MNIST or the sprites), the same for every seed, so held-out videos show digits
-    that no training video contains. Returns {"train": (images, labels), "test": ..., "source": str}."""
-    images, labels, source = load_digits(cfg.mnist_dir)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(12345))
-    cut = len(images) // 10
-    return {"train": (images[order[cut:]], labels[order[cut:]]), "test": (images[order[:cut]], labels[order[:cut]]),
-            "source": source}
-
-
-def to_unit(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> floats in [-1, 1]."""
-    return pixels.float() / 127.5 - 1
-
-
-def to_pixels(x: torch.Tensor) -> torch.Tensor:
-    """Floats in [-1, 1] -> uint8 pixels (clipped)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moving-digit videos as model input: (N, F, 1, H, W) float in [-1, 1] (0 -> -1, 255 -> 1), and
-    the labels (N, num_digits)."""
-    video, labels = moving_digits(num_videos, cfg.frames, cfg.canvas, cfg.num_digits, cfg.speed, cfg.digit_size,
-                                  digits, rng)
-    return to_unit(video)[:, :, None], labels
+def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str, rng=None) -> dict:
+    """ODE pairs in make_ode_pairs' format, from the *exact* teachers (toy data only): "ar" runs every
+    chunk given the ground-truth clean earlier frames, "bidirectional" the whole clip from noise.
+    They isolate the injectivity argument from any error of a learned teacher."""
+    keep, sig = ode_pair_sigmas(cfg.sample)
+    eps = torch.randn(clean.shape, generator=rng, dtype=torch.float64)
+    if kind == "ar":
+        x0, kept = exact_ar_flow(data, eps, sig, cfg.model.chunk_frames, context=clean.double(), keep=keep)
+    elif kind == "bidirectional":
+        x0, kept = exact_bidirectional_flow(data, eps, sig, keep=keep)
+    else:
+        raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
+    dev = cfg.device
+    return {"xt": torch.stack([kept[k] for k in keep], 1).float().to(dev), "x0": x0.float().to(dev), "clean": clean.to(dev)}
 
 
 def label_cond(labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
@@ -574,7 +386,7 @@ def drop_cond(cond: Optional[torch.Tensor], p: float, rng=None) -> Optional[torc
 
 
 # =================================================================================================
-# 3. flow matching (Wan2.1 conventions)
+# I.3 flow matching: noising, velocity and x0, the loss, timesteps, the Euler ODE
 # =================================================================================================
 
 
@@ -605,6 +417,14 @@ def velocity_from_x0(x_s, x0, sigma):
     return (x_s - x0) / _per_frame(sigma, x_s)
 
 
+def flow_matching_loss(model, x0, sigma, noise, cond=None, weight=None, **kw) -> torch.Tensor:
+    """Flow matching (Wan's objective, rectified flow): the MSE between the model's velocity at
+    x_s = (1 - s) x0 + s eps and the true velocity eps - x0, per frame, averaged with `weight`
+    (B, F) if given (the recipe's bump weight, `bump_weight`), else uniformly. `kw` go to the
+    model (clean_context: teacher forcing)."""
+    x_s = add_noise(x0, noise, sigma)
+    err = (model(x_s, sigma, cond, **kw) - (noise - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, F)
+    return (err * weight).mean() if weight is not None else err.mean()
 
 
 def training_sigmas(cfg: SampleConfig) -> torch.Tensor:
@@ -680,7 +500,7 @@ def euler_ode(velocity: Callable, x: torch.Tensor, sigmas: torch.Tensor,
 
 
 # =================================================================================================
-# 4. network: a Wan-style DiT with causal attention, teacher forcing and a KV cache
+# I.4 attention masks: block-causal, teacher forcing, rolling window
 # =================================================================================================
 
 
@@ -751,55 +571,19 @@ class AttentionMask:
         return self._block
 
 
-def _flex_block_mask(vis: torch.Tensor, S: int, block: int = 128):
-    """A FlexAttention BlockMask for the token mask vis[q // S, k // S], computed per pair of
-    128-token blocks: a block pair is skipped if no frame pair it touches is visible, computed
-    without a mask if every one is, and masked token by token otherwise. A block's frames are
-    those of its first to last token; 2-D prefix sums count visible frame pairs in each rectangle."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    Fq, Fk = vis.shape
-    Nq, Nk = Fq * S, Fk * S
-    nq, nk = -(-Nq // block), -(-Nk // block)
-    dev = vis.device
-    q0 = torch.arange(nq, device=dev) * block // S  # first and last frame of every block
-    q1 = (torch.clamp(torch.arange(1, nq + 1, device=dev) * block, max=Nq) - 1) // S
-    k0 = torch.arange(nk, device=dev) * block // S
-    k1 = (torch.clamp(torch.arange(1, nk + 1, device=dev) * block, max=Nk) - 1) // S
-    csum = F_.pad(vis.long().cumsum(0).cumsum(1), (1, 0, 1, 0))  # (Fq+1, Fk+1) prefix sums
-    seen = (csum[q1 + 1][:, k1 + 1] - csum[q0][:, k1 + 1] - csum[q1 + 1][:, k0] + csum[q0][:, k0])  # (nq, nk)
-    area = (q1 - q0 + 1)[:, None] * (k1 - k0 + 1)[None, :]
-    full, partial = seen == area, (seen > 0) & (seen < area)
-
-    def lists(m):  # per query block: how many key blocks, and which (padded to nk)
-        order = torch.argsort((~m).to(torch.int8), dim=1, stable=True).to(torch.int32)
-        return m.sum(1).to(torch.int32)[None, None], order[None, None]
-
-    def mask_mod(b, h, q, k):
-        return vis[torch.clamp(q // S, max=Fq - 1), torch.clamp(k // S, max=Fk - 1)] & (q < Nq) & (k < Nk)
-
-    (n_part, i_part), (n_full, i_full) = lists(partial), lists(full)
-    return BlockMask.from_kv_blocks(n_part, i_part, n_full, i_full, BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(Nq, Nk))
-
-
-_compiled_flex = None
-
-
 def attend(q, k, v, mask: Optional[AttentionMask]) -> torch.Tensor:
     """Softmax attention, q (B, h, Nq, d), k v (B, h, Nk, d) -> (B, h, Nq, d), under `mask`."""
     q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast q, k leave the fp32 norm gains as fp32
     if mask is None:
         return F_.scaled_dot_product_attention(q, k, v)  # fused (flash) kernels where available
-    if mask.backend == "flex":
-        global _compiled_flex
-        from torch.nn.attention.flex_attention import flex_attention
-
-        if q.device.type == "cuda":  # FlexAttention is fast only compiled; eager is a reference
-            _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
-            return _compiled_flex(q, k, v, block_mask=mask.block_mask())
-        return flex_attention(q, k, v, block_mask=mask.block_mask())
+    if mask.backend == "flex":  # long sequences on a GPU: block masks, never N x N (Part II)
+        return flex_attend(q, k, v, mask.block_mask())
     return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
+
+
+# =================================================================================================
+# I.5 network: a Wan-style DiT with causal attention and a KV cache
+# =================================================================================================
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -956,16 +740,16 @@ class Block(nn.Module):
     """Wan's block with per-frame adaLN: (shift, scale, gate) for self-attention and for the FFN
     come from the frame's timestep embedding plus a learned offset `modulation`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float = 1e-6, cross_attention: bool = False):
         super().__init__()
-        D = cfg.dim
-        self.norm1 = nn.LayerNorm(D, eps=cfg.eps, elementwise_affine=False)
-        self.self_attn = SelfAttention(D, cfg.num_heads, cfg.eps)
-        if cfg.cond_dim:
-            self.norm3 = nn.LayerNorm(D, eps=cfg.eps)
-            self.cross_attn = CrossAttention(D, cfg.num_heads, cfg.eps)
-        self.norm2 = nn.LayerNorm(D, eps=cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
+        D = dim
+        self.norm1 = nn.LayerNorm(D, eps=eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(D, num_heads, eps)
+        if cross_attention:
+            self.norm3 = nn.LayerNorm(D, eps=eps)
+            self.cross_attn = CrossAttention(D, num_heads, eps)
+        self.norm2 = nn.LayerNorm(D, eps=eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(D, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, D))
         self.modulation = nn.Parameter(torch.zeros(1, 6, D))  # adaLN-Zero: see CausalDiT.init_weights
 
     def forward(self, x, e0, ctx, angles, mask=None, cache=None):
@@ -1023,7 +807,8 @@ class CausalDiT(nn.Module):
             self.text_embedding = nn.Sequential(nn.Linear(cfg.cond_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(D, cfg.ffn_dim, cfg.num_heads, cfg.eps, cross_attention=bool(cfg.cond_dim))
+                                    for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.init_weights()
         if cfg.compile:  # in place: parameter names (and saved state dicts) stay exactly the same
@@ -1181,72 +966,8 @@ class CausalDiT(nn.Module):
                        c.chunk_frames, max_frames, window, sink, dtype, p.device)
 
 
-
-
-# --- Wan2.1 / Causal Forcing / Self Forcing checkpoints -----------------------------------------
-
-_WRAPPER_PREFIXES = ("module.", "model.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
-
-
-def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
-    """Bare WanModel parameter names from any of the files the field uses: the official
-    diffusion_pytorch_model.safetensors (bare names); a Causal Forcing / Self Forcing checkpoint
-    {"generator_ema" | "generator" | "critic" | "model": {"model." + name: tensor}} (EMA weights may
-    carry "model._fsdp_wrapped_module."); DDP's "module." and torch.compile's "_orig_mod.".
-    Without `key`, the first of generator_ema, generator, model found is used."""
-    if key is not None:
-        if key not in state:
-            raise KeyError(f"checkpoint has no entry {key!r}; it has {sorted(state)}")
-        state = state[key]
-    elif not all(torch.is_tensor(v) for v in state.values()):
-        found = [k for k in ("generator_ema", "generator", "model") if isinstance(state.get(k), dict)]
-        if not found:
-            raise KeyError(f"no state dict in this checkpoint: top-level keys {sorted(state)}")
-        state = state[found[0]]
-    out = {}
-    for name, tensor in state.items():
-        stripped = True
-        while stripped:  # wrappers nest: model._fsdp_wrapped_module._orig_mod.blocks...
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix):], True
-        for inner in ("._fsdp_wrapped_module", "._orig_mod", "._checkpoint_wrapped_module"):
-            name = name.replace(inner, "")
-        out[name] = tensor
-    return out
-
-
-def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None) -> nn.Module:
-    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every
-    parameter must be present with the right shape, and nothing else. Reads .safetensors (needs
-    the safetensors package, imported only here) or a torch file with weights_only=True."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path!r}")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError("reading .safetensors needs the safetensors package: pip install safetensors") from e
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no full copy in RAM
-    state = wan_state_dict(state, key)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path!r} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, "
-                         f"{len(wrong)} with other shapes).\n  missing: {missing}\n  unexpected: {unexpected}\n"
-                         f"  shapes: {wrong}")
-    on_meta = any(p.is_meta for p in model.parameters())  # built on the meta device: take the tensors
-    model.load_state_dict(state, strict=True, assign=on_meta)
-    return model
-
-
 # =================================================================================================
-# 5. samplers
+# I.6 samplers: the teachers, the few-step streaming student, and its training rollout
 # =================================================================================================
 
 
@@ -1388,67 +1109,276 @@ def sample_student(model, cfg: Config, batch_size: int, num_frames=None, cond=No
     return torch.cat(list(stream(model, cfg, num_frames or cfg.data.frames, batch_size, cond, rng=rng)), 1)
 
 
-@contextlib.contextmanager
-def count_frame_evaluations(model: nn.Module):
-    """Counts network evaluations: each forward call adds its number of (noisy) frames to 'frames',
-    and batch x frames to 'sample_frames' (so a guided call, on a doubled batch, counts twice).
-    Yields the dict; its entries grow while the block runs."""
-    box = {"frames": 0, "sample_frames": 0}
-
-    def hook(m, args, out):
-        box["frames"] += out.shape[1]
-        box["sample_frames"] += out.shape[0] * out.shape[1]
-    handle = model.register_forward_hook(hook)
-    try:
-        yield box
-    finally:
-        handle.remove()
+def self_rollout(generator: CausalDiT, cfg: Config, batch_size: int, exit_step: Optional[int] = None,
+                 cond=None, rng=None) -> torch.Tensor:
+    """Self Forcing's training rollout: the generator produces the whole video chunk by chunk from
+    its own outputs through the KV cache (a fresh cache each time). The steps before `exit_step`
+    run without gradient; the exit step keeps its graph; the cache refresh has no gradient."""
+    frames = cfg.data.frames
+    cache = generator.new_kv_cache(batch_size, max_frames=frames)
+    sigmas, chunks = student_sigmas(cfg.sample), []
+    for start in range(0, frames, cfg.model.chunk_frames):
+        n = min(cfg.model.chunk_frames, frames - start)
+        noise = _randn(_video_shape(cfg, batch_size, n), rng, cfg.device)
+        chunks.append(denoise_chunk(generator, cfg, noise, sigmas, cond, cache, start, exit_step, rng))
+        if start + n < frames:
+            _write_context(generator, cfg, chunks[-1].detach(), cond, cache, start, rng)
+    return torch.cat(chunks, 1)
 
 
 # =================================================================================================
-# 6. injectivity: the frame-level floor of ODE regression (paper Sec. 3, Lemma 3.2, Prop. 3.3)
+# I.7 losses: flow matching (I.3), ODE regression, DMD's generator loss, the critic's loss
 # =================================================================================================
 
 
-def exact_bidirectional_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, keep=None):
-    """phi_Bi: noise of all frames -> the exact bidirectional teacher's clean video. With `keep`
-    (a list of sigmas), also the states there: (x0, {sigma: x})."""
-    x0, kept = euler_ode(lambda x, s: data.exact_velocity(x, s), eps.double(), sigmas, keep)
-    return (x0, kept) if keep else x0
+def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k: int, kind: str) -> torch.Tensor:
+    """MSE between the student's x0 from x at the student's k-th sigma and the teacher's endpoint,
+    per frame summed over its coordinates: (B, F). The AR variant sees clean ground-truth
+    context (teacher-forcing mask); the bidirectional variant sees the noisy earlier frames under
+    the block-causal mask, as in CausVid / Self Forcing."""
+    s = student_sigmas(cfg.sample)[k]
+    x = pairs["xt"][idx, k]
+    t = torch.full(x.shape[:2], s, device=x.device)
+    kw = {"clean_context": pairs["clean"][idx]} if kind == "ar" else {}
+    cond = pairs["cond"][idx] if "cond" in pairs else None
+    x0 = x0_from_velocity(x, student(x, t, cond, **kw), t)
+    return (x0 - pairs["x0"][idx]).pow(2).sum(dim=(2, 3, 4))
 
 
-def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chunk_frames: int,
-                  context: Optional[torch.Tensor] = None, keep=None):
-    """phi_AR: chunk by chunk, the exact AR teacher's ODE given clean earlier frames. The context
-    is its own earlier outputs, or `context` (ground truth, as when ODE pairs are made). With
-    `keep`, also the states at those sigmas: (x0, {sigma: x})."""
-    out, kept = [], {k: [] for k in keep or []}
-    for start in range(0, eps.shape[1], chunk_frames):
-        fr = slice(start, min(start + chunk_frames, eps.shape[1]))
-        ctx = (context if context is not None else torch.cat(out, 1) if out else eps[:, :0].double())[:, :start]
-        vel = lambda x, s: data.exact_velocity(x, s, fr, ctx)  # noqa: E731
-        x0, states = euler_ode(vel, eps[:, fr].double(), sigmas, keep)
-        out.append(x0)
-        for k in kept:
-            kept[k].append(states[k])
-    x0 = torch.cat(out, 1)
-    return (x0, {k: torch.cat(v, 1) for k, v in kept.items()}) if keep else x0
+def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """The DMD gradient (DMD2 / Self Forcing), normalised per sample:
+        grad = (x0_fake - x0_real) / mean|x - x0_real|.
+    The KL between the generator's and the data distribution, noised, has gradient
+    (score_fake - score_real); with x0-predictions this is proportional to x0_fake - x0_real."""
+    norm = (x - x0_real).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    return (x0_fake - x0_real) / norm
 
 
-def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str, rng=None) -> dict:
-    """ODE pairs in make_ode_pairs' format, from the *exact* teachers (toy data only): "ar" runs every
-    chunk given the ground-truth clean earlier frames, "bidirectional" the whole clip from noise.
-    They isolate the injectivity argument from any error of a learned teacher."""
-    keep, sig = ode_pair_sigmas(cfg.sample)
-    eps = torch.randn(clean.shape, generator=rng, dtype=torch.float64)
-    if kind == "ar":
-        x0, kept = exact_ar_flow(data, eps, sig, cfg.model.chunk_frames, context=clean.double(), keep=keep)
-    elif kind == "bidirectional":
-        x0, kept = exact_bidirectional_flow(data, eps, sig, keep=keep)
-    else:
+def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 * MSE(x, (x - grad).detach()) in float64: its gradient w.r.t. x is grad / numel, so
+    a descent step moves the samples along -grad, from the fake towards the real distribution."""
+    return 0.5 * F_.mse_loss(x.double(), (x.double() - grad.double()).detach())
+
+
+def dmd_generator_loss(x: torch.Tensor, real_score: nn.Module, fake_score: nn.Module, sigma: torch.Tensor,
+                       noise: torch.Tensor, cond=None, guidance: float = 1.0) -> torch.Tensor:
+    """The generator's DMD loss (upstream `DMD.generator_loss` -> `compute_distribution_matching_loss`):
+        x_s = add_noise(x, noise, sigma),  grad = (x0_fake(x_s) - x0_real(x_s)) / mean|x - x0_real(x_s)|,
+        loss = 0.5 * mean((x - sg(x - grad))^2)
+    with x0_real from the frozen real score (guided) and x0_fake from the fake score, both without
+    gradient (`dmd_gradient`, `dmd_loss`). Only x carries a gradient, back into the generator."""
+    with torch.no_grad():
+        x_s = add_noise(x, noise, sigma)
+        x0_real = x0_from_velocity(x_s, guided_velocity(real_score, x_s, sigma, cond, guidance), sigma)
+        x0_fake = x0_from_velocity(x_s, fake_score(x_s, sigma, cond), sigma)
+        grad = dmd_gradient(x, x0_real, x0_fake)
+    return dmd_loss(x, grad)
+
+
+def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond=None) -> torch.Tensor:
+    """The fake score's loss (upstream `DMD.critic_loss`): flow matching on the generator's samples x
+    (no gradient into the generator), unweighted, so that the fake score tracks the distribution
+    the generator produces now."""
+    return flow_matching_loss(fake_score, x.detach(), sigma, noise, cond)
+
+
+# =================================================================================================
+# I.8 stages: base, AR teacher, ODE pairs, ODE student, DMD (each runs the loop of II.4)
+# =================================================================================================
+
+
+def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_frames: int, rng):
+    """This rank's share of the next minibatch of a flow-matching stage, on the device: clean clips,
+    one sigma per chunk of `chunk_frames`, noise, and the conditions (dropped at cond_dropout, so
+    that guidance has an "uncond"; None when unconditional). Every rank draws the whole global batch
+    from the shared generator, in this order, and keeps its slice."""
+    idx = next(batches)
+    x0 = data[idx]
+    sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, cfg.sample, rng)
+    noise = torch.randn(x0.shape, generator=rng)
+    c = None if cond is None else drop_cond(cond[idx], cfg.train.cond_dropout, rng)
+    return tuple(None if v is None else _shard(v).to(cfg.device) for v in (x0, sigma, noise, c))
+
+
+def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None,
+               ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
+    """Stage 0: the bidirectional base model, flow matching with one timestep per clip. Upstream
+    this is the pretrained Wan2.1 model; here we train it so the pipeline starts from data.
+    cond (N, L, cond_dim), if given, holds each training video's condition (dropped at cond_dropout)."""
+    t = cfg.train
+    model = parallelize(CausalDiT(cfg.model, causal=False).to(cfg.device), cfg)
+    opt = _adamw(model.parameters(), t.base_lr, t, beta1=t.base_beta1, cosine_steps=t.base_steps)
+    batches = Batches(len(data), t.batch_size, rng)
+
+    def step(i):
+        x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, data.shape[1], rng)  # one sigma per clip
+        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=bump_weight(sigma, cfg.sample))
+        _step(opt, model, loss, t.grad_clip)
+        return {"flow_matching": loss}
+    history = train_loop("base", t.base_steps, step, ckpt, log, hint=f"lower base_lr (now {t.base_lr:g})",
+                         model=model, opt=opt, rng=rng, batches=batches)
+    return model, history.get("flow_matching", [])
+
+
+def copy_model(model: CausalDiT, causal: Optional[bool] = None) -> CausalDiT:
+    """A fresh, trainable copy, also of an FSDP-sharded model (its full weights are gathered);
+    causal=True makes the causal copy of a bidirectional model: same parameters, only the mask differs."""
+    new = CausalDiT(model.cfg, causal=model.causal if causal is None else causal).to(next(model.parameters()).device)
+    new.load_state_dict(full_state_dict(model))
+    return new
+
+
+def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None, log=print,
+                     rng=None, cond=None, ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
+    """Stage 1: the AR teacher, initialised from the bidirectional base, one timestep per chunk.
+    teacher forcing (default): the model sees [clean video ; noisy video]; noisy chunk b attends
+      to the clean chunks < b, exactly the context it will have at inference.
+    diffusion forcing (ablation): every chunk is noisy at its own level and attends to the noisy
+      earlier chunks; at inference the context is clean, a train/test mismatch (Prop. 3.4)."""
+    t, mode = cfg.train, mode or cfg.train.teacher_mode
+    model = parallelize(copy_model(base, causal=True), cfg)
+    opt = _adamw(model.parameters(), t.teacher_lr, t, cosine_steps=t.teacher_steps)
+    batches = Batches(len(data), t.batch_size, rng)
+
+    def step(i):
+        x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, cfg.model.chunk_frames, rng)
+        kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
+        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=bump_weight(sigma, cfg.sample), **kw)
+        _step(opt, model, loss, t.grad_clip)
+        return {"flow_matching": loss}
+    history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", t.teacher_steps, step, ckpt, log,
+                         hint=f"lower teacher_lr (now {t.teacher_lr:g})", model=model, opt=opt, rng=rng, batches=batches)
+    return model, history.get("flow_matching", [])
+
+
+@torch.no_grad()
+def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: str, cond=None,
+                   rng=None, batch: int = 1024) -> dict:
+    """ODE pairs for the few-step student: the teacher's Euler trajectory (teacher_solver_steps on
+    the shifted grid, which contains the student's warped sigmas) is kept at the student's sigmas.
+      kind="ar": the AR teacher integrates every chunk given the *ground-truth* clean earlier
+        chunks (the teacher-forcing mask does all chunks in one pass).
+      kind="bidirectional": the bidirectional teacher integrates the whole clip from noise.
+    cond (N, L, cond_dim), aligned with data: each clip's condition; the teacher is guided with
+    teacher_guidance, and the pairs keep the condition for the student.
+    Returns {"xt": (n, K, F, C, H, W) states at the K student sigmas, "x0": teacher endpoints,
+    "clean": the ground-truth clips, and "cond" when conditioned}."""
+    if kind not in ("ar", "bidirectional"):
         raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
-    dev = cfg.device
-    return {"xt": torch.stack([kept[k] for k in keep], 1).float().to(dev), "x0": x0.float().to(dev), "clean": clean.to(dev)}
+    if cond is not None and len(cond) != len(data):
+        raise ValueError(f"cond has {len(cond)} rows for {len(data)} clips; pass one condition per clip")
+    keep, sig = ode_pair_sigmas(cfg.sample)
+    n = min(cfg.train.ode_pairs, len(data))
+    out = {"xt": [], "x0": [], "clean": [], "cond": []}
+    for idx in torch.arange(n).split(batch):
+        clean = data[idx].to(cfg.device)
+        c = None if cond is None else cond[idx].to(cfg.device)
+        kw = {"clean_context": clean} if kind == "ar" else {}
+        vel = lambda x_, s: guided_velocity(teacher, x_, torch.full(x_.shape[:2], s, device=x_.device),  # noqa: E731
+                                            c, cfg.train.teacher_guidance, **kw)
+        x0, kept = euler_ode(vel, torch.randn(clean.shape, generator=rng).to(cfg.device), sig, keep)
+        out["xt"].append(torch.stack([kept[s] for s in keep], 1))
+        out["x0"].append(x0)
+        out["clean"].append(clean)
+        if c is not None:
+            out["cond"].append(c)
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=print,
+                      rng=None, ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
+    """Stage 2: few-step causal student by ODE regression, initialised from `init` (the AR teacher
+    for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). One student
+    sigma per step, shared by all frames."""
+    t = cfg.train
+    student = parallelize(copy_model(init, causal=True), cfg)
+    opt = _adamw(student.parameters(), t.ode_lr, t, cosine_steps=t.ode_steps)
+    n, K = len(pairs["x0"]), len(student_sigmas(cfg.sample))
+    per_coordinate = cfg.model.in_channels * cfg.model.height * cfg.model.width  # MSE per coordinate
+
+    def step(i):
+        idx = _shard(torch.randint(n, (t.batch_size,), generator=rng))
+        k = int(torch.randint(K, (1,), generator=rng))  # one student step for the whole batch
+        loss = ode_regression_loss(student, cfg, pairs, idx, k, kind).mean() / per_coordinate
+        _step(opt, student, loss, t.grad_clip)
+        return {"ode_regression": loss}
+    history = train_loop(f"ode student from {kind}", t.ode_steps, step, ckpt, log,
+                         hint=f"lower ode_lr (now {t.ode_lr:g})", model=student, opt=opt, rng=rng)
+    return student, history.get("ode_regression", [])
+
+
+def _dmd_sigma(cfg: Config, batch, rng, device):
+    """One sigma per clip (chunk = the whole clip) for the DMD and critic losses: a step drawn in
+    [0.02, 0.98], shifted, then clamped to [0.02, 0.98] again. (Self Forcing draws the unshifted step
+    in [0, 1), shifts, then clamps, so its smallest sigmas are lower.)"""
+    t = cfg.train
+    s = sample_sigmas(batch, cfg.data.frames, cfg.data.frames, cfg.sample, rng, lo=t.dmd_min_sigma, hi=t.dmd_max_sigma)
+    return s.clamp(t.dmd_min_sigma, t.dmd_max_sigma).to(device)
+
+
+def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_init: CausalDiT,
+              cond_sampler: Optional[Callable] = None, log=print, rng=None,
+              ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, dict]:
+    """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (a
+    bidirectional model, initialised from the base) with `critic_loss` on a fresh rollout; every
+    `gen_update_ratio` steps the generator takes a `dmd_generator_loss` step on its own rollout,
+    stopped at a random denoising step. The real score is frozen (guided when conditioned);
+    cond_sampler(batch, rng), if given, draws a batch's conditions (e.g. prompt embeddings).
+    Returns the EMA generator (or the raw one before EMA starts) and the loss histories."""
+    t = cfg.train
+    gen = parallelize(copy_model(generator).train(), cfg)
+    fake = parallelize(copy_model(fake_init).train(), cfg)
+    real = real_score.eval()  # frozen: only ever called under no_grad
+    opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
+    K, batch = len(student_sigmas(cfg.sample)), len(_shard(torch.empty(t.batch_size)))  # this rank's batch
+    state = {"ema": None, "gen_updates": 0}  # EMA: a copy of each (local shard of a) parameter
+
+    def step(i):
+        losses = {}
+        own = _rank_rng(rng)  # the rollouts' noise differs between ranks; exit steps are shared
+        cond = cond_sampler(batch, own) if cond_sampler else None  # this rank's prompts
+        if i % t.gen_update_ratio == 0:
+            x = self_rollout(gen, cfg, batch, int(torch.randint(K, (1,), generator=rng)), cond, own)
+            sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
+            loss = dmd_generator_loss(x, real, fake, sigma, _randn(x.shape, own, x.device), cond, t.real_guidance)
+            _step(opt_g, gen, loss, t.grad_clip)
+            _reshard(gen)
+            _update_ema(state, gen, t)
+            losses["generator"] = loss
+        with torch.no_grad():  # the critic's samples: a fresh rollout with its own random exit step
+            x = self_rollout(gen, cfg, batch, int(torch.randint(K, (1,), generator=rng)), cond, own)
+        sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
+        loss_f = critic_loss(fake, x, sigma, _randn(x.shape, own, x.device), cond)
+        _step(opt_f, fake, loss_f, t.grad_clip)
+        return {"critic": loss_f, **losses}
+    history = train_loop("dmd critic", t.dmd_steps, step, ckpt, log, state,
+                         hint=f"lower gen_lr (now {t.gen_lr:g}) or critic_lr (now {t.critic_lr:g})",
+                         gen=gen, fake=fake, opt_g=opt_g, opt_f=opt_f, rng=rng)
+    if state["ema"] is not None:  # hand back the EMA weights
+        _reshard(gen)
+        with torch.no_grad():
+            for pe, pg in zip(state["ema"], gen.parameters()):
+                pg.copy_(pe.to(pg.device))
+    return gen.eval().requires_grad_(False), {"generator": history.get("generator", []), "critic": history.get("critic", [])}
+
+
+def _update_ema(state: dict, model: nn.Module, t: TrainConfig) -> None:
+    """After a generator update: count it; from ema_start_step on, keep an exponential moving average
+    of the weights (decay ema_decay) in state["ema"] (restored from a checkpoint on the CPU)."""
+    state["gen_updates"] += 1
+    with torch.no_grad():
+        if state["ema"] is None:
+            if state["gen_updates"] >= t.ema_start_step:
+                state["ema"] = [p.detach().clone() for p in model.parameters()]
+        else:
+            state["ema"] = [e.to(p.device) for e, p in zip(state["ema"], model.parameters())]
+            for pe, pg in zip(state["ema"], model.parameters()):
+                pe.lerp_(pg, 1 - t.ema_decay)
+
+
+# =================================================================================================
+# I.9 injectivity: the frame-level floor of ODE regression (paper Sec. 3, Lemma 3.2, Prop. 3.3)
+# =================================================================================================
 
 
 def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer: int, inner: int,
@@ -1470,12 +1400,286 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
     return (floor, mean) if return_mean else floor
 
 
+# #################################################################################################
+# END OF PART I.  PART II: ENGINEERING. Checked configs, Wan checkpoints, fast attention, the one
+# training loop (data parallel, resume, divergence guard), data loaders, metrics, the pipeline,
+# benchmarks, the command line. None of it changes the method.
+# #################################################################################################
+
 # =================================================================================================
-# 7. training stages
+# II.1 config: named presets with checked overrides
 # =================================================================================================
 
 
-# --- data parallel under torchrun ------------------------------------------------------------------
+def _field_types() -> dict[str, tuple[str, object]]:
+    """Every overridable field name -> (section or "", type). Names are unique across sections."""
+    out: dict[str, tuple[str, object]] = {}
+    top = typing.get_type_hints(Config)
+    for name in ("name", "seed", "device"):
+        out[name] = ("", top[name])
+    for section in _SECTIONS:
+        hints = typing.get_type_hints(type(getattr(Config(), section)))
+        for f in dataclasses.fields(getattr(Config(), section)):
+            assert f.name not in out, f"config field {f.name} is defined twice"
+            out[f.name] = (section, hints[f.name])
+    return out
+
+
+def _coerce(key: str, value, typ):
+    """Check one override's type; ints are accepted where a float is expected."""
+    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
+    if optional:
+        if value is None:
+            return None
+        typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        tuple: isinstance(value, (tuple, list)),
+    }.get(typ, False)
+    if not ok:
+        raise ValueError(f"config override {key}={value!r} has type {type(value).__name__}, expected {typ.__name__}")
+    return float(value) if typ is float else tuple(value) if typ is tuple else value
+
+
+def get_config(name: str = "toy2d", **overrides) -> Config:
+    """A named preset with overrides by field name, wherever the field lives:
+    get_config("toy2d", chunk_frames=2, frames=6). Unknown or ill-typed keys raise ValueError."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown config {name!r}; available: {sorted(_PRESETS)}")
+    types = _field_types()
+    cfg = Config(name=name)
+    for key, value in {**_PRESETS[name], **overrides}.items():
+        if key not in types:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
+        section, typ = types[key]
+        target = getattr(cfg, section) if section else cfg
+        setattr(target, key, _coerce(key, value, typ))
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Checks every value for its range and the values for consistency, before anything is built,
+    written or trained; raises one ValueError that lists every problem."""
+    m, d, t, s, e = cfg.model, cfg.data, cfg.train, cfg.sample, cfg.eval
+    problems = []
+    counts = {"frames": d.frames, "train_size": d.train_size, "test_size": d.test_size, "in_channels": m.in_channels,
+              "height": m.height, "width": m.width, "patch_size": m.patch_size, "dim": m.dim, "ffn_dim": m.ffn_dim,
+              "num_heads": m.num_heads, "num_layers": m.num_layers, "freq_dim": m.freq_dim, "chunk_frames": m.chunk_frames,
+              "batch_size": t.batch_size, "base_steps": t.base_steps, "teacher_steps": t.teacher_steps,
+              "ode_pairs": t.ode_pairs, "ode_steps": t.ode_steps, "dmd_steps": t.dmd_steps,
+              "gen_update_ratio": t.gen_update_ratio, "classifier_steps": t.classifier_steps,
+              "checkpoint_every": t.checkpoint_every, "num_train_timesteps": s.num_train_timesteps,
+              "teacher_solver_steps": s.teacher_solver_steps, "eval_samples": e.eval_samples,
+              "floor_outer": e.floor_outer, "floor_inner": e.floor_inner}
+    problems += [f"{k}={v} must be >= 1" for k, v in counts.items() if v < 1]
+    positive = {"base_lr": t.base_lr, "teacher_lr": t.teacher_lr, "ode_lr": t.ode_lr, "gen_lr": t.gen_lr,
+                "critic_lr": t.critic_lr, "grad_clip": t.grad_clip, "shift": s.shift, "rope_theta": m.rope_theta,
+                "eps": m.eps, "radius": d.radius, "speed": d.speed}
+    problems += [f"{k}={v} must be a finite number > 0" for k, v in positive.items() if not (math.isfinite(v) and v > 0)]
+    unit = {"adam_beta1": t.adam_beta1, "adam_beta2": t.adam_beta2, "base_beta1": t.base_beta1, "ema_decay": t.ema_decay}
+    problems += [f"{k}={v} must lie in [0, 1)" for k, v in unit.items() if not 0.0 <= v < 1.0]
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        problems.append(f"weight_decay={t.weight_decay} must be a finite number >= 0")
+    if not 0.0 < t.dmd_min_sigma < t.dmd_max_sigma <= 1.0:
+        problems.append(f"DMD sigmas must satisfy 0 < dmd_min_sigma < dmd_max_sigma <= 1, got {t.dmd_min_sigma}, {t.dmd_max_sigma}")
+    if not (math.isfinite(d.noise_std) and d.noise_std >= 0) or not math.isfinite(d.turn_degrees):
+        problems.append(f"noise_std={d.noise_std} must be finite and >= 0, turn_degrees={d.turn_degrees} finite")
+    finite = {"real_guidance": t.real_guidance, "teacher_guidance": t.teacher_guidance,
+              "transition_tol_degrees": e.transition_tol_degrees}
+    problems += [f"{k}={v} must be finite" for k, v in finite.items() if not math.isfinite(v)]
+    if t.ema_start_step < 0:
+        problems.append(f"ema_start_step={t.ema_start_step} must be >= 0")
+    if not s.denoising_steps:
+        problems.append("denoising_steps is empty: the student needs at least one step, e.g. (1000,)")
+    if m.num_heads >= 1 and m.dim % m.num_heads:
+        problems.append(f"dim={m.dim} is not divisible by num_heads={m.num_heads}")
+    elif m.num_heads >= 1 and ((m.dim // m.num_heads) % 2 or m.dim // m.num_heads < 6):
+        problems.append(f"head dim {m.dim // m.num_heads} must be even and >= 6 for 3-D rotary positions")
+    if m.patch_size >= 1 and (m.height % m.patch_size or m.width % m.patch_size):
+        problems.append(f"frame {m.height}x{m.width} is not divisible by patch_size={m.patch_size}")
+    if m.window_frames is not None and m.window_frames - m.sink_frames < m.chunk_frames:
+        problems.append(f"window_frames - sink_frames = {m.window_frames - m.sink_frames} must hold a chunk ({m.chunk_frames})")
+    if m.sink_frames < 0 or (m.chunk_frames >= 1 and m.sink_frames % m.chunk_frames):
+        problems.append(f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames")
+    if d.dataset not in ("toy2d", "moving_digits", "none"):
+        problems.append(f"dataset={d.dataset!r} is not 'toy2d', 'moving_digits' or 'none'")
+    elif d.dataset == "moving_digits":
+        if (m.in_channels, m.height, m.width) != (1, d.canvas, d.canvas):
+            problems.append(f"moving digits are 1x{d.canvas}x{d.canvas} frames (canvas={d.canvas}); the model has "
+                            f"in_channels={m.in_channels}, height={m.height}, width={m.width}")
+        if d.digit_size > d.canvas:
+            problems.append(f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas")
+        if d.num_digits != 1:
+            problems.append(f"num_digits={d.num_digits}: the pipeline's label conditions and digit metrics read one digit "
+                            "per video (moving_digits() itself makes any number)")
+        if d.canvas % 8:
+            problems.append(f"canvas={d.canvas} must be a multiple of 8 (the digit classifier pools three times)")
+        if m.cond_dim not in (0, 10):
+            problems.append(f"cond_dim={m.cond_dim} must be 10 (a one-hot label per digit) or 0 (unconditional)")
+    if not 0.0 <= cfg.train.cond_dropout < 1.0:
+        problems.append(f"cond_dropout={cfg.train.cond_dropout} must lie in [0, 1)")
+    if cfg.train.teacher_mode not in ("teacher_forcing", "diffusion_forcing"):
+        problems.append(f"teacher_mode={cfg.train.teacher_mode!r} is not 'teacher_forcing' or 'diffusion_forcing'")
+    if not all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps for k in s.denoising_steps):
+        problems.append(f"denoising_steps {s.denoising_steps} must be numbers in (0, {s.num_train_timesteps}]")
+    elif s.denoising_steps and s.teacher_solver_steps >= 1 and s.shift > 0 and math.isfinite(s.shift):
+        try:  # the teacher's Euler grid must pass through the student's sigmas (ODE pairs keep them)
+            ode_pair_sigmas(s)
+        except ValueError as err:
+            problems.append(str(err))
+    if not 0.0 <= cfg.sample.context_noise < 1.0:
+        problems.append("context_noise must lie in [0, 1)")
+    if m.attention not in ("auto", "dense", "flex"):
+        problems.append(f"attention={m.attention!r} is not 'auto', 'dense' or 'flex'")
+    if cfg.train.data_parallel not in ("auto", "ddp", "fsdp"):
+        problems.append(f"data_parallel={cfg.train.data_parallel!r} is not 'auto', 'ddp' or 'fsdp'")
+    if m.precision not in ("auto", "fp32", "bf16"):
+        problems.append(f"precision={m.precision!r} is not 'auto', 'fp32' or 'bf16'")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+    cfg.device = resolve_device(cfg.device)
+    if d.dataset == "moving_digits" and not d.mnist_dir:  # record where the digits will come from
+        d.mnist_dir = os.environ.get(MNIST_ENV) or None
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' if a GPU is visible, else 'mps' (Apple), else 'cpu'; others unchanged."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# =================================================================================================
+# II.2 checkpoints in Wan's formats (Wan2.1, Causal Forcing, Self Forcing)
+# =================================================================================================
+
+
+_WRAPPER_PREFIXES = ("module.", "model.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
+
+
+def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
+    """Bare WanModel parameter names from any of the files the field uses: the official
+    diffusion_pytorch_model.safetensors (bare names); a Causal Forcing / Self Forcing checkpoint
+    {"generator_ema" | "generator" | "critic" | "model": {"model." + name: tensor}} (EMA weights may
+    carry "model._fsdp_wrapped_module."); DDP's "module." and torch.compile's "_orig_mod.".
+    Without `key`, the first of generator_ema, generator, model found is used."""
+    if key is not None:
+        if key not in state:
+            raise KeyError(f"checkpoint has no entry {key!r}; it has {sorted(state)}")
+        state = state[key]
+    elif not all(torch.is_tensor(v) for v in state.values()):
+        found = [k for k in ("generator_ema", "generator", "model") if isinstance(state.get(k), dict)]
+        if not found:
+            raise KeyError(f"no state dict in this checkpoint: top-level keys {sorted(state)}")
+        state = state[found[0]]
+    out = {}
+    for name, tensor in state.items():
+        stripped = True
+        while stripped:  # wrappers nest: model._fsdp_wrapped_module._orig_mod.blocks...
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name, stripped = name[len(prefix):], True
+        for inner in ("._fsdp_wrapped_module", "._orig_mod", "._checkpoint_wrapped_module"):
+            name = name.replace(inner, "")
+        out[name] = tensor
+    return out
+
+
+def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None) -> nn.Module:
+    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every
+    parameter must be present with the right shape, and nothing else. Reads .safetensors (needs
+    the safetensors package, imported only here) or a torch file with weights_only=True."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError("reading .safetensors needs the safetensors package: pip install safetensors") from e
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no full copy in RAM
+    state = wan_state_dict(state, key)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path!r} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(wrong)} with other shapes).\n  missing: {missing}\n  unexpected: {unexpected}\n"
+                         f"  shapes: {wrong}")
+    on_meta = any(p.is_meta for p in model.parameters())  # built on the meta device: take the tensors
+    model.load_state_dict(state, strict=True, assign=on_meta)
+    return model
+
+
+# =================================================================================================
+# II.3 fast attention: FlexAttention block masks (CUDA)
+# =================================================================================================
+
+
+def _flex_block_mask(vis: torch.Tensor, S: int, block: int = 128):
+    """A FlexAttention BlockMask for the token mask vis[q // S, k // S], computed per pair of
+    128-token blocks: a block pair is skipped if no frame pair it touches is visible, computed
+    without a mask if every one is, and masked token by token otherwise. A block's frames are
+    those of its first to last token; 2-D prefix sums count visible frame pairs in each rectangle."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    Fq, Fk = vis.shape
+    Nq, Nk = Fq * S, Fk * S
+    nq, nk = -(-Nq // block), -(-Nk // block)
+    dev = vis.device
+    q0 = torch.arange(nq, device=dev) * block // S  # first and last frame of every block
+    q1 = (torch.clamp(torch.arange(1, nq + 1, device=dev) * block, max=Nq) - 1) // S
+    k0 = torch.arange(nk, device=dev) * block // S
+    k1 = (torch.clamp(torch.arange(1, nk + 1, device=dev) * block, max=Nk) - 1) // S
+    csum = F_.pad(vis.long().cumsum(0).cumsum(1), (1, 0, 1, 0))  # (Fq+1, Fk+1) prefix sums
+    seen = (csum[q1 + 1][:, k1 + 1] - csum[q0][:, k1 + 1] - csum[q1 + 1][:, k0] + csum[q0][:, k0])  # (nq, nk)
+    area = (q1 - q0 + 1)[:, None] * (k1 - k0 + 1)[None, :]
+    full, partial = seen == area, (seen > 0) & (seen < area)
+
+    def lists(m):  # per query block: how many key blocks, and which (padded to nk)
+        order = torch.argsort((~m).to(torch.int8), dim=1, stable=True).to(torch.int32)
+        return m.sum(1).to(torch.int32)[None, None], order[None, None]
+
+    def mask_mod(b, h, q, k):
+        return vis[torch.clamp(q // S, max=Fq - 1), torch.clamp(k // S, max=Fk - 1)] & (q < Nq) & (k < Nk)
+
+    (n_part, i_part), (n_full, i_full) = lists(partial), lists(full)
+    return BlockMask.from_kv_blocks(n_part, i_part, n_full, i_full, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(Nq, Nk))
+
+
+_compiled_flex = None
+
+
+def flex_attend(q, k, v, block_mask) -> torch.Tensor:
+    """FlexAttention under a block mask: compiled on CUDA, where it is fast; eager elsewhere (a
+    reference, unfused: for tests on a CPU)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type == "cuda":
+        _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+# =================================================================================================
+# II.4 the training loop: data parallel, optimizer steps, resumable checkpoints, divergence guard
+# =================================================================================================
+
+
+# --- data parallel under torchrun ----------------------------------------------------------------
 # Every rank draws the same *global* batch from the same seed and trains on its own slice; gradients
 # are averaged over ranks before each optimizer step. So N processes take exactly the steps one
 # process takes with the whole batch, and parameters stay identical on every rank.
@@ -1641,24 +1845,61 @@ class Progress:
                  f"{rate:6.2f} it/s  {(self.total - step - 1) / rate:5.0f} s left")
 
 
-# --- resumable stages: files written atomically, and the state a stage checkpoints ----------------
+# --- resumable stages: files written atomically, and the state a stage checkpoints ---------------
 
 
 @contextlib.contextmanager
 def _atomic_file(path: str):
     """Yields a binary file in the folder of `path`, renamed over `path` when the block ends: an
-    interrupted write never leaves a truncated file, and an older one survives until the new one is whole."""
+    interrupted write never leaves a truncated file, and an older one survives until the new one is
+    whole. The file is flushed to disk before the rename and the folder after it, so that a power
+    loss cannot leave an empty file under the final name."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes a rename in `folder` durable (where the system allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _load_saved(path: str, what: str = "stage file") -> dict:
+    """torch.load of a file this project saved, with an error that names the file and what to do
+    when it is empty, truncated or not a torch file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
+        raise ValueError(f"{what} {path!r} is empty or corrupt ({type(e).__name__}: {e}); delete it and run "
+                         "again to redo that stage") from None
+
+
+def _remove_stale_temporaries(folder: str) -> None:
+    """Deletes the .tmp-* files that a save interrupted by a kill leaves behind."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(folder, name))
 
 
 def _finite_or_none(obj):
@@ -1720,7 +1961,7 @@ class StageCheckpoint:
         continue from (0 without a checkpoint) and the extras saved with it."""
         if not self.path or not os.path.exists(self.path):
             return 0, {}
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = _load_saved(self.path, "checkpoint")
         for name, obj in objs.items():
             if obj is not None:
                 _load_state(obj, state["objs"][name])
@@ -1753,6 +1994,9 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
     Returns the history {loss name: [one value per step that produced it]}."""
     ckpt = ckpt or StageCheckpoint()
     start, saved = ckpt.restore(**objs)
+    if start and "history" not in saved:
+        raise ValueError(f"checkpoint {ckpt.path!r} was written by an older version of this code and cannot be resumed "
+                         "exactly; delete it to restart this stage")
     history = saved.get("history", {})
     if state is not None:
         state.update(saved.get("state", {}))
@@ -1766,7 +2010,8 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
         except FloatingPointError as e:
             raise Diverged(f"training diverged in stage '{stage}' at step {i + 1} of {steps} ({e}). Nothing of "
                            f"this stage was saved as finished. The usual cause is a learning rate too high for "
-                           f"this model{': ' + hint if hint else ''}.") from None
+                           f"this model{': ' + hint if hint else ''} (from the command line, in a new --out "
+                           f"folder: a run folder keeps the config it was started with).") from None
         for name, v in losses.items():
             history.setdefault(name, []).append(v)
         progress(i, next(iter(losses.values())))
@@ -1774,273 +2019,155 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
     return history
 
 
-def flow_matching_loss(model, x0, sigma, noise, cond=None, weight=None, **kw) -> torch.Tensor:
-    """Flow matching (Wan's objective, rectified flow): the MSE between the model's velocity at
-    x_s = (1 - s) x0 + s eps and the true velocity eps - x0, per frame, averaged with `weight`
-    (B, F) if given (the recipe's bump weight, `bump_weight`), else uniformly. `kw` go to the
-    model (clean_context: teacher forcing)."""
-    x_s = add_noise(x0, noise, sigma)
-    err = (model(x_s, sigma, cond, **kw) - (noise - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, F)
-    return (err * weight).mean() if weight is not None else err.mean()
+# =================================================================================================
+# II.5 data loaders: moving digits (Srivastava et al., 2015), MNIST files, bundled sprites
+# =================================================================================================
 
 
-def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_frames: int, rng):
-    """This rank's share of the next minibatch of a flow-matching stage, on the device: clean clips,
-    one sigma per chunk of `chunk_frames`, noise, and the conditions (dropped at cond_dropout, so
-    that guidance has an "uncond"; None when unconditional). Every rank draws the whole global batch
-    from the shared generator, in this order, and keeps its slice."""
-    idx = next(batches)
-    x0 = data[idx]
-    sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, cfg.sample, rng)
-    noise = torch.randn(x0.shape, generator=rng)
-    c = None if cond is None else drop_cond(cond[idx], cfg.train.cond_dropout, rng)
-    return tuple(None if v is None else _shard(v).to(cfg.device) for v in (x0, sigma, noise, c))
+MNIST_ENV = "CAUSAL_FORCING_MNIST"  # a folder with the MNIST IDX files, if the user has them
 
 
-def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None,
-               ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
-    """Stage 0: the bidirectional base model, flow matching with one timestep per clip. Upstream
-    this is the pretrained Wan2.1 model; here we train it so the pipeline starts from data.
-    cond (N, L, cond_dim), if given, holds each training video's condition (dropped at cond_dropout)."""
-    t = cfg.train
-    model = parallelize(CausalDiT(cfg.model, causal=False).to(cfg.device), cfg)
-    opt = _adamw(model.parameters(), t.base_lr, t, beta1=t.base_beta1, cosine_steps=t.base_steps)
-    batches = Batches(len(data), t.batch_size, rng)
-
-    def step(i):
-        x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, data.shape[1], rng)  # one sigma per clip
-        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=bump_weight(sigma, cfg.sample))
-        _step(opt, model, loss, t.grad_clip)
-        return {"flow_matching": loss}
-    history = train_loop("base", t.base_steps, step, ckpt, log, hint=f"lower base_lr (now {t.base_lr:g})",
-                         model=model, opt=opt, rng=rng, batches=batches)
-    return model, history.get("flow_matching", [])
+_SPRITES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_data", "digit_sprites.npz")
 
 
-def copy_model(model: CausalDiT, causal: Optional[bool] = None) -> CausalDiT:
-    """A fresh, trainable copy, also of an FSDP-sharded model (its full weights are gathered);
-    causal=True makes the causal copy of a bidirectional model: same parameters, only the mask differs."""
-    new = CausalDiT(model.cfg, causal=model.causal if causal is None else causal).to(next(model.parameters()).device)
-    new.load_state_dict(full_state_dict(model))
-    return new
+def read_idx(path: str) -> torch.Tensor:
+    """An IDX file (MNIST's format, raw or .gz) as a uint8 tensor. The header is two zero bytes,
+    a type byte (0x08 = uint8), the number of dimensions, then each dimension as a big-endian
+    uint32; the data must be exactly as long as the dimensions say."""
+    import gzip
+    import struct
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no IDX file at {path!r}")
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot be read ({e}); the file is corrupt or truncated") from e
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{path} is not a uint8 IDX file (header {raw[:4].hex()}, expected 0000 08 <ndim>)")
+    header = 4 + 4 * raw[3]
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated header ({len(raw)} bytes)")
+    dims = struct.unpack(f">{raw[3]}I", raw[4:header])
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        raise ValueError(f"{path}: expected {expected} bytes for shape {dims}, found {len(raw)}; "
+                         "the file is truncated or corrupt")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
 
-def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None, log=print,
-                     rng=None, cond=None, ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
-    """Stage 1: the AR teacher, initialised from the bidirectional base, one timestep per chunk.
-    teacher forcing (default): the model sees [clean video ; noisy video]; noisy chunk b attends
-      to the clean chunks < b, exactly the context it will have at inference.
-    diffusion forcing (ablation): every chunk is noisy at its own level and attends to the noisy
-      earlier chunks; at inference the context is clean, a train/test mismatch (Prop. 3.4)."""
-    t, mode = cfg.train, mode or cfg.train.teacher_mode
-    model = parallelize(copy_model(base, causal=True), cfg)
-    opt = _adamw(model.parameters(), t.teacher_lr, t, cosine_steps=t.teacher_steps)
-    batches = Batches(len(data), t.batch_size, rng)
+def load_digits(mnist_dir: Optional[str] = None, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Digit images (N, 28, 28) uint8, labels (N,) long, and where they came from: the MNIST
+    `split` from `mnist_dir` (or the folder in $CAUSAL_FORCING_MNIST), else the digit sprites
+    shipped in toy_data/ (rendered from matplotlib's fonts; see toy_data/make_digit_sprites.py)."""
+    mnist_dir = mnist_dir or os.environ.get(MNIST_ENV)
+    if mnist_dir:
+        prefix = {"test": "t10k", "train": "train"}[split]
+        found = {}
+        for kind, rank in (("images", 3), ("labels", 1)):
+            names = [f"{prefix}-{kind}-idx{rank}-ubyte{ext}" for ext in ("", ".gz")]
+            names += [f"{prefix}-{kind}.idx{rank}-ubyte{ext}" for ext in ("", ".gz")]
+            path = next((os.path.join(mnist_dir, n) for n in names if os.path.isfile(os.path.join(mnist_dir, n))), None)
+            if path is None:
+                raise FileNotFoundError(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
+            found[kind] = read_idx(path)
+        images, labels = found["images"], found["labels"]
+        if images.dim() != 3 or len(images) != len(labels):
+            raise ValueError(f"MNIST files in {mnist_dir!r} disagree: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+        return images, labels.long(), f"MNIST {split} set from {mnist_dir}"
+    if not os.path.isfile(_SPRITES):
+        raise FileNotFoundError(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
+                                f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
+    import numpy as np
 
-    def step(i):
-        x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, cfg.model.chunk_frames, rng)
-        kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
-        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=bump_weight(sigma, cfg.sample), **kw)
-        _step(opt, model, loss, t.grad_clip)
-        return {"flow_matching": loss}
-    history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", t.teacher_steps, step, ckpt, log,
-                         hint=f"lower teacher_lr (now {t.teacher_lr:g})", model=model, opt=opt, rng=rng, batches=batches)
-    return model, history.get("flow_matching", [])
-
-
-@torch.no_grad()
-def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: str, cond=None,
-                   rng=None, batch: int = 1024) -> dict:
-    """ODE pairs for the few-step student: the teacher's Euler trajectory (teacher_solver_steps on
-    the shifted grid, which contains the student's warped sigmas) is kept at the student's sigmas.
-      kind="ar": the AR teacher integrates every chunk given the *ground-truth* clean earlier
-        chunks (the teacher-forcing mask does all chunks in one pass).
-      kind="bidirectional": the bidirectional teacher integrates the whole clip from noise.
-    cond (N, L, cond_dim), aligned with data: each clip's condition; the teacher is guided with
-    teacher_guidance, and the pairs keep the condition for the student.
-    Returns {"xt": (n, K, F, C, H, W) states at the K student sigmas, "x0": teacher endpoints,
-    "clean": the ground-truth clips, and "cond" when conditioned}."""
-    if kind not in ("ar", "bidirectional"):
-        raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
-    if cond is not None and len(cond) != len(data):
-        raise ValueError(f"cond has {len(cond)} rows for {len(data)} clips; pass one condition per clip")
-    keep, sig = ode_pair_sigmas(cfg.sample)
-    n = min(cfg.train.ode_pairs, len(data))
-    out = {"xt": [], "x0": [], "clean": [], "cond": []}
-    for idx in torch.arange(n).split(batch):
-        clean = data[idx].to(cfg.device)
-        c = None if cond is None else cond[idx].to(cfg.device)
-        kw = {"clean_context": clean} if kind == "ar" else {}
-        vel = lambda x_, s: guided_velocity(teacher, x_, torch.full(x_.shape[:2], s, device=x_.device),  # noqa: E731
-                                            c, cfg.train.teacher_guidance, **kw)
-        x0, kept = euler_ode(vel, torch.randn(clean.shape, generator=rng).to(cfg.device), sig, keep)
-        out["xt"].append(torch.stack([kept[s] for s in keep], 1))
-        out["x0"].append(x0)
-        out["clean"].append(clean)
-        if c is not None:
-            out["cond"].append(c)
-    return {k: torch.cat(v) for k, v in out.items() if v}
+    with np.load(_SPRITES) as d:
+        return torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long(), "digit sprites (toy_data)"
 
 
-def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k: int, kind: str) -> torch.Tensor:
-    """MSE between the student's x0 from x at the student's k-th sigma and the teacher's endpoint,
-    per frame summed over its coordinates: (B, F). The AR variant sees clean ground-truth
-    context (teacher-forcing mask); the bidirectional variant sees the noisy earlier frames under
-    the block-causal mask, as in CausVid / Self Forcing."""
-    s = student_sigmas(cfg.sample)[k]
-    x = pairs["xt"][idx, k]
-    t = torch.full(x.shape[:2], s, device=x.device)
-    kw = {"clean_context": pairs["clean"][idx]} if kind == "ar" else {}
-    cond = pairs["cond"][idx] if "cond" in pairs else None
-    x0 = x0_from_velocity(x, student(x, t, cond, **kw), t)
-    return (x0 - pairs["x0"][idx]).pow(2).sum(dim=(2, 3, 4))
+def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits: int = 2, speed: float = 0.1,
+                  digit_size: int = 28, digits: Optional[tuple] = None, rng: Optional[torch.Generator] = None,
+                  return_positions: bool = False):
+    """Moving-digit videos as in Srivastava et al. (2015). Each digit starts at a uniform position
+    in the unit square and moves `speed` per frame in a uniform direction; a coordinate that leaves
+    [0, 1] is clamped to the edge and its velocity flips (a bounce). Positions scale by
+    size - digit_size to the digit's top-left pixel; overlapping digits combine by max.
+    The paper's setting is the default (64x64, 2 digits of 28 px, 20 frames, speed 0.1).
+    Returns videos (N, F, size, size) uint8 and labels (N, num_digits); with return_positions
+    also the top-left pixel of every digit in every frame, (N, F, num_digits, 2) as (y, x)."""
+    images, labels = digits if digits is not None else load_digits()[:2]
+    if digit_size > size:
+        raise ValueError(f"digit_size={digit_size} does not fit a {size}x{size} canvas")
+    if digit_size != images.shape[-1]:  # area-averaged resize, e.g. 28 -> 14 px for small canvases
+        images = F_.interpolate(images[:, None].float(), size=(digit_size, digit_size), mode="area")
+        images = images[:, 0].round().clamp(0, 255).to(torch.uint8)
+    N, D, span = num_videos, num_digits, size - digit_size
+    pick = torch.randint(len(images), (N, D), generator=rng)
+    pos = torch.rand(N, D, 2, generator=rng, dtype=torch.float64)  # (y, x) in the unit square
+    angle = 2 * math.pi * torch.rand(N, D, generator=rng, dtype=torch.float64)
+    vel = speed * torch.stack([angle.sin(), angle.cos()], -1)  # (N, D, 2)
+    video = torch.zeros(N, frames, size, size, dtype=torch.uint8)
+    tops = torch.zeros(N, frames, D, 2, dtype=torch.long)
+    grid = torch.arange(digit_size)
+    n = torch.arange(N)[:, None, None]
+    for f in range(frames):
+        tops[:, f] = (pos * span).round().long()
+        for d in range(D):
+            rows = (tops[:, f, d, 0, None] + grid)[:, :, None]  # (N, s, 1)
+            cols = (tops[:, f, d, 1, None] + grid)[:, None, :]  # (N, 1, s)
+            canvas = video[:, f]
+            canvas[n, rows, cols] = torch.maximum(canvas[n, rows, cols], images[pick[:, d]])
+        pos = pos + vel
+        out = (pos < 0) | (pos > 1)
+        pos, vel = pos.clamp(0, 1), torch.where(out, -vel, vel)
+    result = (video, labels[pick])
+    return (*result, tops) if return_positions else result
 
 
-def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=print,
-                      rng=None, ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
-    """Stage 2: few-step causal student by ODE regression, initialised from `init` (the AR teacher
-    for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). One student
-    sigma per step, shared by all frames."""
-    t = cfg.train
-    student = parallelize(copy_model(init, causal=True), cfg)
-    opt = _adamw(student.parameters(), t.ode_lr, t, cosine_steps=t.ode_steps)
-    n, K = len(pairs["x0"]), len(student_sigmas(cfg.sample))
-    per_coordinate = cfg.model.in_channels * cfg.model.height * cfg.model.width  # MSE per coordinate
+def load_moving_mnist(path: str) -> torch.Tensor:
+    """The released Moving MNIST test set (mnist_test_seq.npy: uint8, time first, (20, 10000, 64,
+    64)) as videos (N, T, H, W) uint8."""
+    import numpy as np
 
-    def step(i):
-        idx = _shard(torch.randint(n, (t.batch_size,), generator=rng))
-        k = int(torch.randint(K, (1,), generator=rng))  # one student step for the whole batch
-        loss = ode_regression_loss(student, cfg, pairs, idx, k, kind).mean() / per_coordinate
-        _step(opt, student, loss, t.grad_clip)
-        return {"ode_regression": loss}
-    history = train_loop(f"ode student from {kind}", t.ode_steps, step, ckpt, log,
-                         hint=f"lower ode_lr (now {t.ode_lr:g})", model=student, opt=opt, rng=rng)
-    return student, history.get("ode_regression", [])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no Moving MNIST file at {path!r}")
+    arr = np.load(path)
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise ValueError(f"{path}: expected uint8 of shape (T, N, H, W), time first; got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(arr).permute(1, 0, 2, 3).contiguous()
 
 
-def self_rollout(generator: CausalDiT, cfg: Config, batch_size: int, exit_step: Optional[int] = None,
-                 cond=None, rng=None) -> torch.Tensor:
-    """Self Forcing's training rollout: the generator produces the whole video chunk by chunk from
-    its own outputs through the KV cache (a fresh cache each time). The steps before `exit_step`
-    run without gradient; the exit step keeps its graph; the cache refresh has no gradient."""
-    frames = cfg.data.frames
-    cache = generator.new_kv_cache(batch_size, max_frames=frames)
-    sigmas, chunks = student_sigmas(cfg.sample), []
-    for start in range(0, frames, cfg.model.chunk_frames):
-        n = min(cfg.model.chunk_frames, frames - start)
-        noise = _randn(_video_shape(cfg, batch_size, n), rng, cfg.device)
-        chunks.append(denoise_chunk(generator, cfg, noise, sigmas, cond, cache, start, exit_step, rng))
-        if start + n < frames:
-            _write_context(generator, cfg, chunks[-1].detach(), cond, cache, start, rng)
-    return torch.cat(chunks, 1)
+def digit_split(cfg: DataConfig) -> dict:
+    """The digit images for training videos and those held out for the metrics: a fixed 90/10 split
+    of the pool (MNIST or the sprites), the same for every seed, so held-out videos show digits
+    that no training video contains. Returns {"train": (images, labels), "test": ..., "source": str}."""
+    images, labels, source = load_digits(cfg.mnist_dir)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(12345))
+    cut = len(images) // 10
+    return {"train": (images[order[cut:]], labels[order[cut:]]), "test": (images[order[:cut]], labels[order[:cut]]),
+            "source": source}
 
 
-def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
-    """The DMD gradient (DMD2 / Self Forcing), normalised per sample:
-        grad = (x0_fake - x0_real) / mean|x - x0_real|.
-    The KL between the generator's and the data distribution, noised, has gradient
-    (score_fake - score_real); with x0-predictions this is proportional to x0_fake - x0_real."""
-    norm = (x - x0_real).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
-    return (x0_fake - x0_real) / norm
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> floats in [-1, 1]."""
+    return pixels.float() / 127.5 - 1
 
 
-def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """0.5 * MSE(x, (x - grad).detach()) in float64: its gradient w.r.t. x is grad / numel, so
-    a descent step moves the samples along -grad, from the fake towards the real distribution."""
-    return 0.5 * F_.mse_loss(x.double(), (x.double() - grad.double()).detach())
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Floats in [-1, 1] -> uint8 pixels (clipped)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def dmd_generator_loss(x: torch.Tensor, real_score: nn.Module, fake_score: nn.Module, sigma: torch.Tensor,
-                       noise: torch.Tensor, cond=None, guidance: float = 1.0) -> torch.Tensor:
-    """The generator's DMD loss (DMD2 eq. 2; upstream `DMD.generator_loss` ->
-    `compute_distribution_matching_loss`): noise the generated clip x to x_s at `sigma`, ask the
-    frozen real score (guided) and the fake score for x0, and pull x along the normalised difference
-    (`dmd_gradient`, through `dmd_loss`). Only x carries a gradient, back into the generator."""
-    with torch.no_grad():
-        x_s = add_noise(x, noise, sigma)
-        x0_real = x0_from_velocity(x_s, guided_velocity(real_score, x_s, sigma, cond, guidance), sigma)
-        x0_fake = x0_from_velocity(x_s, fake_score(x_s, sigma, cond), sigma)
-        grad = dmd_gradient(x, x0_real, x0_fake)
-    return dmd_loss(x, grad)
-
-
-def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond=None) -> torch.Tensor:
-    """The fake score's loss (upstream `DMD.critic_loss`): flow matching on the generator's samples x
-    (no gradient into the generator), unweighted, so that the fake score tracks the distribution
-    the generator produces now."""
-    return flow_matching_loss(fake_score, x.detach(), sigma, noise, cond)
-
-
-def _dmd_sigma(cfg: Config, batch, rng, device):
-    """One sigma per clip (chunk = the whole clip) for the DMD and critic losses: a step drawn in
-    [0.02, 0.98], shifted, then clamped to [0.02, 0.98] again, in Self Forcing's order."""
-    t = cfg.train
-    s = sample_sigmas(batch, cfg.data.frames, cfg.data.frames, cfg.sample, rng, lo=t.dmd_min_sigma, hi=t.dmd_max_sigma)
-    return s.clamp(t.dmd_min_sigma, t.dmd_max_sigma).to(device)
-
-
-def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_init: CausalDiT,
-              cond_sampler: Optional[Callable] = None, log=print, rng=None,
-              ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, dict]:
-    """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (a
-    bidirectional model, initialised from the base) with `critic_loss` on a fresh rollout; every
-    `gen_update_ratio` steps the generator takes a `dmd_generator_loss` step on its own rollout,
-    stopped at a random denoising step. The real score is frozen (guided when conditioned);
-    cond_sampler(batch, rng), if given, draws a batch's conditions (e.g. prompt embeddings).
-    Returns the EMA generator (or the raw one before EMA starts) and the loss histories."""
-    t = cfg.train
-    gen = parallelize(copy_model(generator).train(), cfg)
-    fake = parallelize(copy_model(fake_init).train(), cfg)
-    real = real_score.eval()  # frozen: only ever called under no_grad
-    opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
-    K, batch = len(student_sigmas(cfg.sample)), len(_shard(torch.empty(t.batch_size)))  # this rank's batch
-    state = {"ema": None, "gen_updates": 0}  # EMA: a copy of each (local shard of a) parameter
-
-    def step(i):
-        losses = {}
-        own = _rank_rng(rng)  # the rollouts' noise differs between ranks; exit steps are shared
-        cond = cond_sampler(batch, own) if cond_sampler else None  # this rank's prompts
-        if i % t.gen_update_ratio == 0:
-            x = self_rollout(gen, cfg, batch, int(torch.randint(K, (1,), generator=rng)), cond, own)
-            sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
-            loss = dmd_generator_loss(x, real, fake, sigma, _randn(x.shape, own, x.device), cond, t.real_guidance)
-            _step(opt_g, gen, loss, t.grad_clip)
-            _reshard(gen)
-            _update_ema(state, gen, t)
-            losses["generator"] = loss
-        with torch.no_grad():  # the critic's samples: a fresh rollout with its own random exit step
-            x = self_rollout(gen, cfg, batch, int(torch.randint(K, (1,), generator=rng)), cond, own)
-        sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
-        loss_f = critic_loss(fake, x, sigma, _randn(x.shape, own, x.device), cond)
-        _step(opt_f, fake, loss_f, t.grad_clip)
-        return {"critic": loss_f, **losses}
-    history = train_loop("dmd critic", t.dmd_steps, step, ckpt, log, state,
-                         hint=f"lower gen_lr (now {t.gen_lr:g}) or critic_lr (now {t.critic_lr:g})",
-                         gen=gen, fake=fake, opt_g=opt_g, opt_f=opt_f, rng=rng)
-    if state["ema"] is not None:  # hand back the EMA weights
-        _reshard(gen)
-        with torch.no_grad():
-            for pe, pg in zip(state["ema"], gen.parameters()):
-                pg.copy_(pe.to(pg.device))
-    return gen.eval().requires_grad_(False), {"generator": history.get("generator", []), "critic": history.get("critic", [])}
-
-
-def _update_ema(state: dict, model: nn.Module, t: TrainConfig) -> None:
-    """After a generator update: count it; from ema_start_step on, keep an exponential moving average
-    of the weights (decay ema_decay) in state["ema"] (restored from a checkpoint on the CPU)."""
-    state["gen_updates"] += 1
-    with torch.no_grad():
-        if state["ema"] is None:
-            if state["gen_updates"] >= t.ema_start_step:
-                state["ema"] = [p.detach().clone() for p in model.parameters()]
-        else:
-            state["ema"] = [e.to(p.device) for e, p in zip(state["ema"], model.parameters())]
-            for pe, pg in zip(state["ema"], model.parameters()):
-                pe.lerp_(pg, 1 - t.ema_decay)
+def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moving-digit videos as model input: (N, F, 1, H, W) float in [-1, 1] (0 -> -1, 255 -> 1), and
+    the labels (N, num_digits)."""
+    video, labels = moving_digits(num_videos, cfg.frames, cfg.canvas, cfg.num_digits, cfg.speed, cfg.digit_size,
+                                  digits, rng)
+    return to_unit(video)[:, :, None], labels
 
 
 # =================================================================================================
-# 8. evaluation
+# II.6 metrics: toy metrics; a digit classifier and the moving-digit metrics; NFE
 # =================================================================================================
 
 
@@ -2068,9 +2195,6 @@ def toy_metrics(videos: torch.Tensor, data: ToyVideos, held_out: torch.Tensor, t
         "motion": float(step(pts) / step(ref)) if pts.shape[1] > 1 else float("nan"),
         "transition_accuracy": float(ok.double().mean()) if pts.shape[1] > 1 else float("nan"),
     }
-
-
-# --- moving digits: a small digit classifier, and the paper's metrics in miniature --------------
 
 
 class DigitClassifier(nn.Module):
@@ -2106,12 +2230,11 @@ def train_classifier(cfg: Config, videos: torch.Tensor, labels: torch.Tensor, lo
     def step(i):
         idx = next(batches)
         loss = F_.cross_entropy(model(frames[idx].to(cfg.device))[1], targets[idx].to(cfg.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _step(opt, model, loss, clip=math.inf)  # no clipping (the gradient is scaled by exactly 1)
         return {"cross_entropy": loss}
     history = train_loop("digit classifier", cfg.train.classifier_steps, step, ckpt, log,
-                         model=model, opt=opt, rng=rng, batches=batches)
+                         hint="the classifier's Adam lr is 1e-3; check the data", model=model, opt=opt, rng=rng,
+                         batches=batches)
     return model.eval().requires_grad_(False), history.get("cross_entropy", [])
 
 
@@ -2183,13 +2306,66 @@ def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Te
     }
 
 
+@contextlib.contextmanager
+def count_frame_evaluations(model: nn.Module):
+    """Counts network evaluations: each forward call adds its number of (noisy) frames to 'frames',
+    and batch x frames to 'sample_frames' (so a guided call, on a doubled batch, counts twice).
+    Yields the dict; its entries grow while the block runs."""
+    box = {"frames": 0, "sample_frames": 0}
+
+    def hook(m, args, out):
+        box["frames"] += out.shape[1]
+        box["sample_frames"] += out.shape[0] * out.shape[1]
+    handle = model.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
 # =================================================================================================
-# 9. pipeline
+# II.7 pipeline: every stage (resumable from saved stages), the table, results.json, figures
 # =================================================================================================
+
 
 ROWS = ("bidirectional_teacher", "ar_teacher", "ode_student_from_bidirectional", "ode_student_from_ar",
         "self_forcing", "causal_forcing")
+
+
 DIGIT_ROWS = ROWS[:2] + ("ar_teacher_diffusion_forcing",) + ROWS[2:]  # moving digits add the ablation
+
+
+def sample_row(row: str, model: CausalDiT, cfg: Config, batch_size: int, cond=None, rng=None) -> torch.Tensor:
+    """Samples the model of a row of the table with that row's sampler: the teachers by their
+    many-step ODE (guided with teacher_guidance when conditioned), the students by streaming."""
+    if row == "bidirectional_teacher":
+        return sample_bidirectional(model, cfg, batch_size, cond, guidance=cfg.train.teacher_guidance, rng=rng)
+    if row.startswith("ar_teacher"):
+        return sample_ar_teacher(model, cfg, batch_size, cond=cond, guidance=cfg.train.teacher_guidance, rng=rng)
+    return sample_student(model, cfg, batch_size, cond=cond, rng=rng)
+
+
+def load_models(out: str, cfg: Config) -> dict:
+    """The trained models of a finished run in folder `out` (its models.pt), ready to sample: one
+    CausalDiT per row of the table (the bidirectional teacher non-causal, the rest causal), and on
+    moving digits the "digit_classifier" behind the metrics. `cfg` is the run's config."""
+    path = os.path.join(out, "models.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no models.pt in {out!r}: run the pipeline there first (python causal_forcing.py --out {out})")
+    models = {}
+    for name, state in torch.load(path, map_location="cpu", weights_only=True).items():
+        if name == "digit_classifier":
+            model = DigitClassifier(cfg.data.canvas)
+        else:
+            model = CausalDiT(cfg.model, causal=name != "bidirectional_teacher")
+        model.load_state_dict(state)
+        models[name] = model.to(cfg.device).eval().requires_grad_(False)
+    classifier_stage = os.path.join(out, "stages", "digit_classifier.pt")
+    if "digit_classifier" not in models and os.path.isfile(classifier_stage):  # a run saved before models.pt held it
+        models["digit_classifier"] = DigitClassifier(cfg.data.canvas)
+        models["digit_classifier"].load_state_dict(_load_saved(classifier_stage)["result"]["model"])
+        models["digit_classifier"].to(cfg.device).eval().requires_grad_(False)
+    return models
 
 
 def _run_identity(config: dict) -> dict:
@@ -2221,182 +2397,262 @@ def _check_run_folder(cfg: Config, out: str) -> None:
 
 def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
     """Every stage on the config's videos (toy 2-D, or moving digits), then the table. Returns the
-    results dict; with `out` it also writes out/results.json, the trained models out/models.pt and
-    the samples (toy: out/samples.png; digits: out/samples.gif).
+    results dict; with `out` it also writes out/results.json, out/losses.json (each trained stage's
+    loss per step), the trained models out/models.pt (`load_models`) and the samples (toy:
+    out/samples.png; digits: out/samples.gif). Read it as the recipe's table of stages, in order.
 
     With `out`, every finished stage is saved to out/stages/<stage>.pt, and a training stage in
     progress to out/stages/<stage>.partial.pt every checkpoint_every steps (both written
     atomically). Running the same command again skips the finished stages and resumes the
     interrupted one from its checkpoint, with the same results as an uninterrupted run."""
-    if cfg.data.dataset == "none":
-        raise ValueError(f"config {cfg.name!r} has no training data here (dataset='none'); the pipeline "
-                         "trains toy2d or mnist")
-    digits = cfg.data.dataset == "moving_digits"
-    rank, world = rank_and_world()
-    log = log if log and rank == 0 else (lambda *_: None)  # under torchrun only rank 0 speaks and writes
-    if out:
-        _check_run_folder(cfg, out)
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    cond = test_labels = None
-    if digits:
-        split = digit_split(cfg.data)
-        log(f"data: {cfg.data.train_size} training and {cfg.data.test_size} held-out videos of {split['source']}")
-        train_set, train_labels = digit_videos(cfg.data, cfg.data.train_size, split["train"], g)
-        test_set, test_labels = digit_videos(cfg.data, cfg.data.test_size, split["test"], g)
-        cond = label_cond(train_labels) if cfg.model.cond_dim else None
-    else:
-        if (cfg.model.in_channels, cfg.model.height, cfg.model.width) != (2, 1, 1):
-            raise ValueError("toy2d frames are points in the plane: in_channels=2, height=width=1")
-        toy = ToyVideos(cfg.data)
-        train_set, test_set = toy.sample(cfg.data.train_size, g), toy.sample(cfg.data.test_size, g)
-    seconds, models, extra = {}, {}, {}
+    run = PipelineRun(cfg, out, log)  # the data, the shared random generator, resumable stages
+    d, g, m, say = run.data, run.g, run.models, run.log
+    if run.digits:  # the metrics' digit reader first: it is trained on the data alone
+        run.classifier = run.stage("digit_classifier", "classifier", lambda ck: train_classifier(
+            cfg, d.train, d.train_labels, say, g, ck))
+        say(f"  digit classifier reads {run.classifier_accuracy():.3f} of held-out frames correctly")
+    m["bidirectional_teacher"] = run.stage("bidirectional_base", "bidirectional", lambda ck: train_base(
+        cfg, d.train, say, g, d.cond, ck))
+    m["ar_teacher"] = run.stage("ar_teacher", "causal", lambda ck: train_ar_teacher(
+        cfg, m["bidirectional_teacher"], d.train, "teacher_forcing", say, g, d.cond, ck))
+    if run.digits:  # the ablation: the AR teacher by diffusion forcing (noisy context in training)
+        m["ar_teacher_diffusion_forcing"] = run.stage("ar_teacher_diffusion_forcing", "causal",
+                                                      lambda ck: train_ar_teacher(cfg, m["bidirectional_teacher"], d.train,
+                                                                                  "diffusion_forcing", say, g, d.cond, ck))
+    teacher = {"bidirectional": m["bidirectional_teacher"], "ar": m["ar_teacher"]}  # what each kind distils
+    pairs = {kind: run.stage(f"ode_pairs_{kind}", "tensors", lambda ck: make_ode_pairs(
+        cfg, teacher[kind], d.train, kind, d.cond, g)) for kind in ("bidirectional", "ar")}
+    for kind in ("bidirectional", "ar"):
+        m[f"ode_student_from_{kind}"] = run.stage(f"ode_student_{kind}", "causal", lambda ck: train_ode_student(
+            cfg, teacher[kind], pairs[kind], kind, say, g, ck))
+        if not run.digits:
+            run.held_out_ode_loss(kind, teacher[kind], m[f"ode_student_from_{kind}"])
+    for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
+        m[row] = run.stage(f"dmd_{row}", "causal", lambda ck: train_dmd(
+            cfg, m[f"ode_student_from_{kind}"], m["bidirectional_teacher"], m["bidirectional_teacher"],
+            run.prompts if d.cond is not None else None, say, g, ck))
+    if not run.digits:  # the injectivity floor, measured with the exact teachers
+        run.floors = run.stage("injectivity_floor", "plain", lambda ck: run.injectivity_floors())
+    rows, samples = run.stage("evaluation", "plain", lambda ck: run.evaluate())
+    results = run.results(rows)
+    run.save(results, samples)
+    return results
 
-    def stage(name, fn, pack=lambda r: r, unpack=lambda r: r):
+
+class PipelineRun:
+    """What `run_pipeline` needs besides its table of stages: the data and the shared random
+    generator, a resumable way to run a stage (`stage`), the evaluation of every row, the results
+    dict, and the files it writes. Stages run in a fixed order and draw from one generator, so the
+    order of calls here is part of the results."""
+
+    def __init__(self, cfg: Config, out: Optional[str], log):
+        if cfg.data.dataset == "none":
+            raise ValueError(f"config {cfg.name!r} has no training data here (dataset='none'); the pipeline "
+                             "trains toy2d or mnist")
+        self.cfg, self.out, self.digits = cfg, out, cfg.data.dataset == "moving_digits"
+        self.rank, self.world = rank_and_world()
+        self.log = log if log and self.rank == 0 else (lambda *_: None)  # under torchrun only rank 0 speaks and writes
+        if out:
+            _check_run_folder(cfg, out)
+            if self.rank == 0:
+                for folder in (out, os.path.join(out, "stages")):
+                    _remove_stale_temporaries(folder)
+        torch.manual_seed(cfg.seed)
+        self.g = torch.Generator().manual_seed(cfg.seed)
+        self.data = self._load_data()
+        self.models: dict = {}
+        self.seconds: dict = {}
+        self.extra: dict = {}
+        self.losses: dict = {}  # each trained stage's loss history, written to out/losses.json
+        self.classifier = self.floors = None
+
+    def _load_data(self) -> types.SimpleNamespace:
+        cfg, g = self.cfg, self.g
+        d = types.SimpleNamespace(cond=None, train_labels=None, test_labels=None)
+        if self.digits:
+            d.split = digit_split(cfg.data)
+            self.log(f"data: {cfg.data.train_size} training and {cfg.data.test_size} held-out videos of {d.split['source']}")
+            d.train, d.train_labels = digit_videos(cfg.data, cfg.data.train_size, d.split["train"], g)
+            d.test, d.test_labels = digit_videos(cfg.data, cfg.data.test_size, d.split["test"], g)
+            d.cond = label_cond(d.train_labels) if cfg.model.cond_dim else None
+        else:
+            if (cfg.model.in_channels, cfg.model.height, cfg.model.width) != (2, 1, 1):
+                raise ValueError("toy2d frames are points in the plane: in_channels=2, height=width=1")
+            d.toy = ToyVideos(cfg.data)
+            d.train, d.test = d.toy.sample(cfg.data.train_size, g), d.toy.sample(cfg.data.test_size, g)
+        return d
+
+    # --- resumable stages ----------------------------------------------------------------------
+    def stage(self, name: str, kind: str, fn: Callable):
         """Runs fn(checkpoint), or loads its result if an earlier run finished it. The random
-        generators' states are saved with it, so the stages after it draw the same numbers."""
+        generators' states are saved with it, so the stages after it draw the same numbers.
+        kind says what the result is, to save and load it: "bidirectional" or "causal" (a trained
+        CausalDiT, and its losses), "classifier", "tensors" (a dict of tensors), "plain"."""
+        if kind not in ("bidirectional", "causal", "classifier", "tensors", "plain"):
+            raise ValueError(f"unknown stage kind {kind!r}")
+        out, cfg = self.out, self.cfg
         done = os.path.join(out, "stages", f"{name}.pt") if out else None
         if done and os.path.exists(done):
-            saved = torch.load(done, map_location="cpu", weights_only=True)
-            result = unpack(saved["result"])  # first: building its models draws from the global generator
-            g.set_state(saved["rng"])
+            saved = _load_saved(done)
+            result = self._unpack(kind, saved["result"])  # first: building its models draws from the global generator
+            self.g.set_state(saved["rng"])
             torch.set_rng_state(saved["torch_rng"])
-            seconds[name] = saved["seconds"]
-            log(f"stage: {name} (finished earlier: loaded {done})")
-            return result
-        log(f"stage: {name}")
+            self.seconds[name] = saved["seconds"]
+            self.log(f"stage: {name} (finished earlier: loaded {done})")
+            return self._result(name, kind, result)
+        self.log(f"stage: {name}")
         partial = os.path.join(out, "stages", f"{name}.partial.pt") if out else None
         ckpt = StageCheckpoint(partial, cfg.train.checkpoint_every)
         result = fn(ckpt)
-        seconds[name] = round(ckpt.elapsed(), 2)  # including the time before an interruption
+        self.seconds[name] = round(ckpt.elapsed(), 2)  # including the time before an interruption
         if done:
-            packed = pack(result)  # every rank joins an FSDP gather
-            if rank == 0:
-                save_atomic({"result": packed, "rng": g.get_state(), "torch_rng": torch.get_rng_state(),
-                             "seconds": seconds[name]}, done)
+            packed = self._pack(kind, result)  # every rank joins an FSDP gather
+            if self.rank == 0:
+                save_atomic({"result": packed, "rng": self.g.get_state(), "torch_rng": torch.get_rng_state(),
+                             "seconds": self.seconds[name]}, done)
                 if os.path.exists(partial):
                     os.remove(partial)
-        log(f"  {name}: {seconds[name]:.1f} s")
+        self.log(f"  {name}: {self.seconds[name]:.1f} s")
+        return self._result(name, kind, result)
+
+    def _result(self, name, kind, result):
+        """A trained model's stage returns (model, losses): the pipeline keeps the model, and the
+        losses for out/losses.json."""
+        if kind not in ("bidirectional", "causal", "classifier"):
+            return result
+        self.losses[name] = result[1]
+        return result[0]
+
+    def _pack(self, kind, result):
+        if kind in ("bidirectional", "causal"):
+            return {"model": full_state_dict(result[0]), "losses": result[1]}
+        if kind == "classifier":
+            return {"model": result[0].state_dict(), "losses": result[1]}
+        if kind == "tensors":
+            return {k: v.cpu() for k, v in result.items()}
         return result
 
-    def dit(causal):  # save / load a trained CausalDiT and its loss curve
-        def unpack(r):
-            model = CausalDiT(cfg.model, causal=causal).to(cfg.device)
-            model.load_state_dict(r["model"])
-            return model, r["losses"]
-        return dict(pack=lambda r: {"model": full_state_dict(r[0]), "losses": r[1]}, unpack=unpack)
-
-    classifier = None
-    if digits:
-        def unpack_classifier(r):
+    def _unpack(self, kind, saved):
+        cfg = self.cfg
+        if kind in ("bidirectional", "causal"):
+            model = CausalDiT(cfg.model, causal=kind == "causal").to(cfg.device)
+            model.load_state_dict(saved["model"])
+            return model, saved["losses"]
+        if kind == "classifier":
             model = DigitClassifier(cfg.data.canvas).to(cfg.device)
-            model.load_state_dict(r["model"])
-            return model.eval().requires_grad_(False), r["losses"]
-        classifier, _ = stage("digit_classifier", lambda ck: train_classifier(cfg, train_set, train_labels, log, g, ck),
-                              pack=lambda r: {"model": r[0].state_dict(), "losses": r[1]}, unpack=unpack_classifier)
-        pred = read_frames(classifier, test_set)[1]  # how well it reads held-out digits (in the data's own frames)
-        extra["classifier_accuracy"] = float((pred == test_labels[:, :1]).double().mean())
-        log(f"  digit classifier reads {extra['classifier_accuracy']:.3f} of held-out frames correctly")
+            model.load_state_dict(saved["model"])
+            return model.eval().requires_grad_(False), saved["losses"]
+        if kind == "tensors":
+            return {k: v.to(cfg.device) for k, v in saved.items()}
+        return saved
 
-    models["bidirectional_teacher"], _ = stage("bidirectional_base", lambda ck: train_base(cfg, train_set, log, g, cond, ck), **dit(False))
-    models["ar_teacher"], _ = stage("ar_teacher", lambda ck: train_ar_teacher(
-        cfg, models["bidirectional_teacher"], train_set, "teacher_forcing", log, g, cond, ck), **dit(True))
-    if digits:  # the ablation: the AR teacher by diffusion forcing (noisy context in training)
-        models["ar_teacher_diffusion_forcing"], _ = stage("ar_teacher_diffusion_forcing", lambda ck: train_ar_teacher(
-            cfg, models["bidirectional_teacher"], train_set, "diffusion_forcing", log, g, cond, ck), **dit(True))
-    init = {"bidirectional": models["bidirectional_teacher"], "ar": models["ar_teacher"]}  # each kind's teacher
-    tensors = dict(pack=lambda d: {k: v.cpu() for k, v in d.items()}, unpack=lambda d: {k: v.to(cfg.device) for k, v in d.items()})
-    pairs = {kind: stage(f"ode_pairs_{kind}", lambda ck: make_ode_pairs(cfg, init[kind], train_set, kind, cond, g), **tensors)
-             for kind in ("bidirectional", "ar")}
-    for kind in ("bidirectional", "ar"):
-        models[f"ode_student_from_{kind}"], _ = stage(f"ode_student_{kind}", lambda ck: train_ode_student(
-            cfg, init[kind], pairs[kind], kind, log, g, ck), **dit(True))
-        if not digits:
-            with torch.no_grad():  # the regression loss at sigma = 1 on held-out pairs, in floor units
-                held = make_ode_pairs(cfg, init[kind], test_set[:512], kind, rng=g)
-                extra[kind] = ode_regression_loss(models[f"ode_student_from_{kind}"], cfg, held, slice(None), 0, kind).mean(0).tolist()
+    # --- what some stages need ------------------------------------------------------------------
+    def classifier_accuracy(self) -> float:
+        """How well the digit classifier reads the held-out videos' own frames."""
+        pred = read_frames(self.classifier, self.data.test)[1]
+        return float((pred == self.data.test_labels[:, :1]).double().mean())
 
-    def prompts(batch, rng):  # DMD's conditions: uniformly drawn digit labels
-        return label_cond(torch.randint(10, (batch, cfg.data.num_digits), generator=rng)).to(cfg.device)
-    for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
-        models[row], _ = stage(f"dmd_{row}", lambda ck: train_dmd(
-            cfg, models[f"ode_student_from_{kind}"], models["bidirectional_teacher"], models["bidirectional_teacher"],
-            prompts if cond is not None else None, log, g, ck), **dit(True))
+    def prompts(self, batch, rng):
+        """DMD's conditions on moving digits: uniformly drawn digit labels."""
+        return label_cond(torch.randint(10, (batch, self.cfg.data.num_digits), generator=rng)).to(self.cfg.device)
 
-    if not digits:  # the injectivity floor, measured with the exact teachers
+    def held_out_ode_loss(self, kind, teacher, student):
+        """Toy runs: the ODE student's regression loss at sigma = 1 on held-out pairs, per frame (in the
+        units of the injectivity floor)."""
+        with torch.no_grad():
+            held = make_ode_pairs(self.cfg, teacher, self.data.test[:512], kind, rng=self.g)
+            self.extra[kind] = ode_regression_loss(student, self.cfg, held, slice(None), 0, kind).mean(0).tolist()
+
+    def exact_flows(self) -> dict:
+        """The exact teachers' flow maps through the teachers' Euler sampler (toy runs)."""
+        cfg, toy = self.cfg, self.data.toy
         sig = solver_sigmas(cfg.sample.teacher_solver_steps, cfg.sample)
-        phi_bi = lambda eps: exact_bidirectional_flow(toy, eps, sig)  # noqa: E731
-        phi_ar = lambda eps: exact_ar_flow(toy, eps, sig, cfg.model.chunk_frames)  # noqa: E731
+        return {"bidirectional": lambda eps: exact_bidirectional_flow(toy, eps, sig),
+                "ar": lambda eps: exact_ar_flow(toy, eps, sig, cfg.model.chunk_frames)}
 
-        def floors(ck):
-            e, F, c = cfg.eval, cfg.data.frames, cfg.model.chunk_frames
-            bi, cond_mean = injectivity_floor(phi_bi, F, c, e.floor_outer, e.floor_inner, g, return_mean=True)
-            ar = injectivity_floor(phi_ar, F, c, e.floor_outer, e.floor_inner, g)
-            dist = torch.cdist(rearrange(cond_mean, "b f c h w -> b f (c h w)"), toy.frame_points().expand(len(cond_mean), -1, -1))
-            off = (dist.min(-1).values > 3 * toy.std).double().mean(0)  # (F,) per frame
-            return bi, ar, off
-        floor_bi, floor_ar, cond_off = stage("injectivity_floor", floors)
+    def injectivity_floors(self):
+        """The frame-level floors of ODE regression from the exact teachers, and how far off the data
+        the bidirectional teacher's conditional means lie, per frame."""
+        cfg, toy, flows = self.cfg, self.data.toy, self.exact_flows()
+        e, F, c = cfg.eval, cfg.data.frames, cfg.model.chunk_frames
+        bi, cond_mean = injectivity_floor(flows["bidirectional"], F, c, e.floor_outer, e.floor_inner, self.g, return_mean=True)
+        ar = injectivity_floor(flows["ar"], F, c, e.floor_outer, e.floor_inner, self.g)
+        dist = torch.cdist(rearrange(cond_mean, "b f c h w -> b f (c h w)"), toy.frame_points().expand(len(cond_mean), -1, -1))
+        off = (dist.min(-1).values > 3 * toy.std).double().mean(0)  # (F,) per frame
+        return bi, ar, off
 
-    rows_order = DIGIT_ROWS if digits else ROWS
-    def evaluate(ck):
+    def evaluate(self) -> tuple[dict, dict]:
+        """Samples every row's model (teachers with their many-step samplers and guidance, students
+        by streaming) and measures the samples, the NFE and the wall time per frame."""
+        cfg, g, d = self.cfg, self.g, self.data
         rows, samples = {}, {}
         n, F = cfg.eval.eval_samples, cfg.data.frames
         labels = torch.arange(n)[:, None].repeat(1, cfg.data.num_digits) % 10  # every digit alike
-        c = label_cond(labels).to(cfg.device) if cond is not None else None
-        guide = cfg.train.teacher_guidance
-        for row in rows_order:
-            model = models[row].eval()
+        c = label_cond(labels).to(cfg.device) if d.cond is not None else None
+        for row in DIGIT_ROWS if self.digits else ROWS:
+            model = self.models[row].eval()
             t0 = time.perf_counter()
             with count_frame_evaluations(model) as nfe:
-                if row == "bidirectional_teacher":
-                    x = sample_bidirectional(model, cfg, n, c, guidance=guide, rng=g)
-                elif row.startswith("ar_teacher"):
-                    x = sample_ar_teacher(model, cfg, n, cond=c, guidance=guide, rng=g)
-                else:
-                    x = sample_student(model, cfg, n, cond=c, rng=g)
+                x = sample_row(row, model, cfg, n, c, rng=g)
             wall = time.perf_counter() - t0
             samples[row] = x.cpu()
-            metrics = (digit_metrics(x.cpu(), labels if c is not None else None, test_set, classifier) if digits else
-                       toy_metrics(x.cpu(), toy, test_set, cfg.eval.transition_tol_degrees))
+            metrics = (digit_metrics(x.cpu(), labels if c is not None else None, d.test, self.classifier) if self.digits
+                       else toy_metrics(x.cpu(), d.toy, d.test, cfg.eval.transition_tol_degrees))
             rows[row] = {**metrics, "nfe_per_frame": nfe["sample_frames"] / (n * F), "ms_per_frame": 1000 * wall / (n * F)}
         return rows, samples
-    rows, samples = stage("evaluation", evaluate)
-    results = {"config": cfg.to_dict(), "rows": rows, "stage_seconds": seconds, "world_size": world}
-    t = cfg.train  # training throughput: clips through each stage's optimizer per second (DMD: the critic's)
-    steps = {"bidirectional_base": t.base_steps, "ar_teacher": t.teacher_steps,
-             "ar_teacher_diffusion_forcing": t.teacher_steps, "ode_student_bidirectional": t.ode_steps,
-             "ode_student_ar": t.ode_steps, "dmd_self_forcing": t.dmd_steps, "dmd_causal_forcing": t.dmd_steps}
-    results["train_clips_per_second"] = {k: round(n * t.batch_size / seconds[k], 1) for k, n in steps.items()
-                                         if seconds.get(k)}
-    if digits:
-        data_video, data_labels = digit_videos(cfg.data, cfg.eval.eval_samples, split["test"], g)
-        results["data"] = digit_metrics(data_video, data_labels, test_set, classifier)
-        results["digits"] = split["source"]
-        results["classifier_accuracy"] = extra["classifier_accuracy"]
-    else:
-        results["data"] = toy_metrics(toy.sample(cfg.eval.eval_samples, g), toy, test_set, cfg.eval.transition_tol_degrees)
-        # the exact teachers through the same 48-step sampler: what a perfect network would give
+
+    # --- results and files ----------------------------------------------------------------------
+    def results(self, rows: dict) -> dict:
+        """The results dict: every row, each stage's time and training throughput, and the data's own
+        metrics; toy runs add the exact teachers, the injectivity floors and the held-out ODE losses."""
+        cfg, g, d = self.cfg, self.g, self.data
+        results = {"config": cfg.to_dict(), "rows": rows, "stage_seconds": self.seconds, "world_size": self.world}
+        t = cfg.train  # training throughput: clips through each stage's optimizer per second (DMD: the critic's)
+        steps = {"bidirectional_base": t.base_steps, "ar_teacher": t.teacher_steps,
+                 "ar_teacher_diffusion_forcing": t.teacher_steps, "ode_student_bidirectional": t.ode_steps,
+                 "ode_student_ar": t.ode_steps, "dmd_self_forcing": t.dmd_steps, "dmd_causal_forcing": t.dmd_steps}
+        results["train_clips_per_second"] = {k: round(n * t.batch_size / self.seconds[k], 1) for k, n in steps.items()
+                                             if self.seconds.get(k)}
+        if self.digits:
+            data_video, data_labels = digit_videos(cfg.data, cfg.eval.eval_samples, d.split["test"], g)
+            results["data"] = digit_metrics(data_video, data_labels, d.test, self.classifier)
+            results["digits"] = d.split["source"]
+            results["classifier_accuracy"] = self.classifier_accuracy()
+            return results
+        tol = cfg.eval.transition_tol_degrees
+        results["data"] = toy_metrics(d.toy.sample(cfg.eval.eval_samples, g), d.toy, d.test, tol)
+        # the exact teachers through the same sampler: what a perfect network would give
         results["exact_teachers"] = {
             name: toy_metrics(phi(torch.randn(cfg.eval.eval_samples, cfg.data.frames, 2, 1, 1, generator=g, dtype=torch.float64)),
-                              toy, test_set, cfg.eval.transition_tol_degrees)
-            for name, phi in (("bidirectional", phi_bi), ("ar", phi_ar))}
+                              d.toy, d.test, tol)
+            for name, phi in self.exact_flows().items()}
+        floor_bi, floor_ar, cond_off = self.floors
         results["injectivity_floor"] = {"bidirectional": float(floor_bi.mean()), "ar": float(floor_ar.mean()),
                                         "per_frame": {"bidirectional": floor_bi.tolist(), "ar": floor_ar.tolist()},
                                         "conditional_mean_off_manifold": cond_off.tolist()}
-        results["ode_loss_at_sigma_1"] = extra
-    if out:
-        states = {k: full_state_dict(m) for k, m in models.items()}  # every rank joins the gather
-        if rank == 0:
-            save_atomic(results, os.path.join(out, "results.json"))
-            save_atomic(states, os.path.join(out, "models.pt"))
-            if digits:  # a column per row; row i of the grid asks for digit i % 10; the data column shows that digit too
-                first = [int((torch.nonzero(test_labels[:, 0] == d).flatten().tolist() or [d % len(test_set)])[0])
-                         for d in range(10)]  # a held-out video of each digit (any video if none has it)
-                save_gif({"data": test_set[first], **{r: v[:10] for r, v in samples.items()}},
-                         os.path.join(out, "samples.gif"))
-            else:
-                plot_samples(samples, test_set, os.path.join(out, "samples.png"))
-    return results
+        results["ode_loss_at_sigma_1"] = self.extra
+        return results
+
+    def save(self, results: dict, samples: dict) -> None:
+        """With `out`: results.json, losses.json (every trained stage's loss per step; DMD: the
+        generator's and the critic's), models.pt and the samples figure (toy) or GIF (digits)."""
+        if not self.out:
+            return
+        states = {k: full_state_dict(m) for k, m in self.models.items()}  # every rank joins the gather
+        if self.classifier is not None:
+            states["digit_classifier"] = self.classifier.state_dict()
+        if self.rank != 0:
+            return
+        save_atomic(results, os.path.join(self.out, "results.json"))
+        save_atomic(self.losses, os.path.join(self.out, "losses.json"))
+        save_atomic(states, os.path.join(self.out, "models.pt"))
+        d = self.data
+        if self.digits:  # a column per row; row i of the grid asks for digit i % 10; the data column shows that digit too
+            first = [int((torch.nonzero(d.test_labels[:, 0] == k).flatten().tolist() or [k % len(d.test)])[0])
+                     for k in range(10)]  # a held-out video of each digit (any video if none has it)
+            save_gif({"data": d.test[first], **{r: v[:10] for r, v in samples.items()}}, os.path.join(self.out, "samples.gif"))
+        else:
+            plot_samples(samples, d.test, os.path.join(self.out, "samples.png"))
 
 
 def format_table(results: dict) -> str:
@@ -2492,8 +2748,9 @@ def save_gif(columns: dict, path: str, scale: int = 3, ms_per_frame: int = 250) 
 
 
 # =================================================================================================
-# 10. benchmark: streaming speed of the few-step causal generator
+# II.8 benchmark: streaming speed, FLOPs, and the GPU suite
 # =================================================================================================
+
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), for the utilisation figure
 _BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
@@ -2579,7 +2836,7 @@ def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: 
     }
 
 
-def _timed_chunks(chunks: Iterator[torch.Tensor], device) -> list[float]:
+def timed_chunks(chunks: Iterator[torch.Tensor], device) -> list[float]:
     """Wall-clock seconds of every chunk a stream yields."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times, t0 = [], time.perf_counter()
@@ -2599,8 +2856,8 @@ def benchmark_cache(cfg: Config, lengths=(16, 64, 256), batch_size: int = 1) -> 
     model = CausalDiT(c.model).to(c.device).eval()
     out = []
     for n in lengths:
-        cached = sum(_timed_chunks(stream(model, c, n, batch_size, rng=torch.Generator().manual_seed(0)), c.device))
-        recomputed = sum(_timed_chunks(stream_recompute(model, c, n, batch_size, rng=torch.Generator().manual_seed(0)), c.device))
+        cached = sum(timed_chunks(stream(model, c, n, batch_size, rng=torch.Generator().manual_seed(0)), c.device))
+        recomputed = sum(timed_chunks(stream_recompute(model, c, n, batch_size, rng=torch.Generator().manual_seed(0)), c.device))
         out.append({"frames": n, "cached_s": cached, "recompute_s": recomputed, "speedup": recomputed / cached})
     return out
 
@@ -2622,7 +2879,7 @@ def benchmark_flat_cost(cfg: Config, window_frames: int, sink_frames: int = 0, a
             yield chunk
             if k + 1 in (min(at_chunks) + probe, max(at_chunks) + probe):
                 memory[k + 1] = _memory_bytes(c.device)
-    times = _timed_chunks(chunks(), c.device)
+    times = timed_chunks(chunks(), c.device)
     per_chunk = {k: sum(times[k: k + probe]) / probe for k in at_chunks}
     return {"window_frames": window_frames, "sink_frames": sink_frames, "seconds_per_chunk": per_chunk,
             "ratio_last_to_first": per_chunk[max(at_chunks)] / per_chunk[min(at_chunks)],
@@ -2756,8 +3013,9 @@ def exactness_checks(device: str, precision: str, backend: str, tol: float) -> l
 def training_checks(device: str, fast: dict, tol: float = 0.1) -> dict:
     """A few steps of every stage (base, AR teacher by teacher forcing, ODE pairs and student, DMD)
     on the check config, once in fp32 with dense masks and once with `fast` (e.g. bf16 autocast,
-    FlexAttention, gradient checkpointing, compile), from the same weights and random draws. Every
-    loss must be finite, and each stage's first loss (same weights in both runs) must agree within
+    FlexAttention, gradient checkpointing, compile), from the same weights and random draws. A
+    non-finite loss stops the check (Diverged, recorded as the section's error); each stage's first
+    loss (same weights in both runs) must agree within
     `tol`, relatively; later losses are reported (the two runs drift apart by rounding). The tolerance
     is wide for bf16 because the ODE loss is the square of a small difference (student and teacher
     start from the same weights): on a CPU its first step differs by 2.8% between the two runs."""
@@ -2978,7 +3236,7 @@ def _all_ok(value) -> Optional[bool]:
 
 
 # =================================================================================================
-# 11. command line
+# II.9 command line
 # =================================================================================================
 
 
@@ -3008,7 +3266,7 @@ def _config_from_flags(parser, name: str, sets: list, device: Optional[str], **f
         overrides = dict(_parse_override(s, _field_types()) for s in sets)
         if device:
             overrides["device"] = device
-        return get_config(name, **fixed, **overrides)
+        return get_config(name, **{**fixed, **overrides})  # --set seed=3 works like --seed 3
     except ValueError as e:
         parser.error(str(e))
 
@@ -3054,6 +3312,9 @@ def main(argv=None) -> int:
     except Diverged as e:  # a clear message and a failing exit, not a traceback (nor a table of NaN)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # bad input found on the way, e.g. a corrupt stage file: what to do, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if rank == 0:
         print()
         print(format_table(results))

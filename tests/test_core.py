@@ -490,6 +490,23 @@ def test_pipeline_end_to_end_writes_results(tmp_path):
     assert "injectivity floor" in cf.format_table(results)
 
 
+def test_pipeline_writes_loss_histories_and_its_models_load_back(tmp_path):
+    cfg = cf.get_config("toy2d", **TINY)
+    cf.run_pipeline(cfg, str(tmp_path), log=None)
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert set(losses) == {"bidirectional_base", "ar_teacher", "ode_student_bidirectional", "ode_student_ar",
+                           "dmd_self_forcing", "dmd_causal_forcing"}
+    assert len(losses["bidirectional_base"]) == cfg.train.base_steps
+    assert len(losses["dmd_causal_forcing"]["critic"]) == cfg.train.dmd_steps
+    assert len(losses["dmd_causal_forcing"]["generator"]) == -(-cfg.train.dmd_steps // cfg.train.gen_update_ratio)
+    models = cf.load_models(str(tmp_path), cfg)
+    assert set(models) == set(cf.ROWS) and not models["bidirectional_teacher"].causal and models["causal_forcing"].causal
+    x = cf.sample_row("causal_forcing", models["causal_forcing"], cfg, 2, rng=torch.Generator().manual_seed(0))
+    assert x.shape == (2, cfg.data.frames, 2, 1, 1) and torch.isfinite(x).all()
+    with pytest.raises(FileNotFoundError, match="run the pipeline there first"):
+        cf.load_models(str(tmp_path / "nothing"), cfg)
+
+
 def test_command_line_rejects_unknown_keys(capsys):
     with pytest.raises(SystemExit):
         cf.main(["--set", "framez=3"])
@@ -684,3 +701,49 @@ def test_named_dmd_losses_equal_their_definitions():
     x.grad = None
     critic.backward()
     assert x.grad is None  # no gradient into the generator's samples
+
+
+@pytest.mark.parametrize("key,value", [
+    ("grad_clip", -1.0), ("base_lr", float("nan")), ("gen_lr", 0.0), ("critic_lr", float("inf")), ("batch_size", 0),
+    ("test_size", 0), ("eval_samples", 0), ("shift", 0.0), ("gen_update_ratio", 0), ("ode_pairs", 0), ("num_heads", 0),
+    ("denoising_steps", ()), ("denoising_steps", ("a",)), ("teacher_solver_steps", 10), ("ema_decay", 1.0),
+    ("dmd_min_sigma", 0.99),
+])
+def test_nonsense_settings_are_refused_up_front_by_name(key, value):
+    with pytest.raises(ValueError, match="invalid config") as e:
+        cf.get_config("toy2d", **{key: value})
+    assert key in str(e.value) or (key == "teacher_solver_steps" and "grid" in str(e.value)) \
+        or (key == "dmd_min_sigma" and "DMD sigmas" in str(e.value))
+
+
+def test_command_line_turns_bad_values_into_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        cf.main(["--set", "num_heads=0", "--out", "never-written"])
+    assert e.value.code == 2 and "num_heads=0 must be >= 1" in capsys.readouterr().err
+    assert not os.path.exists("never-written")
+
+
+def test_seed_can_be_set_like_any_other_field():
+    import argparse
+
+    cfg = cf._config_from_flags(argparse.ArgumentParser(), "toy2d", ["seed=3"], None, seed=0)
+    assert cfg.seed == 3
+
+
+def test_saves_are_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(cf.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    cf.save_atomic({"w": torch.ones(2)}, str(tmp_path / "a.pt"))
+    assert len(synced) == 2  # the file, then its folder (the rename)
+
+
+def test_a_corrupt_stage_file_is_named_and_stale_temporaries_are_cleaned(tmp_path):
+    cfg = cf.get_config("toy2d", **TINY)
+    cf.run_pipeline(cfg, str(tmp_path), log=None)
+    stages = tmp_path / "stages"
+    (stages / ".tmp-abc123ar_teacher.pt").write_bytes(b"half a save")  # what a kill during a save leaves
+    (stages / "ar_teacher.pt").write_bytes(b"")  # an empty file under the final name
+    with pytest.raises(ValueError, match=r"ar_teacher\.pt' is empty or corrupt .*delete it"):
+        cf.run_pipeline(cfg, str(tmp_path), log=None)
+    assert not any(p.name.startswith(".tmp-") for p in stages.iterdir())

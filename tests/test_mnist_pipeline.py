@@ -155,6 +155,9 @@ def test_tiny_end_to_end_run_and_interrupted_runs_resume_to_the_same_result(tmp_
     assert full["rows"]["causal_forcing"]["nfe_per_frame"] == pytest.approx(4 + 3 / 4)  # 4 steps + 3 refreshes of 4 chunks
     assert full["rows"]["bidirectional_teacher"]["nfe_per_frame"] == 2 * 4  # 4 guided steps
     assert os.path.getsize(tmp_path / "full" / "samples.gif") > 1000
+    models = cf.load_models(str(tmp_path / "full"), cfg)  # every row, and the digit reader behind the metrics
+    assert set(models) == set(cf.DIGIT_ROWS) | {"digit_classifier"}
+    assert isinstance(models["digit_classifier"], cf.DigitClassifier)
 
     # interrupt three times: in the base's first step (before any checkpoint: the stage restarts
     # after loading the classifier, whose model building must not shift the random numbers), in
