@@ -1547,8 +1547,17 @@ def validate_config(cfg: Config) -> None:
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' if a GPU is visible, else 'mps' (Apple), else 'cpu'; others unchanged."""
+    """'auto' -> 'cuda' if a GPU is visible, else 'mps' (Apple), else 'cpu'. Others are checked: a
+    name torch does not know, or a GPU that is not there, is a ValueError that says so."""
     if name != "auto":
+        try:
+            kind = torch.device(name).type
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device={name!r} is not a device torch knows; use cuda, mps, cpu or auto") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}: no CUDA GPU is visible here; use cpu or auto")
+        if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ValueError(f"device={name!r}: MPS (Apple GPU) is not available here; use cpu or auto")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -3301,6 +3310,14 @@ def main(argv=None) -> int:
     if args.mnist_dir and not os.path.isdir(args.mnist_dir):
         parser.error(f"--mnist-dir {args.mnist_dir!r} is not a folder")
     args.out = args.out or os.path.join("runs", cfg.name)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out!r} is a file; give a folder for the run")
+    try:  # a folder we cannot write to is a usage error now, not a traceback after the first stage
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as e:
+        parser.error(f"--out {args.out!r} cannot be written: {e.strerror or e}")
     rank, world = init_distributed(cfg.device)
     try:
         _check_run_folder(cfg, args.out)
@@ -3342,6 +3359,9 @@ def bench_main(argv) -> int:
                         help=f"gpu suite: the sections to run, comma-separated (default: all, {','.join(GPU_SECTIONS)})")
     parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
+    for flag, value, least in (("--frames", args.frames, 1), ("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} {value}: must be >= {least}")
     cfg = _config_from_flags(parser, args.config, args.set, args.device)
     if args.suite == "gpu":
         sections = [x.strip() for x in args.sections.split(",") if x.strip()]

@@ -747,3 +747,25 @@ def test_a_corrupt_stage_file_is_named_and_stale_temporaries_are_cleaned(tmp_pat
     with pytest.raises(ValueError, match=r"ar_teacher\.pt' is empty or corrupt .*delete it"):
         cf.run_pipeline(cfg, str(tmp_path), log=None)
     assert not any(p.name.startswith(".tmp-") for p in stages.iterdir())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "nosuch"], "not a device torch knows"),
+    (["bench", "--repeats", "-1"], "--repeats -1: must be >= 0"),
+    (["bench", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["bench", "--frames", "0"], "--frames 0: must be >= 1"),
+    (["--set", 'denoising_steps=["a"]'], "denoising_steps"),
+])
+def test_command_line_misuse_is_a_usage_error(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cf.main(argv + (["--out", str(tmp_path / "run")] if argv[0] != "bench" else []))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written before the error
+
+
+def test_an_out_that_is_a_file_is_a_usage_error(capsys, tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        cf.main(["--out", str(path)])
+    assert e.value.code == 2 and "is a file" in capsys.readouterr().err
