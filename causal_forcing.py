@@ -2473,7 +2473,7 @@ class PipelineRun:
         self.seconds: dict = {}
         self.extra: dict = {}
         self.losses: dict = {}  # each trained stage's loss history, written to out/losses.json
-        self.classifier = self.floors = None
+        self.classifier = self.floors = self._accuracy = None
 
     def _load_data(self) -> types.SimpleNamespace:
         cfg, g = self.cfg, self.g
@@ -2557,9 +2557,11 @@ class PipelineRun:
 
     # --- what some stages need ------------------------------------------------------------------
     def classifier_accuracy(self) -> float:
-        """How well the digit classifier reads the held-out videos' own frames."""
-        pred = read_frames(self.classifier, self.data.test)[1]
-        return float((pred == self.data.test_labels[:, :1]).double().mean())
+        """How well the digit classifier reads the held-out videos' own frames (computed once)."""
+        if self._accuracy is None:
+            pred = read_frames(self.classifier, self.data.test)[1]
+            self._accuracy = float((pred == self.data.test_labels[:, :1]).double().mean())
+        return self._accuracy
 
     def prompts(self, batch, rng):
         """DMD's conditions on moving digits: uniformly drawn digit labels."""
@@ -2798,6 +2800,22 @@ def streaming_cost(cfg: Config, num_frames: Optional[int] = None, batch_size: in
             "kv_cache_bytes_per_frame": m.num_layers * 2 * S * m.dim * 2 * batch_size}
 
 
+def _random_generator(cfg: Config, batch_size: int) -> tuple[CausalDiT, Optional[torch.Tensor]]:
+    """A randomly initialised generator for the benchmarks, made on its device (a 1.3B model's init
+    is slow on a CPU), in bf16 weights and cache on CUDA unless precision="fp32" (as upstream
+    inference), and a random condition of the config's text length, if it has one."""
+    device = torch.device(cfg.device)
+    with torch.device(device):
+        model = CausalDiT(cfg.model).eval()
+    if device.type == "cuda" and cfg.model.precision != "fp32":
+        model = model.to(torch.bfloat16)
+    cond = None
+    if cfg.model.cond_dim:
+        cond = torch.randn(batch_size, cfg.model.text_len or 1, cfg.model.cond_dim, device=device,
+                           dtype=next(model.parameters()).dtype)
+    return model, cond
+
+
 def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: int = 1, repeats: int = 2) -> dict:
     """Streams `num_frames` latent frames with the few-step sampler (4 steps per chunk, cache
     refresh) from a randomly initialised generator and measures it: latent frames per second,
@@ -2805,14 +2823,7 @@ def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: 
     first run warms up (kernel selection, compilation) and is not counted."""
     num_frames = num_frames or cfg.data.frames
     device = torch.device(cfg.device)
-    with torch.device(device):  # made where it runs: a 1.3B model's init is slow on a CPU
-        model = CausalDiT(cfg.model).eval()
-    if device.type == "cuda" and cfg.model.precision != "fp32":
-        model = model.to(torch.bfloat16)  # inference in bf16 weights and a bf16 cache, as upstream
-    cond = None
-    if cfg.model.cond_dim:
-        cond = torch.randn(batch_size, cfg.model.text_len or 1, cfg.model.cond_dim, device=device,
-                           dtype=next(model.parameters()).dtype)
+    model, cond = _random_generator(cfg, batch_size)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cost = streaming_cost(cfg, num_frames, batch_size)
     flops = cost["flops_per_clip"]
@@ -3115,12 +3126,7 @@ def profile_stream(cfg: Config, num_frames: Optional[int] = None, top: int = 15)
 
     device = torch.device(cfg.device)
     num_frames = num_frames or cfg.data.frames
-    with torch.device(device):
-        model = CausalDiT(cfg.model).eval()
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
-    cond = torch.randn(1, cfg.model.text_len or 1, cfg.model.cond_dim, device=device,
-                       dtype=next(model.parameters()).dtype) if cfg.model.cond_dim else None
+    model, cond = _random_generator(cfg, 1)
     run = lambda: [c.sum().item() for c in stream(model, cfg, num_frames, 1, cond, rng=torch.Generator().manual_seed(0))]  # noqa: E731
     run()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
