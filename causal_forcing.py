@@ -2384,23 +2384,36 @@ def _run_identity(config: dict) -> dict:
     return out
 
 
+def _config_differences(saved: dict, config: dict) -> list[str]:
+    """The fields (section.name) in which two configs differ, device and checkpoint_every aside."""
+    flat = lambda d: {f"{k}.{k2}": v2 for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [("", v)])}  # noqa: E731
+    a, b = (flat(json.loads(json.dumps(_run_identity(c)))) for c in (saved, config))  # tuples -> lists, as saved
+    return sorted(k.rstrip(".") for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def _check_run_folder(cfg: Config, out: str) -> None:
     """A run folder belongs to one config: the first run writes out/config.json, a later run in the
     same folder must have the same config (device and checkpoint_every aside), or its saved stages
-    would be mixed with the wrong ones."""
+    would be mixed with the wrong ones. Each finished stage file records the config too, so a
+    deleted config.json does not let another config load them."""
     path = os.path.join(out, "config.json")
-    mine = _run_identity(cfg.to_dict())
     if os.path.exists(path):
         with open(path) as f:
-            saved = _run_identity(json.load(f))
-        mine_json = json.loads(json.dumps(mine))  # tuples -> lists, as saved
-        if saved != mine_json:
-            flat = lambda d: {f"{k}.{k2}": v2 for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [("", v)])}  # noqa: E731
-            a, b = flat(saved), flat(mine_json)
-            diff = sorted(k.rstrip(".") for k in set(a) | set(b) if a.get(k) != b.get(k))
+            diff = _config_differences(json.load(f), cfg.to_dict())
+        if diff:
             raise ValueError(f"{out!r} holds a run with another config (differs in {', '.join(diff)}); "
                              "use another --out folder, or delete this one to start over")
-    elif rank_and_world()[0] == 0:
+        return
+    stages = os.path.join(out, "stages")
+    done = sorted(n for n in os.listdir(stages) if n.endswith(".pt") and not n.endswith(".partial.pt")
+                  and not n.startswith(".tmp-")) if os.path.isdir(stages) else []
+    if done:  # config.json is gone but stages are there: they say which config made them
+        saved = _load_saved(os.path.join(stages, done[0])).get("config")
+        diff = _config_differences(saved, cfg.to_dict()) if saved is not None else []
+        if diff:
+            raise ValueError(f"{out!r} holds stages of a run with another config (differs in {', '.join(diff)}); "
+                             "use another --out folder, or delete this one to start over")
+    if rank_and_world()[0] == 0:
         save_atomic(cfg.to_dict(), path)
 
 
@@ -2503,6 +2516,10 @@ class PipelineRun:
         done = os.path.join(out, "stages", f"{name}.pt") if out else None
         if done and os.path.exists(done):
             saved = _load_saved(done)
+            diff = _config_differences(saved["config"], cfg.to_dict()) if "config" in saved else []
+            if diff:
+                raise ValueError(f"{done!r} was made by another config (differs in {', '.join(diff)}); delete it "
+                                 "(or use another --out folder) to redo that stage")
             result = self._unpack(kind, saved["result"])  # first: building its models draws from the global generator
             self.g.set_state(saved["rng"])
             torch.set_rng_state(saved["torch_rng"])
@@ -2518,7 +2535,7 @@ class PipelineRun:
             packed = self._pack(kind, result)  # every rank joins an FSDP gather
             if self.rank == 0:
                 save_atomic({"result": packed, "rng": self.g.get_state(), "torch_rng": torch.get_rng_state(),
-                             "seconds": self.seconds[name]}, done)
+                             "seconds": self.seconds[name], "config": cfg.to_dict()}, done)
                 if os.path.exists(partial):
                     os.remove(partial)
         self.log(f"  {name}: {self.seconds[name]:.1f} s")

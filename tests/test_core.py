@@ -769,3 +769,15 @@ def test_an_out_that_is_a_file_is_a_usage_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         cf.main(["--out", str(path)])
     assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+
+
+def test_stages_remember_their_config_when_config_json_is_deleted(tmp_path):
+    cfg = cf.get_config("toy2d", **TINY)
+    cf.run_pipeline(cfg, str(tmp_path), log=None)
+    (tmp_path / "config.json").unlink()
+    other = cf.get_config("toy2d", **{**TINY, "frames": 4}, seed=7)
+    with pytest.raises(ValueError, match=r"another config \(differs in data\.frames, seed\)"):
+        cf.run_pipeline(other, str(tmp_path), log=None)
+    assert not (tmp_path / "config.json").exists()  # nothing claims the folder for the other config
+    again = cf.run_pipeline(cfg, str(tmp_path), log=None)  # the same config loads every stage
+    assert set(again["rows"]) == set(cf.ROWS)
