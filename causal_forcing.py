@@ -2362,7 +2362,7 @@ def load_models(out: str, cfg: Config) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no models.pt in {out!r}: run the pipeline there first (python causal_forcing.py --out {out})")
     models = {}
-    for name, state in torch.load(path, map_location="cpu", weights_only=True).items():
+    for name, state in _load_saved(path, "models file").items():
         if name == "digit_classifier":
             model = DigitClassifier(cfg.data.canvas)
         else:
@@ -2979,8 +2979,8 @@ def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> Causal
     return model
 
 
-def _agreement(name: str, a: torch.Tensor, b: torch.Tensor, tol: float) -> dict:
-    err = _rel_err(a, b)
+def _agreement(name: str, err: float, tol: float) -> dict:
+    """One check's row: its relative error, its tolerance, and whether the error is finite and within."""
     return {"check": name, "rel_err": err, "tol": tol, "ok": bool(math.isfinite(err) and err <= tol)}
 
 
@@ -3012,36 +3012,34 @@ def exactness_checks(device: str, precision: str, backend: str, tol: float) -> l
     with _no_tf32(), torch.no_grad():
         model = build()
         x, t, cond, clean = inputs(model.cfg, 6)
-        rows.append(_agreement("kv_cache_vs_full_causal", chunked(model, x, t, cond, model.new_kv_cache(2, max_frames=6)),
-                               model(x, t, cond), tol))
+        rows.append(_agreement("kv_cache_vs_full_causal", _rel_err(
+            chunked(model, x, t, cond, model.new_kv_cache(2, max_frames=6)), model(x, t, cond)), tol))
         win = build(window_frames=6, sink_frames=3)
         xw, tw, cw, clean_w = inputs(win.cfg, 12)
-        rows.append(_agreement("rolling_cache_vs_banded_mask", chunked(win, xw, tw, cw, win.new_kv_cache(2)),
-                               win(xw, tw, cw), tol))
+        rows.append(_agreement("rolling_cache_vs_banded_mask", _rel_err(
+            chunked(win, xw, tw, cw, win.new_kv_cache(2)), win(xw, tw, cw)), tol))
         outputs = {"causal": lambda m, mw: m(x, t, cond),
                    "teacher_forcing": lambda m, mw: m(x, t, cond, clean_context=clean),
                    "windowed": lambda m, mw: mw(xw, tw, cw),
                    "windowed_teacher_forcing": lambda m, mw: mw(xw, tw, cw, clean_context=clean_w)}
-        dense = {k: build(attention="dense", **kw).eval() for k, kw in (("m", {}), ("mw", dict(window_frames=6, sink_frames=3)))}
-        ref32 = {k: build(attention="dense", precision="fp32", **kw).eval()
-                 for k, kw in (("m", {}), ("mw", dict(window_frames=6, sink_frames=3)))}
+        pair = lambda **kw: (build(**kw), build(window_frames=6, sink_frames=3, **kw))  # noqa: E731 - full, windowed
+        dense, ref32 = pair(attention="dense"), pair(attention="dense", precision="fp32")
         for name, f in outputs.items():
             ours = f(model, win)
             if backend != "dense":
-                rows.append(_agreement(f"{name}_{backend}_vs_dense", ours, f(dense["m"], dense["mw"]), tol))
+                rows.append(_agreement(f"{name}_{backend}_vs_dense", _rel_err(ours, f(*dense)), tol))
             if precision != "fp32":
-                rows.append(_agreement(f"{name}_vs_fp32", ours, f(ref32["m"], ref32["mw"]), tol))
+                rows.append(_agreement(f"{name}_vs_fp32", _rel_err(ours, f(*ref32)), tol))
     # the backward pass of the masked kernel, which training runs through (FlexAttention has no CPU backward)
     if backend != "dense" and torch.device(device).type == "cuda":
         with _no_tf32():
             grads = []
-            for m in (model.train(), dense["m"].train()):
+            for m in (model.train(), dense[0].train()):
                 m.zero_grad(set_to_none=True)
                 m(x, t, cond, clean_context=clean).float().pow(2).mean().backward()
                 grads.append(torch.cat([p.grad.flatten().float() for p in m.parameters()]))
-            err = float((grads[0] - grads[1]).norm() / grads[1].norm())
-            rows.append({"check": f"teacher_forcing_gradient_{backend}_vs_dense", "rel_err": err, "tol": tol,
-                         "ok": bool(math.isfinite(err) and err <= tol)})
+            rows.append(_agreement(f"teacher_forcing_gradient_{backend}_vs_dense",
+                                   float((grads[0] - grads[1]).norm() / grads[1].norm()), tol))
     for r in rows:
         r.update(precision=precision, attention=backend)
     return rows
