@@ -623,6 +623,17 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def _memory_of(device) -> Optional[int]:
+    """Total memory of a CUDA device or of this machine, in bytes (None if unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else None
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class KVCache:
     """Keys and values of frames already generated, for every layer, so that each new chunk costs
     attention over the cache instead of a forward pass over the whole prefix.
@@ -644,6 +655,11 @@ class KVCache:
         self.max_frames, self.window_frames, self.sink_frames = max_frames, window_frames, sink_frames
         slots = window_frames if window_frames is not None else max_frames
         shape = (num_layers, batch_size, num_heads, slots, tokens_per_frame, head_dim)
+        need, have = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size(), _memory_of(device)
+        if have is not None and need > have:
+            raise ValueError(f"a KV cache of {slots} frames needs {need / 2**30:.1f} GiB for its keys and values, more "
+                             f"than the {have / 2**30:.1f} GiB of {device}; stream long videos with a rolling cache "
+                             "(window_frames=W: memory stays fixed however long the video)")
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_frame = torch.full((slots,), -1, dtype=torch.long)  # which frame each slot holds
@@ -839,8 +855,48 @@ class CausalDiT(nn.Module):
     def check_video(self, x: torch.Tensor, name: str = "x") -> None:
         c = self.cfg
         want = (c.in_channels, c.height, c.width)
-        if x.dim() != 5 or tuple(x.shape[2:]) != want:
-            raise ValueError(f"{name} must have shape (B, F, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
+        if not torch.is_tensor(x) or x.dim() != 5 or tuple(x.shape[2:]) != want or x.shape[1] == 0:
+            raise ValueError(f"{name} must have shape (B, F, {want[0]}, {want[1]}, {want[2]}) with F >= 1, got "
+                             f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        self._check_dtype(x, name)
+        if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
+            raise FloatingPointError(f"{name} holds NaN or infinite values")
+
+    def _check_dtype(self, x: torch.Tensor, name: str) -> None:
+        w = self.patch_embedding.weight
+        if not x.is_floating_point() or (x.dtype != w.dtype and not self.uses_bf16(w.device)):
+            raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: convert it, e.g. {name}.to({w.dtype})")
+
+    def check_inputs(self, x, t, start_frame, kv_cache, clean_context) -> None:
+        """Clear errors, before any work, for inputs that would otherwise fail deep inside torch or
+        quietly give wrong numbers."""
+        self.check_video(x)
+        B, F = x.shape[:2]
+        if not torch.is_tensor(t) or t.shape != (B, F):
+            raise ValueError(f"t must have shape (B, F) = ({B}, {F}), got {tuple(t.shape) if torch.is_tensor(t) else t!r}")
+        if not bool(((t >= 0) & (t <= 1)).all()):  # also false for NaN
+            raise ValueError(f"t holds noise levels outside [0, 1] (min {float(t.min())}, max {float(t.max())}); "
+                             "t is sigma = timestep / 1000")
+        if isinstance(start_frame, bool) or not isinstance(start_frame, int):
+            raise TypeError(f"start_frame must be an int, got {start_frame!r}")
+        if (kv_cache is not None or clean_context is not None) and not self.causal:
+            raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
+        if kv_cache is not None and clean_context is not None:
+            raise ValueError("pass either kv_cache or clean_context, not both")
+        if clean_context is not None:
+            self.check_video(clean_context, "clean_context")
+            if clean_context.shape != x.shape:
+                raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got {tuple(clean_context.shape)}")
+        if kv_cache is not None:
+            c = self.cfg
+            want = (len(self.blocks), c.num_heads, self.tokens_per_frame, c.dim // c.num_heads, c.chunk_frames)
+            got = (kv_cache.k.shape[0], kv_cache.k.shape[2], kv_cache.k.shape[4], kv_cache.k.shape[5], kv_cache.chunk_frames)
+            if got != want:
+                raise ValueError(f"this KV cache was made for another model: (layers, heads, tokens per frame, head dim, "
+                                 f"chunk frames) = {got}, this model has {want}; make it with model.new_kv_cache")
+            if c.window_frames is not None and (kv_cache.window_frames, kv_cache.sink_frames) != (c.window_frames, c.sink_frames):
+                raise ValueError(f"the KV cache's window ({kv_cache.window_frames}, sink {kv_cache.sink_frames}) is not the "
+                                 f"model's ({c.window_frames}, sink {c.sink_frames}); make it with model.new_kv_cache")
 
     def patchify(self, x):
         """(B, F, C, H, W) -> (B, F*S, D), tokens frame-major then row then column."""
@@ -859,19 +915,27 @@ class CausalDiT(nn.Module):
         f, y, x = torch.meshgrid(frames, torch.arange(hh), torch.arange(ww), indexing="ij")
         return torch.stack([f, y, x], -1).reshape(-1, 3)
 
+    def check_cond(self, cond, batch: int) -> None:
+        """cond must be (batch, L, cond_dim) floats, L <= text_len; a model without conditioning takes none."""
+        c = self.cfg
+        if not c.cond_dim:
+            raise ValueError("this model has no conditioning (cond_dim=0) but cond was given")
+        if not torch.is_tensor(cond) or cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != c.cond_dim:
+            raise ValueError(f"cond must have shape ({batch}, L, {c.cond_dim}), got "
+                             f"{tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__}")
+        if c.text_len is not None and cond.shape[1] > c.text_len:
+            raise ValueError(f"cond has {cond.shape[1]} rows, more than text_len={c.text_len}")
+        self._check_dtype(cond, "cond")
+
     def embed_cond(self, cond, batch, dtype, device):
+        if cond is not None:
+            self.check_cond(cond, batch)
         if not self.cfg.cond_dim:
-            if cond is not None:
-                raise ValueError("this model has no conditioning (cond_dim=0) but cond was given")
             return None
         if cond is None:  # the null condition (classifier-free guidance's "uncond")
             cond = torch.zeros(batch, 1, self.cfg.cond_dim, dtype=dtype, device=device)
-        if cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != self.cfg.cond_dim:
-            raise ValueError(f"cond must have shape ({batch}, L, {self.cfg.cond_dim}), got {tuple(cond.shape)}")
         L = self.cfg.text_len
         if L is not None:  # Wan pads every prompt with zero rows to 512 and attends over all of them
-            if cond.shape[1] > L:
-                raise ValueError(f"cond has {cond.shape[1]} rows, more than text_len={L}")
             cond = F_.pad(cond, (0, 0, 0, L - cond.shape[1]))
         return self.text_embedding(cond)
 
@@ -889,20 +953,14 @@ class CausalDiT(nn.Module):
 
     def forward(self, x, t, cond=None, kv_cache: Optional[KVCache] = None, start_frame: int = 0,
                 clean_context=None):
+        self.check_inputs(x, t, start_frame, kv_cache, clean_context)
         with self.autocast(x.device):
             out = self._forward(x, t, cond, kv_cache, start_frame, clean_context)
         return out.to(x.dtype)
 
     def _forward(self, x, t, cond, kv_cache, start_frame, clean_context):
         c = self.cfg
-        self.check_video(x)
         B, F = x.shape[:2]
-        if t.shape != (B, F):
-            raise ValueError(f"t must have shape (B, F) = ({B}, {F}), got {tuple(t.shape)}")
-        if (kv_cache is not None or clean_context is not None) and not self.causal:
-            raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
-        if kv_cache is not None and clean_context is not None:
-            raise ValueError("pass either kv_cache or clean_context, not both")
         S = self.tokens_per_frame
         frames = torch.arange(start_frame, start_frame + F)
         tokens = self.patchify(x)  # (B, F*S, D)
@@ -910,8 +968,6 @@ class CausalDiT(nn.Module):
         vis, caches = None, [None] * len(self.blocks)
 
         if clean_context is not None:  # teacher forcing: [clean ; noisy], shared positions
-            if clean_context.shape != x.shape:
-                raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got {tuple(clean_context.shape)}")
             tokens = torch.cat([self.patchify(clean_context), tokens], 1)  # (B, 2*F*S, D)
             t = torch.cat([torch.zeros_like(t), t], 1)  # clean frames carry t = 0
             vis = teacher_forcing_visibility(frames, c.chunk_frames, c.window_frames, c.sink_frames)
@@ -956,6 +1012,13 @@ class CausalDiT(nn.Module):
         """An empty cache for streaming. Defaults come from the config: a full cache of
         max_frames (default 1024) or, with window_frames, a rolling cache with sink_frames."""
         c = self.cfg
+        if c.window_frames is not None:  # the model attends within its window: so must its cache
+            if max_frames is not None:
+                raise ValueError(f"max_frames is for a full cache; this model has a rolling window of {c.window_frames} "
+                                 "frames, whose cache holds that many whatever the video's length")
+            if (window_frames, sink_frames) not in ((None, None), (c.window_frames, c.sink_frames)):
+                raise ValueError(f"window_frames={window_frames}, sink_frames={sink_frames} conflict with the model's "
+                                 f"rolling window ({c.window_frames}, sink {c.sink_frames}); leave them out")
         window = c.window_frames if window_frames is None else window_frames
         sink = c.sink_frames if sink_frames is None else sink_frames
         if window is None and max_frames is None:
@@ -983,63 +1046,91 @@ def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, **kw):
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def _video_shape(cfg: Config, batch: int, frames: int) -> tuple:
-    m = cfg.model
-    return (batch, frames, m.in_channels, m.height, m.width)
+def _noise(model, batch_size: int, frames: int, rng=None) -> torch.Tensor:
+    """Standard normal noise for `frames` frames of the model's video shape, drawn on the CPU from
+    rng (so a seed gives the same video on every device), then moved to the model's device."""
+    c = model.cfg
+    return torch.randn((batch_size, frames, c.in_channels, c.height, c.width), generator=rng).to(next(model.parameters()).device)
 
 
 def _randn(shape, rng, device):
     return torch.randn(shape, generator=rng).to(device)
 
 
+def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
+    """A sampler's noise levels as a float64 tensor, after checking that they are a non-empty,
+    strictly descending list in [0, 1]: the teachers' Euler grid (solver_sigmas) or the student's
+    denoising sigmas (student_sigmas)."""
+    try:
+        s = torch.as_tensor(sigmas, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a list of noise levels such as student_sigmas(cfg.sample) or "
+                        f"solver_sigmas(48, cfg.sample), got {type(sigmas).__name__}") from None
+    if s.dim() != 1 or len(s) == 0 or not bool(((s >= 0) & (s <= 1)).all()) or not bool((s[1:] < s[:-1]).all()):
+        raise ValueError(f"{name} must be a non-empty, strictly descending list of noise levels in [0, 1], got {s.tolist()}")
+    return s
+
+
+def _check_context_noise(context_noise: float) -> None:
+    if not 0 <= context_noise < 1:
+        raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level at which finished chunks "
+                         "are written to the KV cache (0 = clean)")
+
+
+def new_cache_for(model: CausalDiT, batch_size: int, num_frames: int) -> KVCache:
+    """An empty KV cache for a video of `num_frames`: the model's rolling window if it has one,
+    else a full cache of num_frames."""
+    return model.new_kv_cache(batch_size, max_frames=None if model.cfg.window_frames else num_frames)
+
+
 @torch.no_grad()
-def sample_bidirectional(model: CausalDiT, cfg: Config, batch_size: int, cond=None, steps=None,
+def sample_bidirectional(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
                          guidance: float = 1.0, rng=None, noise=None) -> torch.Tensor:
-    """The bidirectional teacher: Euler on the shifted schedule, one timestep for the whole clip."""
-    x = noise if noise is not None else _randn(_video_shape(cfg, batch_size, cfg.data.frames), rng, cfg.device)
-    sig = solver_sigmas(steps or cfg.sample.teacher_solver_steps, cfg.sample)
+    """The bidirectional teacher: Euler along `sigmas` (the grid from 1 to 0, e.g.
+    solver_sigmas(48, cfg.sample)), one timestep for the whole clip."""
+    sigmas = check_sigmas(sigmas)
+    x = noise if noise is not None else _noise(model, batch_size, num_frames, rng)
     vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance)  # noqa: E731
-    return euler_ode(vel, x, sig)[0]
+    return euler_ode(vel, x, sigmas)[0]
 
 
 @torch.no_grad()
-def sample_ar_teacher(model: CausalDiT, cfg: Config, batch_size: int, num_frames=None, cond=None,
-                      steps=None, guidance: float = 1.0, rng=None) -> torch.Tensor:
-    """The AR teacher: chunk by chunk, a full Euler ODE per chunk with the KV cache holding the
-    clean earlier chunks; each finished chunk is written to the cache at t = context_noise.
+def sample_ar_teacher(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
+                      guidance: float = 1.0, context_noise: float = 0.0, rng=None) -> torch.Tensor:
+    """The AR teacher: chunk by chunk, a full Euler ODE along `sigmas` per chunk with the KV cache
+    holding the clean earlier chunks; each finished chunk is written to the cache at t = context_noise.
     With guidance, the conditional and the unconditional predictions each keep their own context
     (a cache of 2B rows), and the finished chunk is written to both."""
-    num_frames = num_frames or cfg.data.frames
+    sigmas = check_sigmas(sigmas)
+    _check_context_noise(context_noise)
     guided = cond is not None and guidance != 1.0
-    cache = model.new_kv_cache(2 * batch_size if guided else batch_size, max_frames=num_frames)
-    sig = solver_sigmas(steps or cfg.sample.teacher_solver_steps, cfg.sample)
-    chunks = []
-    for start in range(0, num_frames, cfg.model.chunk_frames):
-        n = min(cfg.model.chunk_frames, num_frames - start)
+    cache = new_cache_for(model, 2 * batch_size if guided else batch_size, num_frames)
+    chunk, chunks = model.cfg.chunk_frames, []
+    for start in range(0, num_frames, chunk):
+        n = min(chunk, num_frames - start)
         vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond,  # noqa: E731
                                             guidance, kv_cache=cache, start_frame=start)
-        x0 = euler_ode(vel, _randn(_video_shape(cfg, batch_size, n), rng, cfg.device), sig)[0]
+        x0 = euler_ode(vel, _noise(model, batch_size, n, rng), sigmas)[0]
         chunks.append(x0)
         if start + n < num_frames:
             if guided:
-                _write_context(model, cfg, x0, torch.cat([cond, torch.zeros_like(cond)]), cache, start, rng, copies=2)
+                write_context(model, x0, torch.cat([cond, torch.zeros_like(cond)]), cache, start, context_noise, rng, copies=2)
             else:
-                _write_context(model, cfg, x0, cond, cache, start, rng)
+                write_context(model, x0, cond, cache, start, context_noise, rng)
     return torch.cat(chunks, 1)
 
 
-def _write_context(model, cfg, x0, cond, cache, start, rng, context_noise=None, copies: int = 1):
+def write_context(model, x0, cond, cache, start, context_noise: float = 0.0, rng=None, copies: int = 1) -> None:
     """Re-run a finished chunk at sigma = context_noise to overwrite its cache slots with the
     keys/values of (nearly) clean frames, which is what later chunks should attend to. copies=2
     writes the same noised chunk to both halves of a guided cache (cond holds 2B rows then)."""
-    s = cfg.sample.context_noise if context_noise is None else context_noise
-    x = add_noise(x0, _randn(x0.shape, rng, x0.device), s) if s > 0 else x0
+    x = add_noise(x0, _randn(x0.shape, rng, x0.device), context_noise) if context_noise > 0 else x0
     x = torch.cat([x] * copies) if copies > 1 else x
     with torch.no_grad():
-        model(x, torch.full(x.shape[:2], s, device=x.device), cond, kv_cache=cache, start_frame=start)
+        model(x, torch.full(x.shape[:2], context_noise, device=x.device), cond, kv_cache=cache, start_frame=start)
 
 
-def denoise_chunk(model, cfg: Config, x, sigmas, cond, cache, start, exit_step=None, rng=None):
+def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None):
     """Few-step student on one chunk (Self Forcing Alg. 1): at each sigma predict x0, then re-noise
     it with *fresh* noise to the next sigma. Steps after `exit_step` are skipped; only the exit
     step runs with gradients (when grad mode is on). Returns the chunk's x0."""
@@ -1053,43 +1144,71 @@ def denoise_chunk(model, cfg: Config, x, sigmas, cond, cache, start, exit_step=N
     return x0
 
 
-def stream(generator: CausalDiT, cfg: Config, num_frames: int, batch_size: int, cond=None,
-           kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None,
-           denoising_steps: Optional[tuple] = None, first_chunk_steps: Optional[tuple] = None,
-           context_noise: Optional[float] = None) -> Iterator[torch.Tensor]:
-    """Streams the few-step causal student: yields each finished chunk (B, f, C, H, W) as soon as
-    it is denoised, then writes it to the KV cache at t = context_noise for the chunks after it.
-
-    denoising_steps: timesteps before warping, default cfg (1000, 750, 500, 250); (1000, 500) or
-      (1000,) for 2- or 1-step students, with first_chunk_steps (default: the same) for the first
-      chunk, which has no context to lean on (Causal Forcing++ keeps 4 steps there).
-    A new prompt mid-stream: `chunks.send(new_cond)` returns the next chunk, generated with the new
-    condition; the finished chunks stay in the cache under the prompt they were made with."""
-    model = generator
-    cache = kv_cache if kv_cache is not None else model.new_kv_cache(
-        batch_size, max_frames=None if model.cfg.window_frames else num_frames)
-    sigmas = student_sigmas(cfg.sample, denoising_steps)
-    first = student_sigmas(cfg.sample, first_chunk_steps) if first_chunk_steps is not None else sigmas
+def _stream_chunks(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise):
     with torch.no_grad():
-        for start in range(0, num_frames, cfg.model.chunk_frames):
-            n = min(cfg.model.chunk_frames, num_frames - start)
-            x0 = denoise_chunk(model, cfg, _randn(_video_shape(cfg, batch_size, n), rng, cfg.device),
+        for start in range(0, num_frames, generator.cfg.chunk_frames):
+            n = min(generator.cfg.chunk_frames, num_frames - start)
+            x0 = denoise_chunk(generator, _noise(generator, batch_size, n, rng),
                                first if start == 0 else sigmas, cond, cache, start, rng=rng)
             new_cond = yield x0
             if start + n < num_frames:
-                _write_context(model, cfg, x0, cond, cache, start, rng, context_noise)
+                write_context(generator, x0, cond, cache, start, context_noise, rng)
             if new_cond is not None:
                 cond = new_cond
 
 
-def stream_recompute(generator: CausalDiT, cfg: Config, num_frames: int, batch_size: int, cond=None,
+class Stream:
+    """What `stream` returns. Iterate it for the chunks; `send(new_cond)` returns the next chunk made
+    under a new condition (a prompt switch). A condition the model cannot take is refused before it
+    reaches the sampler, and the stream goes on."""
+
+    def __init__(self, generator, chunks, batch_size):
+        self.generator, self.chunks, self.batch_size = generator, chunks, batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self.chunks)
+
+    def send(self, new_cond) -> torch.Tensor:
+        if new_cond is not None:
+            self.generator.check_cond(new_cond, self.batch_size)
+        return self.chunks.send(new_cond)
+
+    def close(self) -> None:
+        self.chunks.close()
+
+
+def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
+           kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None,
+           first_chunk_sigmas=None, context_noise: float = 0.0) -> Stream:
+    """Streams the few-step causal student: yields each finished chunk (B, f, C, H, W) as soon as
+    it is denoised, then writes it to the KV cache at t = context_noise for the chunks after it.
+
+    sigmas: the student's noise levels, student_sigmas(cfg.sample) (Wan's 4 steps warped:
+      1, .9375, .8333, .625), or student_sigmas(cfg.sample, (1000, 500)) for a 2-step student;
+      first_chunk_sigmas (default: the same) for the first chunk, which has no context to lean
+      on (Causal Forcing++ keeps 4 steps there).
+    kv_cache: default a fresh one (new_cache_for), full or the model's rolling window.
+    A new prompt mid-stream: `chunks.send(new_cond)` returns the next chunk, generated with the new
+    condition; the finished chunks stay in the cache under the prompt they were made with."""
+    sigmas = check_sigmas(sigmas).tolist()
+    first = check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist() if first_chunk_sigmas is not None else sigmas
+    _check_context_noise(context_noise)
+    if cond is not None:
+        generator.check_cond(cond, batch_size)
+    cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, num_frames)
+    return Stream(generator, _stream_chunks(generator, sigmas, first, num_frames, batch_size, cond, cache, rng,
+                                            context_noise), batch_size)
+
+
+def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
                      rng: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
     """`stream` without a KV cache: every denoising step runs the model on [the clean frames made so
     far, at t = 0 ; the noisy chunk], so chunk k costs a forward pass over k chunks. The same
     samples as `stream` (context_noise 0, same rng); the baseline the cache is measured against."""
-    if cfg.sample.context_noise:
-        raise ValueError("stream_recompute re-encodes the context at t = 0; set context_noise=0 to compare")
-    sigmas, done = student_sigmas(cfg.sample), []
+    sigmas, done = check_sigmas(sigmas).tolist(), []
 
     def on_prefix(x, t, cond, kv_cache, start_frame):  # the model on [clean prefix at t = 0 ; chunk]
         prefix = torch.cat(done, 1) if done else x[:, :0]  # a rolling window is the config's banded mask
@@ -1097,32 +1216,31 @@ def stream_recompute(generator: CausalDiT, cfg: Config, num_frames: int, batch_s
         return generator(torch.cat([prefix, x], 1), t_all, cond)[:, prefix.shape[1]:]
 
     with torch.no_grad():
-        for start in range(0, num_frames, cfg.model.chunk_frames):
-            n = min(cfg.model.chunk_frames, num_frames - start)
-            x = _randn(_video_shape(cfg, batch_size, n), rng, cfg.device)
-            done.append(denoise_chunk(on_prefix, cfg, x, sigmas, cond, None, start, rng=rng))
+        for start in range(0, num_frames, generator.cfg.chunk_frames):
+            n = min(generator.cfg.chunk_frames, num_frames - start)
+            done.append(denoise_chunk(on_prefix, _noise(generator, batch_size, n, rng), sigmas, cond, None, start, rng=rng))
             yield done[-1]
 
 
-def sample_student(model, cfg: Config, batch_size: int, num_frames=None, cond=None, rng=None) -> torch.Tensor:
+def sample_student(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
+                   context_noise: float = 0.0, rng=None) -> torch.Tensor:
     """The whole video from `stream`, (B, F, C, H, W)."""
-    return torch.cat(list(stream(model, cfg, num_frames or cfg.data.frames, batch_size, cond, rng=rng)), 1)
+    chunks = stream(model, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond, rng=rng,
+                    context_noise=context_noise)
+    return torch.cat(list(chunks), 1)
 
 
-def self_rollout(generator: CausalDiT, cfg: Config, batch_size: int, exit_step: Optional[int] = None,
-                 cond=None, rng=None) -> torch.Tensor:
+def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: int, exit_step: Optional[int] = None,
+                 cond=None, context_noise: float = 0.0, rng=None) -> torch.Tensor:
     """Self Forcing's training rollout: the generator produces the whole video chunk by chunk from
     its own outputs through the KV cache (a fresh cache each time). The steps before `exit_step`
     run without gradient; the exit step keeps its graph; the cache refresh has no gradient."""
-    frames = cfg.data.frames
-    cache = generator.new_kv_cache(batch_size, max_frames=frames)
-    sigmas, chunks = student_sigmas(cfg.sample), []
-    for start in range(0, frames, cfg.model.chunk_frames):
-        n = min(cfg.model.chunk_frames, frames - start)
-        noise = _randn(_video_shape(cfg, batch_size, n), rng, cfg.device)
-        chunks.append(denoise_chunk(generator, cfg, noise, sigmas, cond, cache, start, exit_step, rng))
-        if start + n < frames:
-            _write_context(generator, cfg, chunks[-1].detach(), cond, cache, start, rng)
+    cache, chunks = new_cache_for(generator, batch_size, num_frames), []
+    for start in range(0, num_frames, generator.cfg.chunk_frames):
+        n = min(generator.cfg.chunk_frames, num_frames - start)
+        chunks.append(denoise_chunk(generator, _noise(generator, batch_size, n, rng), sigmas, cond, cache, start, exit_step, rng))
+        if start + n < num_frames:
+            write_context(generator, chunks[-1].detach(), cond, cache, start, context_noise, rng)
     return torch.cat(chunks, 1)
 
 
@@ -1330,15 +1448,18 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     fake = parallelize(copy_model(fake_init).train(), cfg)
     real = real_score.eval()  # frozen: only ever called under no_grad
     opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
-    K, batch = len(student_sigmas(cfg.sample)), len(_shard(torch.empty(t.batch_size)))  # this rank's batch
+    sigmas, batch = student_sigmas(cfg.sample), len(_shard(torch.empty(t.batch_size)))  # this rank's batch
     state = {"ema": None, "gen_updates": 0}  # EMA: a copy of each (local shard of a) parameter
+    rollout = lambda exit_step, cond, own: self_rollout(  # noqa: E731
+        gen, sigmas, batch_size=batch, num_frames=cfg.data.frames, exit_step=exit_step, cond=cond,
+        context_noise=cfg.sample.context_noise, rng=own)
 
     def step(i):
         losses = {}
         own = _rank_rng(rng)  # the rollouts' noise differs between ranks; exit steps are shared
         cond = cond_sampler(batch, own) if cond_sampler else None  # this rank's prompts
         if i % t.gen_update_ratio == 0:
-            x = self_rollout(gen, cfg, batch, int(torch.randint(K, (1,), generator=rng)), cond, own)
+            x = rollout(int(torch.randint(len(sigmas), (1,), generator=rng)), cond, own)
             sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
             loss = dmd_generator_loss(x, real, fake, sigma, _randn(x.shape, own, x.device), cond, t.real_guidance)
             _step(opt_g, gen, loss, t.grad_clip)
@@ -1346,7 +1467,7 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
             _update_ema(state, gen, t)
             losses["generator"] = loss
         with torch.no_grad():  # the critic's samples: a fresh rollout with its own random exit step
-            x = self_rollout(gen, cfg, batch, int(torch.randint(K, (1,), generator=rng)), cond, own)
+            x = rollout(int(torch.randint(len(sigmas), (1,), generator=rng)), cond, own)
         sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
         loss_f = critic_loss(fake, x, sigma, _randn(x.shape, own, x.device), cond)
         _step(opt_f, fake, loss_f, t.grad_clip)
@@ -2347,11 +2468,13 @@ DIGIT_ROWS = ROWS[:2] + ("ar_teacher_diffusion_forcing",) + ROWS[2:]  # moving d
 def sample_row(row: str, model: CausalDiT, cfg: Config, batch_size: int, cond=None, rng=None) -> torch.Tensor:
     """Samples the model of a row of the table with that row's sampler: the teachers by their
     many-step ODE (guided with teacher_guidance when conditioned), the students by streaming."""
+    s, size = cfg.sample, dict(batch_size=batch_size, num_frames=cfg.data.frames, cond=cond, rng=rng)
     if row == "bidirectional_teacher":
-        return sample_bidirectional(model, cfg, batch_size, cond, guidance=cfg.train.teacher_guidance, rng=rng)
+        return sample_bidirectional(model, solver_sigmas(s.teacher_solver_steps, s), guidance=cfg.train.teacher_guidance, **size)
     if row.startswith("ar_teacher"):
-        return sample_ar_teacher(model, cfg, batch_size, cond=cond, guidance=cfg.train.teacher_guidance, rng=rng)
-    return sample_student(model, cfg, batch_size, cond=cond, rng=rng)
+        return sample_ar_teacher(model, solver_sigmas(s.teacher_solver_steps, s), guidance=cfg.train.teacher_guidance,
+                                 context_noise=s.context_noise, **size)
+    return sample_student(model, student_sigmas(s), context_noise=s.context_noise, **size)
 
 
 def load_models(out: str, cfg: Config) -> dict:
@@ -2851,7 +2974,8 @@ def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: 
         sync()
         t0 = time.perf_counter()
         first = None
-        for chunk in stream(model, cfg, num_frames, batch_size, cond, rng=torch.Generator().manual_seed(r)):
+        for chunk in stream(model, student_sigmas(cfg.sample), num_frames=num_frames, batch_size=batch_size, cond=cond,
+                            context_noise=cfg.sample.context_noise, rng=torch.Generator().manual_seed(r)):
             if first is None:
                 sync()
                 first = time.perf_counter() - t0
@@ -2890,11 +3014,12 @@ def benchmark_cache(cfg: Config, lengths=(16, 64, 256), batch_size: int = 1) -> 
     The cache makes each chunk's cost grow with the prefix only through attention; recomputing
     makes it grow through every layer, so the ratio grows with the length."""
     c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=None, sink_frames=0))
-    model = CausalDiT(c.model).to(c.device).eval()
+    model, sigmas = CausalDiT(c.model).to(c.device).eval(), student_sigmas(c.sample)
     out = []
     for n in lengths:
-        cached = sum(timed_chunks(stream(model, c, n, batch_size, rng=torch.Generator().manual_seed(0)), c.device))
-        recomputed = sum(timed_chunks(stream_recompute(model, c, n, batch_size, rng=torch.Generator().manual_seed(0)), c.device))
+        size = dict(num_frames=n, batch_size=batch_size)
+        cached = sum(timed_chunks(stream(model, sigmas, **size, rng=torch.Generator().manual_seed(0)), c.device))
+        recomputed = sum(timed_chunks(stream_recompute(model, sigmas, **size, rng=torch.Generator().manual_seed(0)), c.device))
         out.append({"frames": n, "cached_s": cached, "recompute_s": recomputed, "speedup": recomputed / cached})
     return out
 
@@ -2912,7 +3037,8 @@ def benchmark_flat_cost(cfg: Config, window_frames: int, sink_frames: int = 0, a
         torch.cuda.reset_peak_memory_stats()
 
     def chunks():
-        for k, chunk in enumerate(stream(model, c, frames, batch_size, kv_cache=cache, rng=torch.Generator().manual_seed(0))):
+        for k, chunk in enumerate(stream(model, student_sigmas(c.sample), num_frames=frames, batch_size=batch_size,
+                                         kv_cache=cache, rng=torch.Generator().manual_seed(0))):
             yield chunk
             if k + 1 in (min(at_chunks) + probe, max(at_chunks) + probe):
                 memory[k + 1] = _memory_bytes(c.device)
@@ -3108,7 +3234,8 @@ def recompile_check(device: str, chunks: int = 8) -> dict:
         model = _random_weights(CausalDiT(cfg.model)).to(device).eval()
         cond = torch.randn(1, 5, cfg.model.cond_dim, generator=torch.Generator().manual_seed(0)).to(device)
         per_chunk, before = [], _graphs_compiled()
-        for _ in stream(model, cfg, cfg.data.frames, 1, cond, rng=torch.Generator().manual_seed(0)):
+        for _ in stream(model, student_sigmas(cfg.sample), num_frames=cfg.data.frames, batch_size=1, cond=cond,
+                        rng=torch.Generator().manual_seed(0)):
             per_chunk.append(_graphs_compiled() - before)
             before = _graphs_compiled()
         late = per_chunk[len(per_chunk) // 2:]
@@ -3142,7 +3269,8 @@ def profile_stream(cfg: Config, num_frames: Optional[int] = None, top: int = 15)
     device = torch.device(cfg.device)
     num_frames = num_frames or cfg.data.frames
     model, cond = _random_generator(cfg, 1)
-    run = lambda: [c.sum().item() for c in stream(model, cfg, num_frames, 1, cond, rng=torch.Generator().manual_seed(0))]  # noqa: E731
+    run = lambda: [c.sum().item() for c in stream(model, student_sigmas(cfg.sample), num_frames=num_frames, batch_size=1,  # noqa: E731
+                                                   cond=cond, rng=torch.Generator().manual_seed(0))]
     run()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:

@@ -14,7 +14,7 @@ import causal_forcing as cf
 def random_model(causal=True, dtype=torch.float64, seed=0, **overrides):
     """A small model with every parameter random: zero-initialised gates would make the network
     output 0 and every equivalence test vacuous."""
-    cfg = cf.get_config("toy2d", num_layers=2, dim=48, num_heads=4, ffn_dim=64, **overrides)
+    cfg = cf.get_config("toy2d", **{"num_layers": 2, "dim": 48, "num_heads": 4, "ffn_dim": 64, **overrides})
     torch.manual_seed(seed)
     model = cf.CausalDiT(cfg.model, causal=causal).to(dtype)
     with torch.no_grad():
@@ -359,7 +359,8 @@ def test_self_rollout_keeps_a_graph_only_at_the_exit_step():
     cfg.data.frames = 3
     graphs = []
     hook = model.register_forward_hook(lambda m, a, out: graphs.append(out.requires_grad))
-    x = cf.self_rollout(model, cfg, 2, exit_step=1, rng=torch.Generator().manual_seed(0))
+    x = cf.self_rollout(model, cf.student_sigmas(cfg.sample), batch_size=2, num_frames=3, exit_step=1,
+                        rng=torch.Generator().manual_seed(0))
     hook.remove()
     # per chunk: step 0 (no grad), exit step 1 (grad), cache refresh (no grad); no refresh at the end
     assert graphs == [False, True, False] * 2 + [False, True]
@@ -373,14 +374,15 @@ def test_self_rollout_keeps_a_graph_only_at_the_exit_step():
 
 def test_stream_yields_chunks_and_counts_evaluations():
     model, cfg = random_model(chunk_frames=2, dtype=torch.float32)
-    chunks = list(cf.stream(model, cfg, 5, 3, rng=torch.Generator().manual_seed(0)))
+    sig = cf.student_sigmas(cfg.sample)
+    chunks = list(cf.stream(model, sig, num_frames=5, batch_size=3, rng=torch.Generator().manual_seed(0)))
     assert [c.shape[1] for c in chunks] == [2, 2, 1]
     with cf.count_frame_evaluations(model) as nfe:
-        cf.sample_student(model, cfg, 3, num_frames=6, rng=torch.Generator().manual_seed(0))
+        cf.sample_student(model, sig, batch_size=3, num_frames=6, rng=torch.Generator().manual_seed(0))
     # 4 denoising steps per frame, plus a cache refresh for every chunk but the last
     assert nfe["frames"] / 6 == pytest.approx(4 + 4 / 6)
-    a = cf.sample_student(model, cfg, 3, rng=torch.Generator().manual_seed(5))
-    b = cf.sample_student(model, cfg, 3, rng=torch.Generator().manual_seed(5))
+    a = cf.sample_student(model, sig, batch_size=3, num_frames=4, rng=torch.Generator().manual_seed(5))
+    b = cf.sample_student(model, sig, batch_size=3, num_frames=4, rng=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -395,7 +397,8 @@ def test_ar_teacher_sampler_matches_its_recompute_the_prefix_definition():
     model.double()
     torch.set_default_dtype(torch.float64)
     try:
-        got = cf.sample_ar_teacher(model, cfg, 2, steps=8, rng=torch.Generator().manual_seed(0))
+        got = cf.sample_ar_teacher(model, cf.solver_sigmas(8, cfg.sample), batch_size=2, num_frames=4,
+                                   rng=torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(0)
         sig = cf.solver_sigmas(8, cfg.sample)
         out = []
@@ -449,6 +452,96 @@ def test_bad_inputs_get_clear_errors():
     bidi, _ = random_model(causal=False, dtype=torch.float32)
     with pytest.raises(ValueError, match="need a causal model"):
         bidi(x, t, kv_cache=cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64])
+def test_a_video_of_another_dtype_is_refused_by_name(dtype):
+    model, _ = random_model(chunk_frames=2, dtype=torch.float32)
+    with pytest.raises(TypeError, match=f"x is {dtype} but the model's weights are torch.float32"):
+        model(torch.zeros(2, 4, 2, 1, 1, dtype=dtype), torch.rand(2, 4))
+
+
+def test_an_empty_video_and_a_float_start_frame_are_refused():
+    model, _ = random_model(chunk_frames=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="F >= 1"):
+        model(torch.randn(2, 0, 2, 1, 1), torch.rand(2, 0))
+    cache = model.new_kv_cache(2, max_frames=4)
+    with pytest.raises(TypeError, match="start_frame must be an int, got 0.0"):
+        model(torch.randn(2, 2, 2, 1, 1), torch.rand(2, 2), kv_cache=cache, start_frame=0.0)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_noise_levels_outside_zero_one_are_refused(bad):
+    model, _ = random_model(chunk_frames=2, dtype=torch.float32)
+    t = torch.rand(2, 4)
+    t[1, 2] = bad
+    with pytest.raises(ValueError, match=r"t holds noise levels outside \[0, 1\]"):
+        model(torch.randn(2, 4, 2, 1, 1), t)
+
+
+def test_a_nan_frame_is_refused_instead_of_spreading_to_earlier_frames():
+    """Masked attention weights are 0, but 0 * NaN is NaN: a NaN in frame 2 would turn frames 0-1
+    NaN too. The model refuses non-finite inputs instead (FloatingPointError, which the training
+    loop reports as divergence)."""
+    model, _ = random_model(chunk_frames=1, dtype=torch.float32)
+    x, t = torch.randn(2, 4, 2, 1, 1), torch.rand(2, 4)
+    x[:, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="x holds NaN"):
+        model(x, t)
+    with pytest.raises(FloatingPointError, match="clean_context holds NaN"):
+        model(torch.randn(2, 4, 2, 1, 1), t, clean_context=x)
+
+
+def test_a_cache_made_for_another_model_is_refused():
+    model, _ = random_model(chunk_frames=2, dtype=torch.float32)
+    other, _ = random_model(chunk_frames=2, dtype=torch.float32, num_layers=3)
+    with pytest.raises(ValueError, match="made for another model"):
+        model(torch.randn(2, 2, 2, 1, 1), torch.rand(2, 2), kv_cache=other.new_kv_cache(2, max_frames=4))
+
+
+def test_window_settings_that_conflict_with_the_model_are_refused():
+    model, _ = random_model(chunk_frames=1, window_frames=3, sink_frames=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="max_frames is for a full cache"):
+        model.new_kv_cache(2, max_frames=40)
+    with pytest.raises(ValueError, match="conflict with the model's rolling window"):
+        model.new_kv_cache(2, window_frames=5)
+    full, _ = random_model(chunk_frames=1, dtype=torch.float32)
+    foreign = full.new_kv_cache(2, window_frames=5, sink_frames=1)  # a full-attention model may stream in a window
+    with pytest.raises(ValueError, match="is not the model's"):
+        model(torch.randn(2, 1, 2, 1, 1), torch.rand(2, 1), kv_cache=foreign)
+
+
+def test_a_cache_larger_than_memory_is_refused_with_a_hint_before_allocating():
+    model, _ = random_model(chunk_frames=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="rolling cache"):
+        cf.stream(model, [1.0], num_frames=10**12, batch_size=1)
+
+
+def test_sampler_arguments_are_checked_before_any_work():
+    model, cfg = random_model(chunk_frames=1, dtype=torch.float32)
+    sig = cf.student_sigmas(cfg.sample)
+    with cf.count_frame_evaluations(model) as nfe:
+        with pytest.raises(ValueError, match="context_noise=1.5 must lie in"):
+            cf.stream(model, sig, num_frames=4, batch_size=2, context_noise=1.5)
+        with pytest.raises(TypeError, match="sigmas must be a list of noise levels"):
+            cf.stream(model, cfg, num_frames=4, batch_size=2)  # the old signature took the Config here
+        with pytest.raises(ValueError, match="strictly descending"):
+            cf.sample_student(model, [0.5, 1.0], num_frames=4, batch_size=2)
+    assert nfe["frames"] == 0
+
+
+def test_a_refused_prompt_switch_leaves_the_stream_usable():
+    model, cfg = random_model(chunk_frames=1, cond_dim=3, dtype=torch.float32)
+    cond = torch.randn(2, 1, 3)
+    make = lambda: cf.stream(model, cf.student_sigmas(cfg.sample), num_frames=3, batch_size=2, cond=cond,  # noqa: E731
+                             rng=torch.Generator().manual_seed(0))
+    plain = torch.cat(list(make()), 1)
+    chunks = make()
+    first = next(chunks)
+    with pytest.raises(ValueError, match=r"cond must have shape \(2, L, 3\)"):
+        chunks.send(torch.randn(2, 1, 4))
+    rest = list(chunks)  # the stream goes on under the old condition
+    torch.testing.assert_close(torch.cat([first, *rest], 1), plain, rtol=0, atol=0)
 
 
 # --- files and the command line -----------------------------------------------------------------
@@ -570,16 +663,18 @@ def test_dmd_schedule_update_ratio_and_ema():
 def test_stream_options_steps_and_context_noise():
     model, cfg = random_model(chunk_frames=1, dtype=torch.float32)
     with cf.count_frame_evaluations(model) as nfe:
-        list(cf.stream(model, cfg, 4, 2, rng=torch.Generator().manual_seed(0), denoising_steps=(1000, 500),
-                       first_chunk_steps=(1000, 750, 500, 250)))
+        list(cf.stream(model, cf.student_sigmas(cfg.sample, (1000, 500)), num_frames=4, batch_size=2,
+                       first_chunk_sigmas=cf.student_sigmas(cfg.sample, (1000, 750, 500, 250)),
+                       rng=torch.Generator().manual_seed(0)))
     assert nfe["frames"] == 4 + 3 * 2 + 3  # 4 steps for frame 0, 2 for the others, 3 refreshes
     assert cf.student_sigmas(cfg.sample, (1000, 500)) == pytest.approx([1.0, 5 * 0.5 / (1 + 4 * 0.5)])
-    a = torch.cat(list(cf.stream(model, cfg, 3, 2, rng=torch.Generator().manual_seed(1))), 1)
-    b = torch.cat(list(cf.stream(model, cfg, 3, 2, rng=torch.Generator().manual_seed(1), context_noise=0.3)), 1)
+    sig, size = cf.student_sigmas(cfg.sample), dict(num_frames=3, batch_size=2)
+    a = torch.cat(list(cf.stream(model, sig, **size, rng=torch.Generator().manual_seed(1))), 1)
+    b = torch.cat(list(cf.stream(model, sig, **size, rng=torch.Generator().manual_seed(1), context_noise=0.3)), 1)
     torch.testing.assert_close(a[:, 0], b[:, 0], rtol=0, atol=0)  # the first frame has no context
     assert (a[:, 1:] - b[:, 1:]).abs().max() > 1e-4  # later frames see a noisier cache
     with pytest.raises(ValueError, match="denoising steps"):
-        next(cf.stream(model, cfg, 3, 2, denoising_steps=()))
+        cf.student_sigmas(cfg.sample, ())
 
 
 def test_stream_takes_a_new_prompt_mid_video():
@@ -587,7 +682,8 @@ def test_stream_takes_a_new_prompt_mid_video():
     cond_a, cond_b = torch.randn(2, 1, 3), torch.randn(2, 1, 3)
 
     def run(switch_at=None):
-        chunks = cf.stream(model, cfg, 4, 2, cond=cond_a, rng=torch.Generator().manual_seed(0))
+        chunks = cf.stream(model, cf.student_sigmas(cfg.sample), num_frames=4, batch_size=2, cond=cond_a,
+                           rng=torch.Generator().manual_seed(0))
         out = [next(chunks)]
         while len(out) < 4:
             out.append(chunks.send(cond_b) if len(out) == switch_at else next(chunks))
@@ -604,9 +700,9 @@ def test_stream_takes_a_new_prompt_mid_video():
     with torch.no_grad():
         for f in range(4):
             c = cond_a if f < 2 else cond_b
-            manual.append(cf.denoise_chunk(model, cfg, torch.randn(2, 1, 2, 1, 1, generator=g), sig, c, cache, f, rng=g))
+            manual.append(cf.denoise_chunk(model, torch.randn(2, 1, 2, 1, 1, generator=g), sig, c, cache, f, rng=g))
             if f < 3:
-                cf._write_context(model, cfg, manual[-1], c, cache, f, g)
+                cf.write_context(model, manual[-1], c, cache, f, 0.0, g)
     torch.testing.assert_close(switched, torch.cat(manual, 1), rtol=0, atol=0)
 
 
@@ -620,7 +716,8 @@ def test_gradient_checkpointing_is_safe_with_a_rolling_cache():
     torch.set_default_dtype(torch.float64)
     try:
         for m in (plain, ckpt):
-            cf.self_rollout(m, cfg, 2, exit_step=0, rng=torch.Generator().manual_seed(0)).pow(2).sum().backward()
+            cf.self_rollout(m, cf.student_sigmas(cfg.sample), batch_size=2, num_frames=6, exit_step=0,
+                            rng=torch.Generator().manual_seed(0)).pow(2).sum().backward()
     finally:
         torch.set_default_dtype(torch.float32)
     for a, b in zip(plain.parameters(), ckpt.parameters()):
@@ -634,8 +731,9 @@ def test_streaming_with_cache_equals_recomputing_the_prefix(kw):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.3)  # a tame random field: 4-step chains of a random net can blow up
-    cached = torch.cat(list(cf.stream(model, cfg, 7, 2, rng=torch.Generator().manual_seed(0))), 1)
-    recomputed = torch.cat(list(cf.stream_recompute(model, cfg, 7, 2, rng=torch.Generator().manual_seed(0))), 1)
+    sig, size = cf.student_sigmas(cfg.sample), dict(num_frames=7, batch_size=2)
+    cached = torch.cat(list(cf.stream(model, sig, **size, rng=torch.Generator().manual_seed(0))), 1)
+    recomputed = torch.cat(list(cf.stream_recompute(model, sig, **size, rng=torch.Generator().manual_seed(0))), 1)
     torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
 
 

@@ -57,7 +57,8 @@ def test_guided_ar_teacher_through_the_cache_matches_recomputing_the_prefix():
     cond = cf.label_cond(torch.tensor([2, 7, 5])).double()
     torch.set_default_dtype(torch.float64)
     try:
-        got = cf.sample_ar_teacher(model, cfg, 3, cond=cond, guidance=3.0, rng=torch.Generator().manual_seed(0))
+        got = cf.sample_ar_teacher(model, cf.solver_sigmas(4, cfg.sample), batch_size=3, num_frames=6, cond=cond,
+                                   guidance=3.0, rng=torch.Generator().manual_seed(0))
         g, sig, done = torch.Generator().manual_seed(0), cf.solver_sigmas(4, cfg.sample), []
         for start in range(0, 6, 2):
             x = torch.randn(3, 2, 1, 16, 16, generator=g)

@@ -221,7 +221,7 @@ def test_flex_attention_block_masks_equal_dense_masks(kw):
     with torch.no_grad():  # FlexAttention has no backward on a CPU; on CUDA it has
         torch.testing.assert_close(flex(x, t), dense(x, t), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(flex(x, t, clean_context=clean), dense(x, t, clean_context=clean), rtol=1e-5, atol=1e-5)
-        caches = [m.new_kv_cache(2, max_frames=6) for m in (flex, dense)]
+        caches = [cf.new_cache_for(m, 2, 6) for m in (flex, dense)]
         # a rolling window takes a chunk per call (its sink and ring make the mask); a full cache
         # takes the last four frames, two chunks, in one call (block-causal among them)
         calls = [(s, s + c.chunk_frames) for s in range(0, 6, c.chunk_frames)] if c.window_frames else [(0, 2), (2, 6)]
