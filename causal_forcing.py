@@ -1724,21 +1724,54 @@ def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
     return out
 
 
-def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None) -> nn.Module:
-    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every
-    parameter must be present with the right shape, and nothing else. Reads .safetensors (needs
-    the safetensors package, imported only here) or a torch file with weights_only=True."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+def _checksum_failure(path: str) -> Optional[str]:
+    """torch.save writes a zip archive with a CRC-32 of every record, which torch.load does not check:
+    the name of the first record whose bytes no longer match it (a flipped bit), else None."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"unreadable archive ({e})"
+
+
+def _read_checkpoint(path: str, verify: bool) -> dict:
+    """A checkpoint's tensors: .safetensors, a torch zip file (memory-mapped, after checking its
+    CRC-32 checksums if `verify`), or a legacy torch file (before PyTorch 1.6, not mappable)."""
+    import zipfile
+
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError as e:
             raise ImportError("reading .safetensors needs the safetensors package: pip install safetensors") from e
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no full copy in RAM
-    state = wan_state_dict(state, key)
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - SafetensorError: header or length wrong
+            raise ValueError(f"{path!r} is not a readable .safetensors file ({e}); download it again") from None
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path!r} is empty; download it again")
+    zipped = zipfile.is_zipfile(path)
+    if zipped and verify and (bad := _checksum_failure(path)) is not None:
+        raise ValueError(f"{path!r} is corrupt: record {bad} fails its CRC-32 checksum; download it again")
+    try:  # a zip file is memory-mapped (no full copy in RAM); a legacy file is read whole
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
+        raise ValueError(f"{path!r} is not a readable torch checkpoint ({type(e).__name__}: {e}); it may be "
+                         "truncated or corrupt (download it again), or hold objects other than tensors") from None
+
+
+def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, verify: bool = True) -> nn.Module:
+    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every
+    parameter must be present with the right shape, and nothing else. Reads .safetensors (needs
+    the safetensors package, imported only here) or a torch file (zip or legacy) with
+    weights_only=True; verify=False skips the checksum pass over a torch zip file (a full read)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+    state = wan_state_dict(_read_checkpoint(path, verify), key)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
@@ -2015,13 +2048,16 @@ def _fsync_folder(folder: str) -> None:
 
 
 def _load_saved(path: str, what: str = "stage file") -> dict:
-    """torch.load of a file this project saved, with an error that names the file and what to do
-    when it is empty, truncated or not a torch file."""
+    """torch.load of a file this project saved, after checking its checksums, with an error that
+    names the file and what to do when it is empty, truncated, corrupt or not a torch file."""
+    fix = "delete it and run again to redo that stage"
+    bad = _checksum_failure(path)
+    if bad is not None:
+        raise ValueError(f"{what} {path!r} is corrupt: record {bad} fails its CRC-32 checksum; {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
-        raise ValueError(f"{what} {path!r} is empty or corrupt ({type(e).__name__}: {e}); delete it and run "
-                         "again to redo that stage") from None
+        raise ValueError(f"{what} {path!r} is empty or corrupt ({type(e).__name__}: {e}); {fix}") from None
 
 
 def _remove_stale_temporaries(folder: str) -> None:
@@ -2166,14 +2202,16 @@ def read_idx(path: str) -> torch.Tensor:
     uint32; the data must be exactly as long as the dimensions say."""
     import gzip
     import struct
+    import zlib
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no IDX file at {path!r}")
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot be read ({e}); the file is corrupt or truncated") from e
+    except (OSError, EOFError, zlib.error) as e:  # gzip: bad header, CRC, truncated, bad deflate data
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is corrupt or truncated: "
+                         "download it again") from e
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise ValueError(f"{path} is not a uint8 IDX file (header {raw[:4].hex()}, expected 0000 08 <ndim>)")
     header = 4 + 4 * raw[3]

@@ -847,6 +847,22 @@ def test_a_corrupt_stage_file_is_named_and_stale_temporaries_are_cleaned(tmp_pat
     assert not any(p.name.startswith(".tmp-") for p in stages.iterdir())
 
 
+def test_a_flipped_byte_in_a_stage_file_fails_its_checksum(tmp_path):
+    import zipfile
+    cfg = cf.get_config("toy2d", **TINY)
+    cf.run_pipeline(cfg, str(tmp_path), log=None)
+    path = tmp_path / "stages" / "ar_teacher.pt"
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 64)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")  # the local header's own lengths
+    raw[info.header_offset + 30 + name_len + extra_len + 16] ^= 0x01  # one bit of a weight
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"ar_teacher\.pt' is corrupt: record .* fails its CRC-32 checksum; delete it"):
+        cf.run_pipeline(cfg, str(tmp_path), log=None)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--device", "nosuch"], "not a device torch knows"),
     (["bench", "--repeats", "-1"], "--repeats -1: must be >= 0"),

@@ -41,6 +41,11 @@ def test_idx_errors_name_the_problem(tmp_path):
     (tmp_path / "cut.idx.gz").write_bytes(gzip.compress(raw)[:-20])  # a truncated download
     with pytest.raises(ValueError, match="corrupt or truncated"):
         cf.read_idx(str(tmp_path / "cut.idx.gz"))
+    flipped = bytearray(gzip.compress(raw))
+    flipped[len(flipped) // 2] ^= 0xFF  # a bit flip inside the deflate stream: zlib.error, or a CRC error
+    (tmp_path / "flip.idx.gz").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=r"flip\.idx\.gz: cannot be read .*corrupt or truncated"):
+        cf.read_idx(str(tmp_path / "flip.idx.gz"))
     with pytest.raises(FileNotFoundError, match="no IDX file"):
         cf.read_idx(str(tmp_path / "absent.idx"))
 

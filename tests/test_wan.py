@@ -103,6 +103,48 @@ def test_load_errors_name_every_key(tmp_path):
         cf.load_wan_weights(model, path)
 
 
+def test_a_legacy_torch_file_loads(tmp_path):
+    """Files saved before PyTorch 1.6 (not zip archives) cannot be memory-mapped; they are read whole."""
+    state = synthetic_official()
+    path = str(tmp_path / "legacy.pt")
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    model = cf.load_wan_weights(cf.CausalDiT(cf.get_config("toy2d", **SMALL).model), path)
+    torch.testing.assert_close(model.blocks[0].self_attn.q.weight, state["blocks.0.self_attn.q.weight"], rtol=0, atol=0)
+
+
+def flip_a_data_byte(path):
+    """Flips one byte inside the first tensor's bytes of a torch zip file: torch.load reads it silently."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename)
+    raw = bytearray(open(path, "rb").read())
+    name_len, extra_len = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")  # the local header's own lengths
+    raw[info.header_offset + 30 + name_len + extra_len + 8] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "flipped byte", "not a checkpoint"])
+def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path, damage):
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(synthetic_official(), path)
+    raw = open(path, "rb").read()
+    if damage == "empty":
+        open(path, "wb").close()
+    elif damage == "truncated":
+        open(path, "wb").write(raw[: len(raw) // 2])
+    elif damage == "flipped byte":
+        flip_a_data_byte(path)
+    else:
+        open(path, "wb").write(b"<html>rate limited</html>")
+    model = cf.CausalDiT(cf.get_config("toy2d", **SMALL).model)
+    with pytest.raises(ValueError, match="download it again") as e:
+        cf.load_wan_weights(model, path)
+    assert "ckpt.pt" in str(e.value) and "mmap" not in str(e.value)
+    if damage == "flipped byte":
+        assert "CRC-32" in str(e.value)
+
+
 def wan_reference_forward(p, x, t, context, cfg, num_heads):
     """Wan2.1's forward, written from its specification independently of causal_forcing:
     x (B, C, F, H, W) Wan's layout, t (B,) in [0, 1000], context (B, L, text_dim)."""
