@@ -224,8 +224,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = ("data", "model", "train", "sample", "eval")
-
 
 # Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832
 # pixels), patch 2 -> 1560 tokens per latent frame, chunks of 3 latent frames, umT5 text 512 x 4096.
@@ -258,7 +256,7 @@ _PRESETS: dict[str, dict] = {
 
 
 # =================================================================================================
-# I.2 data: toy 2-D videos and their exact flow-matching teachers; conditions
+# I.2 data: toy 2-D videos with their exact denoisers; conditions
 # =================================================================================================
 
 
@@ -325,47 +323,6 @@ class ToyVideos:
         return (x_s.double() - self.exact_x0(x_s, s, frames, context)) / s_
 
 
-def exact_bidirectional_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, keep=None):
-    """phi_Bi: noise of all frames -> the exact bidirectional teacher's clean video. With `keep`
-    (a list of sigmas), also the states there: (x0, {sigma: x})."""
-    x0, kept = euler_ode(lambda x, s: data.exact_velocity(x, s), eps.double(), sigmas, keep)
-    return (x0, kept) if keep else x0
-
-
-def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chunk_frames: int,
-                  context: Optional[torch.Tensor] = None, keep=None):
-    """phi_AR: chunk by chunk, the exact AR teacher's ODE given clean earlier frames. The context
-    is its own earlier outputs, or `context` (ground truth, as when ODE pairs are made). With
-    `keep`, also the states at those sigmas: (x0, {sigma: x})."""
-    out, kept = [], {k: [] for k in keep or []}
-    for start in range(0, eps.shape[1], chunk_frames):
-        fr = slice(start, min(start + chunk_frames, eps.shape[1]))
-        ctx = (context if context is not None else torch.cat(out, 1) if out else eps[:, :0].double())[:, :start]
-        vel = lambda x, s: data.exact_velocity(x, s, fr, ctx)  # noqa: E731
-        x0, states = euler_ode(vel, eps[:, fr].double(), sigmas, keep)
-        out.append(x0)
-        for k in kept:
-            kept[k].append(states[k])
-    x0 = torch.cat(out, 1)
-    return (x0, {k: torch.cat(v, 1) for k, v in kept.items()}) if keep else x0
-
-
-def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str, rng=None) -> dict:
-    """ODE pairs in make_ode_pairs' format, from the *exact* teachers (toy data only): "ar" runs every
-    chunk given the ground-truth clean earlier frames, "bidirectional" the whole clip from noise.
-    They isolate the injectivity argument from any error of a learned teacher."""
-    keep, sig = ode_pair_sigmas(cfg.sample)
-    eps = torch.randn(clean.shape, generator=rng, dtype=torch.float64)
-    if kind == "ar":
-        x0, kept = exact_ar_flow(data, eps, sig, cfg.model.chunk_frames, context=clean.double(), keep=keep)
-    elif kind == "bidirectional":
-        x0, kept = exact_bidirectional_flow(data, eps, sig, keep=keep)
-    else:
-        raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
-    dev = cfg.device
-    return {"xt": torch.stack([kept[k] for k in keep], 1).float().to(dev), "x0": x0.float().to(dev), "clean": clean.to(dev)}
-
-
 def label_cond(labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
     """Digit labels (B,) or (B, num_digits) -> the conditioning sequence (B, num_digits, 10): one
     one-hot row per digit, fed through the cross-attention path that carries text in Wan. The null
@@ -386,7 +343,7 @@ def drop_cond(cond: Optional[torch.Tensor], p: float, rng=None) -> Optional[torc
 
 
 # =================================================================================================
-# I.3 flow matching: noising, velocity and x0, the loss, timesteps, the Euler ODE
+# I.3 flow matching: noising, velocity and x0, the loss, timesteps, the Euler ODE, the exact teachers
 # =================================================================================================
 
 
@@ -497,6 +454,51 @@ def euler_ode(velocity: Callable, x: torch.Tensor, sigmas: torch.Tensor,
                 kept[k] = x
         x = x + velocity(x, s) * (s_next - s)
     return x, kept
+
+
+# --- the toy's exact teachers: its closed-form velocities (I.2) through the Euler ODE ------------
+
+
+def exact_bidirectional_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, keep=None):
+    """phi_Bi: noise of all frames -> the exact bidirectional teacher's clean video. With `keep`
+    (a list of sigmas), also the states there: (x0, {sigma: x})."""
+    x0, kept = euler_ode(lambda x, s: data.exact_velocity(x, s), eps.double(), sigmas, keep)
+    return (x0, kept) if keep else x0
+
+
+def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chunk_frames: int,
+                  context: Optional[torch.Tensor] = None, keep=None):
+    """phi_AR: chunk by chunk, the exact AR teacher's ODE given clean earlier frames. The context
+    is its own earlier outputs, or `context` (ground truth, as when ODE pairs are made). With
+    `keep`, also the states at those sigmas: (x0, {sigma: x})."""
+    out, kept = [], {k: [] for k in keep or []}
+    for start in range(0, eps.shape[1], chunk_frames):
+        fr = slice(start, min(start + chunk_frames, eps.shape[1]))
+        ctx = (context if context is not None else torch.cat(out, 1) if out else eps[:, :0].double())[:, :start]
+        vel = lambda x, s: data.exact_velocity(x, s, fr, ctx)  # noqa: E731
+        x0, states = euler_ode(vel, eps[:, fr].double(), sigmas, keep)
+        out.append(x0)
+        for k in kept:
+            kept[k].append(states[k])
+    x0 = torch.cat(out, 1)
+    return (x0, {k: torch.cat(v, 1) for k, v in kept.items()}) if keep else x0
+
+
+def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str, rng=None) -> dict:
+    """ODE pairs in make_ode_pairs' format, from the *exact* teachers (toy data only): "ar" runs every
+    chunk given the ground-truth clean earlier frames, "bidirectional" the whole clip from noise.
+    They isolate the injectivity argument from any error of a learned teacher."""
+    keep, sig = ode_pair_sigmas(cfg.sample)
+    eps = torch.randn(clean.shape, generator=rng, dtype=torch.float64)
+    if kind == "ar":
+        x0, kept = exact_ar_flow(data, eps, sig, cfg.model.chunk_frames, context=clean.double(), keep=keep)
+    elif kind == "bidirectional":
+        x0, kept = exact_bidirectional_flow(data, eps, sig, keep=keep)
+    else:
+        raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
+    dev = cfg.device
+    return {"xt": torch.stack([kept[k] for k in keep], 1).float().to(dev), "x0": x0.float().to(dev), "clean": clean.to(dev)}
+
 
 
 # =================================================================================================
@@ -783,11 +785,14 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The output layer: adaLN (shift, scale) from the frame's time embedding, then a linear map of
+    each token to its patch's out_dim = p * p * C values."""
+
+    def __init__(self, dim: int, out_dim: int, eps: float = 1e-6):
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.head = nn.Linear(cfg.dim, cfg.patch_size**2 * cfg.in_channels)
-        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_dim)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, dim))
 
     def forward(self, x, e):
         """x (B, F*S, D), e (B, F, D) -> (B, F*S, p*p*C)."""
@@ -825,7 +830,7 @@ class CausalDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.blocks = nn.ModuleList(Block(D, cfg.ffn_dim, cfg.num_heads, cfg.eps, cross_attention=bool(cfg.cond_dim))
                                     for _ in range(cfg.num_layers))
-        self.head = Head(cfg)
+        self.head = Head(D, p * p * cfg.in_channels, cfg.eps)
         self.init_weights()
         if cfg.compile:  # in place: parameter names (and saved state dicts) stay exactly the same
             for block in self.blocks:
@@ -1530,6 +1535,9 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
 # =================================================================================================
 # II.1 config: named presets with checked overrides
 # =================================================================================================
+
+
+_SECTIONS = ("data", "model", "train", "sample", "eval")  # the sub-configs of Config
 
 
 def _field_types() -> dict[str, tuple[str, object]]:

@@ -426,32 +426,38 @@ def test_ode_pair_grids_must_align():
 # --- bad input ----------------------------------------------------------------------------------
 
 
-def test_bad_inputs_get_clear_errors():
-    model, _ = random_model(chunk_frames=2, dtype=torch.float32)
-    x, t = torch.randn(2, 4, 2, 1, 1), torch.rand(2, 4)
-    with pytest.raises(ValueError, match=r"x must have shape \(B, F, 2, 1, 1\)"):
-        model(torch.randn(2, 4, 3, 1, 1), t)
-    with pytest.raises(ValueError, match="t must have shape"):
-        model(x, torch.rand(2))
-    with pytest.raises(ValueError, match="clean_context must have the shape"):
-        model(x, t, clean_context=torch.randn(2, 3, 2, 1, 1))
+def _cached(model, x, t, start):
     cache = model.new_kv_cache(2, max_frames=8)
-    with pytest.raises(ValueError, match="start_frame=4 is beyond the KV cache"):
-        model(x[:, :2], t[:, :2], kv_cache=cache, start_frame=4)
-    model(x[:, :2], t[:, :2], kv_cache=cache, start_frame=0)
-    with pytest.raises(ValueError, match="not at a chunk boundary"):
-        model(x[:, :2], t[:, :2], kv_cache=cache, start_frame=1)
-    with pytest.raises(ValueError, match="not at a chunk boundary"):
-        model(x, t, start_frame=1)  # the full forward must not re-align chunks silently
-    with pytest.raises(ValueError, match="batch size 3"):
-        model(torch.randn(3, 2, 2, 1, 1), torch.rand(3, 2), kv_cache=cache, start_frame=2)
-    with pytest.raises(ValueError, match="do not fit a KV cache of max_frames=8"):
-        model(torch.randn(2, 8, 2, 1, 1), torch.rand(2, 8), kv_cache=cache, start_frame=2)
-    with pytest.raises(ValueError, match="no conditioning"):
-        model(x, t, cond=torch.randn(2, 1, 4))
+    model(torch.randn(2, 2, 2, 1, 1), torch.rand(2, 2), kv_cache=cache, start_frame=0)  # frames 0-1 cached
+    return model(x, t, kv_cache=cache, start_frame=start)
+
+
+BAD_CALLS = {  # what is wrong -> (the call, the error it must give)
+    "channels": (lambda m, x, t: m(torch.randn(2, 4, 3, 1, 1), t), r"x must have shape \(B, F, 2, 1, 1\)"),
+    "t shape": (lambda m, x, t: m(x, torch.rand(2)), "t must have shape"),
+    "clean_context shape": (lambda m, x, t: m(x, t, clean_context=torch.randn(2, 3, 2, 1, 1)), "clean_context must have the shape of x"),
+    "start beyond the cache": (lambda m, x, t: _cached(m, x[:, :2], t[:, :2], 4), "start_frame=4 is beyond the KV cache"),
+    "cached start off a chunk": (lambda m, x, t: _cached(m, x[:, :2], t[:, :2], 1), "not at a chunk boundary"),
+    "full start off a chunk": (lambda m, x, t: m(x, t, start_frame=1), "not at a chunk boundary"),
+    "batch vs cache": (lambda m, x, t: m(torch.randn(3, 2, 2, 1, 1), torch.rand(3, 2), kv_cache=m.new_kv_cache(2, max_frames=8)),
+                       "batch size 3"),
+    "past max_frames": (lambda m, x, t: _cached(m, torch.randn(2, 8, 2, 1, 1), torch.rand(2, 8), 2), "do not fit a KV cache of max_frames=8"),
+    "cond without conditioning": (lambda m, x, t: m(x, t, cond=torch.randn(2, 1, 4)), "no conditioning"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_a_bad_call_gets_a_clear_error(case):
+    model, _ = random_model(chunk_frames=2, dtype=torch.float32)
+    call, message = BAD_CALLS[case]
+    with pytest.raises(ValueError, match=message):
+        call(model, torch.randn(2, 4, 2, 1, 1), torch.rand(2, 4))
+
+
+def test_a_bidirectional_model_takes_no_cache():
     bidi, _ = random_model(causal=False, dtype=torch.float32)
     with pytest.raises(ValueError, match="need a causal model"):
-        bidi(x, t, kv_cache=cache)
+        bidi(torch.randn(2, 4, 2, 1, 1), torch.rand(2, 4), kv_cache=bidi.new_kv_cache(2, max_frames=8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64])
@@ -660,21 +666,25 @@ def test_dmd_schedule_update_ratio_and_ema():
     assert s.min() >= 0.02 and s.max() <= 0.98 and (s == 0.98).any()
 
 
-def test_stream_options_steps_and_context_noise():
+def test_a_two_step_stream_with_a_four_step_first_chunk_counts_its_evaluations():
     model, cfg = random_model(chunk_frames=1, dtype=torch.float32)
+    assert cf.student_sigmas(cfg.sample, (1000, 500)) == pytest.approx([1.0, 5 * 0.5 / (1 + 4 * 0.5)])
     with cf.count_frame_evaluations(model) as nfe:
         list(cf.stream(model, cf.student_sigmas(cfg.sample, (1000, 500)), num_frames=4, batch_size=2,
                        first_chunk_sigmas=cf.student_sigmas(cfg.sample, (1000, 750, 500, 250)),
                        rng=torch.Generator().manual_seed(0)))
     assert nfe["frames"] == 4 + 3 * 2 + 3  # 4 steps for frame 0, 2 for the others, 3 refreshes
-    assert cf.student_sigmas(cfg.sample, (1000, 500)) == pytest.approx([1.0, 5 * 0.5 / (1 + 4 * 0.5)])
+    with pytest.raises(ValueError, match="denoising steps"):
+        cf.student_sigmas(cfg.sample, ())
+
+
+def test_context_noise_changes_only_frames_that_have_context():
+    model, cfg = random_model(chunk_frames=1, dtype=torch.float32)
     sig, size = cf.student_sigmas(cfg.sample), dict(num_frames=3, batch_size=2)
     a = torch.cat(list(cf.stream(model, sig, **size, rng=torch.Generator().manual_seed(1))), 1)
     b = torch.cat(list(cf.stream(model, sig, **size, rng=torch.Generator().manual_seed(1), context_noise=0.3)), 1)
     torch.testing.assert_close(a[:, 0], b[:, 0], rtol=0, atol=0)  # the first frame has no context
     assert (a[:, 1:] - b[:, 1:]).abs().max() > 1e-4  # later frames see a noisier cache
-    with pytest.raises(ValueError, match="denoising steps"):
-        cf.student_sigmas(cfg.sample, ())
 
 
 def test_stream_takes_a_new_prompt_mid_video():

@@ -41,6 +41,7 @@ def ddp_run(tmp_path_factory):
     return torchrun("ddp", tmp_path_factory.mktemp("ddp"))
 
 
+@pytest.mark.slow
 def test_fsdp_takes_the_same_steps_as_ddp(ddp_run, tmp_path):
     """Sharded and replicated training are the same algorithm: every stage, DMD included, ends in
     the same weights and the same critic losses."""
@@ -52,6 +53,7 @@ def test_fsdp_takes_the_same_steps_as_ddp(ddp_run, tmp_path):
         torch.testing.assert_close(torch.tensor(fsdp[r]["critic"]), torch.tensor(ddp_run[r]["critic"]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(ddp_run, single):
     r0, r1 = ddp_run
     assert r0["world"] == 2 and single["world"] == 1

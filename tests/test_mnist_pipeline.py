@@ -147,6 +147,7 @@ def _results_and_models(folder):
     return results, torch.load(os.path.join(folder, "models.pt"), weights_only=True)
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_run_and_interrupted_runs_resume_to_the_same_result(tmp_path):
     cfg = cf.get_config("mnist", **TINY)
     full = cf.run_pipeline(cfg, str(tmp_path / "full"), log=None)

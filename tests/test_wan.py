@@ -379,6 +379,7 @@ def test_gpu_suite_bf16_checks_compare_with_fp32():
     assert rows["causal_vs_fp32"]["ok"] and 1e-4 < rows["causal_vs_fp32"]["rel_err"]  # bf16 rounds, visibly
 
 
+@pytest.mark.slow
 def test_gpu_suite_command_writes_every_section(tmp_path):
     import json
 
