@@ -173,16 +173,23 @@ class TrainConfig:
     ode_pairs: int = 2048
     ode_steps: int = 400
     ode_lr: float = 5e-4
+    ode_step_draw: str = "upstream"  # the student step of each frame: "upstream" (see train_ode_student), "batch", "sample", "chunk"
     # stage 3: DMD (upstream gen lr 2e-6, critic lr 4e-7, ratio 5, EMA 0.99 from step 200)
     dmd_steps: int = 300  # critic updates; the generator updates every `gen_update_ratio` steps
     gen_lr: float = 5e-5  # 4x below this the generator barely moves; 4x above it degrades frame 0
     critic_lr: float = 4e-4
     gen_update_ratio: int = 5  # "two time-scale update": the fake score must track the generator
+    dmd_batch_size: Optional[int] = None  # DMD's clips per step; None = batch_size
     ema_decay: float = 0.99
     ema_start_step: int = 20  # in generator updates (upstream 200 of ~750)
     dmd_min_sigma: float = 0.02  # DMD/critic timesteps are clamped to [0.02, 0.98] (upstream)
     dmd_max_sigma: float = 0.98
     cond_dropout: float = 0.1  # base and AR teacher: drop the condition so that CFG has an "uncond"
+    # base and AR teacher: where their flow-matching sigmas are drawn and how they are weighted.
+    # Upstream fine-tunes a pretrained Wan on the sampler's shifted schedule with the bump weight;
+    # a model trained from scratch needs the low noise levels, where a frame's details are decided.
+    fm_shift: Optional[float] = None  # shift of the sigma draw; None = the sampler's `shift` (upstream)
+    fm_weight: str = "bump"  # "bump" (upstream, zero at both ends) or "uniform"
     classifier_steps: int = 600  # the digit classifier behind the moving-digit metrics
     checkpoint_every: int = 100  # steps between resumable checkpoints of a stage (with --out)
     real_guidance: float = 4.0  # CFG scale uncond + g (cond - uncond); upstream "cond + 3 (cond - uncond)"
@@ -235,19 +242,23 @@ _WAN_1_3B = dict(dataset="none", frames=21, in_channels=16, height=60, width=104
 # frame, chunks of 2 frames, the digit's label as a one-token condition (one-hot, 10 wide), and a
 # milder noise shift for these small frames. Sized so that every stage together runs in under 30
 # minutes on a 2-core CPU. The paper-standard data is one override away (canvas=64, height=64,
-# width=64, digit_size=28, num_digits=2, frames=20, speed=0.1), at a GPU's cost.
+# width=64, digit_size=28, num_digits=2, frames=20, speed=0.1), at a GPU's cost. DMD: 200 generator
+# updates (600 critic steps at ratio 3, upstream 5) on batches of 32, to fit the CPU budget.
 _MNIST = dict(dataset="moving_digits", frames=8, canvas=16, digit_size=12, num_digits=1, speed=0.25,
               train_size=10000, test_size=1000, in_channels=1, height=16, width=16, patch_size=4, dim=96,
               ffn_dim=384, num_heads=4, num_layers=4, freq_dim=64, cond_dim=10, chunk_frames=2,
-              batch_size=64, base_steps=1200, base_lr=2e-3, teacher_steps=300, teacher_lr=5e-4,
-              ode_pairs=512, ode_steps=300, ode_lr=5e-4, dmd_steps=200, gen_lr=5e-5, critic_lr=4e-4,
-              ema_start_step=10, shift=1.5, teacher_solver_steps=16, teacher_guidance=4.0, real_guidance=4.0,
-              eval_samples=250)
+              batch_size=64, base_steps=1200, base_lr=4e-3, teacher_steps=300, teacher_lr=1e-3,
+              ode_pairs=512, ode_steps=300, ode_lr=5e-4, dmd_steps=600, dmd_batch_size=32, gen_update_ratio=3,
+              gen_lr=5e-5, critic_lr=4e-4, ema_start_step=50, shift=1.5, teacher_solver_steps=16,
+              teacher_guidance=4.0, real_guidance=4.0, eval_samples=250)
 
 
 _PRESETS: dict[str, dict] = {
     # Each frame is one token; frame-wise causal blocks, as in the paper's frame-wise models.
-    "toy2d": {},
+    # Trained from scratch, the base needs the low noise levels where a frame's exact position is
+    # decided: sigmas drawn unshifted and weighted uniformly (upstream: shifted, bump weight).
+    # The AR teacher, adapting the base to the causal mask, needs more steps at a higher lr than a fine-tune.
+    "toy2d": dict(fm_shift=1.0, fm_weight="uniform", base_lr=4e-3, base_steps=2000, teacher_lr=2e-3, teacher_steps=1200),
     "mnist": _MNIST,
     "wan-1.3b": _WAN_1_3B,
     # Wan2.1-T2V-14B shapes: the real score of the official recipe.
@@ -1254,14 +1265,18 @@ def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: i
 # =================================================================================================
 
 
-def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k: int, kind: str) -> torch.Tensor:
+def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k, kind: str) -> torch.Tensor:
     """MSE between the student's x0 from x at the student's k-th sigma and the teacher's endpoint,
-    per frame summed over its coordinates: (B, F). The AR variant sees clean ground-truth
-    context (teacher-forcing mask); the bidirectional variant sees the noisy earlier frames under
-    the block-causal mask, as in CausVid / Self Forcing."""
-    s = student_sigmas(cfg.sample)[k]
-    x = pairs["xt"][idx, k]
-    t = torch.full(x.shape[:2], s, device=x.device)
+    per frame summed over its coordinates: (B, F). k is one step for the whole batch (an int) or
+    one per frame, (B, F) (`ode_step_index`). The AR variant sees clean ground-truth context
+    (teacher-forcing mask); the bidirectional variant sees the noisy earlier frames under the
+    block-causal mask, as in CausVid / Self Forcing."""
+    xt = pairs["xt"][idx]  # (B, K, F, C, H, W): the teacher's states at every student sigma
+    B, K, F = xt.shape[:3]
+    k = torch.full((B, F), k) if isinstance(k, int) else k
+    k = k.to(xt.device)
+    x = xt.gather(1, k[:, None, :, None, None, None].expand(B, 1, F, *xt.shape[3:]))[:, 0]  # (B, F, C, H, W)
+    t = torch.tensor(student_sigmas(cfg.sample), dtype=torch.float64)[k.cpu()].to(x.dtype).to(x.device)
     kw = {"clean_context": pairs["clean"][idx]} if kind == "ar" else {}
     cond = pairs["cond"][idx] if "cond" in pairs else None
     x0 = x0_from_velocity(x, student(x, t, cond, **kw), t)
@@ -1317,10 +1332,15 @@ def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_fram
     from the shared generator, in this order, and keeps its slice."""
     idx = next(batches)
     x0 = data[idx]
-    sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, cfg.sample, rng)
+    draw = cfg.sample if cfg.train.fm_shift is None else dataclasses.replace(cfg.sample, shift=cfg.train.fm_shift)
+    sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, draw, rng)
     noise = torch.randn(x0.shape, generator=rng)
     c = None if cond is None else drop_cond(cond[idx], cfg.train.cond_dropout, rng)
     return tuple(None if v is None else _shard(v).to(cfg.device) for v in (x0, sigma, noise, c))
+
+
+def _fm_weight(sigma, cfg: Config):
+    return bump_weight(sigma, cfg.sample) if cfg.train.fm_weight == "bump" else None
 
 
 def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None,
@@ -1335,7 +1355,7 @@ def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None,
 
     def step(i):
         x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, data.shape[1], rng)  # one sigma per clip
-        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=bump_weight(sigma, cfg.sample))
+        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=_fm_weight(sigma, cfg))
         _step(opt, model, loss, t.grad_clip)
         return {"flow_matching": loss}
     history = train_loop("base", t.base_steps, step, ckpt, log, hint=f"lower base_lr (now {t.base_lr:g})",
@@ -1366,7 +1386,7 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
     def step(i):
         x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, cfg.model.chunk_frames, rng)
         kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
-        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=bump_weight(sigma, cfg.sample), **kw)
+        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=_fm_weight(sigma, cfg), **kw)
         _step(opt, model, loss, t.grad_clip)
         return {"flow_matching": loss}
     history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", t.teacher_steps, step, ckpt, log,
@@ -1408,21 +1428,41 @@ def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: st
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
+def ode_step_index(batch: int, frames: int, chunk_frames: int, steps: int, per: str, rng=None) -> torch.Tensor:
+    """(B, F) the student step each frame regresses from in one ODE-regression batch:
+      "batch":  one step for the whole batch;
+      "sample": one per video (Causal Forcing's ODE init);
+      "chunk":  one per chunk of each video (Self Forcing's ODE init)."""
+    if per == "batch":
+        return torch.randint(steps, (1,), generator=rng).expand(batch, frames)
+    if per == "sample":
+        return torch.randint(steps, (batch, 1), generator=rng).expand(batch, frames)
+    if per == "chunk":
+        k = torch.randint(steps, (batch, -(-frames // chunk_frames)), generator=rng)
+        return k.repeat_interleave(chunk_frames, dim=1)[:, :frames]
+    raise ValueError(f"per={per!r} is not 'batch', 'sample' or 'chunk'")
+
+
+UPSTREAM_ODE_STEP_DRAW = {"bidirectional": "chunk", "ar": "sample"}  # Self Forcing's, Causal Forcing's
+
+
 def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=print,
                       rng=None, ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
     """Stage 2: few-step causal student by ODE regression, initialised from `init` (the AR teacher
-    for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). One student
-    sigma per step, shared by all frames."""
+    for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). Each frame
+    regresses from one of the student's sigmas, drawn per `ode_step_draw` ("upstream": per chunk on
+    bidirectional pairs as Self Forcing, per sample on AR pairs as Causal Forcing)."""
     t = cfg.train
     student = parallelize(copy_model(init, causal=True), cfg)
     opt = _adamw(student.parameters(), t.ode_lr, t, cosine_steps=t.ode_steps)
-    n, K = len(pairs["x0"]), len(student_sigmas(cfg.sample))
+    (n, K, F), chunk = pairs["xt"].shape[:3], cfg.model.chunk_frames
+    per = UPSTREAM_ODE_STEP_DRAW[kind] if t.ode_step_draw == "upstream" else t.ode_step_draw
     per_coordinate = cfg.model.in_channels * cfg.model.height * cfg.model.width  # MSE per coordinate
 
     def step(i):
-        idx = _shard(torch.randint(n, (t.batch_size,), generator=rng))
-        k = int(torch.randint(K, (1,), generator=rng))  # one student step for the whole batch
-        loss = ode_regression_loss(student, cfg, pairs, idx, k, kind).mean() / per_coordinate
+        idx = torch.randint(n, (t.batch_size,), generator=rng)
+        k = ode_step_index(t.batch_size, F, chunk, K, per, rng)  # the whole batch's, then this rank's share
+        loss = ode_regression_loss(student, cfg, pairs, _shard(idx), _shard(k), kind).mean() / per_coordinate
         _step(opt, student, loss, t.grad_clip)
         return {"ode_regression": loss}
     history = train_loop(f"ode student from {kind}", t.ode_steps, step, ckpt, log,
@@ -1431,12 +1471,13 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
 
 
 def _dmd_sigma(cfg: Config, batch, rng, device):
-    """One sigma per clip (chunk = the whole clip) for the DMD and critic losses: a step drawn in
-    [0.02, 0.98], shifted, then clamped to [0.02, 0.98] again. (Self Forcing draws the unshifted step
-    in [0, 1), shifts, then clamps, so its smallest sigmas are lower.)"""
-    t = cfg.train
-    s = sample_sigmas(batch, cfg.data.frames, cfg.data.frames, cfg.sample, rng, lo=t.dmd_min_sigma, hi=t.dmd_max_sigma)
-    return s.clamp(t.dmd_min_sigma, t.dmd_max_sigma).to(device)
+    """One sigma per clip for the DMD and critic losses, drawn as upstream (Self Forcing's DMD): an
+    unshifted timestep t uniform in {0, ..., T - 1}, shifted (`shift_sigma`), then clamped to
+    [dmd_min_sigma, dmd_max_sigma] = [0.02, 0.98]: the clamp holds the draws below 0.02."""
+    t, T = cfg.train, cfg.sample.num_train_timesteps
+    raw = torch.randint(0, T, (batch, 1), generator=rng).double() / T
+    s = shift_sigma(raw, cfg.sample.shift).clamp(t.dmd_min_sigma, t.dmd_max_sigma).float()
+    return s.repeat(1, cfg.data.frames).to(device)
 
 
 def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_init: CausalDiT,
@@ -1447,27 +1488,35 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     `gen_update_ratio` steps the generator takes a `dmd_generator_loss` step on its own rollout,
     stopped at a random denoising step. The real score is frozen (guided when conditioned);
     cond_sampler(batch, rng), if given, draws a batch's conditions (e.g. prompt embeddings).
-    Returns the EMA generator (or the raw one before EMA starts) and the loss histories."""
+    Returns the EMA generator (or the raw one before EMA starts) and its training record: the loss
+    histories, the generator's gradient norm at each update, and "snapshots", four fixed rollouts
+    (same noise, same conditions) every `snapshot_every` generator updates, from the ODE init on."""
     t = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
     real = real_score.eval()  # frozen: only ever called under no_grad
     opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
-    sigmas, batch = student_sigmas(cfg.sample), len(_shard(torch.empty(t.batch_size)))  # this rank's batch
-    state = {"ema": None, "gen_updates": 0}  # EMA: a copy of each (local shard of a) parameter
-    rollout = lambda exit_step, cond, own: self_rollout(  # noqa: E731
-        gen, sigmas, batch_size=batch, num_frames=cfg.data.frames, exit_step=exit_step, cond=cond,
+    sigmas, batch = student_sigmas(cfg.sample), len(_shard(torch.empty(t.dmd_batch_size or t.batch_size)))  # this rank's
+    state = {"ema": None, "gen_updates": 0, "snapshots": []}  # EMA: a copy of each (local shard of a) parameter
+    rollout = lambda exit_step, cond, own, n=batch: self_rollout(  # noqa: E731
+        gen, sigmas, batch_size=n, num_frames=cfg.data.frames, exit_step=exit_step, cond=cond,
         context_noise=cfg.sample.context_noise, rng=own)
+    fixed = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - the snapshots' noise and conditions
+    snapshot_cond = cond_sampler(4, fixed()) if cond_sampler else None
+    every = max(1, -(-t.dmd_steps // t.gen_update_ratio) // 8)  # about 8 snapshots
 
     def step(i):
         losses = {}
         own = _rank_rng(rng)  # the rollouts' noise differs between ranks; exit steps are shared
         cond = cond_sampler(batch, own) if cond_sampler else None  # this rank's prompts
         if i % t.gen_update_ratio == 0:
+            if state["gen_updates"] % every == 0:
+                with torch.no_grad():
+                    state["snapshots"].append((state["gen_updates"], rollout(None, snapshot_cond, fixed(), 4).cpu()))
             x = rollout(int(torch.randint(len(sigmas), (1,), generator=rng)), cond, own)
             sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
             loss = dmd_generator_loss(x, real, fake, sigma, _randn(x.shape, own, x.device), cond, t.real_guidance)
-            _step(opt_g, gen, loss, t.grad_clip)
+            losses["generator_grad_norm"] = _step(opt_g, gen, loss, t.grad_clip)
             _reshard(gen)
             _update_ema(state, gen, t)
             losses["generator"] = loss
@@ -1485,7 +1534,10 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
         with torch.no_grad():
             for pe, pg in zip(state["ema"], gen.parameters()):
                 pg.copy_(pe.to(pg.device))
-    return gen.eval().requires_grad_(False), {"generator": history.get("generator", []), "critic": history.get("critic", [])}
+    record = {name: history.get(name, []) for name in ("generator", "critic", "generator_grad_norm")}
+    record["snapshots"] = {"updates": [u for u, _ in state["snapshots"]],
+                           "videos": torch.stack([v for _, v in state["snapshots"]]) if state["snapshots"] else torch.empty(0)}
+    return gen.eval().requires_grad_(False), record
 
 
 def _update_ema(state: dict, model: nn.Module, t: TrainConfig) -> None:
@@ -1603,7 +1655,8 @@ def validate_config(cfg: Config) -> None:
               "gen_update_ratio": t.gen_update_ratio, "classifier_steps": t.classifier_steps,
               "checkpoint_every": t.checkpoint_every, "num_train_timesteps": s.num_train_timesteps,
               "teacher_solver_steps": s.teacher_solver_steps, "eval_samples": e.eval_samples,
-              "floor_outer": e.floor_outer, "floor_inner": e.floor_inner}
+              "floor_outer": e.floor_outer, "floor_inner": e.floor_inner,
+              **({"dmd_batch_size": t.dmd_batch_size} if t.dmd_batch_size is not None else {})}
     problems += [f"{k}={v} must be >= 1" for k, v in counts.items() if v < 1]
     positive = {"base_lr": t.base_lr, "teacher_lr": t.teacher_lr, "ode_lr": t.ode_lr, "gen_lr": t.gen_lr,
                 "critic_lr": t.critic_lr, "grad_clip": t.grad_clip, "shift": s.shift, "rope_theta": m.rope_theta,
@@ -1651,6 +1704,12 @@ def validate_config(cfg: Config) -> None:
             problems.append(f"cond_dim={m.cond_dim} must be 10 (a one-hot label per digit) or 0 (unconditional)")
     if not 0.0 <= cfg.train.cond_dropout < 1.0:
         problems.append(f"cond_dropout={cfg.train.cond_dropout} must lie in [0, 1)")
+    if cfg.train.ode_step_draw not in ("upstream", "batch", "sample", "chunk"):
+        problems.append(f"ode_step_draw={cfg.train.ode_step_draw!r} is not 'upstream', 'batch', 'sample' or 'chunk'")
+    if cfg.train.fm_weight not in ("bump", "uniform"):
+        problems.append(f"fm_weight={cfg.train.fm_weight!r} is not 'bump' or 'uniform'")
+    if cfg.train.fm_shift is not None and not (math.isfinite(cfg.train.fm_shift) and cfg.train.fm_shift > 0):
+        problems.append(f"fm_shift={cfg.train.fm_shift} must be a finite number > 0 (or None: the sampler's shift)")
     if cfg.train.teacher_mode not in ("teacher_forcing", "diffusion_forcing"):
         problems.append(f"teacher_mode={cfg.train.teacher_mode!r} is not 'teacher_forcing' or 'diffusion_forcing'")
     if not all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps for k in s.denoising_steps):
@@ -2455,8 +2514,19 @@ def read_frames(classifier: DigitClassifier, videos: torch.Tensor) -> tuple[torc
 
 
 @torch.no_grad()
+def chunk_boundary_jump(videos: torch.Tensor, chunk_frames: int) -> float:
+    """Mean frame-to-frame change (mean |x_{f+1} - x_f| over pixels and videos) across chunk
+    boundaries, over the mean change within chunks. About 1 for data that moves steadily; above 1
+    when a chunk-wise generator jumps at the start of each chunk. NaN without both kinds of pair."""
+    change = (videos[:, 1:] - videos[:, :-1]).abs().mean(dim=(0, 2, 3, 4))  # (F - 1,): into frame f + 1
+    into_new_chunk = (torch.arange(1, videos.shape[1]) % chunk_frames) == 0
+    if into_new_chunk.all() or not into_new_chunk.any():
+        return float("nan")
+    return float(change[into_new_chunk].mean() / change[~into_new_chunk].mean())
+
+
 def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Tensor,
-                  classifier: DigitClassifier) -> dict:
+                  classifier: DigitClassifier, chunk_frames: Optional[int] = None) -> dict:
     """Metrics of generated moving-digit videos (B, F, 1, H, W) made for `labels` (B, num_digits),
     against held-out videos (the paper's table in miniature):
       frechet_distance   FD of the classifier's per-frame features, generated vs held-out  (quality)
@@ -2464,6 +2534,7 @@ def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Te
       dynamic_degree     mean centroid displacement per frame over the held-out videos'      (motion)
       instruction_following  fraction of frames the classifier reads as the requested digit
       temporal_consistency   fraction of frames that agree with their video's majority reading
+      chunk_boundary_jump    change across chunk boundaries over change within chunks (given chunk_frames)
     labels=None (an unconditional model) makes instruction_following NaN."""
     feats, pred = read_frames(classifier, videos)
     ref_feats, _ = read_frames(classifier, held_out)
@@ -2479,6 +2550,7 @@ def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Te
         "dynamic_degree": float(step(videos) / step(held_out)),
         "instruction_following": float((pred == labels[:, :1]).double().mean()) if labels is not None else float("nan"),
         "temporal_consistency": float((pred == majority[:, None]).double().mean()),
+        **({"chunk_boundary_jump": chunk_boundary_jump(videos, chunk_frames)} if chunk_frames else {}),
     }
 
 
@@ -2793,7 +2865,8 @@ class PipelineRun:
                 x = sample_row(row, model, cfg, n, c, rng=g)
             wall = time.perf_counter() - t0
             samples[row] = x.cpu()
-            metrics = (digit_metrics(x.cpu(), labels if c is not None else None, d.test, self.classifier) if self.digits
+            metrics = (digit_metrics(x.cpu(), labels if c is not None else None, d.test, self.classifier,
+                                     cfg.model.chunk_frames) if self.digits
                        else toy_metrics(x.cpu(), d.toy, d.test, cfg.eval.transition_tol_degrees))
             rows[row] = {**metrics, "nfe_per_frame": nfe["sample_frames"] / (n * F), "ms_per_frame": 1000 * wall / (n * F)}
         return rows, samples
@@ -2812,7 +2885,7 @@ class PipelineRun:
                                              if self.seconds.get(k)}
         if self.digits:
             data_video, data_labels = digit_videos(cfg.data, cfg.eval.eval_samples, d.split["test"], g)
-            results["data"] = digit_metrics(data_video, data_labels, d.test, self.classifier)
+            results["data"] = digit_metrics(data_video, data_labels, d.test, self.classifier, cfg.model.chunk_frames)
             results["digits"] = d.split["source"]
             results["classifier_accuracy"] = self.classifier_accuracy()
             return results
@@ -2841,7 +2914,9 @@ class PipelineRun:
         if self.rank != 0:
             return
         save_atomic(results, os.path.join(self.out, "results.json"))
-        save_atomic(self.losses, os.path.join(self.out, "losses.json"))
+        save_atomic({stage: rec if isinstance(rec, list) else {k: v for k, v in rec.items() if k != "snapshots"}
+                     for stage, rec in self.losses.items()}, os.path.join(self.out, "losses.json"))
+        plot_training_health(self.losses, os.path.join(self.out, "training_health.png"))
         save_atomic(states, os.path.join(self.out, "models.pt"))
         d = self.data
         if self.digits:  # a column per row; row i of the grid asks for digit i % 10; the data column shows that digit too
@@ -2879,8 +2954,8 @@ def format_table(results: dict) -> str:
 
 def _format_digit_table(results: dict) -> str:
     cols = ("frechet_distance", "sharpness", "dynamic_degree", "instruction_following", "temporal_consistency",
-            "nfe_per_frame", "ms_per_frame")
-    short = ("FD", "sharpness", "dynamic", "instruction", "consistency", "NFE/frame", "ms/frame")
+            "chunk_boundary_jump", "nfe_per_frame", "ms_per_frame")
+    short = ("FD", "sharpness", "dynamic", "instruction", "consistency", "block jump", "NFE/frame", "ms/frame")
     lines = [f"{'row':32s}" + "".join(f"{c:>12s}" for c in short)]
     for row, m in [("data (held-out vs fresh)", results["data"]), *results["rows"].items()]:
         lines.append(f"{row:32s}" + "".join(f"{m.get(c, float('nan')):12.3f}" for c in cols))
@@ -2913,6 +2988,57 @@ def plot_samples(samples: dict, data: torch.Tensor, path: str, max_points: int =
     fig.suptitle("Generated frames (colour = frame index) against the data (grey)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_training_health(losses: dict, path: str) -> None:
+    """What a reader checks to tell healthy training from broken: every stage's loss per step (log
+    scale; flow matching should fall and level off), DMD's critic loss (should stay bounded, not
+    climb), the generator's DMD loss and gradient norm at each update (no blow-up), and, for image
+    frames, the generator's fixed rollouts every few updates from its ODE init (stable digits that
+    sharpen, no drift or collapse)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    smooth = lambda v: torch.tensor(v, dtype=torch.float64).reshape(1, 1, -1)  # noqa: E731
+    dmd = {k: v for k, v in losses.items() if k.startswith("dmd_")}
+    snaps = {k: v["snapshots"] for k, v in dmd.items() if "snapshots" in v and v["snapshots"]["videos"].numel()
+             and v["snapshots"]["videos"].shape[-1] > 1}  # image frames only
+    fig = plt.figure(figsize=(16, 8 + 2.6 * len(snaps)))
+    grid = fig.add_gridspec(2 + len(snaps), 4)
+    ax = fig.add_subplot(grid[0, :2])
+    for name, rec in losses.items():
+        if isinstance(rec, list) and rec:  # a stage with one loss: flow matching, ODE regression, the classifier's
+            v = smooth(rec)
+            k = max(1, v.shape[-1] // 50)  # a running mean over ~2% of the steps
+            ax.plot(F_.avg_pool1d(v, k, stride=1).flatten(), label=name)
+    ax.set(yscale="log", xlabel="step", ylabel="loss (running mean)", title="every stage before DMD")
+    ax.legend(fontsize=7)
+    for col, key, title in ((2, "critic", "DMD critic (fake score) loss"), (3, "generator", "DMD generator loss")):
+        ax = fig.add_subplot(grid[0, col])
+        for name, rec in dmd.items():
+            ax.plot(rec.get(key, []), label=name.replace("dmd_", ""))
+        ax.set(yscale="log", xlabel="step" if key == "critic" else "generator update", title=title)
+        ax.legend(fontsize=7)
+    ax = fig.add_subplot(grid[1, :2])
+    for name, rec in dmd.items():
+        ax.plot(rec.get("generator_grad_norm", []), label=name.replace("dmd_", ""))
+    ax.set(yscale="log", xlabel="generator update", ylabel="gradient norm (before clipping)", title="DMD generator gradient norm")
+    ax.legend(fontsize=7)
+    for r, (name, snap) in enumerate(snaps.items()):
+        v = snap["videos"]  # (S, 4, F, 1, H, W)
+        S, F = v.shape[0], v.shape[2]
+        strip = rearrange(v[:, :2, :, 0].clamp(-1, 1), "s b f h w -> (s h) (b f w)")  # two videos per row
+        ax = fig.add_subplot(grid[2 + r, :])
+        ax.imshow(strip, cmap="gray", vmin=-1, vmax=1, aspect="equal")
+        ax.set_yticks([(i + 0.5) * v.shape[-2] for i in range(S)], [f"update {u}" for u in snap["updates"]], fontsize=7)
+        ax.set_xticks([])
+        ax.set_title(f"{name.replace('dmd_', '')}: two fixed rollouts ({F} frames each) as DMD trains", fontsize=9)
+    fig.tight_layout()
+    with _atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
 
 

@@ -326,6 +326,52 @@ def test_bidirectional_regression_target_is_a_blurred_average():
     assert (dist > 3 * toy.std).double().mean() > 0.5
 
 
+# --- ODE regression: which student step each frame regresses from ------------------------------
+
+
+@pytest.mark.parametrize("per", ["batch", "sample", "chunk"])
+def test_ode_step_index_draws_one_step_where_upstream_does(per):
+    k = cf.ode_step_index(256, 6, 2, 4, per, torch.Generator().manual_seed(0))
+    assert k.shape == (256, 6) and 0 <= int(k.min()) and int(k.max()) <= 3
+    pairs_in_chunks = k.reshape(256, 3, 2)
+    assert (pairs_in_chunks[..., 0] == pairs_in_chunks[..., 1]).all()  # never two steps inside a chunk
+    constant_per_video = (k == k[:, :1]).all(1)
+    assert {"batch": (k == k[0, 0]).all(), "sample": constant_per_video.all() and not (k == k[0, 0]).all(),
+            "chunk": not constant_per_video.all()}[per]
+
+
+def test_ode_regression_with_a_step_per_frame_equals_each_frame_at_its_own_step():
+    """With a (B, F) step index each frame is regressed from the teacher's state at its own step:
+    under teacher forcing a frame sees only clean context and itself, so its loss equals the loss
+    of a whole batch at that one step."""
+    model, cfg = random_model(chunk_frames=1)
+    g = torch.Generator().manual_seed(0)
+    K, F = len(cf.student_sigmas(cfg.sample)), 4
+    pairs = {"xt": torch.randn(6, K, F, 2, 1, 1, generator=g, dtype=torch.float64),
+             "x0": torch.randn(6, F, 2, 1, 1, generator=g, dtype=torch.float64),
+             "clean": torch.randn(6, F, 2, 1, 1, generator=g, dtype=torch.float64)}
+    idx = torch.tensor([4, 0, 2])
+    k = cf.ode_step_index(3, F, 1, K, "chunk", g)
+    with torch.no_grad():
+        mixed = cf.ode_regression_loss(model, cfg, pairs, idx, k, "ar")
+        each = torch.stack([cf.ode_regression_loss(model, cfg, pairs, idx, j, "ar") for j in range(K)])  # (K, B, F)
+    torch.testing.assert_close(mixed, each.gather(0, k[None]).squeeze(0), rtol=1e-12, atol=1e-12)
+
+
+def test_dmd_sigmas_are_drawn_as_upstream():
+    """Self Forcing draws an unshifted integer timestep in [0, 1000), shifts it, then clamps to
+    [0.02, 0.98]: every sigma is one of those 1000 values, the clamp holds the lowest draws at 0.02,
+    and about 2% of draws fall below 0.093, the smallest sigma of a clamp-then-shift draw."""
+    cfg = cf.get_config("toy2d")  # shift 5
+    s = cf._dmd_sigma(cfg, 50000, torch.Generator().manual_seed(0), "cpu")
+    assert s.shape == (50000, cfg.data.frames) and (s == s[:, :1]).all()  # one sigma per clip
+    support = cf.shift_sigma(torch.arange(1000, dtype=torch.float64) / 1000, 5.0).clamp(0.02, 0.98).float()
+    assert torch.isin(s[:, 0], support).all()
+    expected_low = float((support < 0.093).double().mean())  # 21 of the 1000 timesteps
+    assert expected_low > 0.015 and abs(float((s[:, 0] < 0.093).double().mean()) - expected_low) < 0.004
+    assert float(s.min()) == pytest.approx(0.02) and float(s.max()) == pytest.approx(0.98)
+
+
 # --- DMD ---------------------------------------------------------------------------------------------
 
 
@@ -367,6 +413,24 @@ def test_self_rollout_keeps_a_graph_only_at_the_exit_step():
     assert x.shape == (2, 3, 2, 1, 1) and x.requires_grad
     x.sum().backward()  # the cache refreshes in place; the backward pass must not see them
     assert all(p.grad is not None for p in model.blocks[0].parameters())
+
+
+def test_dmd_records_fixed_rollouts_from_its_ode_init_on():
+    cfg = cf.get_config("toy2d", **{**TINY, "dmd_steps": 20, "gen_update_ratio": 2})  # 10 updates: a snapshot at each
+    init, base = cf.CausalDiT(cfg.model), cf.CausalDiT(cfg.model, causal=False)
+    with torch.no_grad():
+        for p in [*init.parameters(), *base.parameters()]:
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    _, record = cf.train_dmd(cfg, init, base, base, log=None, rng=torch.Generator().manual_seed(0))
+    snap = record["snapshots"]
+    assert snap["updates"] == list(range(10)) and snap["videos"].shape == (10, 4, cfg.data.frames, 2, 1, 1)
+    with torch.no_grad():  # the first is the ODE init's rollout from the fixed noise
+        first = cf.self_rollout(init, cf.student_sigmas(cfg.sample), batch_size=4, num_frames=cfg.data.frames,
+                                rng=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(snap["videos"][0], first, rtol=0, atol=0)
+    assert (snap["videos"][-1] - snap["videos"][0]).abs().max() > 1e-4  # and the generator moves
+    norms = record["generator_grad_norm"]  # 0 at the first update: the fake score starts as the real one
+    assert len(norms) == 10 and norms[0] == 0 and min(norms[1:]) > 0
 
 
 # --- samplers -----------------------------------------------------------------------------------
@@ -597,7 +661,10 @@ def test_pipeline_writes_loss_histories_and_its_models_load_back(tmp_path):
                            "dmd_self_forcing", "dmd_causal_forcing"}
     assert len(losses["bidirectional_base"]) == cfg.train.base_steps
     assert len(losses["dmd_causal_forcing"]["critic"]) == cfg.train.dmd_steps
-    assert len(losses["dmd_causal_forcing"]["generator"]) == -(-cfg.train.dmd_steps // cfg.train.gen_update_ratio)
+    updates = -(-cfg.train.dmd_steps // cfg.train.gen_update_ratio)
+    assert len(losses["dmd_causal_forcing"]["generator"]) == updates
+    assert len(losses["dmd_causal_forcing"]["generator_grad_norm"]) == updates
+    assert (tmp_path / "training_health.png").stat().st_size > 10_000
     models = cf.load_models(str(tmp_path), cfg)
     assert set(models) == set(cf.ROWS) and not models["bidirectional_teacher"].causal and models["causal_forcing"].causal
     x = cf.sample_row("causal_forcing", models["causal_forcing"], cfg, 2, rng=torch.Generator().manual_seed(0))

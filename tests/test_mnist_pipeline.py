@@ -110,6 +110,15 @@ def test_centroids_sharpness_and_dynamic_degree():
     assert cf.sharpness(torch.zeros(1, 2, 1, 4, 4)) == 0.0
 
 
+def test_chunk_boundary_jump_compares_change_across_and_within_chunks():
+    steady = torch.arange(8, dtype=torch.float64).reshape(1, 8, 1, 1, 1).expand(3, 8, 1, 4, 4)
+    assert cf.chunk_boundary_jump(steady, 2) == pytest.approx(1.0)
+    steps = torch.tensor([1.0, 3, 1, 3, 1, 3, 1])  # change into frames 1..7; frames 2, 4, 6 start a chunk
+    jumpy = torch.cat([torch.zeros(1), steps.cumsum(0)]).reshape(1, 8, 1, 1, 1).expand(2, 8, 1, 4, 4)
+    assert cf.chunk_boundary_jump(jumpy, 2) == pytest.approx(3.0)
+    assert math.isnan(cf.chunk_boundary_jump(jumpy, 1)) and math.isnan(cf.chunk_boundary_jump(jumpy, 8))
+
+
 def test_digit_metrics_on_data_and_on_a_frozen_video():
     """Held-out data scores like data; a video that stands still has dynamic degree 0, and one
     whose frames disagree about the digit loses temporal consistency."""
