@@ -180,6 +180,7 @@ class TrainConfig:
     critic_lr: float = 4e-4
     gen_update_ratio: int = 5  # "two time-scale update": the fake score must track the generator
     dmd_batch_size: Optional[int] = None  # DMD's clips per step; None = batch_size
+    dmd_snapshots: int = 8  # fixed rollouts of 4 videos recorded as DMD trains (training_health.png); 0 = none
     ema_decay: float = 0.99
     ema_start_step: int = 20  # in generator updates (upstream 200 of ~750)
     dmd_min_sigma: float = 0.02  # DMD/critic timesteps are clamped to [0.02, 0.98] (upstream)
@@ -234,7 +235,7 @@ class Config:
 
 # Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832
 # pixels), patch 2 -> 1560 tokens per latent frame, chunks of 3 latent frames, umT5 text 512 x 4096.
-_WAN_1_3B = dict(dataset="none", frames=21, in_channels=16, height=60, width=104, patch_size=2, dim=1536, ffn_dim=8960,
+_WAN_1_3B = dict(dataset="none", dmd_snapshots=0, frames=21, in_channels=16, height=60, width=104, patch_size=2, dim=1536, ffn_dim=8960,
                  num_heads=12, num_layers=30, freq_dim=256, cond_dim=4096, text_len=512, chunk_frames=3)
 
 
@@ -875,6 +876,8 @@ class CausalDiT(nn.Module):
             raise ValueError(f"{name} must have shape (B, F, {want[0]}, {want[1]}, {want[2]}) with F >= 1, got "
                              f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
         self._check_dtype(x, name)
+        if torch.compiler.is_compiling():  # value checks need the values: not inside a compiled graph
+            return
         if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
             raise FloatingPointError(f"{name} holds NaN or infinite values")
 
@@ -890,7 +893,7 @@ class CausalDiT(nn.Module):
         B, F = x.shape[:2]
         if not torch.is_tensor(t) or t.shape != (B, F):
             raise ValueError(f"t must have shape (B, F) = ({B}, {F}), got {tuple(t.shape) if torch.is_tensor(t) else t!r}")
-        if not bool(((t >= 0) & (t <= 1)).all()):  # also false for NaN
+        if not torch.compiler.is_compiling() and not bool(((t >= 0) & (t <= 1)).all()):  # also false for NaN
             raise ValueError(f"t holds noise levels outside [0, 1] (min {float(t.min())}, max {float(t.max())}); "
                              "t is sigma = timestep / 1000")
         if isinstance(start_frame, bool) or not isinstance(start_frame, int):
@@ -1032,7 +1035,8 @@ class CausalDiT(nn.Module):
             if max_frames is not None:
                 raise ValueError(f"max_frames is for a full cache; this model has a rolling window of {c.window_frames} "
                                  "frames, whose cache holds that many whatever the video's length")
-            if (window_frames, sink_frames) not in ((None, None), (c.window_frames, c.sink_frames)):
+            asked = (c.window_frames if window_frames is None else window_frames, c.sink_frames if sink_frames is None else sink_frames)
+            if asked != (c.window_frames, c.sink_frames):
                 raise ValueError(f"window_frames={window_frames}, sink_frames={sink_frames} conflict with the model's "
                                  f"rolling window ({c.window_frames}, sink {c.sink_frames}); leave them out")
         window = c.window_frames if window_frames is None else window_frames
@@ -1273,7 +1277,7 @@ def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k, ki
     block-causal mask, as in CausVid / Self Forcing."""
     xt = pairs["xt"][idx]  # (B, K, F, C, H, W): the teacher's states at every student sigma
     B, K, F = xt.shape[:3]
-    k = torch.full((B, F), k) if isinstance(k, int) else k
+    k = torch.full((B, F), int(k)) if not torch.is_tensor(k) or k.dim() == 0 else k
     k = k.to(xt.device)
     x = xt.gather(1, k[:, None, :, None, None, None].expand(B, 1, F, *xt.shape[3:]))[:, 0]  # (B, F, C, H, W)
     t = torch.tensor(student_sigmas(cfg.sample), dtype=torch.float64)[k.cpu()].to(x.dtype).to(x.device)
@@ -1490,7 +1494,7 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     cond_sampler(batch, rng), if given, draws a batch's conditions (e.g. prompt embeddings).
     Returns the EMA generator (or the raw one before EMA starts) and its training record: the loss
     histories, the generator's gradient norm at each update, and "snapshots", four fixed rollouts
-    (same noise, same conditions) every `snapshot_every` generator updates, from the ODE init on."""
+    (same noise, same conditions), `dmd_snapshots` times as it trains, from the ODE init on."""
     t = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
@@ -1503,14 +1507,14 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
         context_noise=cfg.sample.context_noise, rng=own)
     fixed = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - the snapshots' noise and conditions
     snapshot_cond = cond_sampler(4, fixed()) if cond_sampler else None
-    every = max(1, -(-t.dmd_steps // t.gen_update_ratio) // 8)  # about 8 snapshots
+    every = max(1, -(-t.dmd_steps // t.gen_update_ratio) // t.dmd_snapshots) if t.dmd_snapshots else None
 
     def step(i):
         losses = {}
         own = _rank_rng(rng)  # the rollouts' noise differs between ranks; exit steps are shared
         cond = cond_sampler(batch, own) if cond_sampler else None  # this rank's prompts
         if i % t.gen_update_ratio == 0:
-            if state["gen_updates"] % every == 0:
+            if every and state["gen_updates"] % every == 0:
                 with torch.no_grad():
                     state["snapshots"].append((state["gen_updates"], rollout(None, snapshot_cond, fixed(), 4).cpu()))
             x = rollout(int(torch.randint(len(sigmas), (1,), generator=rng)), cond, own)
@@ -1704,6 +1708,8 @@ def validate_config(cfg: Config) -> None:
             problems.append(f"cond_dim={m.cond_dim} must be 10 (a one-hot label per digit) or 0 (unconditional)")
     if not 0.0 <= cfg.train.cond_dropout < 1.0:
         problems.append(f"cond_dropout={cfg.train.cond_dropout} must lie in [0, 1)")
+    if t.dmd_snapshots < 0:
+        problems.append(f"dmd_snapshots={t.dmd_snapshots} must be >= 0 (0: record none)")
     if cfg.train.ode_step_draw not in ("upstream", "batch", "sample", "chunk"):
         problems.append(f"ode_step_draw={cfg.train.ode_step_draw!r} is not 'upstream', 'batch', 'sample' or 'chunk'")
     if cfg.train.fm_weight not in ("bump", "uniform"):
@@ -1796,20 +1802,33 @@ def _checksum_failure(path: str) -> Optional[str]:
     the name of the first record whose bytes no longer match it (a flipped bit), else None."""
     import zipfile
 
-    if not zipfile.is_zipfile(path):
+    if not _is_zip(path):
         return None
     try:
         with zipfile.ZipFile(path) as z:
-            return z.testzip()
+            for info in z.infolist():
+                if info.CRC == 0 and info.file_size:  # written without checksums (torch's set_crc32_options(False))
+                    continue
+                try:
+                    with z.open(info) as f:  # the CRC-32 is checked when the record has been read
+                        while f.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    return info.filename
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         return f"unreadable archive ({e})"
+    return None
+
+
+def _is_zip(path: str) -> bool:
+    """Whether a file starts as a zip archive does (torch.save's format since PyTorch 1.6)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _read_checkpoint(path: str, verify: bool) -> dict:
     """A checkpoint's tensors: .safetensors, a torch zip file (memory-mapped, after checking its
     CRC-32 checksums if `verify`), or a legacy torch file (before PyTorch 1.6, not mappable)."""
-    import zipfile
-
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -1821,7 +1840,7 @@ def _read_checkpoint(path: str, verify: bool) -> dict:
             raise ValueError(f"{path!r} is not a readable .safetensors file ({e}); download it again") from None
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path!r} is empty; download it again")
-    zipped = zipfile.is_zipfile(path)
+    zipped = _is_zip(path)
     if zipped and verify and (bad := _checksum_failure(path)) is not None:
         raise ValueError(f"{path!r} is corrupt: record {bad} fails its CRC-32 checksum; download it again")
     try:  # a zip file is memory-mapped (no full copy in RAM); a legacy file is read whole
@@ -2619,9 +2638,10 @@ def load_models(out: str, cfg: Config) -> dict:
 
 
 def _run_identity(config: dict) -> dict:
-    """The config without the fields that do not change a run's results (device, checkpoint_every)."""
+    """The config without the fields that do not change a run's results (device, checkpoint_every,
+    dmd_snapshots)."""
     out = {k: v for k, v in config.items() if k != "device"}
-    out["train"] = {k: v for k, v in out["train"].items() if k != "checkpoint_every"}
+    out["train"] = {k: v for k, v in out["train"].items() if k not in ("checkpoint_every", "dmd_snapshots")}
     return out
 
 
@@ -2881,7 +2901,8 @@ class PipelineRun:
         steps = {"bidirectional_base": t.base_steps, "ar_teacher": t.teacher_steps,
                  "ar_teacher_diffusion_forcing": t.teacher_steps, "ode_student_bidirectional": t.ode_steps,
                  "ode_student_ar": t.ode_steps, "dmd_self_forcing": t.dmd_steps, "dmd_causal_forcing": t.dmd_steps}
-        results["train_clips_per_second"] = {k: round(n * t.batch_size / self.seconds[k], 1) for k, n in steps.items()
+        batch = {k: (t.dmd_batch_size or t.batch_size) if k.startswith("dmd_") else t.batch_size for k in steps}
+        results["train_clips_per_second"] = {k: round(n * batch[k] / self.seconds[k], 1) for k, n in steps.items()
                                              if self.seconds.get(k)}
         if self.digits:
             data_video, data_labels = digit_videos(cfg.data, cfg.eval.eval_samples, d.split["test"], g)
@@ -2916,8 +2937,8 @@ class PipelineRun:
         save_atomic(results, os.path.join(self.out, "results.json"))
         save_atomic({stage: rec if isinstance(rec, list) else {k: v for k, v in rec.items() if k != "snapshots"}
                      for stage, rec in self.losses.items()}, os.path.join(self.out, "losses.json"))
-        plot_training_health(self.losses, os.path.join(self.out, "training_health.png"))
         save_atomic(states, os.path.join(self.out, "models.pt"))
+        plot_training_health(self.losses, os.path.join(self.out, "training_health.png"))
         d = self.data
         if self.digits:  # a column per row; row i of the grid asks for digit i % 10; the data column shows that digit too
             first = [int((torch.nonzero(d.test_labels[:, 0] == k).flatten().tolist() or [k % len(d.test)])[0])

@@ -575,6 +575,7 @@ def test_window_settings_that_conflict_with_the_model_are_refused():
         model.new_kv_cache(2, max_frames=40)
     with pytest.raises(ValueError, match="conflict with the model's rolling window"):
         model.new_kv_cache(2, window_frames=5)
+    assert model.new_kv_cache(2, window_frames=3).window_frames == 3  # the model's own window, spelt out
     full, _ = random_model(chunk_frames=1, dtype=torch.float32)
     foreign = full.new_kv_cache(2, window_frames=5, sink_frames=1)  # a full-attention model may stream in a window
     with pytest.raises(ValueError, match="is not the model's"):
