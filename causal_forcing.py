@@ -2111,6 +2111,9 @@ def _atomic_file(path: str):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's owner-only 0600
         os.replace(tmp, path)
         _fsync_folder(folder)
     except BaseException:
@@ -3034,7 +3037,7 @@ def plot_training_health(losses: dict, path: str) -> None:
         if isinstance(rec, list) and rec:  # a stage with one loss: flow matching, ODE regression, the classifier's
             v = smooth(rec)
             k = max(1, v.shape[-1] // 50)  # a running mean over ~2% of the steps
-            ax.plot(F_.avg_pool1d(v, k, stride=1).flatten(), label=name)
+            ax.plot(F_.avg_pool1d(v, k, stride=1).flatten().tolist(), label=name)
     ax.set(yscale="log", xlabel="step", ylabel="loss (running mean)", title="every stage before DMD")
     ax.legend(fontsize=7)
     for col, key, title in ((2, "critic", "DMD critic (fake score) loss"), (3, "generator", "DMD generator loss")):
@@ -3053,7 +3056,7 @@ def plot_training_health(losses: dict, path: str) -> None:
         S, F = v.shape[0], v.shape[2]
         strip = rearrange(v[:, :2, :, 0].clamp(-1, 1), "s b f h w -> (s h) (b f w)")  # two videos per row
         ax = fig.add_subplot(grid[2 + r, :])
-        ax.imshow(strip, cmap="gray", vmin=-1, vmax=1, aspect="equal")
+        ax.imshow(strip.numpy(), cmap="gray", vmin=-1, vmax=1, aspect="equal")
         ax.set_yticks([(i + 0.5) * v.shape[-2] for i in range(S)], [f"update {u}" for u in snap["updates"]], fontsize=7)
         ax.set_xticks([])
         ax.set_title(f"{name.replace('dmd_', '')}: two fixed rollouts ({F} frames each) as DMD trains", fontsize=9)

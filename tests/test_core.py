@@ -914,6 +914,13 @@ def test_saves_are_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
     assert len(synced) == 2  # the file, then its folder (the rename)
 
 
+def test_saved_files_get_the_permissions_open_would_give(tmp_path):
+    cf.save_atomic({"a": 1}, str(tmp_path / "r.json"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0600
+
+
 def test_a_corrupt_stage_file_is_named_and_stale_temporaries_are_cleaned(tmp_path):
     cfg = cf.get_config("toy2d", **TINY)
     cf.run_pipeline(cfg, str(tmp_path), log=None)
