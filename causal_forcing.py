@@ -1070,7 +1070,7 @@ def _noise(model, batch_size: int, frames: int, rng=None) -> torch.Tensor:
     """Standard normal noise for `frames` frames of the model's video shape, drawn on the CPU from
     rng (so a seed gives the same video on every device), then moved to the model's device."""
     c = model.cfg
-    return torch.randn((batch_size, frames, c.in_channels, c.height, c.width), generator=rng).to(next(model.parameters()).device)
+    return _randn((batch_size, frames, c.in_channels, c.height, c.width), rng, next(model.parameters()).device)
 
 
 def _randn(shape, rng, device):
