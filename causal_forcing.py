@@ -244,12 +244,12 @@ _WAN_1_3B = dict(dataset="none", dmd_snapshots=0, frames=21, in_channels=16, hei
 # milder noise shift for these small frames. Sized so that every stage together runs in under 30
 # minutes on a 2-core CPU. The paper-standard data is one override away (canvas=64, height=64,
 # width=64, digit_size=28, num_digits=2, frames=20, speed=0.1), at a GPU's cost. DMD: 200 generator
-# updates (600 critic steps at ratio 3, upstream 5) on batches of 32, to fit the CPU budget.
+# updates (400 critic steps at ratio 2, upstream 5) on batches of 32, to fit the CPU budget.
 _MNIST = dict(dataset="moving_digits", frames=8, canvas=16, digit_size=12, num_digits=1, speed=0.25,
               train_size=10000, test_size=1000, in_channels=1, height=16, width=16, patch_size=4, dim=96,
               ffn_dim=384, num_heads=4, num_layers=4, freq_dim=64, cond_dim=10, chunk_frames=2,
               batch_size=64, base_steps=1200, base_lr=4e-3, teacher_steps=300, teacher_lr=1e-3,
-              ode_pairs=512, ode_steps=300, ode_lr=5e-4, dmd_steps=600, dmd_batch_size=32, gen_update_ratio=3,
+              ode_pairs=512, ode_steps=300, ode_lr=5e-4, dmd_steps=400, dmd_batch_size=32, gen_update_ratio=2,
               gen_lr=5e-5, critic_lr=4e-4, ema_start_step=50, shift=1.5, teacher_solver_steps=16,
               teacher_guidance=4.0, real_guidance=4.0, eval_samples=250)
 
