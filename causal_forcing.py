@@ -183,6 +183,13 @@ class TrainConfig:
     dmd_snapshots: int = 8  # fixed rollouts of 4 videos recorded as DMD trains (training_health.png); 0 = none
     ema_decay: float = 0.99
     ema_start_step: int = 20  # in generator updates (upstream 200 of ~750)
+    # stage 2, Causal Forcing++ alternative: causal consistency distillation from the AR teacher, no
+    # ODE pairs (upstream lr 2e-6, >= 3K steps at batch 64, teacher CFG 3, EMA 0.99), then the same
+    # DMD, streamed with pp_denoising_steps. cd_steps=0 leaves the two Causal Forcing++ rows out.
+    cd_steps: int = 600
+    cd_lr: float = 5e-4
+    cd_guidance: float = 3.0  # CFG of the teacher's Euler step; unused when unconditional
+    cd_ema_decay: float = 0.99  # the EMA student that gives the consistency target
     dmd_min_sigma: float = 0.02  # DMD/critic timesteps are clamped to [0.02, 0.98] (upstream)
     dmd_max_sigma: float = 0.98
     cond_dropout: float = 0.1  # base and AR teacher: drop the condition so that CFG has an "uncond"
@@ -205,6 +212,7 @@ class SampleConfig:
     num_train_timesteps: int = 1000
     teacher_solver_steps: int = 48  # Euler steps of the teachers (upstream 48 for ODE pairs)
     denoising_steps: tuple = (1000, 750, 500, 250)  # the student's steps before warping
+    pp_denoising_steps: tuple = (1000, 500)  # Causal Forcing++: 2 steps; its first chunk keeps denoising_steps
     warp_denoising_steps: bool = True  # map them through the shifted schedule: 1000, 937.5, 833.3, 625
     context_noise: float = 0.0  # sigma at which finished chunks are written to the KV cache
 
@@ -251,7 +259,8 @@ _MNIST = dict(dataset="moving_digits", frames=8, canvas=16, digit_size=12, num_d
               batch_size=64, base_steps=1200, base_lr=4e-3, teacher_steps=300, teacher_lr=1e-3,
               ode_pairs=512, ode_steps=300, ode_lr=5e-4, dmd_steps=400, dmd_batch_size=32, gen_update_ratio=2,
               gen_lr=5e-5, critic_lr=4e-4, ema_start_step=50, shift=1.5, teacher_solver_steps=16,
-              teacher_guidance=4.0, real_guidance=4.0, eval_samples=250)
+              teacher_guidance=4.0, real_guidance=4.0, eval_samples=250,
+              cd_steps=0)  # Causal Forcing++'s two stages do not fit the 30-minute budget yet: --set cd_steps=300 adds them
 
 
 _PRESETS: dict[str, dict] = {
@@ -441,6 +450,13 @@ def ode_pair_sigmas(cfg: SampleConfig) -> tuple[list[float], torch.Tensor]:
         raise ValueError(f"student sigmas {missing} are not on the teacher's {len(grid) - 1}-step grid; "
                          "choose teacher_solver_steps so that the grids align")
     return keep, grid
+
+
+def consistency_sigmas(cfg: SampleConfig) -> list[float]:
+    """The grid of consistency distillation (Causal Forcing++): the teachers' Euler grid
+    (teacher_solver_steps on the shifted schedule, upstream 48 at shift 5) without its final 0, so N
+    sigmas descending from 1. A training step pairs grid[n] with grid[n + 1], n uniform below N - 1."""
+    return solver_sigmas(cfg.teacher_solver_steps, cfg)[:-1].tolist()
 
 
 def student_sigmas(cfg: SampleConfig, steps: Optional[tuple] = None) -> list[float]:
@@ -1243,10 +1259,10 @@ def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_siz
 
 
 def sample_student(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
-                   context_noise: float = 0.0, rng=None) -> torch.Tensor:
+                   context_noise: float = 0.0, rng=None, first_chunk_sigmas=None) -> torch.Tensor:
     """The whole video from `stream`, (B, F, C, H, W)."""
     chunks = stream(model, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond, rng=rng,
-                    context_noise=context_noise)
+                    context_noise=context_noise, first_chunk_sigmas=first_chunk_sigmas)
     return torch.cat(list(chunks), 1)
 
 
@@ -1285,6 +1301,27 @@ def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k, ki
     cond = pairs["cond"][idx] if "cond" in pairs else None
     x0 = x0_from_velocity(x, student(x, t, cond, **kw), t)
     return (x0 - pairs["x0"][idx]).pow(2).sum(dim=(2, 3, 4))
+
+
+def consistency_distillation_loss(student: CausalDiT, ema: CausalDiT, teacher: CausalDiT, x0: torch.Tensor,
+                                  noise: torch.Tensor, t: float, t_next: float, cond=None,
+                                  guidance: float = 1.0) -> torch.Tensor:
+    """Causal Forcing++'s stage 2 (upstream `NaiveConsistency.generator_loss`): causal consistency
+    distillation on ground-truth clips x0, one pair of grid sigmas t > t_next for the whole batch:
+        x_t      = add_noise(x0, noise, t)
+        x_t_next = x_t + v_teacher(x_t, t) (t_next - t)          one guided Euler step of the AR teacher
+        loss     = MSE( x0_student(x_t, t),  sg x0_ema(x_t_next, t_next) )
+    Teacher, student and EMA student all see the clean clip as context (teacher-forcing mask), so
+    chunk b's target depends only on what the student sees for chunk b, its own noisy chunk and the
+    clean chunks before it: the frame-level injectivity of the AR teacher's ODE pairs, with no ODE
+    pairs to make. Returns the squared error per frame, averaged over a frame's coordinates: (B, F)."""
+    tt, tn = (torch.full(x0.shape[:2], float(s), device=x0.device, dtype=x0.dtype) for s in (t, t_next))
+    x_t = add_noise(x0, noise, tt)
+    with torch.no_grad():
+        x_next = x_t + guided_velocity(teacher, x_t, tt, cond, guidance, clean_context=x0) * (t_next - t)
+        target = x0_from_velocity(x_next, ema(x_next, tn, cond, clean_context=x0), tn)
+    pred = x0_from_velocity(x_t, student(x_t, tt, cond, clean_context=x0), tt)
+    return (pred - target).pow(2).mean(dim=(2, 3, 4))
 
 
 def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -1474,6 +1511,40 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
     return student, history.get("ode_regression", [])
 
 
+def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=print, rng=None, cond=None,
+                      ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
+    """Stage 2, Causal Forcing++ (upstream model/naive_consistency.py): the student and an EMA copy
+    start from the AR teacher, which stays frozen. Each step takes ground-truth clips (their
+    conditions as they are, no dropout), one grid index n for the whole batch (`consistency_sigmas`)
+    and fresh noise, makes a `consistency_distillation_loss` step, then moves the EMA towards the
+    student (decay cd_ema_decay). No ODE pairs. Returns the student; the EMA only gives targets."""
+    t = cfg.train
+    student = parallelize(copy_model(teacher, causal=True).train(), cfg)
+    ema = parallelize(copy_model(teacher, causal=True).eval().requires_grad_(False), cfg)
+    frozen = teacher.eval()
+    grid = consistency_sigmas(cfg.sample)
+    opt = _adamw(student.parameters(), t.cd_lr, t, cosine_steps=t.cd_steps)
+    batches = Batches(len(data), t.batch_size, rng)
+
+    def step(i):
+        idx = next(batches)
+        n = int(torch.randint(len(grid) - 1, (1,), generator=rng))
+        x0, noise = data[idx], torch.randn(data[idx].shape, generator=rng)
+        c = None if cond is None else cond[idx]
+        x0, noise, c = (None if v is None else _shard(v).to(cfg.device) for v in (x0, noise, c))
+        loss = consistency_distillation_loss(student, ema, frozen, x0, noise, grid[n], grid[n + 1], c, t.cd_guidance).mean()
+        _step(opt, student, loss, t.grad_clip)
+        _reshard(student)
+        _reshard(ema)
+        with torch.no_grad():
+            for pe, ps in zip(ema.parameters(), student.parameters()):
+                pe.lerp_(ps, 1 - t.cd_ema_decay)
+        return {"consistency": loss}
+    history = train_loop("consistency distillation", t.cd_steps, step, ckpt, log, hint=f"lower cd_lr (now {t.cd_lr:g})",
+                         model=student, ema=ema, opt=opt, rng=rng, batches=batches)
+    return student.eval(), history.get("consistency", [])
+
+
 def _dmd_sigma(cfg: Config, batch, rng, device):
     """One sigma per clip for the DMD and critic losses, drawn as upstream (Self Forcing's DMD): an
     unshifted timestep t uniform in {0, ..., T - 1}, shifted (`shift_sigma`), then clamped to
@@ -1486,7 +1557,7 @@ def _dmd_sigma(cfg: Config, batch, rng, device):
 
 def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_init: CausalDiT,
               cond_sampler: Optional[Callable] = None, log=print, rng=None,
-              ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, dict]:
+              ckpt: Optional[StageCheckpoint] = None, steps: Optional[tuple] = None) -> tuple[CausalDiT, dict]:
     """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (a
     bidirectional model, initialised from the base) with `critic_loss` on a fresh rollout; every
     `gen_update_ratio` steps the generator takes a `dmd_generator_loss` step on its own rollout,
@@ -1494,13 +1565,15 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     cond_sampler(batch, rng), if given, draws a batch's conditions (e.g. prompt embeddings).
     Returns the EMA generator (or the raw one before EMA starts) and its training record: the loss
     histories, the generator's gradient norm at each update, and "snapshots", four fixed rollouts
-    (same noise, same conditions), `dmd_snapshots` times as it trains, from the ODE init on."""
+    (same noise, same conditions), `dmd_snapshots` times as it trains, from the ODE init on.
+    steps: the student's denoising steps in the rollouts (default denoising_steps; Causal Forcing++
+    trains its 2-step student with pp_denoising_steps)."""
     t = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
     real = real_score.eval()  # frozen: only ever called under no_grad
     opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
-    sigmas, batch = student_sigmas(cfg.sample), len(_shard(torch.empty(t.dmd_batch_size or t.batch_size)))  # this rank's
+    sigmas, batch = student_sigmas(cfg.sample, steps), len(_shard(torch.empty(t.dmd_batch_size or t.batch_size)))  # this rank's
     state = {"ema": None, "gen_updates": 0, "snapshots": []}  # EMA: a copy of each (local shard of a) parameter
     rollout = lambda exit_step, cond, own, n=batch: self_rollout(  # noqa: E731
         gen, sigmas, batch_size=n, num_frames=cfg.data.frames, exit_step=exit_step, cond=cond,
@@ -1662,11 +1735,12 @@ def validate_config(cfg: Config) -> None:
               "floor_outer": e.floor_outer, "floor_inner": e.floor_inner,
               **({"dmd_batch_size": t.dmd_batch_size} if t.dmd_batch_size is not None else {})}
     problems += [f"{k}={v} must be >= 1" for k, v in counts.items() if v < 1]
-    positive = {"base_lr": t.base_lr, "teacher_lr": t.teacher_lr, "ode_lr": t.ode_lr, "gen_lr": t.gen_lr,
+    positive = {"base_lr": t.base_lr, "teacher_lr": t.teacher_lr, "ode_lr": t.ode_lr, "cd_lr": t.cd_lr, "gen_lr": t.gen_lr,
                 "critic_lr": t.critic_lr, "grad_clip": t.grad_clip, "shift": s.shift, "rope_theta": m.rope_theta,
                 "eps": m.eps, "radius": d.radius, "speed": d.speed}
     problems += [f"{k}={v} must be a finite number > 0" for k, v in positive.items() if not (math.isfinite(v) and v > 0)]
-    unit = {"adam_beta1": t.adam_beta1, "adam_beta2": t.adam_beta2, "base_beta1": t.base_beta1, "ema_decay": t.ema_decay}
+    unit = {"adam_beta1": t.adam_beta1, "adam_beta2": t.adam_beta2, "base_beta1": t.base_beta1, "ema_decay": t.ema_decay,
+            "cd_ema_decay": t.cd_ema_decay}
     problems += [f"{k}={v} must lie in [0, 1)" for k, v in unit.items() if not 0.0 <= v < 1.0]
     if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
         problems.append(f"weight_decay={t.weight_decay} must be a finite number >= 0")
@@ -1674,7 +1748,7 @@ def validate_config(cfg: Config) -> None:
         problems.append(f"DMD sigmas must satisfy 0 < dmd_min_sigma < dmd_max_sigma <= 1, got {t.dmd_min_sigma}, {t.dmd_max_sigma}")
     if not (math.isfinite(d.noise_std) and d.noise_std >= 0) or not math.isfinite(d.turn_degrees):
         problems.append(f"noise_std={d.noise_std} must be finite and >= 0, turn_degrees={d.turn_degrees} finite")
-    finite = {"real_guidance": t.real_guidance, "teacher_guidance": t.teacher_guidance,
+    finite = {"real_guidance": t.real_guidance, "teacher_guidance": t.teacher_guidance, "cd_guidance": t.cd_guidance,
               "transition_tol_degrees": e.transition_tol_degrees}
     problems += [f"{k}={v} must be finite" for k, v in finite.items() if not math.isfinite(v)]
     if t.ema_start_step < 0:
@@ -1718,6 +1792,15 @@ def validate_config(cfg: Config) -> None:
         problems.append(f"fm_shift={cfg.train.fm_shift} must be a finite number > 0 (or None: the sampler's shift)")
     if cfg.train.teacher_mode not in ("teacher_forcing", "diffusion_forcing"):
         problems.append(f"teacher_mode={cfg.train.teacher_mode!r} is not 'teacher_forcing' or 'diffusion_forcing'")
+    if not s.pp_denoising_steps or not all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps
+                                           for k in s.pp_denoising_steps):
+        problems.append(f"pp_denoising_steps {s.pp_denoising_steps} must be a non-empty list of numbers in "
+                        f"(0, {s.num_train_timesteps}]")
+    if t.cd_steps < 0:
+        problems.append(f"cd_steps={t.cd_steps} must be >= 0 (0: no Causal Forcing++ rows)")
+    if t.cd_steps and s.teacher_solver_steps < 2:
+        problems.append(f"teacher_solver_steps={s.teacher_solver_steps}: consistency distillation needs a grid of "
+                        "at least 2 steps")
     if not all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps for k in s.denoising_steps):
         problems.append(f"denoising_steps {s.denoising_steps} must be numbers in (0, {s.num_train_timesteps}]")
     elif s.denoising_steps and s.teacher_solver_steps >= 1 and s.shift > 0 and math.isfinite(s.shift):
@@ -2599,10 +2682,18 @@ def count_frame_evaluations(model: nn.Module):
 
 
 ROWS = ("bidirectional_teacher", "ar_teacher", "ode_student_from_bidirectional", "ode_student_from_ar",
-        "self_forcing", "causal_forcing")
+        "self_forcing", "causal_forcing", "consistency_student_from_ar", "causal_forcing_pp")
 
 
 DIGIT_ROWS = ROWS[:2] + ("ar_teacher_diffusion_forcing",) + ROWS[2:]  # moving digits add the ablation
+STEP_ROWS = ("causal_forcing", "causal_forcing_pp")  # also streamed with 1, 2 and 4 steps (results["steps"])
+
+
+def streaming_steps(cfg: SampleConfig, steps: int) -> dict:
+    """The sampler arguments of a student streamed with 1, 2 or 4 steps, Causal Forcing++'s way: the
+    first chunk, with no context to lean on, keeps the 4 steps of denoising_steps."""
+    few = {1: (1000,), 2: cfg.pp_denoising_steps, 4: cfg.denoising_steps}[steps]
+    return {"sigmas": student_sigmas(cfg, few), "first_chunk_sigmas": student_sigmas(cfg)}
 
 
 def sample_row(row: str, model: CausalDiT, cfg: Config, batch_size: int, cond=None, rng=None) -> torch.Tensor:
@@ -2614,6 +2705,8 @@ def sample_row(row: str, model: CausalDiT, cfg: Config, batch_size: int, cond=No
     if row.startswith("ar_teacher"):
         return sample_ar_teacher(model, solver_sigmas(s.teacher_solver_steps, s), guidance=cfg.train.teacher_guidance,
                                  context_noise=s.context_noise, **size)
+    if row == "causal_forcing_pp":  # 2 steps, the first chunk 4
+        return sample_student(model, context_noise=s.context_noise, **streaming_steps(s, 2), **size)
     return sample_student(model, student_sigmas(s), context_noise=s.context_noise, **size)
 
 
@@ -2717,10 +2810,18 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
         m[row] = run.stage(f"dmd_{row}", "causal", lambda ck: train_dmd(
             cfg, m[f"ode_student_from_{kind}"], m["bidirectional_teacher"], m["bidirectional_teacher"],
             run.prompts if d.cond is not None else None, say, g, ck))
+    if cfg.train.cd_steps:  # Causal Forcing++: consistency distillation from the AR teacher, then the same DMD
+        m["consistency_student_from_ar"] = run.stage("consistency_student_ar", "causal", lambda ck: train_consistency(
+            cfg, m["ar_teacher"], d.train, say, g, d.cond, ck))
+        m["causal_forcing_pp"] = run.stage("dmd_causal_forcing_pp", "causal", lambda ck: train_dmd(
+            cfg, m["consistency_student_from_ar"], m["bidirectional_teacher"], m["bidirectional_teacher"],
+            run.prompts if d.cond is not None else None, say, g, ck, steps=cfg.sample.pp_denoising_steps))
     if not run.digits:  # the injectivity floor, measured with the exact teachers
         run.floors = run.stage("injectivity_floor", "plain", lambda ck: run.injectivity_floors())
-    rows, samples = run.stage("evaluation", "plain", lambda ck: run.evaluate())
+    rows, samples, by_steps = run.stage("evaluation", "plain", lambda ck: run.evaluate())
     results = run.results(rows)
+    if by_steps:
+        results["steps"] = by_steps
     run.save(results, samples)
     return results
 
@@ -2873,26 +2974,37 @@ class PipelineRun:
         off = (dist.min(-1).values > 3 * toy.std).double().mean(0)  # (F,) per frame
         return bi, ar, off
 
-    def evaluate(self) -> tuple[dict, dict]:
+    def evaluate(self) -> tuple[dict, dict, dict]:
         """Samples every row's model (teachers with their many-step samplers and guidance, students
-        by streaming) and measures the samples, the NFE and the wall time per frame."""
+        by streaming) and measures the samples, the NFE and the wall time per frame. Then the
+        STEP_ROWS students again, streamed with 1, 2 and 4 steps (the first chunk always 4), from
+        the same seed for every step count. Returns (rows, samples, {row: {steps: metrics}})."""
         cfg, g, d = self.cfg, self.g, self.data
-        rows, samples = {}, {}
         n, F = cfg.eval.eval_samples, cfg.data.frames
         labels = torch.arange(n)[:, None].repeat(1, cfg.data.num_digits) % 10  # every digit alike
         c = label_cond(labels).to(cfg.device) if d.cond is not None else None
-        for row in DIGIT_ROWS if self.digits else ROWS:
-            model = self.models[row].eval()
+
+        def measure(sample, model):
             t0 = time.perf_counter()
             with count_frame_evaluations(model) as nfe:
-                x = sample_row(row, model, cfg, n, c, rng=g)
+                x = sample()
             wall = time.perf_counter() - t0
-            samples[row] = x.cpu()
             metrics = (digit_metrics(x.cpu(), labels if c is not None else None, d.test, self.classifier,
                                      cfg.model.chunk_frames) if self.digits
                        else toy_metrics(x.cpu(), d.toy, d.test, cfg.eval.transition_tol_degrees))
-            rows[row] = {**metrics, "nfe_per_frame": nfe["sample_frames"] / (n * F), "ms_per_frame": 1000 * wall / (n * F)}
-        return rows, samples
+            return x.cpu(), {**metrics, "nfe_per_frame": nfe["sample_frames"] / (n * F), "ms_per_frame": 1000 * wall / (n * F)}
+        rows, samples, by_steps = {}, {}, {}
+        for row in [r for r in (DIGIT_ROWS if self.digits else ROWS) if r in self.models]:
+            model = self.models[row].eval()
+            samples[row], rows[row] = measure(lambda: sample_row(row, model, cfg, n, c, rng=g), model)
+        for row in [r for r in STEP_ROWS if r in self.models]:
+            model, by_steps[row] = self.models[row], {}
+            for k in (1, 2, 4):  # the same seed for every step count and row (and g is left as it was)
+                sample = lambda: sample_student(model, num_frames=F, batch_size=n, cond=c,  # noqa: E731
+                                                rng=torch.Generator().manual_seed(cfg.seed), context_noise=cfg.sample.context_noise,
+                                                **streaming_steps(cfg.sample, k))
+                samples[f"{row} ({k} step{'s' if k > 1 else ''})"], by_steps[row][str(k)] = measure(sample, model)
+        return rows, samples, by_steps
 
     # --- results and files ----------------------------------------------------------------------
     def results(self, rows: dict) -> dict:
@@ -2903,7 +3015,8 @@ class PipelineRun:
         t = cfg.train  # training throughput: clips through each stage's optimizer per second (DMD: the critic's)
         steps = {"bidirectional_base": t.base_steps, "ar_teacher": t.teacher_steps,
                  "ar_teacher_diffusion_forcing": t.teacher_steps, "ode_student_bidirectional": t.ode_steps,
-                 "ode_student_ar": t.ode_steps, "dmd_self_forcing": t.dmd_steps, "dmd_causal_forcing": t.dmd_steps}
+                 "ode_student_ar": t.ode_steps, "dmd_self_forcing": t.dmd_steps, "dmd_causal_forcing": t.dmd_steps,
+                 "consistency_student_ar": t.cd_steps, "dmd_causal_forcing_pp": t.dmd_steps}
         batch = {k: (t.dmd_batch_size or t.batch_size) if k.startswith("dmd_") else t.batch_size for k in steps}
         results["train_clips_per_second"] = {k: round(n * batch[k] / self.seconds[k], 1) for k, n in steps.items()
                                              if self.seconds.get(k)}
@@ -2929,7 +3042,8 @@ class PipelineRun:
 
     def save(self, results: dict, samples: dict) -> None:
         """With `out`: results.json, losses.json (every trained stage's loss per step; DMD: the
-        generator's and the critic's), models.pt and the samples figure (toy) or GIF (digits)."""
+        generator's and the critic's), models.pt and the samples figure (toy) or GIF (digits), and
+        the same for the STEP_ROWS students streamed with 1, 2 and 4 steps (steps.png or steps.gif)."""
         if not self.out:
             return
         states = {k: full_state_dict(m) for k, m in self.models.items()}  # every rank joins the gather
@@ -2943,12 +3057,17 @@ class PipelineRun:
         save_atomic(states, os.path.join(self.out, "models.pt"))
         plot_training_health(self.losses, os.path.join(self.out, "training_health.png"))
         d = self.data
-        if self.digits:  # a column per row; row i of the grid asks for digit i % 10; the data column shows that digit too
-            first = [int((torch.nonzero(d.test_labels[:, 0] == k).flatten().tolist() or [k % len(d.test)])[0])
-                     for k in range(10)]  # a held-out video of each digit (any video if none has it)
-            save_gif({"data": d.test[first], **{r: v[:10] for r, v in samples.items()}}, os.path.join(self.out, "samples.gif"))
-        else:
-            plot_samples(samples, d.test, os.path.join(self.out, "samples.png"))
+        by_rows = {r: v for r, v in samples.items() if r in results["rows"]}
+        by_steps = {r: v for r, v in samples.items() if r not in results["rows"]}  # "causal_forcing (2 steps)", ...
+        for name, group in (("samples", by_rows), ("steps", by_steps)):
+            if not group:
+                continue
+            if self.digits:  # a column per row; row i of the grid asks for digit i % 10; the data column shows that digit too
+                first = [int((torch.nonzero(d.test_labels[:, 0] == k).flatten().tolist() or [k % len(d.test)])[0])
+                         for k in range(10)]  # a held-out video of each digit (any video if none has it)
+                save_gif({"data": d.test[first], **{r: v[:10] for r, v in group.items()}}, os.path.join(self.out, f"{name}.gif"))
+            else:
+                plot_samples(group, d.test, os.path.join(self.out, f"{name}.png"))
 
 
 def format_table(results: dict) -> str:
@@ -2997,17 +3116,20 @@ def plot_samples(samples: dict, data: torch.Tensor, path: str, max_points: int =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8.6), sharex=True, sharey=True)
+    cols = -(-len(samples) // 2)
+    fig, axes = plt.subplots(2, cols, figsize=(4.4 * cols, 8.6), sharex=True, sharey=True, squeeze=False)
     ref = rearrange(data[:max_points], "b f c h w -> (b f) (c h w)")
     for ax, (row, x) in zip(axes.flat, samples.items()):
         pts = rearrange(x[:max_points], "b f c h w -> b f (c h w)")
         ax.scatter(ref[:, 0], ref[:, 1], s=3, c="0.8", label="data")
         for f in range(pts.shape[1]):
             ax.scatter(pts[:, f, 0], pts[:, f, 1], s=3, label=f"frame {f}")
-        ax.set_title(row.replace("_", " "))
+        ax.set_title(row.replace("_pp", "++").replace("_", " "))
         ax.set_aspect("equal")
         ax.set_xlabel("x1")
         ax.set_ylabel("x2")
+    for ax in axes.flat[len(samples):]:
+        ax.axis("off")
     axes.flat[0].legend(loc="upper right", fontsize=7, markerscale=3)
     fig.suptitle("Generated frames (colour = frame index) against the data (grey)")
     fig.tight_layout()

@@ -634,7 +634,7 @@ def test_save_atomic_keeps_the_old_file_when_a_save_fails(tmp_path):
 
 TINY = dict(frames=3, train_size=256, test_size=128, batch_size=32, base_steps=3, teacher_steps=3,
             ode_pairs=64, ode_steps=3, dmd_steps=6, ema_start_step=1, eval_samples=64, floor_outer=8,
-            floor_inner=4, teacher_solver_steps=8, num_layers=1)
+            floor_inner=4, teacher_solver_steps=8, num_layers=1, cd_steps=3)
 
 
 def test_pipeline_end_to_end_writes_results(tmp_path):
@@ -647,6 +647,12 @@ def test_pipeline_end_to_end_writes_results(tmp_path):
         assert set(row) == {"energy_distance", "off_manifold", "motion", "transition_accuracy", "nfe_per_frame", "ms_per_frame"}
     assert saved["rows"]["bidirectional_teacher"]["nfe_per_frame"] == 8
     assert saved["rows"]["causal_forcing"]["nfe_per_frame"] == pytest.approx(4 + 2 / 3)
+    # Causal Forcing++: 2 steps, the first chunk 4; each chunk but the last also writes its context once
+    assert saved["rows"]["causal_forcing_pp"]["nfe_per_frame"] == pytest.approx((4 + 1 + 2 + 1 + 2) / 3)
+    assert set(saved["steps"]) == {"causal_forcing", "causal_forcing_pp"}
+    for row in saved["steps"].values():
+        assert [row[k]["nfe_per_frame"] for k in ("1", "2", "4")] == pytest.approx([8 / 3, 10 / 3, 14 / 3])
+    assert (tmp_path / "steps.png").stat().st_size > 1000
     assert saved["injectivity_floor"]["ar"] < 1e-12 < saved["injectivity_floor"]["bidirectional"]
     assert (tmp_path / "samples.png").stat().st_size > 1000
     state = torch.load(tmp_path / "models.pt", weights_only=True)
@@ -659,7 +665,8 @@ def test_pipeline_writes_loss_histories_and_its_models_load_back(tmp_path):
     cf.run_pipeline(cfg, str(tmp_path), log=None)
     losses = json.loads((tmp_path / "losses.json").read_text())
     assert set(losses) == {"bidirectional_base", "ar_teacher", "ode_student_bidirectional", "ode_student_ar",
-                           "dmd_self_forcing", "dmd_causal_forcing"}
+                           "dmd_self_forcing", "dmd_causal_forcing", "consistency_student_ar", "dmd_causal_forcing_pp"}
+    assert len(losses["consistency_student_ar"]) == cfg.train.cd_steps
     assert len(losses["bidirectional_base"]) == cfg.train.base_steps
     assert len(losses["dmd_causal_forcing"]["critic"]) == cfg.train.dmd_steps
     updates = -(-cfg.train.dmd_steps // cfg.train.gen_update_ratio)
@@ -980,3 +987,102 @@ def test_stages_remember_their_config_when_config_json_is_deleted(tmp_path):
     assert not (tmp_path / "config.json").exists()  # nothing claims the folder for the other config
     again = cf.run_pipeline(cfg, str(tmp_path), log=None)  # the same config loads every stage
     assert set(again["rows"]) == set(cf.ROWS)
+
+
+# --- Causal Forcing++: causal consistency distillation ----------------------------------------------
+
+
+class _Affine(torch.nn.Module):
+    """A stand-in network whose velocity is known in closed form: v = a x + b t (+ c * cond) + d * clean."""
+
+    def __init__(self, a, b, c=0.0, d=0.0):
+        super().__init__()
+        self.a, self.b, self.c, self.d = a, b, c, d
+
+    def forward(self, x, t, cond=None, clean_context=None):
+        v = self.a * x + self.b * t[..., None, None, None]
+        if cond is not None:
+            v = v + self.c * cond.sum((1, 2)).reshape(-1, 1, 1, 1, 1)
+        return v + self.d * clean_context
+
+
+def test_consistency_loss_against_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = (torch.randn(3, 4, 2, 1, 1, generator=g, dtype=torch.float64) for _ in range(2))
+    cond = cf.label_cond(torch.tensor([1, 4, 7])).double()
+    student, ema, teacher = _Affine(0.3, -0.2, 0.1, 0.05), _Affine(-0.1, 0.4, 0.2, -0.3), _Affine(0.5, 0.7, 0.6, 0.2)
+    t, t_next, w = 0.8, 0.6, 3.0
+    got = cf.consistency_distillation_loss(student, ema, teacher, x0, noise, t, t_next, cond, guidance=w)
+    # by hand: the teacher's guided velocity is uncond + w (cond - uncond) = a x + b t + d x0 + w c (the label's one-hot sums to 1)
+    x_t = (1 - t) * x0 + t * noise
+    v_teacher = 0.5 * x_t + 0.7 * t + 0.2 * x0 + w * 0.6
+    x_next = x_t + v_teacher * (t_next - t)
+    target = x_next - t_next * (-0.1 * x_next + 0.4 * t_next + 0.2 + -0.3 * x0)
+    pred = x_t - t * (0.3 * x_t - 0.2 * t + 0.1 + 0.05 * x0)
+    assert got.shape == (3, 4)
+    assert torch.allclose(got, ((pred - target) ** 2).mean((2, 3, 4)), rtol=1e-12, atol=0)
+
+
+def test_consistency_loss_gradient_reaches_only_the_student():
+    cfg = cf.get_config("toy2d", frames=4, chunk_frames=2, num_layers=1, device="cpu")
+    nets = [cf._random_weights(cf.CausalDiT(cfg.model, causal=True), seed=s) for s in range(3)]
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 4, 2, 1, 1, generator=g), torch.randn(2, 4, 2, 1, 1, generator=g)
+    cf.consistency_distillation_loss(*nets, x0, noise, 0.7, 0.5).mean().backward()
+    assert all(p.grad is not None for p in nets[0].parameters() if p.requires_grad)
+    assert all(p.grad is None for net in nets[1:] for p in net.parameters())  # EMA and teacher: targets only
+
+
+def test_consistency_target_of_a_chunk_sees_only_its_own_noise_and_the_clean_past():
+    """Teacher, EMA and student all run under the teacher-forcing mask: chunk b's loss depends on
+    chunk b's noise and on the clean chunks before it, never on other chunks' noise (the AR
+    teacher's injectivity, without ODE pairs) and never on later clean frames."""
+    cfg = cf.get_config("toy2d", frames=6, chunk_frames=2, num_layers=2, device="cpu")
+    student, ema, teacher = (cf._random_weights(cf.CausalDiT(cfg.model, causal=True).double(), seed=s) for s in range(3))
+    g = torch.Generator().manual_seed(2)
+    x0, noise = (torch.randn(2, 6, 2, 1, 1, generator=g, dtype=torch.float64) for _ in range(2))
+    loss = lambda x0_, noise_: cf.consistency_distillation_loss(student, ema, teacher, x0_, noise_, 0.9, 0.8)  # noqa: E731
+    base = loss(x0, noise)
+    other_noise = noise.clone()
+    other_noise[:, [0, 1, 4, 5]] = torch.randn(2, 4, 2, 1, 1, generator=g, dtype=torch.float64)  # all but chunk 1
+    assert torch.equal(loss(x0, other_noise)[:, 2:4], base[:, 2:4])
+    later_clean = x0.clone()
+    later_clean[:, 4:] += 1.0  # clean frames of chunk 2 change: chunk 1's loss may not
+    assert torch.equal(loss(later_clean, noise)[:, 2:4], base[:, 2:4])
+    earlier_clean = x0.clone()
+    earlier_clean[:, :2] += 1.0  # its clean context changes: chunk 1's target does
+    assert not torch.allclose(loss(earlier_clean, noise)[:, 2:4], base[:, 2:4])
+
+
+def test_consistency_grid_and_the_pairs_it_draws():
+    s = cf.get_config("toy2d").sample
+    grid = cf.consistency_sigmas(s)
+    assert len(grid) == s.teacher_solver_steps and grid[0] == 1.0 and grid[-1] > 0
+    assert grid == pytest.approx(cf.solver_sigmas(s.teacher_solver_steps, s)[:-1].tolist())
+
+
+def test_consistency_stage_keeps_an_ema_of_the_student(monkeypatch):
+    cfg = cf.get_config("toy2d", frames=4, chunk_frames=2, num_layers=1, batch_size=8, cd_steps=3, cd_ema_decay=0.75,
+                        teacher_solver_steps=8, device="cpu")
+    teacher = cf._random_weights(cf.CausalDiT(cfg.model, causal=True), seed=0)
+    start = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = []
+    real_loss = cf.consistency_distillation_loss
+
+    def spy(student, ema, frozen, x0, noise, t, t_next, cond=None, guidance=1.0):
+        seen.append(({k: v.clone() for k, v in ema.state_dict().items()}, {k: v.clone() for k, v in student.state_dict().items()}, t, t_next))
+        assert frozen is teacher
+        return real_loss(student, ema, frozen, x0, noise, t, t_next, cond, guidance)
+    monkeypatch.setattr(cf, "consistency_distillation_loss", spy)
+    data = cf.ToyVideos(cfg.data).sample(64, torch.Generator().manual_seed(0))
+    student, losses = cf.train_consistency(cfg, teacher, data, log=None, rng=torch.Generator().manual_seed(0))
+    assert len(losses) == 3 and all(map(math.isfinite, losses))
+    assert all(torch.equal(v, start[k]) for k, v in teacher.state_dict().items())  # the teacher stays frozen
+    grid = cf.consistency_sigmas(cfg.sample)
+    for ema, _, t, t_next in seen:  # a pair of neighbouring grid sigmas
+        assert any(t == grid[n] and t_next == grid[n + 1] for n in range(len(grid) - 1))
+    assert all(torch.equal(seen[0][0][k], start[k]) for k in start)  # the EMA starts as the teacher
+    for i in (1, 2):  # then moves a quarter of the way to the student after each step
+        for k in start:
+            want = 0.75 * seen[i - 1][0][k] + 0.25 * seen[i][1][k]
+            assert torch.allclose(seen[i][0][k], want, rtol=1e-5, atol=1e-7), k

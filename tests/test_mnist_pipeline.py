@@ -13,7 +13,7 @@ import causal_forcing as cf
 # every stage runs a few steps on a 1-layer model: the whole pipeline in seconds
 TINY = dict(train_size=64, test_size=40, base_steps=4, teacher_steps=4, ode_steps=4, dmd_steps=4, classifier_steps=4,
             ode_pairs=16, batch_size=8, eval_samples=20, teacher_solver_steps=4, device="cpu", num_layers=1,
-            checkpoint_every=1, gen_update_ratio=2, ema_start_step=1)
+            checkpoint_every=1, gen_update_ratio=2, ema_start_step=1, cd_steps=4)
 
 
 def test_mnist_preset_and_its_checks():
@@ -165,19 +165,22 @@ def test_tiny_end_to_end_run_and_interrupted_runs_resume_to_the_same_result(tmp_
         assert all(math.isfinite(v) for v in m.values()), row
     assert full["rows"]["causal_forcing"]["nfe_per_frame"] == pytest.approx(4 + 3 / 4)  # 4 steps + 3 refreshes of 4 chunks
     assert full["rows"]["bidirectional_teacher"]["nfe_per_frame"] == 2 * 4  # 4 guided steps
+    assert full["rows"]["causal_forcing_pp"]["nfe_per_frame"] == pytest.approx(13 / 4)  # 4 + 1, 2 + 1, 2 + 1, 2 chunk calls
+    assert os.path.getsize(tmp_path / "full" / "steps.gif") > 1000
     assert os.path.getsize(tmp_path / "full" / "samples.gif") > 1000
     models = cf.load_models(str(tmp_path / "full"), cfg)  # every row, and the digit reader behind the metrics
     assert set(models) == set(cf.DIGIT_ROWS) | {"digit_classifier"}
     assert isinstance(models["digit_classifier"], cf.DigitClassifier)
 
-    # interrupt three times: in the base's first step (before any checkpoint: the stage restarts
+    # interrupt four times: in the base's first step (before any checkpoint: the stage restarts
     # after loading the classifier, whose model building must not shift the random numbers), in
-    # the AR teacher mid-way, and in DMD after its EMA has started; re-run the same call each time:
-    # finished stages load, the interrupted one resumes from its checkpoint
+    # the AR teacher mid-way, in DMD after its EMA has started, and in consistency distillation
+    # (its EMA student is part of the checkpoint); re-run the same call each time: finished stages
+    # load, the interrupted one resumes from its checkpoint
     class Stop(Exception):
         pass
     for stop_at, partials in (("[base] step     1/", 0), ("[ar teacher, teacher forcing] step     3/", 1),
-                              ("[dmd critic] step     3/", 1)):
+                              ("[dmd critic] step     3/", 1), ("[consistency distillation] step     3/", 1)):
         def log(msg, stop_at=stop_at):
             if msg.strip().startswith(stop_at):
                 raise Stop(msg)
