@@ -28,7 +28,8 @@ Causal/Self Forcing checkpoints load into it.
 
 Run it:
     python causal_forcing.py                  # whole pipeline on toy 2-D videos, prints the table
-    python causal_forcing.py --config mnist   # the same on class-labelled moving digits (26 min, CPU)
+    python causal_forcing.py --config mnist   # the same on class-labelled moving digits (about 30 min, CPU)
+    python causal_forcing.py long-stream      # a trained digit generator over 1,024 frames; prompt switches
     python causal_forcing.py --help           # every flag
     torchrun --nproc_per_node=2 causal_forcing.py     # the same, data parallel
     python causal_forcing.py bench --config wan-1.3b  # streaming speed of a Wan-sized generator
@@ -46,8 +47,8 @@ one training loop of II.4, and use its data-parallel helpers):
     I.5 network         CausalDiT (Wan2.1's DiT): RoPE, RMSNorm, the KV cache, attention, blocks
     I.6 samplers        bidirectional teacher, AR teacher, the few-step streaming student (`stream`),
                         and Self Forcing's training rollout
-    I.7 losses          ODE regression, the DMD generator loss, the critic loss
-    I.8 stages          base, AR teacher, ODE pairs, ODE student, DMD
+    I.7 losses          ODE regression, consistency distillation, the DMD generator loss, the critic loss
+    I.8 stages          base, AR teacher, ODE pairs, ODE student, consistency student, DMD
     I.9 injectivity     the frame-level floor of ODE regression, from the exact teachers
 Part II is engineering, none of which changes the method:
     II.1 config checks  overrides by field name, validated
@@ -59,8 +60,9 @@ Part II is engineering, none of which changes the method:
     II.6 metrics        toy metrics; a digit classifier and the moving-digit metrics (FD,
                         sharpness, dynamic degree, instruction following, temporal consistency)
     II.7 pipeline       every stage (resumable from saved stages), the table, results.json, figures
-    II.8 benchmark      streaming speed, FLOPs, the GPU suite
-    II.9 command line
+    II.8 long streams   a generator far past its training length, and prompt switches
+    II.9 benchmark      streaming speed, FLOPs, the GPU suite
+    II.10 command line
 
 Shapes: B batch, F frames, C channels, H W height width, S tokens per frame, N tokens, D width,
 h heads, d head dim. Videos are (B, F, C, H, W); timesteps are sigmas (B, F) in [0, 1], 1 = noise.
@@ -140,6 +142,10 @@ class ModelConfig:
     chunk_frames: int = 1  # causal block size: 1 = frame-wise, 3 = chunk-wise (Wan latents)
     window_frames: Optional[int] = None  # rolling attention window in frames (None = full)
     sink_frames: int = 0  # first frames always attended inside a rolling window
+    # the frame positions RoPE sees when streaming through a rolling cache: "absolute" (frame index,
+    # the official code's) or "window" (the live window, sink included, re-indexed to [0, W) at
+    # every chunk, keys cached before rotation: a long stream never meets distances unseen in training)
+    rope_positions: str = "absolute"
     # speed (off the teaching path; none changes the method, bf16 only the rounding)
     attention: str = "auto"  # "dense" masks (readable, CPU) or "flex" block masks; auto = flex on CUDA
     precision: str = "auto"  # "fp32" or "bf16" autocast; auto = bf16 on CUDA, fp32 elsewhere
@@ -672,16 +678,18 @@ class KVCache:
     every frame up to max_frames. With a rolling window of W frames there are W slots: the first
     `sink_frames` frames keep theirs (an attention sink), later frames share W - S slots in a ring,
     so memory stays fixed however long the video runs. Keys are stored after rotary embedding at
-    absolute frame positions. Writing frames [a, a + F) again (re-denoising a chunk) overwrites the
-    same slots and forgets any frame after them."""
+    absolute frame positions (rope_positions "absolute"), or before it ("window": the model rotates
+    them at every read, at their place in the live window). Writing frames [a, a + F) again
+    (re-denoising a chunk) overwrites the same slots and forgets any frame after them."""
 
     def __init__(self, num_layers, batch_size, num_heads, head_dim, tokens_per_frame, chunk_frames,
-                 max_frames=None, window_frames=None, sink_frames=0, dtype=torch.float32, device="cpu"):
+                 max_frames=None, window_frames=None, sink_frames=0, dtype=torch.float32, device="cpu",
+                 rope_positions: str = "absolute"):
         if window_frames is None and max_frames is None:
             raise ValueError("a KV cache needs max_frames, or window_frames for a rolling cache")
         if window_frames is not None and window_frames - sink_frames < chunk_frames:
             raise ValueError(f"window_frames - sink_frames = {window_frames - sink_frames} must hold a chunk of {chunk_frames}")
-        self.batch_size, self.chunk_frames = batch_size, chunk_frames
+        self.batch_size, self.chunk_frames, self.rope_positions = batch_size, chunk_frames, rope_positions
         self.max_frames, self.window_frames, self.sink_frames = max_frames, window_frames, sink_frames
         slots = window_frames if window_frames is not None else max_frames
         shape = (num_layers, batch_size, num_heads, slots, tokens_per_frame, head_dim)
@@ -694,6 +702,18 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_frame = torch.full((slots,), -1, dtype=torch.long)  # which frame each slot holds
         self.end = 0  # frames [0, end) have been written
+        self.rewriting = False  # see rewrite()
+
+    @contextlib.contextmanager
+    def rewrite(self):
+        """A re-cache (a prompt switch): inside this block the kept chunks may be written again in
+        frame order, from the oldest; the frames that have left a rolling window are skipped as
+        context instead of refused, as the frames rewritten first are forgotten and written anew."""
+        self.rewriting = True
+        try:
+            yield self
+        finally:
+            self.rewriting = False
 
     def slot(self, frames: torch.Tensor) -> torch.Tensor:
         if self.window_frames is None:
@@ -706,9 +726,10 @@ class KVCache:
         the cached slots to read, the frame of every key (cached, then new), and (Fq, Fk) vis."""
         if batch_size != self.batch_size:
             raise ValueError(f"batch size {batch_size} does not match the KV cache's {self.batch_size}")
-        if start_frame < 0 or start_frame > self.end:
-            raise ValueError(f"start_frame={start_frame} is beyond the KV cache: frames [0, {self.end}) are cached, "
-                             f"so the next call may start at any frame up to {self.end}")
+        beyond = f"start_frame={start_frame} is beyond the KV cache: frames [0, {self.end}) are cached, " \
+                 f"so the next call may start at any frame up to {self.end}"
+        if start_frame < 0 or (start_frame > self.end and not self.rewriting):
+            raise ValueError(beyond)
         if start_frame % self.chunk_frames:
             raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={self.chunk_frames})")
         if self.window_frames is None and start_frame + num_frames > self.max_frames:
@@ -727,7 +748,7 @@ class KVCache:
         needed = frame_visibility(q, torch.arange(start_frame), self.chunk_frames, self.window_frames,
                                   self.sink_frames).any(0)
         missing = sorted(set(torch.nonzero(needed).flatten().tolist()) - set(cached.tolist()))
-        if missing:
+        if missing and not self.rewriting:
             raise ValueError(f"frames {missing} are needed but no longer in the rolling KV cache "
                              f"(written up to frame {self.end}); re-denoise only the latest chunk")
         key_frames = torch.cat([cached, q])
@@ -751,20 +772,28 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, angles, mask: Optional[AttentionMask] = None, cache: Optional[tuple] = None):
         """x (B, N, D); angles (N, d/2); mask over (queries, keys), None = all visible;
-        cache = (KVCache, layer, read_slots, write_slots): cached frames' keys first, then the new."""
+        cache = (KVCache, layer, read_slots, write_slots, key_angles): cached frames' keys first,
+        then the new. key_angles None: the cache holds rotated keys (absolute positions); else it
+        holds them unrotated and key_angles rotates the ones read (window positions)."""
         split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.num_heads)  # noqa: E731
         q = apply_rope(split(self.norm_q(self.q(x))), angles)  # (B, N, h, d)
-        k = apply_rope(split(self.norm_k(self.k(x))), angles)
+        raw_k = split(self.norm_k(self.k(x)))
+        k = apply_rope(raw_k, angles)
         v = split(self.v(x))
         q, k, v = (rearrange(t, "b n h d -> b h n d") for t in (q, k, v))
         if cache is not None:
-            kv, layer, read_slots, write_slots = cache
+            kv, layer, read_slots, write_slots, key_angles = cache
             S = kv.k.shape[-2]
-            old_k = rearrange(kv.k[layer][:, :, read_slots], "b h f s d -> b h (f s) d")
+            if key_angles is None:
+                old_k = rearrange(kv.k[layer][:, :, read_slots], "b h f s d -> b h (f s) d")
+            else:  # rotate the cached keys at their place in the live window
+                old_k = apply_rope(rearrange(kv.k[layer][:, :, read_slots], "b h f s d -> b (f s) h d"), key_angles)
+                old_k = rearrange(old_k, "b n h d -> b h n d")
             old_v = rearrange(kv.v[layer][:, :, read_slots], "b h f s d -> b h (f s) d")
+            stored = k if key_angles is None else rearrange(raw_k, "b n h d -> b h n d")
             # Store detached copies: the cache carries values, never a graph, so a later in-place
             # refresh of these slots cannot break a backward pass through this call (DMD rollout).
-            kv.k[layer][:, :, write_slots] = rearrange(k.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.k.dtype)
+            kv.k[layer][:, :, write_slots] = rearrange(stored.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.k.dtype)
             kv.v[layer][:, :, write_slots] = rearrange(v.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.v.dtype)
             k, v = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
         out = attend(q, k, v, mask)  # (B, h, N, d)
@@ -929,6 +958,9 @@ class CausalDiT(nn.Module):
             if got != want:
                 raise ValueError(f"this KV cache was made for another model: (layers, heads, tokens per frame, head dim, "
                                  f"chunk frames) = {got}, this model has {want}; make it with model.new_kv_cache")
+            if kv_cache.rope_positions != c.rope_positions:
+                raise ValueError(f"the KV cache holds keys for rope_positions={kv_cache.rope_positions!r}, this model uses "
+                                 f"{c.rope_positions!r}; make it with model.new_kv_cache")
             if c.window_frames is not None and (kv_cache.window_frames, kv_cache.sink_frames) != (c.window_frames, c.sink_frames):
                 raise ValueError(f"the KV cache's window ({kv_cache.window_frames}, sink {kv_cache.sink_frames}) is not the "
                                  f"model's ({c.window_frames}, sink {c.sink_frames}); make it with model.new_kv_cache")
@@ -1010,8 +1042,14 @@ class CausalDiT(nn.Module):
         elif kv_cache is not None:
             read_slots, key_frames, vis = kv_cache.plan(start_frame, F, B)
             write_slots = kv_cache.slot(frames)
-            caches = [(kv_cache, i, read_slots, write_slots) for i in range(len(self.blocks))]
-            angles = rope_angles(self.positions(frames), c.dim // c.num_heads, c.rope_theta)
+            position, key_angles = frames, None  # RoPE's frame position of the new frames; the cached keys are rotated
+            if c.rope_positions == "window":  # the keys the queries see, re-indexed 0, 1, ... in frame order
+                live = vis.any(0)
+                place = torch.where(live, live.long().cumsum(0) - 1, 0)  # keys no query sees are masked anyway
+                position = place[-F:]
+                key_angles = rope_angles(self.positions(place[:-F]), c.dim // c.num_heads, c.rope_theta).to(x.device)
+            caches = [(kv_cache, i, read_slots, write_slots, key_angles) for i in range(len(self.blocks))]
+            angles = rope_angles(self.positions(position), c.dim // c.num_heads, c.rope_theta)
         else:
             if self.causal and start_frame % c.chunk_frames:
                 raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={c.chunk_frames})")
@@ -1062,7 +1100,7 @@ class CausalDiT(nn.Module):
         p = next(self.parameters())
         dtype = torch.bfloat16 if self.uses_bf16(p.device) else p.dtype  # keys/values are bf16 under autocast
         return KVCache(len(self.blocks), batch_size, c.num_heads, c.dim // c.num_heads, self.tokens_per_frame,
-                       c.chunk_frames, max_frames, window, sink, dtype, p.device)
+                       c.chunk_frames, max_frames, window, sink, dtype, p.device, c.rope_positions)
 
 
 # =================================================================================================
@@ -1181,22 +1219,33 @@ def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None
 
 
 def _stream_chunks(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise):
+    kept = []  # (start, x0) of the finished chunks the cache still holds, for a re-cache
     with torch.no_grad():
         for start in range(0, num_frames, generator.cfg.chunk_frames):
             n = min(generator.cfg.chunk_frames, num_frames - start)
             x0 = denoise_chunk(generator, _noise(generator, batch_size, n, rng),
                                first if start == 0 else sigmas, cond, cache, start, rng=rng)
-            new_cond = yield x0
+            new_cond, recache = (yield x0) or (None, False)
             if start + n < num_frames:
                 write_context(generator, x0, cond, cache, start, context_noise, rng)
+                kept = [(a, c) for a, c in kept if bool((cache.slot_frame == a).any())] + [(start, x0)]
             if new_cond is not None:
                 cond = new_cond
+                if recache:  # LongLive's re-cache: every kept chunk's keys and values again, under the new prompt
+                    with cache.rewrite():
+                        for a, c in kept:
+                            write_context(generator, c, cond, cache, a, context_noise, rng)
 
 
 class Stream:
     """What `stream` returns. Iterate it for the chunks; `send(new_cond)` returns the next chunk made
     under a new condition (a prompt switch). A condition the model cannot take is refused before it
-    reaches the sampler, and the stream goes on."""
+    reaches the sampler, and the stream goes on.
+
+    send(new_cond) keeps the finished chunks in the cache as they were written, under the old
+    prompt (the official inference code's behaviour); send(new_cond, recache=True) first re-runs
+    every chunk the cache still holds under the new prompt (LongLive's re-cache: one forward pass
+    per kept chunk), so the context the next chunk attends to was computed under the new prompt."""
 
     def __init__(self, generator, chunks, batch_size):
         self.generator, self.chunks, self.batch_size = generator, chunks, batch_size
@@ -1207,10 +1256,10 @@ class Stream:
     def __next__(self) -> torch.Tensor:
         return next(self.chunks)
 
-    def send(self, new_cond) -> torch.Tensor:
+    def send(self, new_cond, recache: bool = False) -> torch.Tensor:
         if new_cond is not None:
             self.generator.check_cond(new_cond, self.batch_size)
-        return self.chunks.send(new_cond)
+        return self.chunks.send((new_cond, recache))
 
     def close(self) -> None:
         self.chunks.close()
@@ -1228,7 +1277,8 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
       on (Causal Forcing++ keeps 4 steps there).
     kv_cache: default a fresh one (new_cache_for), full or the model's rolling window.
     A new prompt mid-stream: `chunks.send(new_cond)` returns the next chunk, generated with the new
-    condition; the finished chunks stay in the cache under the prompt they were made with."""
+    condition; the finished chunks stay in the cache under the prompt they were made with, or are
+    re-cached under the new one with `chunks.send(new_cond, recache=True)` (see Stream)."""
     sigmas = check_sigmas(sigmas).tolist()
     first = check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist() if first_chunk_sigmas is not None else sigmas
     _check_context_noise(context_noise)
@@ -1281,7 +1331,7 @@ def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: i
 
 
 # =================================================================================================
-# I.7 losses: flow matching (I.3), ODE regression, DMD's generator loss, the critic's loss
+# I.7 losses: flow matching (I.3), ODE regression, consistency distillation, DMD's generator loss, the critic's loss
 # =================================================================================================
 
 
@@ -1362,7 +1412,7 @@ def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noi
 
 
 # =================================================================================================
-# I.8 stages: base, AR teacher, ODE pairs, ODE student, DMD (each runs the loop of II.4)
+# I.8 stages: base, AR teacher, ODE pairs, ODE student, consistency student, DMD (each runs the loop of II.4)
 # =================================================================================================
 
 
@@ -1810,6 +1860,8 @@ def validate_config(cfg: Config) -> None:
             problems.append(str(err))
     if not 0.0 <= cfg.sample.context_noise < 1.0:
         problems.append("context_noise must lie in [0, 1)")
+    if m.rope_positions not in ("absolute", "window"):
+        problems.append(f"rope_positions={m.rope_positions!r} is not 'absolute' or 'window'")
     if m.attention not in ("auto", "dense", "flex"):
         problems.append(f"attention={m.attention!r} is not 'auto', 'dense' or 'flex'")
     if cfg.train.data_parallel not in ("auto", "ddp", "fsdp"):
@@ -2733,6 +2785,21 @@ def load_models(out: str, cfg: Config) -> dict:
     return models
 
 
+def run_config(out: str, **overrides) -> Config:
+    """The config a run folder was made with (its config.json), checked as get_config checks any
+    config; fields added to the code after the run take their defaults. `overrides` (e.g. device)
+    replace saved values."""
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {out!r}: it is not a run folder of this code")
+    with open(path) as f:
+        saved = json.load(f)
+    flat = {k: v for k, v in saved.items() if not isinstance(v, dict) and k != "name"}
+    for section in _SECTIONS:
+        flat.update(saved.get(section, {}))
+    return get_config(saved.get("name", "toy2d"), **{**flat, **overrides})
+
+
 def _run_identity(config: dict) -> dict:
     """The config without the fields that do not change a run's results (device, checkpoint_every,
     dmd_snapshots)."""
@@ -3217,7 +3284,132 @@ def save_gif(columns: dict, path: str, scale: int = 3, ms_per_frame: int = 250) 
 
 
 # =================================================================================================
-# II.8 benchmark: streaming speed, FLOPs, and the GPU suite
+# II.8 long streams: quality over thousands of frames, and prompt switches
+# =================================================================================================
+
+
+def windowed(generator: CausalDiT, window_frames: int, sink_frames: int = 0,
+             rope_positions: str = "absolute") -> CausalDiT:
+    """The generator's weights in a model that streams through a rolling window of `window_frames`
+    (the first `sink_frames` always kept) with RoPE positions `rope_positions`: how a generator
+    trained on short clips makes a video of any length in fixed memory."""
+    if rope_positions not in ("absolute", "window"):
+        raise ValueError(f"rope_positions={rope_positions!r} is not 'absolute' or 'window'")
+    cfg = dataclasses.replace(generator.cfg, window_frames=window_frames, sink_frames=sink_frames,
+                              rope_positions=rope_positions)
+    model = CausalDiT(cfg, causal=True).to(next(generator.parameters()).device)
+    model.load_state_dict(generator.state_dict())
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def stream_video(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
+                 switches: Optional[dict] = None, recache: bool = False, rng=None) -> torch.Tensor:
+    """A whole streamed video (B, num_frames, C, H, W). switches {frame: new_cond}: from that frame
+    (a chunk boundary) on, the new condition, sent to the stream (with recache: the kept context is
+    rebuilt under it first)."""
+    c, switches = generator.cfg.chunk_frames, switches or {}
+    if any(f % c or not 0 < f < num_frames for f in switches):
+        raise ValueError(f"switch frames {sorted(switches)} must be chunk boundaries (chunk_frames={c}) inside the video")
+    chunks = stream(generator, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond, rng=rng)
+    out = [next(chunks)]
+    while len(out) * c < num_frames:
+        at = len(out) * c
+        out.append(chunks.send(switches[at], recache) if at in switches else next(chunks))
+    return torch.cat(out, 1)
+
+
+def long_stream_report(models: dict, cfg: Config, held_out: torch.Tensor, num_frames: int = 1024,
+                       batch_size: int = 64, block: int = 8, window_frames: Optional[int] = None,
+                       seed: int = 0, log=print) -> dict:
+    """Streams a trained digit generator (models["causal_forcing"], read by models["digit_classifier"])
+    far past the clips it was trained on, through a rolling window of `window_frames` (default: the
+    training clip length), without and with a sink and under both RoPE position policies, and
+    measures every block of `block` frames with `digit_metrics` (the first block is the same
+    generator on a training-length video). Each stream has the same noise and labels."""
+    gen, classifier = models["causal_forcing"], models["digit_classifier"]
+    W, chunk = window_frames or cfg.data.frames, gen.cfg.chunk_frames
+    held_out = held_out[:256]  # the reference of every block's metrics (read once per block)
+    labels = torch.arange(batch_size)[:, None] % 10
+    cond = label_cond(labels).to(cfg.device)
+    report = {"frames": num_frames, "block": block, "window_frames": W, "batch_size": batch_size,
+              "trained_frames": cfg.data.frames, "streams": {}}
+    for sink in (0, chunk):
+        for policy in ("absolute", "window"):
+            name = f"sink {sink}, {policy} positions"
+            t0 = time.perf_counter()
+            video = stream_video(windowed(gen, W, sink, policy), student_sigmas(cfg.sample), num_frames=num_frames,
+                                 batch_size=batch_size, cond=cond, rng=torch.Generator().manual_seed(seed)).cpu()
+            seconds = time.perf_counter() - t0
+            blocks = [{"first_frame": a, **digit_metrics(video[:, a:a + block], labels, held_out, classifier, chunk)}
+                      for a in range(0, num_frames - block + 1, block)]
+            report["streams"][name] = {"sink_frames": sink, "rope_positions": policy, "seconds": round(seconds, 2),
+                                       "blocks": blocks}
+            log(f"  {name}: {num_frames} frames x {batch_size} videos in {seconds:.0f} s; instruction following "
+                f"first block {blocks[0]['instruction_following']:.3f}, last {blocks[-1]['instruction_following']:.3f}")
+    return report
+
+
+def prompt_switch_report(models: dict, cfg: Config, num_frames: int = 32, switch_at: int = 16,
+                         batch_size: int = 100, seed: int = 0) -> dict:
+    """Every video switches from digit a to another digit b at frame `switch_at`, with the finished
+    chunks kept in the cache as written (under a) or re-cached under b. Per policy: the fraction of
+    videos read as b at every frame, how many frames after the switch a video is first read as b
+    (mean over the videos that get there), the block jump at the switch (change into the switch
+    frame over the mean change inside chunks), and the stream's wall time."""
+    gen, classifier = models["causal_forcing"], models["digit_classifier"]
+    chunk = gen.cfg.chunk_frames
+    a = torch.arange(batch_size) % 10
+    b = (a + 1 + (torch.arange(batch_size) // 10) % 9) % 10  # a different digit for every video
+    cond_a, cond_b = (label_cond(v[:, None]).to(cfg.device) for v in (a, b))
+    report = {"frames": num_frames, "switch_at": switch_at, "batch_size": batch_size, "policies": {}}
+    for recache in (False, True):
+        t0 = time.perf_counter()
+        video = stream_video(gen, student_sigmas(cfg.sample), num_frames=num_frames, batch_size=batch_size, cond=cond_a,
+                             switches={switch_at: cond_b}, recache=recache, rng=torch.Generator().manual_seed(seed)).cpu()
+        seconds = time.perf_counter() - t0
+        pred = read_frames(classifier, video)[1]  # (B, F)
+        is_b = pred[:, switch_at:] == b[:, None]
+        reached = is_b.any(1)
+        delay = is_b.double().argmax(1)[reached].double()  # frames after the switch until a video first reads as b
+        change = (video[:, 1:] - video[:, :-1]).abs().mean(dim=(0, 2, 3, 4))  # into frame f + 1
+        inside = (torch.arange(1, num_frames) % chunk) != 0
+        report["policies"]["re-cache" if recache else "keep cache"] = {
+            "reads_new_digit_per_frame": (pred == b[:, None]).double().mean(0).tolist(),
+            "reads_old_digit_per_frame": (pred == a[:, None]).double().mean(0).tolist(),
+            "videos_reaching_new_digit": float(reached.double().mean()),
+            "frames_until_new_digit": float(delay.mean()) if len(delay) else float("nan"),
+            "jump_at_switch": float(change[switch_at - 1] / change[inside].mean()),
+            "seconds": round(seconds, 3)}
+    return report
+
+
+def plot_long_stream(report: dict, path: str) -> None:
+    """Quality against frame index, one line per stream setting, one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("instruction_following", "frechet_distance", "sharpness", "dynamic_degree", "chunk_boundary_jump")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    for ax, metric in zip(axes, metrics):
+        for name, s in report["streams"].items():
+            ax.plot([b["first_frame"] for b in s["blocks"]], [b[metric] for b in s["blocks"]], label=name,
+                    lw=1, ls="-" if s["rope_positions"] == "window" else "--")
+        ax.axvline(report["trained_frames"], color="0.6", lw=0.8)
+        ax.set(xscale="symlog", xlabel="frame", title=metric.replace("_", " "))
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{report['frames']}-frame streams through a {report['window_frames']}-frame window "
+                 f"(grey line: the {report['trained_frames']}-frame training clips)", fontsize=10)
+    fig.tight_layout()
+    with _atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=80)
+    plt.close(fig)
+
+
+# =================================================================================================
+# II.9 benchmark: streaming speed, FLOPs, and the GPU suite
 # =================================================================================================
 
 
@@ -3343,10 +3535,11 @@ def benchmark_cache(cfg: Config, lengths=(16, 64, 256), batch_size: int = 1) -> 
 
 
 def benchmark_flat_cost(cfg: Config, window_frames: int, sink_frames: int = 0, at_chunks=(10, 1000),
-                        probe: int = 5, batch_size: int = 1) -> dict:
+                        probe: int = 5, batch_size: int = 1, rope_positions: str = "absolute") -> dict:
     """With a rolling cache, the time per chunk should not grow: streams past the last of `at_chunks`
     and compares the mean time of `probe` chunks from each, and the cache's size."""
-    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=window_frames, sink_frames=sink_frames))
+    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=window_frames, sink_frames=sink_frames,
+                                                           rope_positions=rope_positions))
     model = CausalDiT(c.model).to(c.device).eval()
     cache = model.new_kv_cache(batch_size)
     frames = (max(at_chunks) + probe) * c.model.chunk_frames
@@ -3362,10 +3555,36 @@ def benchmark_flat_cost(cfg: Config, window_frames: int, sink_frames: int = 0, a
                 memory[k + 1] = _memory_bytes(c.device)
     times = timed_chunks(chunks(), c.device)
     per_chunk = {k: sum(times[k: k + probe]) / probe for k in at_chunks}
-    return {"window_frames": window_frames, "sink_frames": sink_frames, "seconds_per_chunk": per_chunk,
+    return {"window_frames": window_frames, "sink_frames": sink_frames, "rope_positions": rope_positions,
+            "frames": frames, "seconds_per_chunk": per_chunk,
             "ratio_last_to_first": per_chunk[max(at_chunks)] / per_chunk[min(at_chunks)],
             "kv_cache_bytes": cache.k.numel() * cache.k.element_size() * 2,
             "memory_bytes_after_chunk": memory, "memory_measure": _memory_bytes.__doc__}
+
+
+def benchmark_recache(cfg: Config, window_frames: int, sink_frames: int = 0, switch_chunk: int = 20,
+                      repeats: int = 3, batch_size: int = 1) -> dict:
+    """What a prompt switch costs: the time of the chunk after a switch that keeps the cache, and of
+    one that re-caches it first (a forward pass per kept chunk), measured side by side (best of
+    `repeats`), against an ordinary chunk."""
+    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=window_frames, sink_frames=sink_frames))
+    model, cond = _random_generator(c, batch_size)
+    if cond is None:
+        raise ValueError(f"config {cfg.name!r} has no conditioning (cond_dim=0): there is no prompt to switch")
+    chunk, frames = c.model.chunk_frames, (switch_chunk + 2) * c.model.chunk_frames
+    best = {}
+    for _ in range(repeats + 1):  # the first round warms up
+        for recache in (False, True):
+            chunks = stream(model, student_sigmas(c.sample), num_frames=frames, batch_size=batch_size, cond=cond,
+                            rng=torch.Generator().manual_seed(0))
+            times = timed_chunks((next(chunks) if k != switch_chunk else chunks.send(cond, recache)
+                                  for k in range(switch_chunk + 2)), c.device)
+            for key, value in ((recache, times[switch_chunk]), ("plain", times[switch_chunk - 1])):
+                best[key] = min(best.get(key, float("inf")), value)
+    kept = min(window_frames, switch_chunk * chunk) // chunk
+    return {"window_frames": window_frames, "sink_frames": sink_frames, "kept_chunks": kept,
+            "seconds_plain_chunk": best["plain"], "seconds_after_switch_keep_cache": best[False],
+            "seconds_after_switch_recache": best[True], "recache_over_plain": best[True] / best["plain"]}
 
 
 def _memory_bytes(device) -> int:
@@ -3712,7 +3931,7 @@ def _all_ok(value) -> Optional[bool]:
 
 
 # =================================================================================================
-# II.9 command line
+# II.10 command line
 # =================================================================================================
 
 
@@ -3751,6 +3970,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return bench_main(argv[1:])
+    if argv[:1] == ["long-stream"]:
+        return long_stream_main(argv[1:])
     parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage (bidirectional base, AR "
                                      "teacher, ODE students, DMD) on toy 2-D videos (--config toy2d) or moving "
                                      "digits (--config mnist) and prints the table. Re-running the same command "
@@ -3843,12 +4064,70 @@ def bench_main(argv) -> int:
         result = benchmark_stream(cfg, args.frames, args.batch_size, args.repeats)
     else:
         window = cfg.model.window_frames or 2 * cfg.model.chunk_frames
+        chunk = cfg.model.chunk_frames
         result = {"config": cfg.name, "device": cfg.device, "batch_size": args.batch_size,
                   "cache_vs_recompute": benchmark_cache(cfg, batch_size=args.batch_size),
-                  "flat_cost": benchmark_flat_cost(cfg, window, cfg.model.sink_frames, batch_size=args.batch_size)}
+                  "flat_cost": benchmark_flat_cost(cfg, window, cfg.model.sink_frames, batch_size=args.batch_size),
+                  "flat_cost_window_positions": benchmark_flat_cost(  # 10,000 frames, a sink, window positions
+                      cfg, max(window, 2 * chunk), chunk, at_chunks=(10, -(-10_000 // chunk)), batch_size=args.batch_size,
+                      rope_positions="window")}
+        if cfg.model.cond_dim:
+            result["recache"] = benchmark_recache(cfg, max(window, 4 * chunk), chunk, batch_size=args.batch_size)
     print(json.dumps(result, indent=2))
     if args.out:
         save_atomic(result, args.out)
+    return 0
+
+
+def long_stream_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="causal_forcing.py long-stream", description="A trained moving-digit "
+                                     "generator far past its training length: quality per block of frames through a "
+                                     "rolling window (no sink and a sink, absolute and window RoPE positions), and "
+                                     "prompt switches with the cache kept or re-cached. Writes long_stream.json, "
+                                     "long_stream.png and prompt_switch.gif to --out.")
+    parser.add_argument("--run", default=None, help="a finished --config mnist run folder (default: runs/mnist if it "
+                        "has models.pt, else the run shipped in docs/mnist_run)")
+    parser.add_argument("--frames", type=int, default=1024, help="frames per stream (default 1024)")
+    parser.add_argument("--batch-size", type=int, default=64, help="videos per stream (default 64)")
+    parser.add_argument("--window", type=int, default=None, help="rolling window in frames (default: the training clip length)")
+    parser.add_argument("--out", default=os.path.join("runs", "long_stream"), help="folder for the results (default runs/long_stream)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
+    args = parser.parse_args(argv)
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = args.run or next((p for p in (os.path.join("runs", "mnist"), os.path.join(here, "docs", "mnist_run"))
+                            if os.path.isfile(os.path.join(p, "models.pt"))), None)
+    if run is None or not os.path.isfile(os.path.join(run, "models.pt")):
+        parser.error(f"no trained digit models in {run or 'runs/mnist or docs/mnist_run'!r}: run "
+                     "'python causal_forcing.py --config mnist' first, or pass --run")
+    try:
+        cfg = run_config(run, **({"device": args.device} if args.device else {}))
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if cfg.data.dataset != "moving_digits":
+        parser.error(f"{run!r} is a {cfg.data.dataset} run; long streams are measured on moving digits")
+    chunk = cfg.model.chunk_frames
+    if args.frames < 2 * cfg.data.frames or args.batch_size < 10 or (args.window is not None and args.window < 2 * chunk):
+        parser.error(f"--frames must be >= {2 * cfg.data.frames}, --batch-size >= 10 (every digit), --window >= {2 * chunk}")
+    os.makedirs(args.out, exist_ok=True)
+    models = load_models(run, cfg)
+    held_out = PipelineRun(cfg, None, print).data.test
+    print(f"long streams of the causal_forcing generator in {run}:")
+    report = long_stream_report(models, cfg, held_out, args.frames, args.batch_size, window_frames=args.window)
+    report["run"], report["device"] = run, cfg.device
+    report["prompt_switch"] = prompt_switch_report(models, cfg)
+    for policy, r in report["prompt_switch"]["policies"].items():
+        print(f"  prompt switch, {policy}: {r['videos_reaching_new_digit']:.2f} of videos read the new digit, after "
+              f"{r['frames_until_new_digit']:.2f} frames on average; jump at the switch {r['jump_at_switch']:.2f}; {r['seconds']:.2f} s")
+    save_atomic(report, os.path.join(args.out, "long_stream.json"))
+    plot_long_stream(report, os.path.join(args.out, "long_stream.png"))
+    first = torch.arange(10)  # a video of each digit, which changes twice: d -> d + 3 -> d + 6
+    conds = [label_cond(((first + k) % 10)[:, None]).to(cfg.device) for k in (0, 3, 6)]
+    gif = {name: stream_video(models["causal_forcing"], student_sigmas(cfg.sample), num_frames=48, batch_size=10,
+                              cond=conds[0], switches={16: conds[1], 32: conds[2]}, recache=recache,
+                              rng=torch.Generator().manual_seed(0)).cpu()
+           for name, recache in (("keep_cache", False), ("re_cache", True))}
+    save_gif(gif, os.path.join(args.out, "prompt_switch.gif"))
+    print(f"wrote {args.out}/long_stream.json, long_stream.png, prompt_switch.gif")
     return 0
 
 

@@ -116,6 +116,52 @@ def test_rolling_window_equals_banded_mask(chunk, window, sink):
     assert (model(x, t) - full).abs().max() > 1e-6
 
 
+def _stream_frames(model, x, t, chunk):
+    """Each chunk of x streamed once through a fresh cache of the model's window; the outputs."""
+    cache, outs = model.new_kv_cache(x.shape[0]), []
+    for start in range(0, x.shape[1], chunk):
+        outs.append(model(x[:, start:start + chunk], t[:, start:start + chunk], kv_cache=cache, start_frame=start))
+    return torch.cat(outs, 1)
+
+
+def test_window_positions_equal_absolute_ones_until_a_frame_leaves_the_window():
+    """RoPE depends on position differences only: re-indexing the live window to [0, W) changes
+    nothing while the window still holds every frame since the first, and changes the output once
+    frames have left it (W = 6 with a 2-frame sink, chunks of 2: frames 2 and 3 leave at frame 6)."""
+    model, _ = random_model(chunk_frames=2, window_frames=6, sink_frames=2)
+    x, t = video(model, 2, 12)
+    absolute = _stream_frames(model, x, t, 2)
+    model.cfg.rope_positions = "window"
+    window = _stream_frames(model, x, t, 2)
+    torch.testing.assert_close(window[:, :6], absolute[:, :6], rtol=0, atol=1e-12)
+    assert (window[:, 6:] - absolute[:, 6:]).abs().amax(dim=(0, 2, 3, 4)).min() > 1e-6  # every later frame differs
+
+
+def test_window_positions_make_a_chunk_independent_of_how_far_into_the_stream_it_is():
+    """Under "window" positions a chunk's output is a function of the live window's content only:
+    the same sink, recent frames and chunk give the same output at frame 40 as at frame 4.
+    Under "absolute" positions the sink's distance grows with the stream, and the output drifts.
+    (One layer: deeper layers' cached keys also carry each frame's own, different, context.)"""
+    model, _ = random_model(chunk_frames=2, window_frames=6, sink_frames=2, num_layers=1)
+    x, t = video(model, 1, 42, seed=3)
+    short = torch.cat([x[:, :2], x[:, 38:42]], 1), torch.cat([t[:, :2], t[:, 38:42]], 1)  # sink, recent 2, chunk
+    for policy, same in (("window", True), ("absolute", False)):
+        model.cfg.rope_positions = policy
+        far, near = _stream_frames(model, x, t, 2)[:, 40:], _stream_frames(model, *short, 2)[:, 4:]
+        assert torch.allclose(far, near, rtol=0, atol=1e-12) == same, policy
+
+
+def test_a_cache_keeps_the_position_policy_it_was_made_for():
+    model, _ = random_model(chunk_frames=1, window_frames=3, sink_frames=1)
+    cache = model.new_kv_cache(1)
+    model.cfg.rope_positions = "window"  # its cache holds rotated keys; this model expects raw ones
+    x, t = video(model, 1, 1)
+    with pytest.raises(ValueError, match="rope_positions='absolute'"):
+        model(x, t, kv_cache=cache)
+    with pytest.raises(ValueError, match="rope_positions='relative' is not 'absolute' or 'window'"):
+        cf.get_config("toy2d", rope_positions="relative")
+
+
 def test_rolling_cache_refuses_to_go_back_past_what_it_holds():
     model, _ = random_model(chunk_frames=1, window_frames=3, sink_frames=1)
     x, t = video(model, 1, 6)
@@ -789,6 +835,40 @@ def test_stream_takes_a_new_prompt_mid_video():
             if f < 3:
                 cf.write_context(model, manual[-1], c, cache, f, 0.0, g)
     torch.testing.assert_close(switched, torch.cat(manual, 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window", [{}, dict(window_frames=3, sink_frames=1)], ids=["full cache", "rolling window"])
+def test_a_prompt_switch_with_recache_rebuilds_the_kept_context_under_the_new_prompt(window):
+    """send(cond_b, recache=True) re-runs every chunk the cache still holds under cond_b before the
+    next chunk: the same as doing it by hand. A rolling cache holds the sink and the latest frames
+    only, so only those are re-cached (in frame order, skipping the frames that left)."""
+    model, cfg = random_model(chunk_frames=1, cond_dim=3, dtype=torch.float32, **window)
+    cond_a, cond_b = torch.randn(2, 1, 3), torch.randn(2, 1, 3)
+    sig, switch = cf.student_sigmas(cfg.sample), 5
+
+    def run(recache):
+        chunks = cf.stream(model, sig, num_frames=8, batch_size=2, cond=cond_a, rng=torch.Generator().manual_seed(0))
+        out = [next(chunks)]
+        while len(out) < 8:
+            out.append(chunks.send(cond_b, recache=recache) if len(out) == switch else next(chunks))
+        return torch.cat(out, 1)
+
+    recached, kept_as_is = run(True), run(False)
+    torch.testing.assert_close(recached[:, :switch], kept_as_is[:, :switch], rtol=0, atol=0)  # the past is the past
+    assert (recached[:, switch:] - kept_as_is[:, switch:]).abs().max() > 1e-4  # the rebuilt context matters
+    g, cache, manual = torch.Generator().manual_seed(0), cf.new_cache_for(model, 2, 8), []
+    held = [0, 3, 4] if window else list(range(switch))  # sink 0 and the 2 ring slots; or every frame
+    with torch.no_grad():
+        for f in range(8):
+            c = cond_a if f < switch else cond_b
+            manual.append(cf.denoise_chunk(model, torch.randn(2, 1, 2, 1, 1, generator=g), sig, c, cache, f, rng=g))
+            if f < 7:
+                cf.write_context(model, manual[-1], c, cache, f, 0.0, g)
+            if f == switch - 1:
+                with cache.rewrite():
+                    for h in held:
+                        cf.write_context(model, manual[h], cond_b, cache, h, 0.0, g)
+    torch.testing.assert_close(recached, torch.cat(manual, 1), rtol=0, atol=0)
 
 
 def test_gradient_checkpointing_is_safe_with_a_rolling_cache():

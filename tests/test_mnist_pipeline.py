@@ -216,3 +216,46 @@ def test_command_line_names_a_run_folder_with_another_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cf.main(["--out", str(tmp_path), "--seed", "1", "--device", "cpu"])
     assert "holds a run with another config (differs in seed)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_long_stream_command_on_a_tiny_run(tmp_path, capsys):
+    """The long-stream command streams a trained digit generator far past its clips through a
+    rolling window and writes the per-block report, the figure and the prompt-switch GIF. Without
+    a sink the live window is a run of consecutive frames, so window and absolute RoPE positions
+    differ by a shift only and give the same streams (to float32 rounding); with a sink they differ."""
+    cfg = cf.get_config("mnist", **{**TINY, "cd_steps": 0})
+    cf.run_pipeline(cfg, str(tmp_path / "run"), log=None)
+    with pytest.raises(SystemExit):
+        cf.main(["long-stream", "--run", str(tmp_path / "run"), "--frames", "4"])
+    assert "--frames must be >= 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cf.main(["long-stream", "--run", str(tmp_path / "nothing")])
+    assert "no trained digit models" in capsys.readouterr().err
+    assert cf.main(["long-stream", "--run", str(tmp_path / "run"), "--frames", "24", "--batch-size", "10",
+                    "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "out" / "long_stream.json").read_text())
+    assert report["frames"] == 24 and report["window_frames"] == cfg.data.frames
+    streams = report["streams"]
+    assert set(streams) == {f"sink {s}, {p} positions" for s in (0, 2) for p in ("absolute", "window")}
+    assert all(len(s["blocks"]) == 3 for s in streams.values())
+    def same(a, b):  # to float32 rounding: the rotations differ in the positions they start from
+        return all(x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7) for x, y in zip(a, b) for k in x)
+    assert same(streams["sink 0, absolute positions"]["blocks"], streams["sink 0, window positions"]["blocks"])
+    assert not same(streams["sink 2, absolute positions"]["blocks"], streams["sink 2, window positions"]["blocks"])
+    switch = report["prompt_switch"]["policies"]
+    assert set(switch) == {"keep cache", "re-cache"}
+    for r in switch.values():
+        assert len(r["reads_new_digit_per_frame"]) == 32 and 0 <= r["videos_reaching_new_digit"] <= 1
+    assert os.path.getsize(tmp_path / "out" / "long_stream.png") > 1000
+    assert os.path.getsize(tmp_path / "out" / "prompt_switch.gif") > 1000
+
+
+def test_stream_video_switches_only_at_chunk_boundaries():
+    cfg = cf.get_config("mnist", **{**TINY, "frames": 6})
+    model = cf.CausalDiT(cfg.model)
+    with pytest.raises(ValueError, match=r"switch frames \[3\] must be chunk boundaries"):
+        cf.stream_video(model, cf.student_sigmas(cfg.sample), num_frames=6, batch_size=1,
+                        cond=cf.label_cond(torch.tensor([[1]])), switches={3: cf.label_cond(torch.tensor([[2]]))})
+    with pytest.raises(ValueError, match="rope_positions='relative'"):
+        cf.windowed(model, 4, 0, "relative")
