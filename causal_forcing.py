@@ -2811,9 +2811,13 @@ def _run_identity(config: dict) -> dict:
 
 
 def _config_differences(saved: dict, config: dict) -> list[str]:
-    """The fields (section.name) in which two configs differ, device and checkpoint_every aside."""
+    """The fields (section.name) in which two configs differ, device and checkpoint_every aside. A
+    field the saved run's code did not have yet counts at its default (new fields default to the
+    behaviour the code had before them)."""
     flat = lambda d: {f"{k}.{k2}": v2 for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [("", v)])}  # noqa: E731
+    defaults = flat(json.loads(json.dumps(_run_identity(Config().to_dict()))))
     a, b = (flat(json.loads(json.dumps(_run_identity(c)))) for c in (saved, config))  # tuples -> lists, as saved
+    a = {**{k: v for k, v in defaults.items() if k not in a and k != "name."}, **a}
     return sorted(k.rstrip(".") for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
