@@ -122,6 +122,9 @@ class DataConfig:
     mnist_dir: Optional[str] = None  # MNIST IDX files; None: $CAUSAL_FORCING_MNIST, else toy_data sprites
 
 
+ROPE_POSITIONS = ("absolute", "window")  # the values of ModelConfig.rope_positions
+
+
 @dataclass
 class ModelConfig:
     """CausalDiT shapes. Field names follow Wan2.1 where Wan has the same knob."""
@@ -145,7 +148,7 @@ class ModelConfig:
     # the frame positions RoPE sees when streaming through a rolling cache: "absolute" (frame index,
     # the official code's) or "window" (the live window, sink included, re-indexed to [0, W) at
     # every chunk, keys cached before rotation: a long stream never meets distances unseen in training)
-    rope_positions: str = "absolute"
+    rope_positions: str = "absolute"  # one of ROPE_POSITIONS
     # speed (off the teaching path; none changes the method, bf16 only the rounding)
     attention: str = "auto"  # "dense" masks (readable, CPU) or "flex" block masks; auto = flex on CUDA
     precision: str = "auto"  # "fp32" or "bf16" autocast; auto = bf16 on CUDA, fp32 elsewhere
@@ -1862,7 +1865,7 @@ def validate_config(cfg: Config) -> None:
             problems.append(str(err))
     if not 0.0 <= cfg.sample.context_noise < 1.0:
         problems.append("context_noise must lie in [0, 1)")
-    if m.rope_positions not in ("absolute", "window"):
+    if m.rope_positions not in ROPE_POSITIONS:
         problems.append(f"rope_positions={m.rope_positions!r} is not 'absolute' or 'window'")
     if m.attention not in ("auto", "dense", "flex"):
         problems.append(f"attention={m.attention!r} is not 'auto', 'dense' or 'flex'")
@@ -2673,12 +2676,19 @@ def read_frames(classifier: DigitClassifier, videos: torch.Tensor) -> tuple[torc
 
 
 @torch.no_grad()
+def frame_changes(videos: torch.Tensor, chunk_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F - 1,) the mean change |x_{f+1} - x_f| into every frame f + 1 (over pixels and videos), and
+    whether frame f + 1 starts a chunk."""
+    change = (videos[:, 1:] - videos[:, :-1]).abs().mean(dim=(0, 2, 3, 4))
+    return change, (torch.arange(1, videos.shape[1]) % chunk_frames) == 0
+
+
+@torch.no_grad()
 def chunk_boundary_jump(videos: torch.Tensor, chunk_frames: int) -> float:
     """Mean frame-to-frame change (mean |x_{f+1} - x_f| over pixels and videos) across chunk
     boundaries, over the mean change within chunks. About 1 for data that moves steadily; above 1
     when a chunk-wise generator jumps at the start of each chunk. NaN without both kinds of pair."""
-    change = (videos[:, 1:] - videos[:, :-1]).abs().mean(dim=(0, 2, 3, 4))  # (F - 1,): into frame f + 1
-    into_new_chunk = (torch.arange(1, videos.shape[1]) % chunk_frames) == 0
+    change, into_new_chunk = frame_changes(videos, chunk_frames)
     if into_new_chunk.all() or not into_new_chunk.any():
         return float("nan")
     return float(change[into_new_chunk].mean() / change[~into_new_chunk].mean())
@@ -3132,12 +3142,13 @@ class PipelineRun:
         d = self.data
         by_rows = {r: v for r, v in samples.items() if r in results["rows"]}
         by_steps = {r: v for r, v in samples.items() if r not in results["rows"]}  # "causal_forcing (2 steps)", ...
+        if self.digits:  # a held-out video of each digit (any video if none has it), for the GIFs' data column
+            first = [int((torch.nonzero(d.test_labels[:, 0] == k).flatten().tolist() or [k % len(d.test)])[0])
+                     for k in range(10)]
         for name, group in (("samples", by_rows), ("steps", by_steps)):
             if not group:
                 continue
             if self.digits:  # a column per row; row i of the grid asks for digit i % 10; the data column shows that digit too
-                first = [int((torch.nonzero(d.test_labels[:, 0] == k).flatten().tolist() or [k % len(d.test)])[0])
-                         for k in range(10)]  # a held-out video of each digit (any video if none has it)
                 save_gif({"data": d.test[first], **{r: v[:10] for r, v in group.items()}}, os.path.join(self.out, f"{name}.gif"))
             else:
                 plot_samples(group, d.test, os.path.join(self.out, f"{name}.png"))
@@ -3299,7 +3310,7 @@ def windowed(generator: CausalDiT, window_frames: int, sink_frames: int = 0,
     """The generator's weights in a model that streams through a rolling window of `window_frames`
     (the first `sink_frames` always kept) with RoPE positions `rope_positions`: how a generator
     trained on short clips makes a video of any length in fixed memory."""
-    if rope_positions not in ("absolute", "window"):
+    if rope_positions not in ROPE_POSITIONS:
         raise ValueError(f"rope_positions={rope_positions!r} is not 'absolute' or 'window'")
     cfg = dataclasses.replace(generator.cfg, window_frames=window_frames, sink_frames=sink_frames,
                               rope_positions=rope_positions)
@@ -3341,7 +3352,7 @@ def long_stream_report(models: dict, cfg: Config, held_out: torch.Tensor, num_fr
     report = {"frames": num_frames, "block": block, "window_frames": W, "batch_size": batch_size,
               "trained_frames": cfg.data.frames, "streams": {}}
     for sink in (0, chunk):
-        for policy in ("absolute", "window"):
+        for policy in ROPE_POSITIONS:
             name = f"sink {sink}, {policy} positions"
             t0 = time.perf_counter()
             video = stream_video(windowed(gen, W, sink, policy), student_sigmas(cfg.sample), num_frames=num_frames,
@@ -3378,14 +3389,13 @@ def prompt_switch_report(models: dict, cfg: Config, num_frames: int = 32, switch
         is_b = pred[:, switch_at:] == b[:, None]
         reached = is_b.any(1)
         delay = is_b.double().argmax(1)[reached].double()  # frames after the switch until a video first reads as b
-        change = (video[:, 1:] - video[:, :-1]).abs().mean(dim=(0, 2, 3, 4))  # into frame f + 1
-        inside = (torch.arange(1, num_frames) % chunk) != 0
+        change, into_new_chunk = frame_changes(video, chunk)
         report["policies"]["re-cache" if recache else "keep cache"] = {
             "reads_new_digit_per_frame": (pred == b[:, None]).double().mean(0).tolist(),
             "reads_old_digit_per_frame": (pred == a[:, None]).double().mean(0).tolist(),
             "videos_reaching_new_digit": float(reached.double().mean()),
             "frames_until_new_digit": float(delay.mean()) if len(delay) else float("nan"),
-            "jump_at_switch": float(change[switch_at - 1] / change[inside].mean()),
+            "jump_at_switch": float(change[switch_at - 1] / change[~into_new_chunk].mean()),
             "seconds": round(seconds, 3)}
     return report
 
