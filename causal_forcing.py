@@ -34,6 +34,8 @@ Run it:
     torchrun --nproc_per_node=2 causal_forcing.py     # the same, data parallel
     python causal_forcing.py bench --config wan-1.3b  # streaming speed of a Wan-sized generator
     python causal_forcing.py bench --suite gpu        # on a GPU: the fast paths checked, then timed
+    python causal_forcing.py generate --wan-dir DIR --checkpoint causal_forcing.pt --prompt "..."
+                                              # real Wan2.1 weights to an .mp4 (requirements-wan.txt)
     python -m pytest                          # the tests
 
 How to read it. Part I is the method, top to bottom in the order the data flows (the stages run the
@@ -61,8 +63,10 @@ Part II is engineering, none of which changes the method:
                         sharpness, dynamic degree, instruction following, temporal consistency)
     II.7 pipeline       every stage (resumable from saved stages), the table, results.json, figures
     II.8 long streams   a generator far past its training length, and prompt switches
-    II.9 benchmark      streaming speed, FLOPs, the GPU suite
-    II.10 command line
+    II.9 real Wan       Diffusers-format weights, the umT5 text encoder and the VAE, .mp4 files:
+                        `generate` streams text to video with real Wan2.1 components
+    II.10 benchmark     streaming speed, FLOPs, the GPU suite
+    II.11 command line
 
 Shapes: B batch, F frames, C channels, H W height width, S tokens per frame, N tokens, D width,
 h heads, d head dim. Videos are (B, F, C, H, W); timesteps are sigmas (B, F) in [0, 1], 1 = noise.
@@ -1113,13 +1117,16 @@ class CausalDiT(nn.Module):
 # =================================================================================================
 
 
-def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, **kw):
+def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, uncond=None, **kw):
     """Classifier-free guidance uncond + g (cond - uncond); plain prediction without a condition.
-    One forward pass on the doubled batch [x ; x] with conditions [cond ; null]; a KV cache for it
-    holds 2B rows, the conditional streams then the unconditional ones (see sample_ar_teacher)."""
+    One forward pass on the doubled batch [x ; x] with conditions [cond ; uncond]; a KV cache for it
+    holds 2B rows, the conditional streams then the unconditional ones (see sample_ar_teacher).
+    uncond: the null condition by default (zeros, what condition dropout trains); Wan's base uses a
+    negative prompt's text features (one row is repeated for the batch)."""
     if cond is None or guidance == 1.0:
         return model(x, t, cond, **kw)
-    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]),
+    uncond = torch.zeros_like(cond) if uncond is None else uncond.expand(len(cond), -1, -1)
+    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]),
               **{k: (torch.cat([v_, v_]) if torch.is_tensor(v_) else v_) for k, v_ in kw.items()})
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + guidance * (v_cond - v_uncond)
@@ -1164,12 +1171,18 @@ def new_cache_for(model: CausalDiT, batch_size: int, num_frames: int) -> KVCache
 
 @torch.no_grad()
 def sample_bidirectional(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
-                         guidance: float = 1.0, rng=None, noise=None) -> torch.Tensor:
+                         guidance: float = 1.0, uncond=None, rng=None, noise=None) -> torch.Tensor:
     """The bidirectional teacher: Euler along `sigmas` (the grid from 1 to 0, e.g.
-    solver_sigmas(48, cfg.sample)), one timestep for the whole clip."""
+    solver_sigmas(48, cfg.sample)), one timestep for the whole clip; guidance against `uncond`
+    (default the null condition, see guided_velocity)."""
     sigmas = check_sigmas(sigmas)
+    if uncond is not None and cond is not None:
+        model.check_cond(uncond, len(uncond))
+        if len(uncond) not in (1, len(cond)) or uncond.shape[1] != cond.shape[1]:
+            raise ValueError(f"uncond {tuple(uncond.shape)} must have cond's rows ({cond.shape[1]}) and 1 or {len(cond)} in the batch")
     x = noise if noise is not None else _noise(model, batch_size, num_frames, rng)
-    vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance)  # noqa: E731
+    vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance,  # noqa: E731
+                                        uncond)
     return euler_ode(vel, x, sigmas)[0]
 
 
@@ -1225,12 +1238,15 @@ def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None
 
 def _stream_chunks(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise):
     kept = []  # (start, x0) of the finished chunks the cache still holds, for a re-cache
-    with torch.no_grad():
-        for start in range(0, num_frames, generator.cfg.chunk_frames):
-            n = min(generator.cfg.chunk_frames, num_frames - start)
+    for start in range(0, num_frames, generator.cfg.chunk_frames):
+        n = min(generator.cfg.chunk_frames, num_frames - start)
+        # no_grad never spans a yield: the caller's code between chunks runs in its own grad mode, and a
+        # stream left unfinished cannot switch gradients off for whatever runs after it
+        with torch.no_grad():
             x0 = denoise_chunk(generator, _noise(generator, batch_size, n, rng),
                                first if start == 0 else sigmas, cond, cache, start, rng=rng)
-            new_cond, recache = (yield x0) or (None, False)
+        new_cond, recache = (yield x0) or (None, False)
+        with torch.no_grad():
             if start + n < num_frames:
                 write_context(generator, x0, cond, cache, start, context_noise, rng)
                 kept = [(a, c) for a, c in kept if bool((cache.slot_frame == a).any())] + [(start, x0)]
@@ -1306,11 +1322,11 @@ def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_siz
         t_all = torch.cat([torch.zeros(len(x), prefix.shape[1], device=x.device), t], 1)
         return generator(torch.cat([prefix, x], 1), t_all, cond)[:, prefix.shape[1]:]
 
-    with torch.no_grad():
-        for start in range(0, num_frames, generator.cfg.chunk_frames):
-            n = min(generator.cfg.chunk_frames, num_frames - start)
+    for start in range(0, num_frames, generator.cfg.chunk_frames):
+        n = min(generator.cfg.chunk_frames, num_frames - start)
+        with torch.no_grad():  # not across the yield (see _stream_chunks)
             done.append(denoise_chunk(on_prefix, _noise(generator, batch_size, n, rng), sigmas, cond, None, start, rng=rng))
-            yield done[-1]
+        yield done[-1]
 
 
 def sample_student(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
@@ -1908,6 +1924,60 @@ def resolve_device(name: str) -> str:
 _WRAPPER_PREFIXES = ("module.", "model.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 
 
+# Wan2.1's parameter names against Diffusers' WanTransformer3DModel; "{}" is a block index. The
+# cross-attention's LayerNorm runs second in a block: Wan calls it norm3, Diffusers norm2.
+_DIFFUSERS_NAMES = [
+    ("patch_embedding.", "patch_embedding."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.head.", "proj_out."),
+    ("head.modulation", "scale_shift_table"),
+    ("blocks.{}.modulation", "blocks.{}.scale_shift_table"),
+    *((f"blocks.{{}}.{wan}.{a}", f"blocks.{{}}.{dif}.{b}")
+      for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+      for a, b in (("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("o.", "to_out.0."),
+                   ("norm_q.", "norm_q."), ("norm_k.", "norm_k."))),
+    ("blocks.{}.norm3.", "blocks.{}.norm2."),
+    ("blocks.{}.ffn.0.", "blocks.{}.ffn.net.0.proj."),
+    ("blocks.{}.ffn.2.", "blocks.{}.ffn.net.2."),
+]
+
+
+def rename_wan_parameters(state: dict, to: str) -> dict:
+    """A Wan2.1 DiT state dict with its names in the other layout: to="diffusers" from Wan's
+    (official, Causal/Self Forcing, this module's), to="wan" from Diffusers'. A name the table does
+    not cover is an error, not a parameter silently dropped."""
+    import re
+
+    if to not in ("wan", "diffusers"):
+        raise ValueError(f"to={to!r} must be 'wan' or 'diffusers'")
+    rules = []
+    for wan, dif in _DIFFUSERS_NAMES:
+        src, dst = (wan, dif) if to == "diffusers" else (dif, wan)
+        whole = not src.endswith(".")  # "head.modulation" is a whole name, "head.head." a prefix
+        rules.append((re.compile(re.escape(src).replace(r"\{\}", r"(\d+)") + ("$" if whole else "")), dst))
+    out, unknown = {}, []
+    for name, tensor in state.items():
+        for pattern, dst in rules:
+            m = pattern.match(name)
+            if m:
+                out[(dst.replace("{}", m.group(1)) if m.groups() else dst) + name[m.end():]] = tensor
+                break
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"{len(unknown)} parameter names are not {'Wan' if to == 'diffusers' else 'Diffusers'}-layout "
+                         f"Wan2.1 text-to-video DiT names (an image-to-video or Wan2.2 model?): {unknown[:6]}")
+    return out
+
+
+def is_diffusers_layout(state: dict) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1." in k for k in state)
+
+
 def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
     """Bare WanModel parameter names from any of the files the field uses: the official
     diffusion_pytorch_model.safetensors (bare names); a Causal Forcing / Self Forcing checkpoint
@@ -1934,7 +2004,7 @@ def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
         for inner in ("._fsdp_wrapped_module", "._orig_mod", "._checkpoint_wrapped_module"):
             name = name.replace(inner, "")
         out[name] = tensor
-    return out
+    return rename_wan_parameters(out, to="wan") if is_diffusers_layout(out) else out
 
 
 def _checksum_failure(path: str) -> Optional[str]:
@@ -1990,14 +2060,43 @@ def _read_checkpoint(path: str, verify: bool) -> dict:
                          "truncated or corrupt (download it again), or hold objects other than tensors") from None
 
 
+def _read_transformer_folder(folder: str) -> dict:
+    """The tensors of a Diffusers model folder: diffusion_pytorch_model.safetensors, or the shards
+    its .safetensors.index.json lists (the 14B model comes in several files)."""
+    if os.path.isdir(os.path.join(folder, "transformer")):
+        folder = os.path.join(folder, "transformer")
+    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(single):
+        shards = [os.path.basename(single)]
+    else:
+        raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its .index.json) in {folder!r}: give the "
+                                "transformer/ folder of a Wan2.1 Diffusers download")
+    state = {}
+    for shard in shards:
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{index!r} lists {shard!r}, which is not in {folder!r}; download it again")
+        state.update(_read_checkpoint(path, verify=False))
+    return state
+
+
 def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, verify: bool = True) -> nn.Module:
     """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every
-    parameter must be present with the right shape, and nothing else. Reads .safetensors (needs
-    the safetensors package, imported only here) or a torch file (zip or legacy) with
-    weights_only=True; verify=False skips the checksum pass over a torch zip file (a full read)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path!r}")
-    state = wan_state_dict(_read_checkpoint(path, verify), key)
+    parameter must be present with the right shape, and nothing else. `path` is a file, .safetensors
+    (needs the safetensors package, imported only here) or a torch file (zip or legacy, read with
+    weights_only=True), or a Diffusers model folder (transformer/, or the download holding it).
+    Wan's names and Diffusers' are both read. verify=False skips the checksum pass over a torch zip
+    file (a full read)."""
+    if os.path.isdir(path):
+        state = wan_state_dict(_read_transformer_folder(path))
+    elif os.path.isfile(path):
+        state = wan_state_dict(_read_checkpoint(path, verify), key)
+    else:
+        raise FileNotFoundError(f"no checkpoint file or Diffusers folder at {path!r}")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
@@ -3319,21 +3418,26 @@ def windowed(generator: CausalDiT, window_frames: int, sink_frames: int = 0,
     return model.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def stream_video(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
-                 switches: Optional[dict] = None, recache: bool = False, rng=None) -> torch.Tensor:
-    """A whole streamed video (B, num_frames, C, H, W). switches {frame: new_cond}: from that frame
-    (a chunk boundary) on, the new condition, sent to the stream (with recache: the kept context is
-    rebuilt under it first)."""
+def switched_stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
+                    switches: Optional[dict] = None, recache: bool = False, rng=None,
+                    first_chunk_sigmas=None) -> Iterator[torch.Tensor]:
+    """`stream`'s chunks with prompt switches planned ahead: switches {frame: new_cond} sends each new
+    condition at its frame (a chunk boundary; with recache, the kept context is rebuilt under it)."""
     c, switches = generator.cfg.chunk_frames, switches or {}
     if any(f % c or not 0 < f < num_frames for f in switches):
         raise ValueError(f"switch frames {sorted(switches)} must be chunk boundaries (chunk_frames={c}) inside the video")
-    chunks = stream(generator, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond, rng=rng)
-    out = [next(chunks)]
-    while len(out) * c < num_frames:
-        at = len(out) * c
-        out.append(chunks.send(switches[at], recache) if at in switches else next(chunks))
-    return torch.cat(out, 1)
+    chunks = stream(generator, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond, rng=rng,
+                    first_chunk_sigmas=first_chunk_sigmas)
+    for at in range(0, num_frames, c):
+        yield chunks.send(switches[at], recache) if at in switches else next(chunks)
+
+
+@torch.no_grad()
+def stream_video(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
+                 switches: Optional[dict] = None, recache: bool = False, rng=None) -> torch.Tensor:
+    """A whole streamed video (B, num_frames, C, H, W), with the prompt switches of `switched_stream`."""
+    return torch.cat(list(switched_stream(generator, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond,
+                                          switches=switches, recache=recache, rng=rng)), 1)
 
 
 def long_stream_report(models: dict, cfg: Config, held_out: torch.Tensor, num_frames: int = 1024,
@@ -3446,7 +3550,352 @@ def plot_long_stream(report: dict, path: str, smooth: int = 8) -> None:
 
 
 # =================================================================================================
-# II.9 benchmark: streaming speed, FLOPs, and the GPU suite
+# II.9 real Wan: Diffusers weights, the umT5 text encoder, the VAE, video files, `generate`
+# =================================================================================================
+# A Wan2.1 folder in Diffusers' layout (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) holds tokenizer/,
+# text_encoder/ (umT5-XXL), transformer/ (the DiT, Diffusers' parameter names) and vae/
+# (AutoencoderKLWan). Reading them needs the optional packages of requirements-wan.txt, imported
+# only inside these functions: `import causal_forcing` never needs them.
+
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+                       "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")  # Wan2.1's default
+WAN_FPS = 16  # Wan2.1's frame rate
+WAN_PACKAGES = {"diffusers": "diffusers", "transformers": "transformers", "safetensors": "safetensors",
+                "imageio": "imageio", "imageio_ffmpeg": "imageio-ffmpeg"}  # module -> pip name
+
+def _require(*modules: str, what: str = "this") -> None:
+    """Imports the optional packages `what` needs, or says which are missing and how to install them."""
+    import importlib
+
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(WAN_PACKAGES.get(module, module))
+    if missing:
+        raise ImportError(f"{what} needs {', '.join(missing)}: pip install -r requirements-wan.txt "
+                          f"(or pip install {' '.join(missing)})")
+
+
+def wan_model_config(transformer_config: dict, height: int, width: int, chunk_frames: int = 3,
+                     spatial_compression: int = 8) -> ModelConfig:
+    """The ModelConfig of a Wan2.1 text-to-video DiT described by Diffusers' transformer/config.json,
+    for videos of height x width pixels (latents 8x smaller)."""
+    c = transformer_config
+    patch = tuple(c.get("patch_size", (1, 2, 2)))
+    problems = [f"{k}={c.get(k)!r} (this DiT needs {want!r})" for k, want in
+                (("image_dim", None), ("added_kv_proj_dim", None), ("qk_norm", "rms_norm_across_heads"),
+                 ("cross_attn_norm", True)) if c.get(k, want) != want]
+    if patch[0] != 1 or patch[1] != patch[2]:
+        problems.append(f"patch_size={list(patch)} (this DiT needs [1, p, p])")
+    if c.get("out_channels", c["in_channels"]) != c["in_channels"]:
+        problems.append(f"out_channels={c['out_channels']} differs from in_channels={c['in_channels']}")
+    if problems:
+        raise ValueError("not a Wan2.1 text-to-video transformer: " + "; ".join(problems))
+    step = spatial_compression * patch[1]
+    if height % step or width % step:
+        raise ValueError(f"height and width ({height}x{width}) must be multiples of {step} (VAE {spatial_compression}x, "
+                         f"patch {patch[1]}); Wan2.1 makes 480x832")
+    return ModelConfig(in_channels=c["in_channels"], height=height // spatial_compression,
+                       width=width // spatial_compression, patch_size=patch[1],
+                       dim=c["num_attention_heads"] * c["attention_head_dim"], ffn_dim=c["ffn_dim"],
+                       num_heads=c["num_attention_heads"], num_layers=c["num_layers"], freq_dim=c["freq_dim"],
+                       cond_dim=c["text_dim"], text_len=512, eps=c.get("eps", 1e-6), chunk_frames=chunk_frames)
+
+
+def _clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: HTML entities undone (twice), runs of whitespace made one space."""
+    import html
+
+    return " ".join(html.unescape(html.unescape(text)).split())
+
+
+class WanTextEncoder:
+    """umT5 features of prompts, as Wan conditions on them: each prompt cleaned, tokenized (with its
+    end token, at most text_len tokens), encoded, cut to its own length and padded with zero rows to
+    text_len. Features are kept per prompt, so a prompt used again costs nothing."""
+
+    def __init__(self, wan_dir: str, device="cpu", dtype=torch.float32, text_len: int = 512):
+        _require("transformers", what="the umT5 text encoder")
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(wan_dir, "tokenizer"))
+        self.encoder = UMT5EncoderModel.from_pretrained(os.path.join(wan_dir, "text_encoder"), torch_dtype=dtype)
+        self.encoder = self.encoder.to(device).eval().requires_grad_(False)
+        self.device, self.text_len, self.known = torch.device(device), text_len, {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list) -> torch.Tensor:
+        """(len(prompts), text_len, d_model) float32 on the encoder's device."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.known]
+        if new:
+            tokens = self.tokenizer([_clean_prompt(p) for p in new], padding="max_length", max_length=self.text_len,
+                                    truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                    return_tensors="pt")
+            mask = tokens.attention_mask.to(self.device)
+            feats = self.encoder(tokens.input_ids.to(self.device), mask).last_hidden_state.float()
+            for p, f, n in zip(new, feats, mask.sum(1).tolist()):
+                self.known[p] = torch.cat([f[:n], f.new_zeros(self.text_len - n, f.shape[1])])
+        return torch.stack([self.known[p] for p in prompts])
+
+
+def load_wan_vae(wan_dir: str, device="cpu", dtype=torch.float32):
+    """Diffusers' AutoencoderKLWan from wan_dir/vae, in eval mode."""
+    _require("diffusers", what="the Wan VAE")
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(os.path.join(wan_dir, "vae"), torch_dtype=dtype)
+    if getattr(vae.config, "patch_size", None) is not None:
+        raise ValueError("this VAE patchifies its input (Wan2.2's); generate decodes Wan2.1's VAE")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+class StreamingVAEDecoder:
+    """Decodes Wan latents chunk by chunk, as the stream makes them, into video frames in [-1, 1].
+
+    Wan's VAE is causal in time: it decodes one latent frame at a time, each convolution keeping the
+    last frames it saw in a cache, and the first latent frame gives 1 video frame, every later one 4
+    (81 frames from 21 latents). Keeping that cache between calls makes decoding a video chunk by
+    chunk equal to decoding it whole (tested). Latents are the DiT's (normalised); Wan's per-channel
+    latent mean and std are undone first. This drives Diffusers' decoder the way its own _decode
+    loop does (its cache lists _feat_map and _conv_idx), so a Diffusers release that changes that
+    loop shows up as a failing test, not as a wrong video."""
+
+    def __init__(self, vae):
+        self.vae, self.first = vae, True
+        p = next(vae.parameters())
+        self.mean = torch.tensor(vae.config.latents_mean, dtype=p.dtype, device=p.device).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(vae.config.latents_std, dtype=p.dtype, device=p.device).view(1, -1, 1, 1, 1)
+        vae.clear_cache()
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, f, C, h, w) -> video frames (B, T, 3, H, W), T = 4 f (4 f - 3 for the first chunk)."""
+        vae = self.vae
+        z = rearrange(latents, "b f c h w -> b c f h w").to(self.mean.dtype) * self.std + self.mean
+        x, out = vae.post_quant_conv(z), []
+        for i in range(x.shape[2]):
+            vae._conv_idx = [0]
+            kw = {"first_chunk": True} if self.first else {}
+            out.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, **kw))
+            self.first = False
+        return rearrange(torch.cat(out, 2).clamp(-1, 1), "b c t h w -> b t c h w")
+
+    def close(self) -> None:
+        self.vae.clear_cache()
+
+
+def to_uint8_frames(video: torch.Tensor):
+    """(T, 3, H, W) in [-1, 1] -> numpy (T, H, W, 3) uint8, rounded as Diffusers' video processor does."""
+    return ((video.float().permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1).mul(255).round().byte().cpu().numpy()
+
+
+class VideoFile:
+    """An .mp4 (H.264, WAN_FPS) written frame by frame as the video is decoded, through imageio-ffmpeg,
+    into a temporary file renamed over `path` only when the video is whole (an interrupted run never
+    leaves half a video under the final name). gif=True also writes the .gif beside it at close."""
+
+    def __init__(self, path: str, fps: int = WAN_FPS, gif: bool = False):
+        _require("imageio", "imageio_ffmpeg", what="writing .mp4 files")
+        import imageio
+
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".mp4")
+        os.close(fd)
+        self.path, self.fps, self.frames, self.gif = path, fps, 0, [] if gif else None
+        self.writer = imageio.get_writer(self.tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                                         macro_block_size=1, ffmpeg_log_level="error")
+
+    def write(self, video: torch.Tensor) -> None:
+        """Appends frames (T, 3, H, W) in [-1, 1]."""
+        for frame in to_uint8_frames(video):
+            self.writer.append_data(frame)
+            if self.gif is not None:
+                self.gif.append(frame)
+            self.frames += 1
+
+    def close(self) -> None:
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+        _fsync_folder(os.path.dirname(os.path.abspath(self.path)))
+        if self.gif:
+            from PIL import Image
+
+            gif_path = os.path.splitext(self.path)[0] + ".gif"
+            with _atomic_file(gif_path) as f:
+                images = [Image.fromarray(fr) for fr in self.gif]
+                images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / self.fps), loop=0)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.tmp)
+
+
+def read_prompts(path: str) -> list:
+    """A prompts file: one video per line; '#' starts a comment line. A prompt switch inside a video
+    is written after a '|' as "<latent frame>: <prompt>", e.g.
+        a red fox runs through deep snow
+        a quiet city street at night | 12: the same street in heavy rain | 18: the street at dawn
+    Returns, per video, a list of (first latent frame, prompt)."""
+    videos = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = [p.strip() for p in line.split("|")]
+            schedule = [(0, parts[0])]
+            for part in parts[1:]:
+                frame, sep, text = part.partition(":")
+                if not sep or not frame.strip().isdigit() or not text.strip():
+                    raise ValueError(f"{path}:{n}: a prompt switch is written '| <latent frame>: <prompt>', got {part!r}")
+                schedule.append((int(frame), text.strip()))
+            videos.append(schedule)
+    if not videos:
+        raise ValueError(f"{path} holds no prompts (one per line)")
+    return videos
+
+
+def _check_schedules(schedules: list, frames: int, chunk_frames: int) -> None:
+    for schedule in schedules:
+        at = [f for f, _ in schedule]
+        if not all(p.strip() for _, p in schedule):
+            raise ValueError("a prompt is empty")
+        if at[0] != 0 or at != sorted(set(at)) or at[-1] >= frames or any(f % chunk_frames for f in at):
+            raise ValueError(f"prompt switch frames {at[1:]} must increase, lie inside the video's {frames} latent frames "
+                             f"and be multiples of chunk_frames={chunk_frames} (switches happen between chunks)")
+
+
+def generate(prompts, *, wan_dir: str, checkpoint: Optional[str] = None, frames: int = 21, out: str = "video.mp4",
+             seed: int = 0, device: str = "auto", height: int = 480, width: int = 832, chunk_frames: int = 3,
+             denoising_steps: Optional[tuple] = None, first_chunk_steps: Optional[tuple] = None, shift: float = 5.0,
+             steps: int = 50, guidance: float = 5.0, negative_prompt: str = WAN_NEGATIVE_PROMPT,
+             recache: bool = False, gif: bool = False, text_device: Optional[str] = None,
+             return_videos: bool = False, log=print) -> dict:
+    """Text to video with real Wan2.1 components, written as .mp4 files as the video streams.
+
+    prompts: a string, a list of strings (one video each), or per video a list of (latent frame,
+      prompt) switches as `read_prompts` returns them (a generator checkpoint only).
+    checkpoint: a Causal Forcing / Self Forcing generator (.pt; the "generator_ema" weights when
+      present, else "generator"): latents stream chunk by chunk (chunk_frames 3 chunk-wise, 1
+      frame-wise) with `denoising_steps` (default Wan's 4 warped steps; Causal Forcing++'s 2-step
+      model: (1000, 500) with first_chunk_steps (1000, 750, 500, 250)), and each chunk is decoded
+      and written before the next is made. Without it, the bidirectional base in wan_dir/transformer
+      makes the whole clip in `steps` Euler steps with classifier-free `guidance` against
+      `negative_prompt` (Wan's sampler, with Euler instead of UniPC), then decodes it.
+    frames: latent frames (Wan: 21, giving 81 video frames at 16 fps). out: the .mp4 (with several
+      videos, out's stem gets _000, _001, ...). Returns the files and the timings: seconds per
+      chunk, seconds to the first decoded frames, video frames per second of the whole loop."""
+    dev = resolve_device(device)
+    text_dev = text_device or dev
+    schedules = [[(0, p)] if isinstance(p, str) else [(int(f), t) for f, t in p]
+                 for p in ([prompts] if isinstance(prompts, str) else prompts)]
+    # --- every check before any weight is read ----------------------------------------------------
+    _require("diffusers", "transformers", "safetensors", "imageio", "imageio_ffmpeg", what="generate")
+    if not schedules:
+        raise ValueError("no prompts given")
+    if frames < 1:
+        raise ValueError(f"frames={frames} must be >= 1 (latent frames; Wan makes 21)")
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames={chunk_frames} must be >= 1 (3 chunk-wise, 1 frame-wise)")
+    missing = [d for d in ("tokenizer", "text_encoder", "vae") + (() if checkpoint else ("transformer",))
+               if not os.path.isdir(os.path.join(wan_dir, d))]
+    if missing:
+        raise FileNotFoundError(f"{wan_dir!r} lacks {', '.join(m + '/' for m in missing)}: give the folder of "
+                                "'hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir <folder>'")
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"no checkpoint file at {checkpoint!r}")
+    if checkpoint is None and any(len(s) > 1 for s in schedules):
+        raise ValueError("prompt switches need a streaming generator (--checkpoint); the base makes the clip at once")
+    _check_schedules(schedules, frames, chunk_frames)
+    config_path = os.path.join(wan_dir, "transformer", "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            model_cfg = wan_model_config(json.load(f), height, width, chunk_frames)
+    else:  # a generator checkpoint without the base: Wan2.1-T2V-1.3B's shapes
+        model_cfg = dataclasses.replace(get_config("wan-1.3b").model, height=height // 8, width=width // 8,
+                                        chunk_frames=chunk_frames)
+    sample = SampleConfig(shift=shift)
+    sigmas = student_sigmas(sample, denoising_steps) if checkpoint else solver_sigmas(steps, sample)
+    first_sigmas = student_sigmas(sample, first_chunk_steps) if checkpoint and first_chunk_steps else None
+    stems = [out] if len(schedules) == 1 else [f"{os.path.splitext(out)[0]}_{i:03d}.mp4" for i in range(len(schedules))]
+
+    # --- text features first, then the encoder is released ------------------------------------------
+    t0 = time.perf_counter()
+    encoder = WanTextEncoder(wan_dir, text_dev, torch.bfloat16 if torch.device(text_dev).type == "cuda" else torch.float32)
+    features = {p: encoder([p])[0].to(dev) for s in schedules for _, p in s}
+    uncond = encoder([negative_prompt]).to(dev) if checkpoint is None and guidance != 1.0 else None
+    del encoder
+    log(f"encoded {len(features)} prompt(s) in {time.perf_counter() - t0:.1f} s")
+
+    with torch.device("meta"):  # no 1.3B random init: the loaded tensors are taken as they are
+        model = CausalDiT(model_cfg, causal=checkpoint is not None)
+    load_wan_weights(model, checkpoint or os.path.join(wan_dir, "transformer"))
+    model = model.to(dev, torch.float32).eval().requires_grad_(False)  # fp32 weights; bf16 autocast on CUDA
+    vae = load_wan_vae(wan_dir, dev)
+    log(f"{'generator ' + checkpoint if checkpoint else 'bidirectional base'}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
+        f"parameters, {model_cfg.height}x{model_cfg.width} latents ({height}x{width} pixels), {frames} latent frames, "
+        f"on {dev}")
+
+    def sync():
+        if torch.device(dev).type == "cuda":
+            torch.cuda.synchronize()
+
+    report = {"files": [], "chunk_seconds": [], "first_frame_seconds": [], "frames_per_second": [], "video_frames": []}
+    videos = []
+    for stem, schedule in zip(stems, schedules):
+        rng = torch.Generator().manual_seed(seed)
+        cond = features[schedule[0][1]][None]
+        writer, decoder = VideoFile(stem, gif=gif), StreamingVAEDecoder(vae)
+        kept, times, first = [], [], None
+        try:
+            sync()
+            start = time.perf_counter()
+            if checkpoint:
+                chunks = switched_stream(model, sigmas, num_frames=frames, batch_size=1, cond=cond, rng=rng,
+                                         first_chunk_sigmas=first_sigmas, recache=recache,
+                                         switches={f: features[p][None] for f, p in schedule[1:]})
+            else:
+                chunks = iter([sample_bidirectional(model, sigmas, batch_size=1, num_frames=frames, cond=cond,
+                                                    guidance=guidance, uncond=uncond, rng=rng)])
+            for i, latents in enumerate(chunks):
+                video = decoder(latents)[0]
+                writer.write(video)
+                sync()
+                now = time.perf_counter()
+                times.append(now - start - sum(times))
+                first = now - start if first is None else first
+                if return_videos:
+                    kept.append(video.cpu())
+                log(f"  {stem}: chunk {i + 1}, {video.shape[0]} frames in {times[-1]:.2f} s")
+            elapsed = time.perf_counter() - start
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            decoder.close()
+        report["files"].append(stem)
+        report["chunk_seconds"].append(times)
+        report["first_frame_seconds"].append(first)
+        report["frames_per_second"].append(writer.frames / elapsed)
+        report["video_frames"].append(writer.frames)
+        if return_videos:
+            videos.append(torch.cat(kept))
+        log(f"wrote {stem}: {writer.frames} frames; first frames after {first:.2f} s, {writer.frames / elapsed:.1f} "
+            f"frames/s ({len(times)} chunks, {elapsed:.1f} s)")
+    if return_videos:
+        report["videos"] = videos
+    return report
+
+
+# =================================================================================================
+# II.10 benchmark: streaming speed, FLOPs, and the GPU suite
 # =================================================================================================
 
 
@@ -3968,7 +4417,7 @@ def _all_ok(value) -> Optional[bool]:
 
 
 # =================================================================================================
-# II.10 command line
+# II.11 command line
 # =================================================================================================
 
 
@@ -4009,6 +4458,8 @@ def main(argv=None) -> int:
         return bench_main(argv[1:])
     if argv[:1] == ["long-stream"]:
         return long_stream_main(argv[1:])
+    if argv[:1] == ["generate"]:
+        return generate_main(argv[1:])
     parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage (bidirectional base, AR "
                                      "teacher, ODE students, DMD) on toy 2-D videos (--config toy2d) or moving "
                                      "digits (--config mnist) and prints the table. Re-running the same command "
@@ -4166,6 +4617,66 @@ def long_stream_main(argv) -> int:
            for name, recache in (("keep_cache", False), ("re_cache", True))}
     save_gif(gif, os.path.join(args.out, "prompt_switch.gif"))
     print(f"wrote {args.out}/long_stream.json, long_stream.png, prompt_switch.gif")
+    return 0
+
+
+def _steps_flag(parser, name: str, text: Optional[str]) -> Optional[tuple]:
+    if text is None:
+        return None
+    try:
+        steps = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        parser.error(f"{name} takes comma-separated timesteps such as 1000,750,500,250, got {text!r}")
+    if not steps or not all(0 < s <= 1000 for s in steps) or list(steps) != sorted(set(steps), reverse=True):
+        parser.error(f"{name} timesteps must be strictly descending in (0, 1000], got {text!r}")
+    return steps
+
+
+def generate_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="causal_forcing.py generate", description="Text to video with real Wan2.1 "
+                                     "components: umT5 text features, latents streamed chunk by chunk by a Causal "
+                                     "Forcing / Self Forcing generator (or the bidirectional base with --steps), each "
+                                     "chunk decoded by Wan's VAE and written to the .mp4 as the stream goes. Needs "
+                                     "'pip install -r requirements-wan.txt'.")
+    parser.add_argument("--wan-dir", required=True, help="a Wan2.1 Diffusers folder (tokenizer/, text_encoder/, vae/, "
+                        "transformer/): hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir <folder>")
+    parser.add_argument("--checkpoint", default=None, help="a Causal Forcing / Self Forcing generator .pt (its "
+                        "generator_ema weights when present); without it, the bidirectional base of --wan-dir")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="the prompt of one video")
+    which.add_argument("--prompts", metavar="FILE", help="one video per line; '| <latent frame>: <prompt>' after a "
+                       "prompt switches to a new one at that frame (see read_prompts)")
+    parser.add_argument("--frames", type=int, default=21, help="latent frames (default 21: 81 video frames, 5 s at 16 fps)")
+    parser.add_argument("--out", default="video.mp4", help="the .mp4 (several prompts: <stem>_000.mp4, ...; default video.mp4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    parser.add_argument("--device", default="auto", help="cuda, mps or cpu (default: auto)")
+    parser.add_argument("--gif", action="store_true", help="also write a .gif beside each .mp4")
+    parser.add_argument("--height", type=int, default=480, help="pixels (default 480)")
+    parser.add_argument("--width", type=int, default=832, help="pixels (default 832)")
+    parser.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk: 3 chunk-wise (default), 1 frame-wise")
+    parser.add_argument("--denoising-steps", default="1000,750,500,250", help="the generator's timesteps, before warping "
+                        "(default 1000,750,500,250; Causal Forcing++ 2-step: 1000,500)")
+    parser.add_argument("--first-chunk-steps", default=None, help="the first chunk's timesteps (Causal Forcing++: "
+                        "1000,750,500,250; default: --denoising-steps)")
+    parser.add_argument("--recache", action="store_true", help="at a prompt switch, re-encode the kept context under the new prompt")
+    parser.add_argument("--steps", type=int, default=50, help="the base's Euler steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="the base's classifier-free guidance (default 5)")
+    parser.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="the base's negative prompt (default Wan2.1's)")
+    parser.add_argument("--shift", type=float, default=5.0, help="noise-schedule shift (default 5, Wan's and the generators')")
+    args = parser.parse_args(argv)
+    if args.frames < 1 or args.steps < 1 or args.chunk_frames < 1:
+        parser.error("--frames, --steps and --chunk-frames must be >= 1")
+    steps = _steps_flag(parser, "--denoising-steps", args.denoising_steps)
+    first = _steps_flag(parser, "--first-chunk-steps", args.first_chunk_steps)
+    try:
+        prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+        generate(prompts, wan_dir=args.wan_dir, checkpoint=args.checkpoint, frames=args.frames, out=args.out,
+                 seed=args.seed, device=args.device, height=args.height, width=args.width, chunk_frames=args.chunk_frames,
+                 denoising_steps=steps, first_chunk_steps=first, shift=args.shift, steps=args.steps,
+                 guidance=args.guidance, negative_prompt=args.negative_prompt, recache=args.recache, gif=args.gif)
+    except (ImportError, OSError, ValueError, KeyError) as e:  # what is missing or wrong, and what to do: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

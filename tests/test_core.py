@@ -1166,3 +1166,31 @@ def test_consistency_stage_keeps_an_ema_of_the_student(monkeypatch):
         for k in start:
             want = 0.75 * seen[i - 1][0][k] + 0.25 * seen[i][1][k]
             assert torch.allclose(seen[i][0][k], want, rtol=1e-5, atol=1e-7), k
+
+
+def test_a_stream_never_switches_gradients_off_for_its_caller():
+    """The samplers run without gradients, but a stream's caller keeps its own grad mode between
+    chunks, and a stream left unfinished (or a finished one wrapping another) cannot leave gradients
+    off for the code that runs after it."""
+    import gc
+
+    cfg = cf.get_config("toy2d", cond_dim=10)
+    model = cf.CausalDiT(cfg.model)
+    sigmas = cf.student_sigmas(cfg.sample)
+    chunks = cf.stream(model, sigmas, num_frames=4, batch_size=2)
+    for chunk in chunks:
+        assert torch.is_grad_enabled() and not chunk.requires_grad
+        break
+    del chunks, chunk
+    gc.collect()
+    assert torch.is_grad_enabled()
+    cond = cf.label_cond(torch.tensor([[1], [2]]))
+    for _ in cf.switched_stream(model, sigmas, num_frames=4, batch_size=2, cond=cond, switches={2: cond.flip(0)}):
+        assert torch.is_grad_enabled()
+    gc.collect()
+    assert torch.is_grad_enabled()
+    for _ in cf.stream_recompute(model, sigmas, num_frames=4, batch_size=2):
+        assert torch.is_grad_enabled()
+        break
+    gc.collect()
+    assert torch.is_grad_enabled()
