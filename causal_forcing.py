@@ -77,6 +77,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -1978,21 +1979,29 @@ def is_diffusers_layout(state: dict) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1." in k for k in state)
 
 
+def checkpoint_entry(state: dict, key: Optional[str] = None) -> Optional[str]:
+    """Which top-level entry of a checkpoint holds the weights: `key` if given (it must be there),
+    else the first of generator_ema, generator, model; None for a bare state dict of tensors."""
+    if key is not None:
+        if key not in state:
+            raise KeyError(f"checkpoint has no entry {key!r}; it has {sorted(state)}")
+        return key
+    if all(torch.is_tensor(v) for v in state.values()):
+        return None
+    found = [k for k in ("generator_ema", "generator", "model") if isinstance(state.get(k), dict)]
+    if not found:
+        raise KeyError(f"no state dict in this checkpoint: top-level keys {sorted(state)}")
+    return found[0]
+
+
 def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
     """Bare WanModel parameter names from any of the files the field uses: the official
     diffusion_pytorch_model.safetensors (bare names); a Causal Forcing / Self Forcing checkpoint
     {"generator_ema" | "generator" | "critic" | "model": {"model." + name: tensor}} (EMA weights may
     carry "model._fsdp_wrapped_module."); DDP's "module." and torch.compile's "_orig_mod.".
-    Without `key`, the first of generator_ema, generator, model found is used."""
-    if key is not None:
-        if key not in state:
-            raise KeyError(f"checkpoint has no entry {key!r}; it has {sorted(state)}")
-        state = state[key]
-    elif not all(torch.is_tensor(v) for v in state.values()):
-        found = [k for k in ("generator_ema", "generator", "model") if isinstance(state.get(k), dict)]
-        if not found:
-            raise KeyError(f"no state dict in this checkpoint: top-level keys {sorted(state)}")
-        state = state[found[0]]
+    Without `key`, the first of generator_ema, generator, model found is used (checkpoint_entry)."""
+    entry = checkpoint_entry(state, key)
+    state = state if entry is None else state[entry]
     out = {}
     for name, tensor in state.items():
         stripped = True
@@ -2084,17 +2093,21 @@ def _read_transformer_folder(folder: str) -> dict:
     return state
 
 
-def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, verify: bool = True) -> nn.Module:
+def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, verify: bool = True,
+                     log: Optional[Callable] = None) -> nn.Module:
     """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every
     parameter must be present with the right shape, and nothing else. `path` is a file, .safetensors
     (needs the safetensors package, imported only here) or a torch file (zip or legacy, read with
     weights_only=True), or a Diffusers model folder (transformer/, or the download holding it).
     Wan's names and Diffusers' are both read. verify=False skips the checksum pass over a torch zip
-    file (a full read)."""
+    file (a full read). `log`, if given, is told which entry of the file was loaded."""
+    entry = None
     if os.path.isdir(path):
         state = wan_state_dict(_read_transformer_folder(path))
     elif os.path.isfile(path):
-        state = wan_state_dict(_read_checkpoint(path, verify), key)
+        raw = _read_checkpoint(path, verify)
+        entry = checkpoint_entry(raw, key)
+        state = wan_state_dict(raw, key)
     else:
         raise FileNotFoundError(f"no checkpoint file or Diffusers folder at {path!r}")
     own = model.state_dict()
@@ -2107,6 +2120,8 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, ver
                          f"  shapes: {wrong}")
     on_meta = any(p.is_meta for p in model.parameters())  # built on the meta device: take the tensors
     model.load_state_dict(state, strict=True, assign=on_meta)
+    if log is not None:
+        log(f"loaded {path}" + (f" (its {entry!r} weights)" if entry else ""))
     return model
 
 
@@ -3579,6 +3594,12 @@ def _require(*modules: str, what: str = "this") -> None:
                           f"(or pip install {' '.join(missing)})")
 
 
+def _check_video_size(height: int, width: int, step: int = 16) -> None:
+    if height <= 0 or width <= 0 or height % step or width % step:
+        raise ValueError(f"height and width ({height}x{width}) must be positive multiples of {step} (the VAE's 8x times "
+                         "the patch's 2x); Wan2.1 makes 480x832")
+
+
 def wan_model_config(transformer_config: dict, height: int, width: int, chunk_frames: int = 3,
                      spatial_compression: int = 8) -> ModelConfig:
     """The ModelConfig of a Wan2.1 text-to-video DiT described by Diffusers' transformer/config.json,
@@ -3594,10 +3615,7 @@ def wan_model_config(transformer_config: dict, height: int, width: int, chunk_fr
         problems.append(f"out_channels={c['out_channels']} differs from in_channels={c['in_channels']}")
     if problems:
         raise ValueError("not a Wan2.1 text-to-video transformer: " + "; ".join(problems))
-    step = spatial_compression * patch[1]
-    if height % step or width % step:
-        raise ValueError(f"height and width ({height}x{width}) must be multiples of {step} (VAE {spatial_compression}x, "
-                         f"patch {patch[1]}); Wan2.1 makes 480x832")
+    _check_video_size(height, width, spatial_compression * patch[1])
     return ModelConfig(in_channels=c["in_channels"], height=height // spatial_compression,
                        width=width // spatial_compression, patch_size=patch[1],
                        dim=c["num_attention_heads"] * c["attention_head_dim"], ffn_dim=c["ffn_dim"],
@@ -3606,9 +3624,16 @@ def wan_model_config(transformer_config: dict, height: int, width: int, chunk_fr
 
 
 def _clean_prompt(text: str) -> str:
-    """Wan's prompt cleaning: HTML entities undone (twice), runs of whitespace made one space."""
+    """Wan's prompt cleaning: ftfy's text repair (curly quotes, mojibake, fullwidth characters; where
+    ftfy is installed, as Diffusers does), HTML entities undone twice, runs of whitespace made one."""
     import html
 
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
     return " ".join(html.unescape(html.unescape(text)).split())
 
 
@@ -3622,7 +3647,7 @@ class WanTextEncoder:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(wan_dir, "tokenizer"))
-        self.encoder = UMT5EncoderModel.from_pretrained(os.path.join(wan_dir, "text_encoder"), torch_dtype=dtype)
+        self.encoder = UMT5EncoderModel.from_pretrained(os.path.join(wan_dir, "text_encoder"), dtype=dtype)
         self.encoder = self.encoder.to(device).eval().requires_grad_(False)
         self.device, self.text_len, self.known = torch.device(device), text_len, {}
 
@@ -3661,9 +3686,12 @@ class StreamingVAEDecoder:
     chunk equal to decoding it whole (tested). Latents are the DiT's (normalised); Wan's per-channel
     latent mean and std are undone first. This drives Diffusers' decoder the way its own _decode
     loop does (its cache lists _feat_map and _conv_idx), so a Diffusers release that changes that
-    loop shows up as a failing test, not as a wrong video."""
+    loop shows up as a failing test, not as a wrong video. The cache lives in the VAE: one decoder
+    per VAE at a time. Tiled decoding (vae.enable_tiling()) is another loop and is refused."""
 
     def __init__(self, vae):
+        if getattr(vae, "use_tiling", False):
+            raise ValueError("the VAE decodes in tiles (use_tiling); streaming decodes whole frames: vae.disable_tiling()")
         self.vae, self.first = vae, True
         p = next(vae.parameters())
         self.mean = torch.tensor(vae.config.latents_mean, dtype=p.dtype, device=p.device).view(1, -1, 1, 1, 1)
@@ -3688,7 +3716,8 @@ class StreamingVAEDecoder:
 
 
 def to_uint8_frames(video: torch.Tensor):
-    """(T, 3, H, W) in [-1, 1] -> numpy (T, H, W, 3) uint8, rounded as Diffusers' video processor does."""
+    """(T, 3, H, W) in [-1, 1] -> numpy (T, H, W, 3) uint8, rounded to the nearest level (Wan's
+    cache_video and Diffusers' export_to_video truncate instead: at most 1 level darker)."""
     return ((video.float().permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1).mul(255).round().byte().cpu().numpy()
 
 
@@ -3771,38 +3800,66 @@ def _check_schedules(schedules: list, frames: int, chunk_frames: int) -> None:
                              f"and be multiples of chunk_frames={chunk_frames} (switches happen between chunks)")
 
 
+def load_wan_generator(wan_dir: str, checkpoint: Optional[str], height: int, width: int, chunk_frames: int = 3,
+                       key: Optional[str] = None, log=print) -> CausalDiT:
+    """The DiT `generate` runs, on the CPU in float32: a Causal/Self Forcing generator from
+    `checkpoint` (causal, chunks of chunk_frames; entry `key`, default generator_ema if present, else
+    generator), or without it the bidirectional base in wan_dir/transformer. Shapes come from
+    wan_dir/transformer/config.json (Wan2.1-T2V-1.3B's where there is none). Built on the meta
+    device, so no random initialisation of a billion parameters is spent before the weights load."""
+    config_path = os.path.join(wan_dir, "transformer", "config.json")
+    _check_video_size(height, width)
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            cfg = wan_model_config(json.load(f), height, width, chunk_frames)
+    else:
+        cfg = dataclasses.replace(get_config("wan-1.3b").model, height=height // 8, width=width // 8, chunk_frames=chunk_frames)
+    with torch.device("meta"):
+        model = CausalDiT(cfg, causal=checkpoint is not None)
+    load_wan_weights(model, checkpoint or os.path.join(wan_dir, "transformer"), key=key, log=log)
+    return model.float().eval().requires_grad_(False)  # fp32 weights, as Wan keeps them; bf16 autocast on CUDA
+
+
+def _check_output(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"out={path!r} is a folder; give the .mp4 file to write")
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):  # a folder we cannot write to: said now, not after the video
+        pass
+
+
 def generate(prompts, *, wan_dir: str, checkpoint: Optional[str] = None, frames: int = 21, out: str = "video.mp4",
              seed: int = 0, device: str = "auto", height: int = 480, width: int = 832, chunk_frames: int = 3,
-             denoising_steps: Optional[tuple] = None, first_chunk_steps: Optional[tuple] = None, shift: float = 5.0,
-             steps: int = 50, guidance: float = 5.0, negative_prompt: str = WAN_NEGATIVE_PROMPT,
-             recache: bool = False, gif: bool = False, text_device: Optional[str] = None,
-             return_videos: bool = False, log=print) -> dict:
+             checkpoint_key: Optional[str] = None, denoising_steps: Optional[tuple] = None,
+             first_chunk_steps: Optional[tuple] = None, shift: float = 5.0, steps: int = 50, guidance: float = 5.0,
+             negative_prompt: str = WAN_NEGATIVE_PROMPT, recache: bool = False, gif: bool = False,
+             text_device: Optional[str] = None, return_videos: bool = False, log=print) -> dict:
     """Text to video with real Wan2.1 components, written as .mp4 files as the video streams.
 
     prompts: a string, a list of strings (one video each), or per video a list of (latent frame,
       prompt) switches as `read_prompts` returns them (a generator checkpoint only).
-    checkpoint: a Causal Forcing / Self Forcing generator (.pt; the "generator_ema" weights when
-      present, else "generator"): latents stream chunk by chunk (chunk_frames 3 chunk-wise, 1
-      frame-wise) with `denoising_steps` (default Wan's 4 warped steps; Causal Forcing++'s 2-step
-      model: (1000, 500) with first_chunk_steps (1000, 750, 500, 250)), and each chunk is decoded
-      and written before the next is made. Without it, the bidirectional base in wan_dir/transformer
-      makes the whole clip in `steps` Euler steps with classifier-free `guidance` against
-      `negative_prompt` (Wan's sampler, with Euler instead of UniPC), then decodes it.
+    checkpoint: a Causal Forcing / Self Forcing generator (.pt; entry checkpoint_key, default
+      "generator_ema" when present, else "generator"): latents stream chunk by chunk (chunk_frames 3
+      chunk-wise, 1 frame-wise) with `denoising_steps` (default Wan's 4 warped steps; Causal
+      Forcing++'s 2-step model: (1000, 500) with first_chunk_steps (1000, 750, 500, 250)), and each
+      chunk is decoded and written before the next is made. Without it, the bidirectional base in
+      wan_dir/transformer makes the whole clip in `steps` Euler steps with classifier-free `guidance`
+      against `negative_prompt` (Wan's sampler, with Euler instead of UniPC), then decodes it.
     frames: latent frames (Wan: 21, giving 81 video frames at 16 fps). out: the .mp4 (with several
       videos, out's stem gets _000, _001, ...). Returns the files and the timings: seconds per
-      chunk, seconds to the first decoded frames, video frames per second of the whole loop."""
+      chunk, seconds to the first decoded frames, video frames per second of the whole loop (the
+      first video's include the device's warm-up: kernel loading and autotuning)."""
     dev = resolve_device(device)
-    text_dev = text_device or dev
+    text_dev = resolve_device(text_device or dev)
     schedules = [[(0, p)] if isinstance(p, str) else [(int(f), t) for f, t in p]
                  for p in ([prompts] if isinstance(prompts, str) else prompts)]
-    # --- every check before any weight is read ----------------------------------------------------
+    # --- 1. every check that needs no weights ------------------------------------------------------
     _require("diffusers", "transformers", "safetensors", "imageio", "imageio_ffmpeg", what="generate")
     if not schedules:
         raise ValueError("no prompts given")
-    if frames < 1:
-        raise ValueError(f"frames={frames} must be >= 1 (latent frames; Wan makes 21)")
-    if chunk_frames < 1:
-        raise ValueError(f"chunk_frames={chunk_frames} must be >= 1 (3 chunk-wise, 1 frame-wise)")
+    if frames < 1 or chunk_frames < 1 or steps < 1:
+        raise ValueError(f"frames={frames}, chunk_frames={chunk_frames} and steps={steps} must be >= 1")
     missing = [d for d in ("tokenizer", "text_encoder", "vae") + (() if checkpoint else ("transformer",))
                if not os.path.isdir(os.path.join(wan_dir, d))]
     if missing:
@@ -3813,85 +3870,83 @@ def generate(prompts, *, wan_dir: str, checkpoint: Optional[str] = None, frames:
     if checkpoint is None and any(len(s) > 1 for s in schedules):
         raise ValueError("prompt switches need a streaming generator (--checkpoint); the base makes the clip at once")
     _check_schedules(schedules, frames, chunk_frames)
-    config_path = os.path.join(wan_dir, "transformer", "config.json")
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            model_cfg = wan_model_config(json.load(f), height, width, chunk_frames)
-    else:  # a generator checkpoint without the base: Wan2.1-T2V-1.3B's shapes
-        model_cfg = dataclasses.replace(get_config("wan-1.3b").model, height=height // 8, width=width // 8,
-                                        chunk_frames=chunk_frames)
+    _check_video_size(height, width)
     sample = SampleConfig(shift=shift)
     sigmas = student_sigmas(sample, denoising_steps) if checkpoint else solver_sigmas(steps, sample)
     first_sigmas = student_sigmas(sample, first_chunk_steps) if checkpoint and first_chunk_steps else None
-    stems = [out] if len(schedules) == 1 else [f"{os.path.splitext(out)[0]}_{i:03d}.mp4" for i in range(len(schedules))]
+    files = [out] if len(schedules) == 1 else [f"{os.path.splitext(out)[0]}_{i:03d}.mp4" for i in range(len(schedules))]
+    for f in files:
+        _check_output(f)
 
-    # --- text features first, then the encoder is released ------------------------------------------
+    # --- 2. the DiT and the VAE on the CPU: a checkpoint that does not fit is said before umT5 loads -
+    model = load_wan_generator(wan_dir, checkpoint, height, width, chunk_frames, checkpoint_key, log)
+    vae = load_wan_vae(wan_dir)
+
+    # --- 3. every prompt's text features, then the encoder is freed (umT5-XXL: ~11 GB in bf16) ------
     t0 = time.perf_counter()
     encoder = WanTextEncoder(wan_dir, text_dev, torch.bfloat16 if torch.device(text_dev).type == "cuda" else torch.float32)
     features = {p: encoder([p])[0].to(dev) for s in schedules for _, p in s}
     uncond = encoder([negative_prompt]).to(dev) if checkpoint is None and guidance != 1.0 else None
     del encoder
+    gc.collect()  # the encoder sits in reference cycles: only a collection frees it
+    if torch.device(text_dev).type == "cuda":
+        torch.cuda.empty_cache()
     log(f"encoded {len(features)} prompt(s) in {time.perf_counter() - t0:.1f} s")
+    model, vae = model.to(dev), vae.to(dev)
+    log(f"{'generator' if checkpoint else 'bidirectional base'}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
+        f"parameters; {model.cfg.height}x{model.cfg.width} latents ({height}x{width} pixels), {frames} latent frames, on {dev}")
 
-    with torch.device("meta"):  # no 1.3B random init: the loaded tensors are taken as they are
-        model = CausalDiT(model_cfg, causal=checkpoint is not None)
-    load_wan_weights(model, checkpoint or os.path.join(wan_dir, "transformer"))
-    model = model.to(dev, torch.float32).eval().requires_grad_(False)  # fp32 weights; bf16 autocast on CUDA
-    vae = load_wan_vae(wan_dir, dev)
-    log(f"{'generator ' + checkpoint if checkpoint else 'bidirectional base'}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
-        f"parameters, {model_cfg.height}x{model_cfg.width} latents ({height}x{width} pixels), {frames} latent frames, "
-        f"on {dev}")
-
-    def sync():
-        if torch.device(dev).type == "cuda":
-            torch.cuda.synchronize()
-
+    # --- 4. each video: latents chunk by chunk -> VAE -> .mp4 ---------------------------------------
     report = {"files": [], "chunk_seconds": [], "first_frame_seconds": [], "frames_per_second": [], "video_frames": []}
-    videos = []
-    for stem, schedule in zip(stems, schedules):
+    if return_videos:
+        report["videos"] = []
+    for path, schedule in zip(files, schedules):
         rng = torch.Generator().manual_seed(seed)
         cond = features[schedule[0][1]][None]
-        writer, decoder = VideoFile(stem, gif=gif), StreamingVAEDecoder(vae)
-        kept, times, first = [], [], None
-        try:
-            sync()
-            start = time.perf_counter()
-            if checkpoint:
-                chunks = switched_stream(model, sigmas, num_frames=frames, batch_size=1, cond=cond, rng=rng,
-                                         first_chunk_sigmas=first_sigmas, recache=recache,
-                                         switches={f: features[p][None] for f, p in schedule[1:]})
-            else:
-                chunks = iter([sample_bidirectional(model, sigmas, batch_size=1, num_frames=frames, cond=cond,
-                                                    guidance=guidance, uncond=uncond, rng=rng)])
-            for i, latents in enumerate(chunks):
-                video = decoder(latents)[0]
-                writer.write(video)
-                sync()
-                now = time.perf_counter()
-                times.append(now - start - sum(times))
-                first = now - start if first is None else first
-                if return_videos:
-                    kept.append(video.cpu())
-                log(f"  {stem}: chunk {i + 1}, {video.shape[0]} frames in {times[-1]:.2f} s")
-            elapsed = time.perf_counter() - start
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            decoder.close()
-        report["files"].append(stem)
-        report["chunk_seconds"].append(times)
-        report["first_frame_seconds"].append(first)
-        report["frames_per_second"].append(writer.frames / elapsed)
-        report["video_frames"].append(writer.frames)
-        if return_videos:
-            videos.append(torch.cat(kept))
-        log(f"wrote {stem}: {writer.frames} frames; first frames after {first:.2f} s, {writer.frames / elapsed:.1f} "
-            f"frames/s ({len(times)} chunks, {elapsed:.1f} s)")
-    if return_videos:
-        report["videos"] = videos
+        if checkpoint:
+            chunks = switched_stream(model, sigmas, num_frames=frames, batch_size=1, cond=cond, rng=rng,
+                                     first_chunk_sigmas=first_sigmas, recache=recache,
+                                     switches={f: features[p][None] for f, p in schedule[1:]})
+        else:  # the base denoises the whole clip at once: one "chunk", made when the generator is first asked
+            chunks = (sample_bidirectional(model, sigmas, batch_size=1, num_frames=frames, cond=cond, guidance=guidance,
+                                           uncond=uncond, rng=rng) for _ in range(1))
+        _stream_to_file(chunks, path, StreamingVAEDecoder(vae), gif, dev, report, return_videos, log)
     return report
+
+
+def _stream_to_file(chunks, path, decoder, gif, device, report, keep, log) -> None:
+    """Decodes each latent chunk as it arrives and appends its frames to the .mp4; times every chunk."""
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    writer, times, first, kept = VideoFile(path, gif=gif), [], None, []
+    try:
+        sync()
+        start = time.perf_counter()
+        for i, latents in enumerate(chunks):
+            video = decoder(latents)[0]
+            writer.write(video)
+            sync()
+            times.append(time.perf_counter() - start - sum(times))
+            first = sum(times) if first is None else first
+            if keep:
+                kept.append(video.cpu())
+            log(f"  {path}: chunk {i + 1}, {video.shape[0]} frames in {times[-1]:.2f} s")
+        elapsed = time.perf_counter() - start
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        decoder.close()
+    for k, v in (("files", path), ("chunk_seconds", times), ("first_frame_seconds", first),
+                 ("frames_per_second", writer.frames / elapsed), ("video_frames", writer.frames)):
+        report[k].append(v)
+    if keep:
+        report["videos"].append(torch.cat(kept))
+    log(f"wrote {path}: {writer.frames} frames; first frames after {first:.2f} s, {writer.frames / elapsed:.1f} "
+        f"frames/s ({len(times)} chunks, {elapsed:.1f} s)")
 
 
 # =================================================================================================
@@ -4654,26 +4709,38 @@ def generate_main(argv) -> int:
     parser.add_argument("--height", type=int, default=480, help="pixels (default 480)")
     parser.add_argument("--width", type=int, default=832, help="pixels (default 832)")
     parser.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk: 3 chunk-wise (default), 1 frame-wise")
-    parser.add_argument("--denoising-steps", default="1000,750,500,250", help="the generator's timesteps, before warping "
-                        "(default 1000,750,500,250; Causal Forcing++ 2-step: 1000,500)")
-    parser.add_argument("--first-chunk-steps", default=None, help="the first chunk's timesteps (Causal Forcing++: "
-                        "1000,750,500,250; default: --denoising-steps)")
-    parser.add_argument("--recache", action="store_true", help="at a prompt switch, re-encode the kept context under the new prompt")
-    parser.add_argument("--steps", type=int, default=50, help="the base's Euler steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="the base's classifier-free guidance (default 5)")
-    parser.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="the base's negative prompt (default Wan2.1's)")
+    gen = parser.add_argument_group("with --checkpoint (a streaming generator)")
+    gen.add_argument("--checkpoint-key", default=None, help="the checkpoint's entry to load: generator_ema (default when "
+                     "present) or generator (the official chunk-wise command, run without --use_ema, loads generator)")
+    gen.add_argument("--denoising-steps", default=None, help="the generator's timesteps, before warping (default "
+                     "1000,750,500,250; Causal Forcing++ 2-step: 1000,500)")
+    gen.add_argument("--first-chunk-steps", default=None, help="the first chunk's timesteps (Causal Forcing++: "
+                     "1000,750,500,250; default: --denoising-steps)")
+    gen.add_argument("--recache", action="store_true", help="at a prompt switch, re-encode the kept context under the new prompt")
+    base = parser.add_argument_group("without --checkpoint (the bidirectional base)")
+    base.add_argument("--steps", type=int, default=None, help="Euler steps (default 50)")
+    base.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 5)")
+    base.add_argument("--negative-prompt", default=None, help="the negative prompt (default Wan2.1's)")
     parser.add_argument("--shift", type=float, default=5.0, help="noise-schedule shift (default 5, Wan's and the generators')")
     args = parser.parse_args(argv)
-    if args.frames < 1 or args.steps < 1 or args.chunk_frames < 1:
+    if args.frames < 1 or (args.steps is not None and args.steps < 1) or args.chunk_frames < 1:
         parser.error("--frames, --steps and --chunk-frames must be >= 1")
+    given = lambda *names: [n for n in names if getattr(args, n.lstrip("-").replace("-", "_")) not in (None, False)]  # noqa: E731
+    wrong = given("--steps", "--guidance", "--negative-prompt") if args.checkpoint else \
+        given("--checkpoint-key", "--denoising-steps", "--first-chunk-steps", "--recache")
+    if wrong:
+        parser.error(f"{', '.join(wrong)} only appl{'ies' if len(wrong) == 1 else 'y'} "
+                     f"{'without' if args.checkpoint else 'with'} --checkpoint; leave {'it' if len(wrong) == 1 else 'them'} out")
     steps = _steps_flag(parser, "--denoising-steps", args.denoising_steps)
     first = _steps_flag(parser, "--first-chunk-steps", args.first_chunk_steps)
+    base_flags = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance),
+                                    ("negative_prompt", args.negative_prompt)) if v is not None}
     try:
         prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
         generate(prompts, wan_dir=args.wan_dir, checkpoint=args.checkpoint, frames=args.frames, out=args.out,
                  seed=args.seed, device=args.device, height=args.height, width=args.width, chunk_frames=args.chunk_frames,
-                 denoising_steps=steps, first_chunk_steps=first, shift=args.shift, steps=args.steps,
-                 guidance=args.guidance, negative_prompt=args.negative_prompt, recache=args.recache, gif=args.gif)
+                 checkpoint_key=args.checkpoint_key, denoising_steps=steps, first_chunk_steps=first, shift=args.shift,
+                 recache=args.recache, gif=args.gif, **base_flags)
     except (ImportError, OSError, ValueError, KeyError) as e:  # what is missing or wrong, and what to do: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

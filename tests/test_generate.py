@@ -245,6 +245,18 @@ def test_generate_refuses_bad_input_before_any_work(wan_dir, tmp_path):
         cf.generate([[(0, "a cat"), (3, "a dog")]], frames=6, **{**common, "checkpoint": None})
     with pytest.raises(ValueError, match="multiples of 16"):
         cf.generate("a cat", **{**common, "width": 40})
+    with pytest.raises(ValueError, match="is a folder"):
+        cf.generate("a cat", **{**common, "out": str(tmp_path)})
+    no_base = tmp_path / "no_base"  # without transformer/config.json the size is still checked first
+    no_base.mkdir()
+    for d in ("tokenizer", "text_encoder", "vae"):
+        os.symlink(os.path.join(wan_dir, d), no_base / d)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cf.generate("a cat", **{**common, "wan_dir": str(no_base), "width": 40})
+    with pytest.raises(ValueError, match="tiles"):
+        vae = cf.load_wan_vae(wan_dir)
+        vae.enable_tiling()
+        cf.StreamingVAEDecoder(vae)
     bad = tmp_path / "bad.txt"
     bad.write_text("a cat | later: a dog\n")
     with pytest.raises(ValueError, match="bad.txt:1"):
@@ -252,10 +264,25 @@ def test_generate_refuses_bad_input_before_any_work(wan_dir, tmp_path):
     assert not os.path.exists(tmp_path / "v.mp4")
 
 
+def test_checkpoint_entry_is_chosen_and_said(wan_dir, tmp_path):
+    """generator_ema by default, generator on request (the official chunk-wise command loads it)."""
+    ckpt = str(tmp_path / "g.pt")
+    ema = generator_checkpoint(wan_dir, ckpt, 3)
+    said = []
+    model = cf.load_wan_generator(wan_dir, ckpt, HEIGHT, WIDTH, 3, log=said.append)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ema.state_dict().values()))
+    model = cf.load_wan_generator(wan_dir, ckpt, HEIGHT, WIDTH, 3, key="generator", log=said.append)
+    assert all(not v.any() for v in model.state_dict().values())
+    assert "'generator_ema' weights" in said[0] and "'generator' weights" in said[1]
+    with pytest.raises(KeyError, match="no entry 'critic'"):
+        cf.load_wan_generator(wan_dir, ckpt, HEIGHT, WIDTH, 3, key="critic")
+
+
 def test_generate_command_line(wan_dir, tmp_path):
     help_text = subprocess.run([sys.executable, os.path.join(HERE, "..", "causal_forcing.py"), "generate", "--help"],
                                capture_output=True, text=True).stdout
-    for flag in ("--wan-dir", "--checkpoint", "--prompt", "--prompts", "--frames", "--out", "--seed", "--device", "--gif"):
+    for flag in ("--wan-dir", "--checkpoint", "--prompt", "--prompts", "--frames", "--out", "--seed", "--device", "--gif",
+                 "--checkpoint-key", "--denoising-steps", "--first-chunk-steps", "--recache", "--steps"):
         assert flag in help_text
     ckpt = str(tmp_path / "g.pt")
     generator_checkpoint(wan_dir, ckpt, 3)
@@ -264,6 +291,9 @@ def test_generate_command_line(wan_dir, tmp_path):
             "--device", "cpu", "--height", str(HEIGHT), "--width", str(WIDTH)]
     assert cf.main(args) == 0 and os.path.getsize(out) > 0
     assert cf.main([*args[:2], str(tmp_path / "nowhere"), *args[3:]]) == 2  # a clear error, exit 2
+    with pytest.raises(SystemExit) as e:  # a base-only flag with a generator: a usage error, not ignored
+        cf.main([*args, "--steps", "8"])
+    assert e.value.code == 2
 
 
 def test_module_imports_and_runs_without_the_optional_packages():
