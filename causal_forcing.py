@@ -3569,8 +3569,10 @@ def plot_long_stream(report: dict, path: str, smooth: int = 8) -> None:
 # =================================================================================================
 # A Wan2.1 folder in Diffusers' layout (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) holds tokenizer/,
 # text_encoder/ (umT5-XXL), transformer/ (the DiT, Diffusers' parameter names) and vae/
-# (AutoencoderKLWan). Reading them needs the optional packages of requirements-wan.txt, imported
-# only inside these functions: `import causal_forcing` never needs them.
+# (AutoencoderKLWan); the DiT's Diffusers names are mapped to Wan's in II.2 (rename_wan_parameters).
+# Reading them needs the optional packages of requirements-wan.txt, imported only inside these
+# functions: `import causal_forcing` never needs them. Read in order: the model config, the text
+# encoder, the VAE decoding chunk by chunk, the video file, the prompts file, then `generate`.
 
 WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
                        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
@@ -3578,6 +3580,7 @@ WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，�
 WAN_FPS = 16  # Wan2.1's frame rate
 WAN_PACKAGES = {"diffusers": "diffusers", "transformers": "transformers", "safetensors": "safetensors",
                 "imageio": "imageio", "imageio_ffmpeg": "imageio-ffmpeg"}  # module -> pip name
+
 
 def _require(*modules: str, what: str = "this") -> None:
     """Imports the optional packages `what` needs, or says which are missing and how to install them."""

@@ -1,0 +1,51 @@
+"""Retrains only Causal Forcing++'s two stages (consistency distillation, then DMD streamed with 2
+steps) from a finished toy run's teachers, with config overrides, and prints the transition accuracy
+and off-manifold fraction of the consistency student and of the CF++ generator at 1, 2 and 4 steps
+(the same 2,000 noise draws for every setting). The README's consistency-stage probes came from it:
+
+    python causal_forcing.py                                   # the seed-0 toy run, once
+    python docs/cd_probe.py --set teacher_solver_steps=16      # the consistency grid (upstream discrete_cd_N)
+    python docs/cd_probe.py --set cd_ema_decay=0.0             # no EMA: the target is the student itself
+
+About 70 s per setting on a 2-core CPU."""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import causal_forcing as cf  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", default=os.path.join("runs", "toy2d"), help="a finished toy run (default runs/toy2d)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    args = parser.parse_args()
+    overrides = dict(cf._parse_override(kv, cf._field_types()) for kv in args.set)
+    cfg = cf.run_config(args.run, device="cpu", **overrides)
+    models = cf.load_models(args.run, cf.run_config(args.run, device="cpu"))
+    run = cf.PipelineRun(cfg, None, lambda *a: None)
+    base, teacher = models["bidirectional_teacher"], models["ar_teacher"]
+    t0 = time.perf_counter()
+    student, _ = cf.train_consistency(cfg, teacher, run.data.train, log=None, rng=run.g)
+    t1 = time.perf_counter()
+    generator, _ = cf.train_dmd(cfg, student, base, base, None, None, run.g, steps=cfg.sample.pp_denoising_steps)
+    out = {"overrides": overrides, "consistency_seconds": round(t1 - t0, 1),
+           "dmd_seconds": round(time.perf_counter() - t1, 1)}
+    for name, model in (("consistency_student", student), ("causal_forcing_pp", generator)):
+        for k in (1, 2, 4):
+            x = cf.sample_student(model, num_frames=cfg.data.frames, batch_size=2000, rng=torch.Generator().manual_seed(0),
+                                  **cf.streaming_steps(cfg.sample, k))
+            m = cf.toy_metrics(x, run.data.toy, run.data.test, cfg.eval.transition_tol_degrees)
+            out[f"{name}_{k}_steps"] = {"transition_accuracy": round(m["transition_accuracy"], 3),
+                                        "off_manifold": round(m["off_manifold"], 3)}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
