@@ -2107,7 +2107,7 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, ver
     elif os.path.isfile(path):
         raw = _read_checkpoint(path, verify)
         entry = checkpoint_entry(raw, key)
-        state = wan_state_dict(raw, key)
+        state = wan_state_dict(raw, entry)  # the entry found once, not looked up again
     else:
         raise FileNotFoundError(f"no checkpoint file or Diffusers folder at {path!r}")
     own = model.state_dict()
