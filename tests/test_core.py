@@ -680,7 +680,7 @@ def test_save_atomic_keeps_the_old_file_when_a_save_fails(tmp_path):
 
 TINY = dict(frames=3, train_size=256, test_size=128, batch_size=32, base_steps=3, teacher_steps=3,
             ode_pairs=64, ode_steps=3, dmd_steps=6, ema_start_step=1, eval_samples=64, floor_outer=8,
-            floor_inner=4, teacher_solver_steps=8, num_layers=1, cd_steps=3)
+            floor_inner=4, teacher_solver_steps=8, num_layers=1, cd_steps=3, cd_batch_size=16, dmd_batch_size=16)
 
 
 def test_pipeline_end_to_end_writes_results(tmp_path):
@@ -1135,15 +1135,21 @@ def test_consistency_target_of_a_chunk_sees_only_its_own_noise_and_the_clean_pas
 
 
 def test_consistency_grid_and_the_pairs_it_draws():
-    s = cf.get_config("toy2d").sample
+    s = cf.get_config("toy2d", cd_grid_steps=None).sample  # by default the teachers' grid (upstream: both 48)
     grid = cf.consistency_sigmas(s)
     assert len(grid) == s.teacher_solver_steps and grid[0] == 1.0 and grid[-1] > 0
     assert grid == pytest.approx(cf.solver_sigmas(s.teacher_solver_steps, s)[:-1].tolist())
+    s = cf.get_config("toy2d", cd_grid_steps=16).sample  # its own grid (upstream's discrete_cd_N)
+    assert cf.consistency_sigmas(s) == pytest.approx(cf.solver_sigmas(16, s)[:-1].tolist())
+    assert len(cf.ode_pair_sigmas(s)[1]) == s.teacher_solver_steps + 1  # the ODE pairs keep the teachers' grid
+    for key, value in (("cd_grid_steps", 1), ("cd_grid_steps", 0), ("cd_batch_size", 0)):
+        with pytest.raises(ValueError, match=key):
+            cf.get_config("toy2d", **{key: value})
 
 
 def test_consistency_stage_keeps_an_ema_of_the_student(monkeypatch):
-    cfg = cf.get_config("toy2d", frames=4, chunk_frames=2, num_layers=1, batch_size=8, cd_steps=3, cd_ema_decay=0.75,
-                        teacher_solver_steps=8, device="cpu")
+    cfg = cf.get_config("toy2d", frames=4, chunk_frames=2, num_layers=1, batch_size=8, cd_batch_size=4, cd_steps=3,
+                        cd_ema_decay=0.75, teacher_solver_steps=8, cd_grid_steps=6, device="cpu")
     teacher = cf._random_weights(cf.CausalDiT(cfg.model, causal=True), seed=0)
     start = {k: v.clone() for k, v in teacher.state_dict().items()}
     seen = []
@@ -1151,7 +1157,7 @@ def test_consistency_stage_keeps_an_ema_of_the_student(monkeypatch):
 
     def spy(student, ema, frozen, x0, noise, t, t_next, cond=None, guidance=1.0):
         seen.append(({k: v.clone() for k, v in ema.state_dict().items()}, {k: v.clone() for k, v in student.state_dict().items()}, t, t_next))
-        assert frozen is teacher
+        assert frozen is teacher and len(x0) == cfg.train.cd_batch_size  # its own batch size, not batch_size
         return real_loss(student, ema, frozen, x0, noise, t, t_next, cond, guidance)
     monkeypatch.setattr(cf, "consistency_distillation_loss", spy)
     data = cf.ToyVideos(cfg.data).sample(64, torch.Generator().manual_seed(0))
@@ -1159,6 +1165,7 @@ def test_consistency_stage_keeps_an_ema_of_the_student(monkeypatch):
     assert len(losses) == 3 and all(map(math.isfinite, losses))
     assert all(torch.equal(v, start[k]) for k, v in teacher.state_dict().items())  # the teacher stays frozen
     grid = cf.consistency_sigmas(cfg.sample)
+    assert len(grid) == 6
     for ema, _, t, t_next in seen:  # a pair of neighbouring grid sigmas
         assert any(t == grid[n] and t_next == grid[n + 1] for n in range(len(grid) - 1))
     assert all(torch.equal(seen[0][0][k], start[k]) for k in start)  # the EMA starts as the teacher
@@ -1194,3 +1201,19 @@ def test_a_stream_never_switches_gradients_off_for_its_caller():
         break
     gc.collect()
     assert torch.is_grad_enabled()
+
+
+def test_run_config_reads_fields_newer_than_the_run_at_their_defaults(tmp_path):
+    """A run saved before a field existed ran with the field's default behaviour, so run_config gives
+    it the default, not the value today's preset sets (the toy preset sets cd_grid_steps=16), and the
+    folder then refuses today's preset as another config."""
+    saved = cf.get_config("toy2d").to_dict()
+    del saved["sample"]["cd_grid_steps"], saved["train"]["cd_batch_size"]
+    saved["train"]["base_steps"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg = cf.run_config(str(tmp_path))
+    assert cfg.sample.cd_grid_steps is None and cfg.train.cd_batch_size is None and cfg.train.base_steps == 7
+    assert cfg.train.cd_lr == cf.get_config("toy2d").train.cd_lr  # saved fields keep their values
+    assert cf._config_differences(saved, cfg.to_dict()) == []
+    with pytest.raises(ValueError, match=r"differs in sample\.cd_grid_steps, train\.base_steps, train\.cd_batch_size"):
+        cf._check_run_folder(cf.get_config("toy2d", device="cpu"), str(tmp_path))
