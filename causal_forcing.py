@@ -13,6 +13,10 @@ video chunk by chunk with a KV cache:
     stage 3  DMD with self-rollout                real score (frozen) vs fake score (trained on
                                                   the generator's own samples)
 
+Causal Forcing++ replaces stage 2 by causal consistency distillation from the AR teacher (no ODE
+pairs: the student's x0 at a noise level is regressed onto an EMA copy's x0 one teacher Euler step
+lower, all with clean ground-truth context), then runs the same stage 3 and streams with 1-2 steps.
+
 The point of the paper (Sec. 3, "frame-level injectivity"): stage 2 must distil an *AR* teacher.
 A bidirectional teacher's flow map sends frame i's noise to an output that also depends on the
 noise of future frames, which a causal student cannot see; the MSE-optimal student is then a
@@ -41,10 +45,10 @@ Run it:
 How to read it. Part I is the method, top to bottom in the order the data flows (the stages run the
 one training loop of II.4, and use its data-parallel helpers):
     I.1 config          dataclasses and named presets (values only)
-    I.2 data            toy 2-D videos (a Gaussian mixture) and their exact flow-matching teachers;
-                        label conditions
+    I.2 data            toy 2-D videos (a Gaussian mixture) and their exact denoisers; label conditions
     I.3 flow matching   shift, noising, x0/velocity, the flow-matching loss and its weight,
-                        timesteps, the Euler ODE
+                        timesteps, the grids (teacher, ODE pairs, consistency, student), the Euler
+                        ODE, and the exact teachers' flows and ODE pairs
     I.4 masks           block-causal, teacher-forcing and rolling-window attention masks
     I.5 network         CausalDiT (Wan2.1's DiT): RoPE, RMSNorm, the KV cache, attention, blocks
     I.6 samplers        bidirectional teacher, AR teacher, the few-step streaming student (`stream`),
@@ -174,8 +178,8 @@ class TrainConfig:
     grad_clip: float = 10.0  # upstream 10
     data_parallel: str = "auto"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded); auto = fsdp if dim >= 1024
     # stage 0: the bidirectional base (upstream: the pretrained Wan model, not trained here).
-    # Trained from scratch, so with the usual Adam momentum (beta1 0.9) and a cosine decay; the
-    # later stages fine-tune, like upstream, with beta1 0 and (toy only) a cosine decay too.
+    # Trained from scratch, so with the usual Adam momentum (beta1 0.9). The later stages fine-tune,
+    # like upstream, with beta1 0. Every stage but DMD decays its lr on a cosine; DMD keeps it constant.
     base_steps: int = 1200
     base_lr: float = 2e-3
     base_beta1: float = 0.9
@@ -226,9 +230,9 @@ class SampleConfig:
     shift: float = 5.0  # s' = k s / (1 + (k - 1) s); upstream generator k = 5
     num_train_timesteps: int = 1000
     teacher_solver_steps: int = 48  # Euler steps of the teachers (upstream 48 for ODE pairs)
-    cd_grid_steps: Optional[int] = None  # consistency distillation's grid (upstream discrete_cd_N 48); None = teacher_solver_steps
+    cd_grid_steps: Optional[int] = None  # consistency grid (upstream discrete_cd_N = 48); None = teacher_solver_steps
     denoising_steps: tuple = (1000, 750, 500, 250)  # the student's steps before warping
-    pp_denoising_steps: tuple = (1000, 500)  # Causal Forcing++: 2 steps; its first chunk keeps denoising_steps
+    pp_denoising_steps: tuple = (1000, 500)  # Causal Forcing++: 2 steps (streamed with the first chunk at denoising_steps)
     warp_denoising_steps: bool = True  # map them through the shifted schedule: 1000, 937.5, 833.3, 625
     context_noise: float = 0.0  # sigma at which finished chunks are written to the KV cache
 
@@ -365,7 +369,7 @@ class ToyVideos:
 
 
 def label_cond(labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
-    """Digit labels (B,) or (B, num_digits) -> the conditioning sequence (B, num_digits, 10): one
+    """Digit labels (B,) or (B, num_digits) -> the conditioning sequence (B, num_digits, num_classes): one
     one-hot row per digit, fed through the cross-attention path that carries text in Wan. The null
     condition of classifier-free guidance is all zeros (what `cond=None` gives the model)."""
     labels = labels.reshape(len(labels), -1)
@@ -461,6 +465,18 @@ def solver_sigmas(steps: int, cfg: SampleConfig) -> torch.Tensor:
     return shift_sigma(torch.linspace(1, 0, steps + 1, dtype=torch.float64), cfg.shift)
 
 
+def student_sigmas(cfg: SampleConfig, steps: Optional[tuple] = None) -> list[float]:
+    """The few-step student's sigmas for `steps` (default cfg.denoising_steps). Warped through the
+    shifted schedule (Self Forcing's warp_denoising_step), [1000, 750, 500, 250] becomes
+    [1000, 937.5, 833.3, 625] / 1000; the 2-step [1000, 500] becomes [1000, 833.3] / 1000."""
+    T = cfg.num_train_timesteps
+    steps = cfg.denoising_steps if steps is None else steps
+    if not steps or not all(0 < k <= T for k in steps):
+        raise ValueError(f"denoising steps {steps} must be a non-empty list of timesteps in (0, {T}]")
+    raw = torch.tensor(steps, dtype=torch.float64) / T
+    return [float(s) for s in (shift_sigma(raw, cfg.shift) if cfg.warp_denoising_steps else raw)]
+
+
 def ode_pair_sigmas(cfg: SampleConfig) -> tuple[list[float], torch.Tensor]:
     """(the student's sigmas, the teacher's Euler grid) for ODE pairs: the teacher's trajectory is
     kept where it passes the student's sigmas, so these must lie on its grid."""
@@ -479,18 +495,6 @@ def consistency_sigmas(cfg: SampleConfig) -> list[float]:
     grid[n + 1], n uniform below N - 1."""
     steps = cfg.teacher_solver_steps if cfg.cd_grid_steps is None else cfg.cd_grid_steps
     return solver_sigmas(steps, cfg)[:-1].tolist()
-
-
-def student_sigmas(cfg: SampleConfig, steps: Optional[tuple] = None) -> list[float]:
-    """The few-step student's sigmas for `steps` (default cfg.denoising_steps). Warped through the
-    shifted schedule (Self Forcing's warp_denoising_step), [1000, 750, 500, 250] becomes
-    [1000, 937.5, 833.3, 625] / 1000; the 2-step [1000, 500] becomes [1000, 833.3] / 1000."""
-    T = cfg.num_train_timesteps
-    steps = cfg.denoising_steps if steps is None else steps
-    if not steps or not all(0 < k <= T for k in steps):
-        raise ValueError(f"denoising steps {steps} must be a non-empty list of timesteps in (0, {T}]")
-    raw = torch.tensor(steps, dtype=torch.float64) / T
-    return [float(s) for s in (shift_sigma(raw, cfg.shift) if cfg.warp_denoising_steps else raw)]
 
 
 def euler_ode(velocity: Callable, x: torch.Tensor, sigmas: torch.Tensor,
@@ -535,7 +539,7 @@ def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chun
 
 
 def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str, rng=None) -> dict:
-    """ODE pairs in make_ode_pairs' format, from the *exact* teachers (toy data only): "ar" runs every
+    """ODE pairs in the format of make_ode_pairs (I.8), from the *exact* teachers (toy data only): "ar" runs every
     chunk given the ground-truth clean earlier frames, "bidirectional" the whole clip from noise.
     They isolate the injectivity argument from any error of a learned teacher."""
     keep, sig = ode_pair_sigmas(cfg.sample)
@@ -561,8 +565,8 @@ def frame_visibility(q_frames: torch.Tensor, k_frames: torch.Tensor, chunk_frame
     """(Fq, Fk) bool: may a query in frame q see a key in frame k? Causal over chunks of
     `chunk_frames` frames (aligned to absolute frame 0), bidirectional inside a chunk:
         k < end(chunk(q)),
-    and, with a rolling window of W frames and S sink frames, only the sink or the latest W - S
-    frames up to the end of the query's chunk:  k < S  or  k >= end(chunk(q)) - (W - S)."""
+    and, with a rolling window of W frames of which Z are sink frames, only the sink or the latest
+    W - Z frames up to the end of the query's chunk:  k < Z  or  k >= end(chunk(q)) - (W - Z)."""
     q_end = (q_frames // chunk_frames + 1) * chunk_frames  # (Fq,)
     vis = k_frames[None, :] < q_end[:, None]
     if window_frames is not None:
@@ -619,7 +623,7 @@ class AttentionMask:
 
     def block_mask(self, block: int = 128):
         if self._block is None:
-            self._block = _flex_block_mask(self.vis, self.S, block)
+            self._block = _flex_block_mask(self.vis, self.S, block)  # II.3
         return self._block
 
 
@@ -690,9 +694,9 @@ class KVCache:
     """Keys and values of frames already generated, for every layer, so that each new chunk costs
     attention over the cache instead of a forward pass over the whole prefix.
 
-    Buffers are (layers, B, h, slots, S, d): one slot per frame. Without a window there is a slot for
-    every frame up to max_frames. With a rolling window of W frames there are W slots: the first
-    `sink_frames` frames keep theirs (an attention sink), later frames share W - S slots in a ring,
+    Buffers are (layers, B, h, slots, S, d): one slot per frame of S tokens. Without a window there is
+    a slot for every frame up to max_frames. With a rolling window of W frames there are W slots: the
+    first Z = `sink_frames` frames keep theirs (an attention sink), later frames share W - Z slots in a ring,
     so memory stays fixed however long the video runs. Keys are stored after rotary embedding at
     absolute frame positions (rope_positions "absolute"), or before it ("window": the model rotates
     them at every read, at their place in the live window). Writing frames [a, a + F) again
@@ -806,12 +810,13 @@ class SelfAttention(nn.Module):
                 old_k = apply_rope(rearrange(kv.k[layer][:, :, read_slots], "b h f s d -> b (f s) h d"), key_angles)
                 old_k = rearrange(old_k, "b n h d -> b h n d")
             old_v = rearrange(kv.v[layer][:, :, read_slots], "b h f s d -> b h (f s) d")
-            stored = k if key_angles is None else rearrange(raw_k, "b n h d -> b h n d")
-            # Store detached copies: the cache carries values, never a graph, so a later in-place
-            # refresh of these slots cannot break a backward pass through this call (DMD rollout).
-            kv.k[layer][:, :, write_slots] = rearrange(stored.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.k.dtype)
-            kv.v[layer][:, :, write_slots] = rearrange(v.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.v.dtype)
+            stored_k, stored_v = (k if key_angles is None else rearrange(raw_k, "b n h d -> b h n d")), v
             k, v = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
+            # Write after reading: the slots read may be views of the buffer. Store detached copies: the
+            # cache carries values, never a graph, so a later in-place refresh of these slots cannot
+            # break a backward pass through this call (DMD rollout).
+            kv.k[layer][:, :, write_slots] = rearrange(stored_k.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.k.dtype)
+            kv.v[layer][:, :, write_slots] = rearrange(stored_v.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.v.dtype)
         out = attend(q, k, v, mask)  # (B, h, N, d)
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -1321,7 +1326,8 @@ def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_siz
                      rng: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
     """`stream` without a KV cache: every denoising step runs the model on [the clean frames made so
     far, at t = 0 ; the noisy chunk], so chunk k costs a forward pass over k chunks. The same
-    samples as `stream` (context_noise 0, same rng); the baseline the cache is measured against."""
+    samples as `stream` (context_noise 0, same rng; with a rolling window only under absolute RoPE
+    positions, as frames keep their indices here); the baseline the cache is measured against."""
     sigmas, done = check_sigmas(sigmas).tolist(), []
 
     def on_prefix(x, t, cond, kv_cache, start_frame):  # the model on [clean prefix at t = 0 ; chunk]
@@ -1364,8 +1370,8 @@ def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: i
 
 
 def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k, kind: str) -> torch.Tensor:
-    """MSE between the student's x0 from x at the student's k-th sigma and the teacher's endpoint,
-    per frame summed over its coordinates: (B, F). k is one step for the whole batch (an int) or
+    """Squared error between the student's x0 from x at the student's k-th sigma and the teacher's
+    endpoint, per frame summed over its coordinates: (B, F) (the caller averages). k is one step for the whole batch (an int) or
     one per frame, (B, F) (`ode_step_index`). The AR variant sees clean ground-truth context
     (teacher-forcing mask); the bidirectional variant sees the noisy earlier frames under the
     block-causal mask, as in CausVid / Self Forcing."""
@@ -1392,7 +1398,10 @@ def consistency_distillation_loss(student: CausalDiT, ema: CausalDiT, teacher: C
     Teacher, student and EMA student all see the clean clip as context (teacher-forcing mask), so
     chunk b's target depends only on what the student sees for chunk b, its own noisy chunk and the
     clean chunks before it: the frame-level injectivity of the AR teacher's ODE pairs, with no ODE
-    pairs to make. Returns the squared error per frame, averaged over a frame's coordinates: (B, F)."""
+    pairs to make. Returns the squared error per frame, averaged over a frame's coordinates: (B, F).
+    Shapes and contract: x0, noise (B, F, C, H, W); t, t_next floats; cond (B, L, cond_dim) or None.
+    The three networks are called as net(x, t (B, F), cond, clean_context=x0) and return velocities
+    eps - x0. Moving the EMA towards the student after the step is the caller's (`train_consistency`)."""
     tt, tn = (torch.full(x0.shape[:2], float(s), device=x0.device, dtype=x0.dtype) for s in (t, t_next))
     x_t = add_noise(x0, noise, tt)
     with torch.no_grad():
@@ -1406,7 +1415,9 @@ def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) 
     """The DMD gradient (DMD2 / Self Forcing), normalised per sample:
         grad = (x0_fake - x0_real) / mean|x - x0_real|.
     The KL between the generator's and the data distribution, noised, has gradient
-    (score_fake - score_real); with x0-predictions this is proportional to x0_fake - x0_real."""
+    (score_fake - score_real); with x0-predictions this is proportional to x0_fake - x0_real.
+    Upstream also replaces non-finite values of grad by 0 (nan_to_num); here a zero normaliser or a
+    NaN reaches the loss, and the training loop stops there with an error instead."""
     norm = (x - x0_real).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
     return (x0_fake - x0_real) / norm
 
@@ -1423,7 +1434,10 @@ def dmd_generator_loss(x: torch.Tensor, real_score: nn.Module, fake_score: nn.Mo
         x_s = add_noise(x, noise, sigma),  grad = (x0_fake(x_s) - x0_real(x_s)) / mean|x - x0_real(x_s)|,
         loss = 0.5 * mean((x - sg(x - grad))^2)
     with x0_real from the frozen real score (guided) and x0_fake from the fake score, both without
-    gradient (`dmd_gradient`, `dmd_loss`). Only x carries a gradient, back into the generator."""
+    gradient (`dmd_gradient`, `dmd_loss`). Only x carries a gradient, back into the generator.
+    Shapes: x, noise (B, F, C, H, W); sigma (B, F), one value per clip repeated over its frames
+    (`_dmd_sigma`); both scores are called as net(x_s, sigma, cond) and return velocities eps - x0;
+    the guidance's null condition is zeros (`guided_velocity`)."""
     with torch.no_grad():
         x_s = add_noise(x, noise, sigma)
         x0_real = x0_from_velocity(x_s, guided_velocity(real_score, x_s, sigma, cond, guidance), sigma)
@@ -1442,6 +1456,9 @@ def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noi
 # =================================================================================================
 # I.8 stages: base, AR teacher, ODE pairs, ODE student, consistency student, DMD (each runs the loop of II.4)
 # =================================================================================================
+# Each stage is its loss (I.7) in a step function. The plumbing comes from II.4 and can be read past:
+# train_loop (steps, checkpoints, the divergence guard), _adamw and _step (optimizer, clipping),
+# Batches (shuffled minibatches), and for several processes parallelize, _shard, _reshard, _rank_rng.
 
 
 def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_frames: int, rng):
@@ -1626,7 +1643,8 @@ def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=p
 def _dmd_sigma(cfg: Config, batch, rng, device):
     """One sigma per clip for the DMD and critic losses, drawn as upstream (Self Forcing's DMD): an
     unshifted timestep t uniform in {0, ..., T - 1}, shifted (`shift_sigma`), then clamped to
-    [dmd_min_sigma, dmd_max_sigma] = [0.02, 0.98]: the clamp holds the draws below 0.02."""
+    [dmd_min_sigma, dmd_max_sigma] = [0.02, 0.98]. At shift 5 the clamp moves 92 of the 1,000
+    values down to 0.98 and 5 up to 0.02, so about 9% of the draws sit exactly at 0.98."""
     t, T = cfg.train, cfg.sample.num_train_timesteps
     raw = torch.randint(0, T, (batch, 1), generator=rng).double() / T
     s = shift_sigma(raw, cfg.sample.shift).clamp(t.dmd_min_sigma, t.dmd_max_sigma).float()
@@ -1645,7 +1663,8 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     histories, the generator's gradient norm at each update, and "snapshots", four fixed rollouts
     (same noise, same conditions), `dmd_snapshots` times as it trains, from the ODE init on.
     steps: the student's denoising steps in the rollouts (default denoising_steps; Causal Forcing++
-    trains its 2-step student with pp_denoising_steps)."""
+    trains its 2-step student with pp_denoising_steps, every chunk at 2 steps, though it streams its
+    first chunk with 4: `streaming_steps`)."""
     t = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
@@ -1720,12 +1739,13 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
     coordinates: the part of the ODE-regression loss that no causal student can remove, because
     frame i's target depends on noise it does not see. Monte Carlo: `outer` draws of the visible
     noise, `inner` redraws of the future noise for each. (F,) float64; with return_mean also the
-    MSE-optimal causal prediction E[phi(eps)^i | eps^<=i] (Prop. 3.3), (outer, F, *shape)."""
+    MSE-optimal causal prediction E[phi(eps)^i | eps^<=i] (Prop. 3.3), (outer, F, *shape). Here
+    eps^<=i is the noise of every frame up to the end of frame i's chunk: what the student sees."""
     floor = torch.zeros(frames, dtype=torch.float64)
     mean = torch.zeros(outer, frames, *shape, dtype=torch.float64)
     for i in range(frames):
         seen = min((i // chunk_frames + 1) * chunk_frames, frames)
-        eps = torch.randn(outer, 1, frames, *shape, generator=rng, dtype=torch.float64).repeat(1, inner, 1, 1, 1, 1)
+        eps = torch.randn(outer, 1, frames, *shape, generator=rng, dtype=torch.float64).expand(-1, inner, -1, *shape).clone()
         eps[:, :, seen:] = torch.randn(outer, inner, frames - seen, *shape, generator=rng, dtype=torch.float64)
         x = flow_map(eps.reshape(outer * inner, frames, *shape)).reshape(outer, inner, frames, -1)
         floor[i] = x[:, :, i].var(dim=1).sum(-1).mean()
@@ -2953,26 +2973,45 @@ def _config_differences(saved: dict, config: dict) -> list[str]:
     return sorted(k.rstrip(".") for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def _check_run_folder(cfg: Config, out: str) -> None:
+# Fields that only Causal Forcing++'s stages and the stages after them read. Those stages come last
+# and draw their random numbers after every other stage's, so a finished run can take on (or change)
+# these fields and keep every earlier stage: e.g. --set cd_steps=300 on a finished digit run trains the
+# two Causal Forcing++ stages and redoes the evaluation, with the results of a fresh run with them.
+LATE_FIELDS = ("train.cd_steps", "train.cd_lr", "train.cd_guidance", "train.cd_ema_decay", "train.cd_batch_size",
+               "sample.cd_grid_steps", "sample.pp_denoising_steps")
+LATE_STAGES = ("consistency_student_ar", "dmd_causal_forcing_pp", "injectivity_floor", "evaluation")
+
+
+def _check_run_folder(cfg: Config, out: str, log=print) -> None:
     """A run folder belongs to one config: the first run writes out/config.json, a later run in the
     same folder must have the same config (device and checkpoint_every aside), or its saved stages
     would be mixed with the wrong ones. Each finished stage file records the config too, so a
-    deleted config.json does not let another config load them."""
+    deleted config.json does not let another config load them. The one exception is LATE_FIELDS:
+    a change there keeps the earlier stages, drops the checkpoints of unfinished LATE_STAGES (made
+    with the old values) and records the new config; `PipelineRun.stage` then redoes each finished
+    late stage that was made with other values."""
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         with open(path) as f:
             diff = _config_differences(json.load(f), cfg.to_dict())
-        if diff:
+        if [k for k in diff if k not in LATE_FIELDS]:
             raise ValueError(f"{out!r} holds a run with another config (differs in {', '.join(diff)}); "
                              "use another --out folder, or delete this one to start over")
-        return
+        if not diff:
+            return
+        log(f"{out}: Causal Forcing++ settings changed ({', '.join(diff)}): the earlier stages are kept, "
+            "the Causal Forcing++ stages and the evaluation are redone")
+        for name in LATE_STAGES if rank_and_world()[0] == 0 else ():
+            partial = os.path.join(out, "stages", f"{name}.partial.pt")
+            if os.path.exists(partial):
+                os.remove(partial)
     stages = os.path.join(out, "stages")
     done = sorted(n for n in os.listdir(stages) if n.endswith(".pt") and not n.endswith(".partial.pt")
-                  and not n.startswith(".tmp-")) if os.path.isdir(stages) else []
-    if done:  # config.json is gone but stages are there: they say which config made them
+                  and not n.startswith(".tmp-") and n[:-3] not in LATE_STAGES) if os.path.isdir(stages) else []
+    if done and not os.path.exists(path):  # config.json is gone but stages are there: they say which config made them
         saved = _load_saved(os.path.join(stages, done[0])).get("config")
         diff = _config_differences(saved, cfg.to_dict()) if saved is not None else []
-        if diff:
+        if [k for k in diff if k not in LATE_FIELDS]:
             raise ValueError(f"{out!r} holds stages of a run with another config (differs in {', '.join(diff)}); "
                              "use another --out folder, or delete this one to start over")
     if rank_and_world()[0] == 0:
@@ -3045,7 +3084,7 @@ class PipelineRun:
         self.rank, self.world = rank_and_world()
         self.log = log if log and self.rank == 0 else (lambda *_: None)  # under torchrun only rank 0 speaks and writes
         if out:
-            _check_run_folder(cfg, out)
+            _check_run_folder(cfg, out, self.log)
             if self.rank == 0:
                 for folder in (out, os.path.join(out, "stages")):
                     _remove_stale_temporaries(folder)
@@ -3084,12 +3123,18 @@ class PipelineRun:
             raise ValueError(f"unknown stage kind {kind!r}")
         out, cfg = self.out, self.cfg
         done = os.path.join(out, "stages", f"{name}.pt") if out else None
-        if done and os.path.exists(done):
-            saved = _load_saved(done)
+        saved = _load_saved(done) if done and os.path.exists(done) else None
+        if saved is not None:
             diff = _config_differences(saved["config"], cfg.to_dict()) if "config" in saved else []
-            if diff:
+            if name not in LATE_STAGES:  # LATE_FIELDS do not touch it (see _check_run_folder)
+                diff = [k for k in diff if k not in LATE_FIELDS]
+            if [k for k in diff if k not in LATE_FIELDS]:
                 raise ValueError(f"{done!r} was made by another config (differs in {', '.join(diff)}); delete it "
                                  "(or use another --out folder) to redo that stage")
+            if diff:  # a late stage made with other Causal Forcing++ settings: redo it
+                self.log(f"stage: {name} was made with another {', '.join(diff)}: redoing it")
+                saved = None
+        if saved is not None:
             result = self._unpack(kind, saved["result"])  # first: building its models draws from the global generator
             self.g.set_state(saved["rng"])
             torch.set_rng_state(saved["torch_rng"])
@@ -4563,7 +4608,7 @@ def main(argv=None) -> int:
         parser.error(f"--out {args.out!r} cannot be written: {e.strerror or e}")
     rank, world = init_distributed(cfg.device)
     try:
-        _check_run_folder(cfg, args.out)
+        _check_run_folder(cfg, args.out, print if rank == 0 else (lambda *_: None))
     except ValueError as e:
         parser.error(str(e))
     t0 = time.perf_counter()

@@ -1217,3 +1217,31 @@ def test_run_config_reads_fields_newer_than_the_run_at_their_defaults(tmp_path):
     assert cf._config_differences(saved, cfg.to_dict()) == []
     with pytest.raises(ValueError, match=r"differs in sample\.cd_grid_steps, train\.base_steps, train\.cd_batch_size"):
         cf._check_run_folder(cf.get_config("toy2d", device="cpu"), str(tmp_path))
+
+
+def test_a_finished_run_takes_on_causal_forcing_pp_and_keeps_its_earlier_stages(tmp_path):
+    """--set cd_steps=N on a finished run without the Causal Forcing++ rows: the earlier stages load,
+    the two new stages train and the evaluation is redone, with exactly the results and weights of a
+    fresh run with them. A checkpoint of a late stage made with other settings is dropped; any other
+    change of config is still refused."""
+    with_pp = cf.get_config("toy2d", **TINY)
+    fresh = cf.run_pipeline(with_pp, str(tmp_path / "fresh"), log=None)
+    first = cf.run_pipeline(cf.get_config("toy2d", **{**TINY, "cd_steps": 0}), str(tmp_path / "grown"), log=None)
+    assert "causal_forcing_pp" not in first["rows"] and "causal_forcing_pp" in fresh["rows"]
+    stages = tmp_path / "grown" / "stages"
+    kept = {p.name: p.stat().st_mtime_ns for p in stages.iterdir() if p.name[:-3] not in cf.LATE_STAGES}
+    (stages / "consistency_student_ar.partial.pt").write_bytes(b"made with other settings")
+    said = []
+    grown = cf.run_pipeline(with_pp, str(tmp_path / "grown"), log=said.append)
+    assert any("Causal Forcing++ settings changed (train.cd_steps)" in s for s in said)
+    assert any(s.startswith("stage: evaluation was made with another train.cd_steps") for s in said)
+    assert {p.name: p.stat().st_mtime_ns for p in stages.iterdir() if p.name in kept} == kept  # loaded, not redone
+    assert all(f"stage: {n[:-3]} (finished earlier" in " ".join(said) for n in kept)
+    untimed = lambda r: {k: {m: v for m, v in row.items() if m != "ms_per_frame"} for k, row in r.items()}  # noqa: E731
+    assert untimed(grown["rows"]) == untimed(fresh["rows"])
+    assert {k: untimed(v) for k, v in grown["steps"].items()} == {k: untimed(v) for k, v in fresh["steps"].items()}
+    assert grown["data"] == fresh["data"] and grown["injectivity_floor"] == fresh["injectivity_floor"]
+    a, b = (torch.load(tmp_path / d / "models.pt") for d in ("fresh", "grown"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
+    with pytest.raises(ValueError, match=r"another config \(differs in train\.base_steps\)"):
+        cf.run_pipeline(cf.get_config("toy2d", **{**TINY, "base_steps": 4}), str(tmp_path / "grown"), log=None)
