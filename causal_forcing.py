@@ -3001,10 +3001,6 @@ def _check_run_folder(cfg: Config, out: str, log=print) -> None:
             return
         log(f"{out}: Causal Forcing++ settings changed ({', '.join(diff)}): the earlier stages are kept, "
             "the Causal Forcing++ stages and the evaluation are redone")
-        for name in LATE_STAGES if rank_and_world()[0] == 0 else ():
-            partial = os.path.join(out, "stages", f"{name}.partial.pt")
-            if os.path.exists(partial):
-                os.remove(partial)
     stages = os.path.join(out, "stages")
     done = sorted(n for n in os.listdir(stages) if n.endswith(".pt") and not n.endswith(".partial.pt")
                   and not n.startswith(".tmp-") and n[:-3] not in LATE_STAGES) if os.path.isdir(stages) else []
@@ -3015,6 +3011,12 @@ def _check_run_folder(cfg: Config, out: str, log=print) -> None:
             raise ValueError(f"{out!r} holds stages of a run with another config (differs in {', '.join(diff)}); "
                              "use another --out folder, or delete this one to start over")
     if rank_and_world()[0] == 0:
+        # a checkpoint of an unfinished late stage may have been made with other late values (it does
+        # not record them): drop it; a checkpoint only saves time
+        for name in LATE_STAGES if done else ():
+            partial = os.path.join(stages, f"{name}.partial.pt")
+            if os.path.exists(partial):
+                os.remove(partial)
         save_atomic(cfg.to_dict(), path)
 
 

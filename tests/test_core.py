@@ -1245,3 +1245,14 @@ def test_a_finished_run_takes_on_causal_forcing_pp_and_keeps_its_earlier_stages(
     assert a.keys() == b.keys() and all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
     with pytest.raises(ValueError, match=r"another config \(differs in train\.base_steps\)"):
         cf.run_pipeline(cf.get_config("toy2d", **{**TINY, "base_steps": 4}), str(tmp_path / "grown"), log=None)
+
+
+def test_a_late_checkpoint_is_dropped_when_config_json_is_gone(tmp_path):
+    """Without config.json nothing says which Causal Forcing++ values a late stage's checkpoint was
+    made with, so it is dropped (the finished stages still say their config)."""
+    cf.run_pipeline(cf.get_config("toy2d", **{**TINY, "cd_steps": 0}), str(tmp_path), log=None)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "stages" / "consistency_student_ar.partial.pt").write_bytes(b"made with other settings")
+    results = cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)
+    assert "causal_forcing_pp" in results["rows"]
+    assert not (tmp_path / "stages" / "consistency_student_ar.partial.pt").exists()
