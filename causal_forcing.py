@@ -57,7 +57,7 @@ one training loop of II.4, and use its data-parallel helpers):
     I.8 stages          base, AR teacher, ODE pairs, ODE student, consistency student, DMD
     I.9 injectivity     the frame-level floor of ODE regression, from the exact teachers
 Part II is engineering, none of which changes the method:
-    II.1 config checks  overrides by field name, validated
+    II.1 checks         config overrides by field name, validated; the network's inputs
     II.2 checkpoints    Wan2.1 / Causal Forcing / Self Forcing files
     II.3 fast attention FlexAttention block masks on a GPU
     II.4 training loop  the one loop every stage runs: data parallel, resumable checkpoints,
@@ -700,7 +700,12 @@ class KVCache:
     so memory stays fixed however long the video runs. Keys are stored after rotary embedding at
     absolute frame positions (rope_positions "absolute"), or before it ("window": the model rotates
     them at every read, at their place in the live window). Writing frames [a, a + F) again
-    (re-denoising a chunk) overwrites the same slots and forgets any frame after them."""
+    (re-denoising a chunk) overwrites the same slots and forgets any frame after them.
+
+    One model call with the cache takes three steps (CausalDiT._forward): `plan` once (which slots
+    to read, each key's frame, the attention mask), then every layer's SelfAttention reads its
+    cached keys and values and writes the new frames' into `slot(frames)`, then `commit` once. Slot
+    indices are CPU tensors; the buffers live on the model's device."""
 
     def __init__(self, num_layers, batch_size, num_heads, head_dim, tokens_per_frame, chunk_frames,
                  max_frames=None, window_frames=None, sink_frames=0, dtype=torch.float32, device="cpu",
@@ -935,57 +940,6 @@ class CausalDiT(nn.Module):
     def tokens_per_frame(self) -> int:
         return (self.cfg.height // self.cfg.patch_size) * (self.cfg.width // self.cfg.patch_size)
 
-    def check_video(self, x: torch.Tensor, name: str = "x") -> None:
-        c = self.cfg
-        want = (c.in_channels, c.height, c.width)
-        if not torch.is_tensor(x) or x.dim() != 5 or tuple(x.shape[2:]) != want or x.shape[1] == 0:
-            raise ValueError(f"{name} must have shape (B, F, {want[0]}, {want[1]}, {want[2]}) with F >= 1, got "
-                             f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
-        self._check_dtype(x, name)
-        if torch.compiler.is_compiling():  # value checks need the values: not inside a compiled graph
-            return
-        if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
-            raise FloatingPointError(f"{name} holds NaN or infinite values")
-
-    def _check_dtype(self, x: torch.Tensor, name: str) -> None:
-        w = self.patch_embedding.weight
-        if not x.is_floating_point() or (x.dtype != w.dtype and not self.uses_bf16(w.device)):
-            raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: convert it, e.g. {name}.to({w.dtype})")
-
-    def check_inputs(self, x, t, start_frame, kv_cache, clean_context) -> None:
-        """Clear errors, before any work, for inputs that would otherwise fail deep inside torch or
-        quietly give wrong numbers."""
-        self.check_video(x)
-        B, F = x.shape[:2]
-        if not torch.is_tensor(t) or t.shape != (B, F):
-            raise ValueError(f"t must have shape (B, F) = ({B}, {F}), got {tuple(t.shape) if torch.is_tensor(t) else t!r}")
-        if not torch.compiler.is_compiling() and not bool(((t >= 0) & (t <= 1)).all()):  # also false for NaN
-            raise ValueError(f"t holds noise levels outside [0, 1] (min {float(t.min())}, max {float(t.max())}); "
-                             "t is sigma = timestep / 1000")
-        if isinstance(start_frame, bool) or not isinstance(start_frame, int):
-            raise TypeError(f"start_frame must be an int, got {start_frame!r}")
-        if (kv_cache is not None or clean_context is not None) and not self.causal:
-            raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
-        if kv_cache is not None and clean_context is not None:
-            raise ValueError("pass either kv_cache or clean_context, not both")
-        if clean_context is not None:
-            self.check_video(clean_context, "clean_context")
-            if clean_context.shape != x.shape:
-                raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got {tuple(clean_context.shape)}")
-        if kv_cache is not None:
-            c = self.cfg
-            want = (len(self.blocks), c.num_heads, self.tokens_per_frame, c.dim // c.num_heads, c.chunk_frames)
-            got = (kv_cache.k.shape[0], kv_cache.k.shape[2], kv_cache.k.shape[4], kv_cache.k.shape[5], kv_cache.chunk_frames)
-            if got != want:
-                raise ValueError(f"this KV cache was made for another model: (layers, heads, tokens per frame, head dim, "
-                                 f"chunk frames) = {got}, this model has {want}; make it with model.new_kv_cache")
-            if kv_cache.rope_positions != c.rope_positions:
-                raise ValueError(f"the KV cache holds keys for rope_positions={kv_cache.rope_positions!r}, this model uses "
-                                 f"{c.rope_positions!r}; make it with model.new_kv_cache")
-            if c.window_frames is not None and (kv_cache.window_frames, kv_cache.sink_frames) != (c.window_frames, c.sink_frames):
-                raise ValueError(f"the KV cache's window ({kv_cache.window_frames}, sink {kv_cache.sink_frames}) is not the "
-                                 f"model's ({c.window_frames}, sink {c.sink_frames}); make it with model.new_kv_cache")
-
     def patchify(self, x):
         """(B, F, C, H, W) -> (B, F*S, D), tokens frame-major then row then column."""
         y = self.patch_embedding(rearrange(x, "b f c h w -> b c f h w"))  # (B, D, F, h, w)
@@ -1003,21 +957,9 @@ class CausalDiT(nn.Module):
         f, y, x = torch.meshgrid(frames, torch.arange(hh), torch.arange(ww), indexing="ij")
         return torch.stack([f, y, x], -1).reshape(-1, 3)
 
-    def check_cond(self, cond, batch: int) -> None:
-        """cond must be (batch, L, cond_dim) floats, L <= text_len; a model without conditioning takes none."""
-        c = self.cfg
-        if not c.cond_dim:
-            raise ValueError("this model has no conditioning (cond_dim=0) but cond was given")
-        if not torch.is_tensor(cond) or cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != c.cond_dim:
-            raise ValueError(f"cond must have shape ({batch}, L, {c.cond_dim}), got "
-                             f"{tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__}")
-        if c.text_len is not None and cond.shape[1] > c.text_len:
-            raise ValueError(f"cond has {cond.shape[1]} rows, more than text_len={c.text_len}")
-        self._check_dtype(cond, "cond")
-
     def embed_cond(self, cond, batch, dtype, device):
         if cond is not None:
-            self.check_cond(cond, batch)
+            check_cond(self, cond, batch)
         if not self.cfg.cond_dim:
             return None
         if cond is None:  # the null condition (classifier-free guidance's "uncond")
@@ -1041,7 +983,7 @@ class CausalDiT(nn.Module):
 
     def forward(self, x, t, cond=None, kv_cache: Optional[KVCache] = None, start_frame: int = 0,
                 clean_context=None):
-        self.check_inputs(x, t, start_frame, kv_cache, clean_context)
+        check_inputs(self, x, t, start_frame, kv_cache, clean_context)  # clear errors before any work (II.1)
         with self.autocast(x.device):
             out = self._forward(x, t, cond, kv_cache, start_frame, clean_context)
         return out.to(x.dtype)
@@ -1189,7 +1131,7 @@ def sample_bidirectional(model: CausalDiT, sigmas, *, batch_size: int, num_frame
     (default the null condition, see guided_velocity)."""
     sigmas = check_sigmas(sigmas)
     if uncond is not None and cond is not None:
-        model.check_cond(uncond, len(uncond))
+        check_cond(model, uncond, len(uncond))
         if len(uncond) not in (1, len(cond)) or uncond.shape[1] != cond.shape[1]:
             raise ValueError(f"uncond {tuple(uncond.shape)} must have cond's rows ({cond.shape[1]}) and 1 or {len(cond)} in the batch")
     x = noise if noise is not None else _noise(model, batch_size, num_frames, rng)
@@ -1291,7 +1233,7 @@ class Stream:
 
     def send(self, new_cond, recache: bool = False) -> torch.Tensor:
         if new_cond is not None:
-            self.generator.check_cond(new_cond, self.batch_size)
+            check_cond(self.generator, new_cond, self.batch_size)
         return self.chunks.send((new_cond, recache))
 
     def close(self) -> None:
@@ -1316,7 +1258,7 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
     first = check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist() if first_chunk_sigmas is not None else sigmas
     _check_context_noise(context_noise)
     if cond is not None:
-        generator.check_cond(cond, batch_size)
+        check_cond(generator, cond, batch_size)
     cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, num_frames)
     return Stream(generator, _stream_chunks(generator, sigmas, first, num_frames, batch_size, cond, cache, rng,
                                             context_noise), batch_size)
@@ -1760,7 +1702,7 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
 # #################################################################################################
 
 # =================================================================================================
-# II.1 config: named presets with checked overrides
+# II.1 checks: named presets with checked overrides; the network's inputs
 # =================================================================================================
 
 
@@ -1943,6 +1885,77 @@ def resolve_device(name: str) -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+# --- the network's inputs: clear errors before any work (CausalDiT.forward calls check_inputs) ------
+
+
+def check_video(model, x: torch.Tensor, name: str = "x") -> None:
+    """x must be a (B, F, C, H, W) float video of the model's frame shape and dtype, finite."""
+    c = model.cfg
+    want = (c.in_channels, c.height, c.width)
+    if not torch.is_tensor(x) or x.dim() != 5 or tuple(x.shape[2:]) != want or x.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (B, F, {want[0]}, {want[1]}, {want[2]}) with F >= 1, got "
+                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    _check_dtype(model, x, name)
+    if torch.compiler.is_compiling():  # value checks need the values: not inside a compiled graph
+        return
+    if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
+        raise FloatingPointError(f"{name} holds NaN or infinite values")
+
+
+def _check_dtype(model, x: torch.Tensor, name: str) -> None:
+    w = model.patch_embedding.weight
+    if not x.is_floating_point() or (x.dtype != w.dtype and not model.uses_bf16(w.device)):
+        raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: convert it, e.g. {name}.to({w.dtype})")
+
+
+def check_inputs(model, x, t, start_frame, kv_cache, clean_context) -> None:
+    """Clear errors, before any work, for inputs that would otherwise fail deep inside torch or
+    quietly give wrong numbers."""
+    check_video(model, x)
+    B, F = x.shape[:2]
+    if not torch.is_tensor(t) or t.shape != (B, F):
+        raise ValueError(f"t must have shape (B, F) = ({B}, {F}), got {tuple(t.shape) if torch.is_tensor(t) else t!r}")
+    if not torch.compiler.is_compiling() and not bool(((t >= 0) & (t <= 1)).all()):  # also false for NaN
+        raise ValueError(f"t holds noise levels outside [0, 1] (min {float(t.min())}, max {float(t.max())}); "
+                         "t is sigma = timestep / 1000")
+    if isinstance(start_frame, bool) or not isinstance(start_frame, int):
+        raise TypeError(f"start_frame must be an int, got {start_frame!r}")
+    if (kv_cache is not None or clean_context is not None) and not model.causal:
+        raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
+    if kv_cache is not None and clean_context is not None:
+        raise ValueError("pass either kv_cache or clean_context, not both")
+    if clean_context is not None:
+        check_video(model, clean_context, "clean_context")
+        if clean_context.shape != x.shape:
+            raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got {tuple(clean_context.shape)}")
+    if kv_cache is not None:
+        c = model.cfg
+        want = (len(model.blocks), c.num_heads, model.tokens_per_frame, c.dim // c.num_heads, c.chunk_frames)
+        got = (kv_cache.k.shape[0], kv_cache.k.shape[2], kv_cache.k.shape[4], kv_cache.k.shape[5], kv_cache.chunk_frames)
+        if got != want:
+            raise ValueError(f"this KV cache was made for another model: (layers, heads, tokens per frame, head dim, "
+                             f"chunk frames) = {got}, this model has {want}; make it with model.new_kv_cache")
+        if kv_cache.rope_positions != c.rope_positions:
+            raise ValueError(f"the KV cache holds keys for rope_positions={kv_cache.rope_positions!r}, this model uses "
+                             f"{c.rope_positions!r}; make it with model.new_kv_cache")
+        if c.window_frames is not None and (kv_cache.window_frames, kv_cache.sink_frames) != (c.window_frames, c.sink_frames):
+            raise ValueError(f"the KV cache's window ({kv_cache.window_frames}, sink {kv_cache.sink_frames}) is not the "
+                             f"model's ({c.window_frames}, sink {c.sink_frames}); make it with model.new_kv_cache")
+
+
+def check_cond(model, cond, batch: int) -> None:
+    """cond must be (batch, L, cond_dim) floats, L <= text_len; a model without conditioning takes none."""
+    c = model.cfg
+    if not c.cond_dim:
+        raise ValueError("this model has no conditioning (cond_dim=0) but cond was given")
+    if not torch.is_tensor(cond) or cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != c.cond_dim:
+        raise ValueError(f"cond must have shape ({batch}, L, {c.cond_dim}), got "
+                         f"{tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__}")
+    if c.text_len is not None and cond.shape[1] > c.text_len:
+        raise ValueError(f"cond has {cond.shape[1]} rows, more than text_len={c.text_len}")
+    _check_dtype(model, cond, "cond")
 
 
 # =================================================================================================
