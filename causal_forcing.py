@@ -208,7 +208,7 @@ class TrainConfig:
     cd_lr: float = 5e-4
     cd_guidance: float = 3.0  # CFG of the teacher's Euler step; unused when unconditional
     cd_ema_decay: float = 0.99  # the EMA student that gives the consistency target
-    cd_batch_size: Optional[int] = None  # consistency distillation's clips per step; None = batch_size
+    cd_batch_size: Optional[int] = None  # consistency distillation's clips per step (upstream 64); None = batch_size
     dmd_min_sigma: float = 0.02  # DMD/critic timesteps are clamped to [0.02, 0.98] (upstream)
     dmd_max_sigma: float = 0.98
     cond_dropout: float = 0.1  # base and AR teacher: drop the condition so that CFG has an "uncond"
@@ -2962,9 +2962,22 @@ def run_config(out: str, **overrides) -> Config:
     with open(path) as f:
         saved = json.load(f)
     flat = {k: v for k, v in saved.items() if not isinstance(v, dict) and k != "name"}
-    for section in _SECTIONS:  # a field the run's code did not have: its default, not today's preset value
-        flat.update({**Config().to_dict()[section], **saved.get(section, {})})
+    for section in _SECTIONS:  # a field the run's code did not have: what that code did, not today's preset value
+        flat.update({**_values_before_fields()[section], **saved.get(section, {})})
     return get_config(saved.get("name", "toy2d"), **{**flat, **overrides})
+
+
+# A field whose default is not what the code did before the field existed. Causal Forcing++ came with
+# cd_steps (default 600): a run saved before it trained no Causal Forcing++ stage, so it counts as 0.
+_VALUE_BEFORE_FIELD = {("train", "cd_steps"): 0}
+
+
+def _values_before_fields() -> dict:
+    """Config().to_dict() with _VALUE_BEFORE_FIELD applied: what a field missing from a saved config meant."""
+    d = Config().to_dict()
+    for (section, key), value in _VALUE_BEFORE_FIELD.items():
+        d[section][key] = value
+    return d
 
 
 def _run_identity(config: dict) -> dict:
@@ -2977,10 +2990,10 @@ def _run_identity(config: dict) -> dict:
 
 def _config_differences(saved: dict, config: dict) -> list[str]:
     """The fields (section.name) in which two configs differ, device and checkpoint_every aside. A
-    field the saved run's code did not have yet counts at its default (new fields default to the
-    behaviour the code had before them)."""
+    field the saved run's code did not have yet counts at what that code did: its default, or
+    _VALUE_BEFORE_FIELD's value."""
     flat = lambda d: {f"{k}.{k2}": v2 for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [("", v)])}  # noqa: E731
-    defaults = flat(json.loads(json.dumps(_run_identity(Config().to_dict()))))
+    defaults = flat(json.loads(json.dumps(_run_identity(_values_before_fields()))))
     a, b = (flat(json.loads(json.dumps(_run_identity(c)))) for c in (saved, config))  # tuples -> lists, as saved
     a = {**{k: v for k, v in defaults.items() if k not in a and k != "name."}, **a}
     return sorted(k.rstrip(".") for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -2999,28 +3012,33 @@ def _check_run_folder(cfg: Config, out: str, log=print) -> None:
     """A run folder belongs to one config: the first run writes out/config.json, a later run in the
     same folder must have the same config (device and checkpoint_every aside), or its saved stages
     would be mixed with the wrong ones. Each finished stage file records the config too, so a
-    deleted config.json does not let another config load them. The one exception is LATE_FIELDS:
-    a change there keeps the earlier stages, drops the checkpoints of unfinished LATE_STAGES (made
-    with the old values) and records the new config; `PipelineRun.stage` then redoes each finished
-    late stage that was made with other values."""
+    deleted config.json does not let another config load them. The one exception is LATE_FIELDS,
+    on a folder with finished earlier stages: a change there keeps those stages, removes the folder's
+    results, models and losses (made with the old values), drops the checkpoints of unfinished
+    LATE_STAGES and records the new config; `PipelineRun.stage` then redoes each finished late stage
+    that was made with other values, and the run writes new results."""
     path = os.path.join(out, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            diff = _config_differences(json.load(f), cfg.to_dict())
-        if [k for k in diff if k not in LATE_FIELDS]:
-            raise ValueError(f"{out!r} holds a run with another config (differs in {', '.join(diff)}); "
-                             "use another --out folder, or delete this one to start over")
-        if not diff:
-            return
-        log(f"{out}: Causal Forcing++ settings changed ({', '.join(diff)}): the earlier stages are kept, "
-            "the Causal Forcing++ stages and the evaluation are redone")
     stages = os.path.join(out, "stages")
     done = sorted(n for n in os.listdir(stages) if n.endswith(".pt") and not n.endswith(".partial.pt")
                   and not n.startswith(".tmp-") and n[:-3] not in LATE_STAGES) if os.path.isdir(stages) else []
+    if os.path.exists(path):
+        with open(path) as f:
+            diff = _config_differences(json.load(f), cfg.to_dict())
+        early = [k for k in diff if k not in LATE_FIELDS]
+        if early or (diff and not done):  # late fields alone, on a folder with no earlier stages to keep: refused too
+            raise ValueError(f"{out!r} holds a run with another config (differs in {', '.join(early or diff)}); "
+                             "use another --out folder, or delete this one to start over")
+        if not diff:
+            return
+        log(f"{out}: Causal Forcing++ settings changed ({', '.join(diff)}): the earlier stages are kept; the "
+            "Causal Forcing++ stages and the evaluation are redone, and replace this folder's results")
+        for name in ("results.json", "models.pt", "losses.json") if rank_and_world()[0] == 0 else ():
+            if os.path.exists(os.path.join(out, name)):  # made with the old values: never beside the new config.json
+                os.remove(os.path.join(out, name))
     if done and not os.path.exists(path):  # config.json is gone but stages are there: they say which config made them
         saved = _load_saved(os.path.join(stages, done[0])).get("config")
-        diff = _config_differences(saved, cfg.to_dict()) if saved is not None else []
-        if [k for k in diff if k not in LATE_FIELDS]:
+        diff = [k for k in (_config_differences(saved, cfg.to_dict()) if saved is not None else []) if k not in LATE_FIELDS]
+        if diff:
             raise ValueError(f"{out!r} holds stages of a run with another config (differs in {', '.join(diff)}); "
                              "use another --out folder, or delete this one to start over")
     if rank_and_world()[0] == 0:

@@ -1215,8 +1215,12 @@ def test_run_config_reads_fields_newer_than_the_run_at_their_defaults(tmp_path):
     assert cfg.sample.cd_grid_steps is None and cfg.train.cd_batch_size is None and cfg.train.base_steps == 7
     assert cfg.train.cd_lr == cf.get_config("toy2d").train.cd_lr  # saved fields keep their values
     assert cf._config_differences(saved, cfg.to_dict()) == []
-    with pytest.raises(ValueError, match=r"differs in sample\.cd_grid_steps, train\.base_steps, train\.cd_batch_size"):
+    with pytest.raises(ValueError, match=r"differs in train\.base_steps\)"):  # the late fields are not the problem
         cf._check_run_folder(cf.get_config("toy2d", device="cpu"), str(tmp_path))
+    del saved["train"]["cd_steps"]  # code before Causal Forcing++ trained none of its stages
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert cf.run_config(str(tmp_path)).train.cd_steps == 0
+    assert "train.cd_steps" in cf._config_differences(saved, cf.get_config("toy2d", base_steps=7).to_dict())
 
 
 def test_a_finished_run_takes_on_causal_forcing_pp_and_keeps_its_earlier_stages(tmp_path):
@@ -1232,8 +1236,11 @@ def test_a_finished_run_takes_on_causal_forcing_pp_and_keeps_its_earlier_stages(
     kept = {p.name: p.stat().st_mtime_ns for p in stages.iterdir() if p.name[:-3] not in cf.LATE_STAGES}
     (stages / "consistency_student_ar.partial.pt").write_bytes(b"made with other settings")
     said = []
-    grown = cf.run_pipeline(with_pp, str(tmp_path / "grown"), log=said.append)
+    cf._check_run_folder(with_pp, str(tmp_path / "grown"), log=said.append)  # what the command line does first
     assert any("Causal Forcing++ settings changed (train.cd_steps)" in s for s in said)
+    assert not any((tmp_path / "grown" / f).exists() for f in ("results.json", "models.pt", "losses.json"))
+    assert cf.run_config(str(tmp_path / "grown")).train.cd_steps == with_pp.train.cd_steps
+    grown = cf.run_pipeline(with_pp, str(tmp_path / "grown"), log=said.append)
     assert any(s.startswith("stage: evaluation was made with another train.cd_steps") for s in said)
     assert {p.name: p.stat().st_mtime_ns for p in stages.iterdir() if p.name in kept} == kept  # loaded, not redone
     assert all(f"stage: {n[:-3]} (finished earlier" in " ".join(said) for n in kept)
@@ -1245,6 +1252,11 @@ def test_a_finished_run_takes_on_causal_forcing_pp_and_keeps_its_earlier_stages(
     assert a.keys() == b.keys() and all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
     with pytest.raises(ValueError, match=r"another config \(differs in train\.base_steps\)"):
         cf.run_pipeline(cf.get_config("toy2d", **{**TINY, "base_steps": 4}), str(tmp_path / "grown"), log=None)
+    shipped = tmp_path / "shipped"  # results without stages (like docs/mnist_run): nothing to keep, so refused
+    shipped.mkdir()
+    (shipped / "config.json").write_text((tmp_path / "grown" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"another config \(differs in train\.cd_steps\)"):
+        cf._check_run_folder(cf.get_config("toy2d", **{**TINY, "cd_steps": 5}), str(shipped))
 
 
 def test_a_late_checkpoint_is_dropped_when_config_json_is_gone(tmp_path):
