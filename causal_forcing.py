@@ -1371,7 +1371,7 @@ def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def dmd_generator_loss(x: torch.Tensor, real_score: nn.Module, fake_score: nn.Module, sigma: torch.Tensor,
-                       noise: torch.Tensor, cond=None, guidance: float = 1.0) -> torch.Tensor:
+                       noise: torch.Tensor, cond=None, guidance: float = 1.0, uncond=None) -> torch.Tensor:
     """The generator's DMD loss (upstream `DMD.generator_loss` -> `compute_distribution_matching_loss`):
         x_s = add_noise(x, noise, sigma),  grad = (x0_fake(x_s) - x0_real(x_s)) / mean|x - x0_real(x_s)|,
         loss = 0.5 * mean((x - sg(x - grad))^2)
@@ -1379,10 +1379,11 @@ def dmd_generator_loss(x: torch.Tensor, real_score: nn.Module, fake_score: nn.Mo
     gradient (`dmd_gradient`, `dmd_loss`). Only x carries a gradient, back into the generator.
     Shapes: x, noise (B, F, C, H, W); sigma (B, F), one value per clip repeated over its frames
     (`_dmd_sigma`); both scores are called as net(x_s, sigma, cond) and return velocities eps - x0;
-    the guidance's null condition is zeros (`guided_velocity`)."""
+    the guidance's unconditional branch uses `uncond` (default the null condition, zeros; upstream
+    Wan's negative prompt: see `guided_velocity`)."""
     with torch.no_grad():
         x_s = add_noise(x, noise, sigma)
-        x0_real = x0_from_velocity(x_s, guided_velocity(real_score, x_s, sigma, cond, guidance), sigma)
+        x0_real = x0_from_velocity(x_s, guided_velocity(real_score, x_s, sigma, cond, guidance, uncond), sigma)
         x0_fake = x0_from_velocity(x_s, fake_score(x_s, sigma, cond), sigma)
         grad = dmd_gradient(x, x0_real, x0_fake)
     return dmd_loss(x, grad)

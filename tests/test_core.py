@@ -935,6 +935,25 @@ def test_a_diverging_run_exits_with_an_error_and_saves_no_finished_stage(tmp_pat
     assert not (out / "stages" / "bidirectional_base.pt").exists() and not (out / "results.json").exists()
 
 
+def test_dmd_generator_loss_guides_against_the_given_uncond():
+    """Guided, the real score's x0 is uncond + g (cond - uncond); uncond is the null condition
+    (zeros) unless given, e.g. Wan's negative prompt."""
+    model, _ = random_model(causal=False, cond_dim=10)
+    other, _ = random_model(causal=False, seed=1, cond_dim=10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 2, 1, 1, generator=g, dtype=torch.float64)
+    sigma, noise = torch.rand(2, 4, generator=g, dtype=torch.float64), torch.randn(2, 4, 2, 1, 1, generator=g, dtype=torch.float64)
+    cond, negative = torch.randn(2, 3, 10, generator=g, dtype=torch.float64), torch.randn(1, 3, 10, generator=g, dtype=torch.float64)
+    x_s = cf.add_noise(x, noise, sigma)
+    for uncond in (None, negative):
+        loss = cf.dmd_generator_loss(x, model, other, sigma, noise, cond, 4.0, uncond)
+        with torch.no_grad():
+            u = model(x_s, sigma, torch.zeros_like(cond) if uncond is None else uncond.expand(2, -1, -1))
+            real = u + 4.0 * (model(x_s, sigma, cond) - u)
+            grad = cf.dmd_gradient(x, cf.x0_from_velocity(x_s, real, sigma), cf.x0_from_velocity(x_s, other(x_s, sigma, cond), sigma))
+        assert torch.allclose(loss, 0.5 * grad.pow(2).mean(), rtol=1e-10, atol=0)
+
+
 def test_json_results_are_strict_json(tmp_path):
     path = str(tmp_path / "r.json")
     cf.save_atomic({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}, path)
