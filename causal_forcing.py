@@ -3160,12 +3160,11 @@ class PipelineRun:
         saved = _load_saved(done) if done and os.path.exists(done) else None
         if saved is not None:
             diff = _config_differences(saved["config"], cfg.to_dict()) if "config" in saved else []
-            if name not in LATE_STAGES:  # LATE_FIELDS do not touch it (see _check_run_folder)
-                diff = [k for k in diff if k not in LATE_FIELDS]
-            if [k for k in diff if k not in LATE_FIELDS]:
-                raise ValueError(f"{done!r} was made by another config (differs in {', '.join(diff)}); delete it "
+            early = [k for k in diff if k not in LATE_FIELDS]  # LATE_FIELDS: see _check_run_folder
+            if early:
+                raise ValueError(f"{done!r} was made by another config (differs in {', '.join(early)}); delete it "
                                  "(or use another --out folder) to redo that stage")
-            if diff:  # a late stage made with other Causal Forcing++ settings: redo it
+            if diff and name in LATE_STAGES:  # made with other Causal Forcing++ settings: redo it
                 self.log(f"stage: {name} was made with another {', '.join(diff)}: redoing it")
                 saved = None
         if saved is not None:
