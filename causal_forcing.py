@@ -1130,10 +1130,7 @@ def sample_bidirectional(model: CausalDiT, sigmas, *, batch_size: int, num_frame
     solver_sigmas(48, cfg.sample)), one timestep for the whole clip; guidance against `uncond`
     (default the null condition, see guided_velocity)."""
     sigmas = check_sigmas(sigmas)
-    if uncond is not None and cond is not None:
-        check_cond(model, uncond, len(uncond))
-        if len(uncond) not in (1, len(cond)) or uncond.shape[1] != cond.shape[1]:
-            raise ValueError(f"uncond {tuple(uncond.shape)} must have cond's rows ({cond.shape[1]}) and 1 or {len(cond)} in the batch")
+    check_uncond(model, uncond, cond)
     x = noise if noise is not None else _noise(model, batch_size, num_frames, rng)
     vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance,  # noqa: E731
                                         uncond)
@@ -1142,25 +1139,28 @@ def sample_bidirectional(model: CausalDiT, sigmas, *, batch_size: int, num_frame
 
 @torch.no_grad()
 def sample_ar_teacher(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
-                      guidance: float = 1.0, context_noise: float = 0.0, rng=None) -> torch.Tensor:
+                      guidance: float = 1.0, uncond=None, context_noise: float = 0.0, rng=None) -> torch.Tensor:
     """The AR teacher: chunk by chunk, a full Euler ODE along `sigmas` per chunk with the KV cache
     holding the clean earlier chunks; each finished chunk is written to the cache at t = context_noise.
     With guidance, the conditional and the unconditional predictions each keep their own context
-    (a cache of 2B rows), and the finished chunk is written to both."""
+    (a cache of 2B rows), and the finished chunk is written to both, each under its own condition
+    (uncond: the null condition by default, see guided_velocity)."""
     sigmas = check_sigmas(sigmas)
     _check_context_noise(context_noise)
+    check_uncond(model, uncond, cond)
     guided = cond is not None and guidance != 1.0
     cache = new_cache_for(model, 2 * batch_size if guided else batch_size, num_frames)
     chunk, chunks = model.cfg.chunk_frames, []
     for start in range(0, num_frames, chunk):
         n = min(chunk, num_frames - start)
         vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond,  # noqa: E731
-                                            guidance, kv_cache=cache, start_frame=start)
+                                            guidance, uncond, kv_cache=cache, start_frame=start)
         x0 = euler_ode(vel, _noise(model, batch_size, n, rng), sigmas)[0]
         chunks.append(x0)
         if start + n < num_frames:
-            if guided:
-                write_context(model, x0, torch.cat([cond, torch.zeros_like(cond)]), cache, start, context_noise, rng, copies=2)
+            if guided:  # the rows of guided_velocity's doubled batch: [cond ; uncond]
+                null = torch.zeros_like(cond) if uncond is None else uncond.expand(len(cond), -1, -1)
+                write_context(model, x0, torch.cat([cond, null]), cache, start, context_noise, rng, copies=2)
             else:
                 write_context(model, x0, cond, cache, start, context_noise, rng)
     return torch.cat(chunks, 1)
@@ -1404,6 +1404,16 @@ def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noi
 # Batches (shuffled minibatches), and for several processes parallelize, _shard, _reshard, _rank_rng.
 
 
+def _fm_schedule(cfg: Config) -> SampleConfig:
+    """The timestep schedule flow matching trains on: the sampler's, or its shift replaced by fm_shift."""
+    return cfg.sample if cfg.train.fm_shift is None else dataclasses.replace(cfg.sample, shift=cfg.train.fm_shift)
+
+
+def _fm_weight(sigma, cfg: Config):
+    """The bump weight over the schedule the sigmas were drawn from (mean 1 over that schedule)."""
+    return bump_weight(sigma, _fm_schedule(cfg)) if cfg.train.fm_weight == "bump" else None
+
+
 def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_frames: int, rng):
     """This rank's share of the next minibatch of a flow-matching stage, on the device: clean clips,
     one sigma per chunk of `chunk_frames`, noise, and the conditions (dropped at cond_dropout, so
@@ -1411,15 +1421,10 @@ def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_fram
     from the shared generator, in this order, and keeps its slice."""
     idx = next(batches)
     x0 = data[idx]
-    draw = cfg.sample if cfg.train.fm_shift is None else dataclasses.replace(cfg.sample, shift=cfg.train.fm_shift)
-    sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, draw, rng)
+    sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, _fm_schedule(cfg), rng)
     noise = torch.randn(x0.shape, generator=rng)
     c = None if cond is None else drop_cond(cond[idx], cfg.train.cond_dropout, rng)
     return tuple(None if v is None else _shard(v).to(cfg.device) for v in (x0, sigma, noise, c))
-
-
-def _fm_weight(sigma, cfg: Config):
-    return bump_weight(sigma, cfg.sample) if cfg.train.fm_weight == "bump" else None
 
 
 def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None,
@@ -1959,6 +1964,16 @@ def check_cond(model, cond, batch: int) -> None:
     _check_dtype(model, cond, "cond")
 
 
+def check_uncond(model, uncond, cond) -> None:
+    """A guidance `uncond` (a negative prompt) must be a condition with cond's rows, for 1 or all of
+    cond's batch (one row is repeated). None is the null condition and always fits."""
+    if uncond is None or cond is None:
+        return
+    check_cond(model, uncond, len(uncond))
+    if len(uncond) not in (1, len(cond)) or uncond.shape[1] != cond.shape[1]:
+        raise ValueError(f"uncond {tuple(uncond.shape)} must have cond's rows ({cond.shape[1]}) and 1 or {len(cond)} in the batch")
+
+
 # =================================================================================================
 # II.2 checkpoints in Wan's formats (Wan2.1, Causal Forcing, Self Forcing)
 # =================================================================================================
@@ -2443,6 +2458,26 @@ def _load_saved(path: str, what: str = "stage file") -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
         raise ValueError(f"{what} {path!r} is empty or corrupt ({type(e).__name__}: {e}); {fix}") from None
+
+
+def lock_run_folder(out: str):
+    """Takes out/.lock for one run and returns its open file; the lock lasts until the file is closed
+    or the process ends (a killed run leaves no lock behind). A second run started on the same folder
+    (another terminal, a notebook) would delete the first one's temporary files and write over its
+    stages, so it gets a ValueError naming the folder instead. Without fcntl (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(f"another run is using {out!r} (it holds {os.path.join(out, '.lock')}): let it finish, "
+                         "or stop it, or use another --out folder") from None
+    return f
 
 
 def _remove_stale_temporaries(folder: str) -> None:
@@ -3062,46 +3097,45 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
     progress to out/stages/<stage>.partial.pt every checkpoint_every steps (both written
     atomically). Running the same command again skips the finished stages and resumes the
     interrupted one from its checkpoint, with the same results as an uninterrupted run."""
-    run = PipelineRun(cfg, out, log)  # the data, the shared random generator, resumable stages
-    d, g, m, say = run.data, run.g, run.models, run.log
-    if run.digits:  # the metrics' digit reader first: it is trained on the data alone
-        run.classifier = run.stage("digit_classifier", "classifier", lambda ck: train_classifier(
-            cfg, d.train, d.train_labels, say, g, ck))
-        say(f"  digit classifier reads {run.classifier_accuracy():.3f} of held-out frames correctly")
-    m["bidirectional_teacher"] = run.stage("bidirectional_base", "bidirectional", lambda ck: train_base(
-        cfg, d.train, say, g, d.cond, ck))
-    m["ar_teacher"] = run.stage("ar_teacher", "causal", lambda ck: train_ar_teacher(
-        cfg, m["bidirectional_teacher"], d.train, "teacher_forcing", say, g, d.cond, ck))
-    if run.digits:  # the ablation: the AR teacher by diffusion forcing (noisy context in training)
-        m["ar_teacher_diffusion_forcing"] = run.stage("ar_teacher_diffusion_forcing", "causal",
-                                                      lambda ck: train_ar_teacher(cfg, m["bidirectional_teacher"], d.train,
-                                                                                  "diffusion_forcing", say, g, d.cond, ck))
-    teacher = {"bidirectional": m["bidirectional_teacher"], "ar": m["ar_teacher"]}  # what each kind distils
-    pairs = {kind: run.stage(f"ode_pairs_{kind}", "tensors", lambda ck: make_ode_pairs(
-        cfg, teacher[kind], d.train, kind, d.cond, g)) for kind in ("bidirectional", "ar")}
-    for kind in ("bidirectional", "ar"):
-        m[f"ode_student_from_{kind}"] = run.stage(f"ode_student_{kind}", "causal", lambda ck: train_ode_student(
-            cfg, teacher[kind], pairs[kind], kind, say, g, ck))
-        if not run.digits:
-            run.held_out_ode_loss(kind, teacher[kind], m[f"ode_student_from_{kind}"])
-    for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
-        m[row] = run.stage(f"dmd_{row}", "causal", lambda ck: train_dmd(
-            cfg, m[f"ode_student_from_{kind}"], m["bidirectional_teacher"], m["bidirectional_teacher"],
-            run.prompts if d.cond is not None else None, say, g, ck))
-    if cfg.train.cd_steps:  # Causal Forcing++: consistency distillation from the AR teacher, then the same DMD
-        m["consistency_student_from_ar"] = run.stage("consistency_student_ar", "causal", lambda ck: train_consistency(
-            cfg, m["ar_teacher"], d.train, say, g, d.cond, ck))
-        m["causal_forcing_pp"] = run.stage("dmd_causal_forcing_pp", "causal", lambda ck: train_dmd(
-            cfg, m["consistency_student_from_ar"], m["bidirectional_teacher"], m["bidirectional_teacher"],
-            run.prompts if d.cond is not None else None, say, g, ck, steps=cfg.sample.pp_denoising_steps))
-    if not run.digits:  # the injectivity floor, measured with the exact teachers
-        run.floors = run.stage("injectivity_floor", "plain", lambda ck: run.injectivity_floors())
-    rows, samples, by_steps = run.stage("evaluation", "plain", lambda ck: run.evaluate())
-    results = run.results(rows)
-    if by_steps:
-        results["steps"] = by_steps
-    run.save(results, samples)
-    return results
+    with PipelineRun(cfg, out, log) as run:  # the data, the shared random generator, resumable stages; holds out/.lock
+        d, g, m, say = run.data, run.g, run.models, run.log
+        if run.digits:  # the metrics' digit reader first: it is trained on the data alone
+            run.classifier = run.stage("digit_classifier", "classifier", lambda ck: train_classifier(
+                cfg, d.train, d.train_labels, say, g, ck))
+            say(f"  digit classifier reads {run.classifier_accuracy():.3f} of held-out frames correctly")
+        m["bidirectional_teacher"] = run.stage("bidirectional_base", "bidirectional", lambda ck: train_base(
+            cfg, d.train, say, g, d.cond, ck))
+        m["ar_teacher"] = run.stage("ar_teacher", "causal", lambda ck: train_ar_teacher(
+            cfg, m["bidirectional_teacher"], d.train, "teacher_forcing", say, g, d.cond, ck))
+        if run.digits:  # the ablation: the AR teacher by diffusion forcing (noisy context in training)
+            m["ar_teacher_diffusion_forcing"] = run.stage("ar_teacher_diffusion_forcing", "causal", lambda ck: train_ar_teacher(
+                cfg, m["bidirectional_teacher"], d.train, "diffusion_forcing", say, g, d.cond, ck))
+        teacher = {"bidirectional": m["bidirectional_teacher"], "ar": m["ar_teacher"]}  # what each kind distils
+        pairs = {kind: run.stage(f"ode_pairs_{kind}", "tensors", lambda ck: make_ode_pairs(
+            cfg, teacher[kind], d.train, kind, d.cond, g)) for kind in ("bidirectional", "ar")}
+        for kind in ("bidirectional", "ar"):
+            m[f"ode_student_from_{kind}"] = run.stage(f"ode_student_{kind}", "causal", lambda ck: train_ode_student(
+                cfg, teacher[kind], pairs[kind], kind, say, g, ck))
+            if not run.digits:
+                run.held_out_ode_loss(kind, teacher[kind], m[f"ode_student_from_{kind}"])
+        for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
+            m[row] = run.stage(f"dmd_{row}", "causal", lambda ck: train_dmd(
+                cfg, m[f"ode_student_from_{kind}"], m["bidirectional_teacher"], m["bidirectional_teacher"],
+                run.prompts if d.cond is not None else None, say, g, ck))
+        if cfg.train.cd_steps:  # Causal Forcing++: consistency distillation from the AR teacher, then the same DMD
+            m["consistency_student_from_ar"] = run.stage("consistency_student_ar", "causal", lambda ck: train_consistency(
+                cfg, m["ar_teacher"], d.train, say, g, d.cond, ck))
+            m["causal_forcing_pp"] = run.stage("dmd_causal_forcing_pp", "causal", lambda ck: train_dmd(
+                cfg, m["consistency_student_from_ar"], m["bidirectional_teacher"], m["bidirectional_teacher"],
+                run.prompts if d.cond is not None else None, say, g, ck, steps=cfg.sample.pp_denoising_steps))
+        if not run.digits:  # the injectivity floor, measured with the exact teachers
+            run.floors = run.stage("injectivity_floor", "plain", lambda ck: run.injectivity_floors())
+        rows, samples, by_steps = run.stage("evaluation", "plain", lambda ck: run.evaluate())
+        results = run.results(rows)
+        if by_steps:
+            results["steps"] = by_steps
+        run.save(results, samples)
+        return results
 
 
 class PipelineRun:
@@ -3117,8 +3151,15 @@ class PipelineRun:
         self.cfg, self.out, self.digits = cfg, out, cfg.data.dataset == "moving_digits"
         self.rank, self.world = rank_and_world()
         self.log = log if log and self.rank == 0 else (lambda *_: None)  # under torchrun only rank 0 speaks and writes
+        self.lock = None
         if out:
-            _check_run_folder(cfg, out, self.log)
+            if self.rank == 0:  # one run per folder; under torchrun rank 0 holds it for all
+                self.lock = lock_run_folder(out)
+            try:
+                _check_run_folder(cfg, out, self.log)
+            except BaseException:
+                self.close()
+                raise
             if self.rank == 0:
                 for folder in (out, os.path.join(out, "stages")):
                     _remove_stale_temporaries(folder)
@@ -3130,6 +3171,18 @@ class PipelineRun:
         self.extra: dict = {}
         self.losses: dict = {}  # each trained stage's loss history, written to out/losses.json
         self.classifier = self.floors = self._accuracy = None
+
+    def close(self) -> None:
+        """Releases out/.lock (also when the run failed, so that a notebook can run again at once)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def __enter__(self) -> "PipelineRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _load_data(self) -> types.SimpleNamespace:
         cfg, g = self.cfg, self.g

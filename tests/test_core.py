@@ -4,6 +4,7 @@ formulas, bad input gets a clear error. Everything runs on a CPU in seconds."""
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -260,6 +261,16 @@ def test_shift_conversions_and_weights():
     expected = torch.exp(-2 * ((t - 500) / 1000) ** 2)
     expected = (expected - expected.min()) / (expected - expected.min()).mean()
     torch.testing.assert_close(w, expected)
+
+
+def test_the_bump_weight_is_normalised_on_the_schedule_the_sigmas_are_drawn_from():
+    """With fm_shift the flow-matching sigmas come from another shift than the sampler's: the bump
+    weight must average 1 over that schedule (the loss keeps its scale), not over the sampler's."""
+    cfg = cf.get_config("toy2d", fm_weight="bump", fm_shift=1.0, shift=5.0)
+    drawn = cf.training_sigmas(cf._fm_schedule(cfg))
+    assert cf._fm_schedule(cfg).shift == 1.0
+    assert cf._fm_weight(drawn, cfg).mean().item() == pytest.approx(1.0)
+    assert cf.bump_weight(drawn, cfg.sample).mean().item() != pytest.approx(1.0, abs=0.01)  # the old lookup
 
 
 def test_one_timestep_per_chunk():
@@ -1287,3 +1298,21 @@ def test_a_late_checkpoint_is_dropped_when_config_json_is_gone(tmp_path):
     results = cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)
     assert "causal_forcing_pp" in results["rows"]
     assert not (tmp_path / "stages" / "consistency_student_ar.partial.pt").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the run-folder lock uses fcntl")
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+    """Two runs in one folder would delete each other's temporary files and write over each other's
+    stages: while one holds out/.lock, another is refused before any work, and nothing of the folder is
+    touched; the lock goes when its run ends, also when that run failed."""
+    held = cf.lock_run_folder(str(tmp_path))
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / ".tmp-being-written").write_bytes(b"the first run's save in progress")
+    with pytest.raises(ValueError, match="another run is using"):
+        cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)
+    assert (tmp_path / "stages" / ".tmp-being-written").exists() and not (tmp_path / "config.json").exists()
+    held.close()
+    (tmp_path / "config.json").write_text(json.dumps(cf.get_config("toy2d", **{**TINY, "base_steps": 4}).to_dict()))
+    with pytest.raises(ValueError, match="another config"):  # a failed start releases the lock too
+        cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)
+    cf.lock_run_folder(str(tmp_path)).close()  # free again

@@ -47,18 +47,23 @@ def test_label_cond_and_dropout():
     assert cf.drop_cond(many, 0.0) is many
 
 
-def test_guided_ar_teacher_through_the_cache_matches_recomputing_the_prefix():
+@pytest.mark.parametrize("negative", [False, True])
+def test_guided_ar_teacher_through_the_cache_matches_recomputing_the_prefix(negative):
     """CFG with a KV cache of 2B rows (conditional rows, then unconditional) is the same sampler as
-    running the guided model on [clean prefix at t = 0 ; chunk] for every step, without a cache."""
+    running the guided model on [clean prefix at t = 0 ; chunk] for every step, without a cache;
+    also against a negative prompt (uncond), which the cache's unconditional rows must hold."""
     cfg = cf.get_config("mnist", device="cpu", num_layers=2, frames=6, teacher_solver_steps=4)
     model = cf.CausalDiT(cfg.model, causal=True).double()
     for p in model.parameters():  # adaLN-Zero starts as the identity; make every path matter
         p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1)) if p.dim() > 1 else None
     cond = cf.label_cond(torch.tensor([2, 7, 5])).double()
+    uncond = torch.full((1, 1, 10), 0.3, dtype=torch.float64) if negative else None
     torch.set_default_dtype(torch.float64)
     try:
         got = cf.sample_ar_teacher(model, cf.solver_sigmas(4, cfg.sample), batch_size=3, num_frames=6, cond=cond,
-                                   guidance=3.0, rng=torch.Generator().manual_seed(0))
+                                   guidance=3.0, uncond=uncond, rng=torch.Generator().manual_seed(0))
+        plain = cf.sample_ar_teacher(model, cf.solver_sigmas(4, cfg.sample), batch_size=3, num_frames=6, cond=cond,
+                                     guidance=3.0, rng=torch.Generator().manual_seed(0))
         g, sig, done = torch.Generator().manual_seed(0), cf.solver_sigmas(4, cfg.sample), []
         for start in range(0, 6, 2):
             x = torch.randn(3, 2, 1, 16, 16, generator=g)
@@ -68,11 +73,15 @@ def test_guided_ar_teacher_through_the_cache_matches_recomputing_the_prefix():
                 prefix = torch.cat([prefix, prefix]) if done else prefix
                 t_all = torch.cat([torch.zeros(len(x_), prefix.shape[1]), t_], 1)
                 return model(torch.cat([prefix, x_], 1), t_all, c_)[:, prefix.shape[1]:]
-            vel = lambda x_, s: cf.guided_velocity(on_prefix, x_, torch.full(x_.shape[:2], s), cond, 3.0)  # noqa: E731
+            vel = lambda x_, s: cf.guided_velocity(on_prefix, x_, torch.full(x_.shape[:2], s), cond, 3.0, uncond)  # noqa: E731
             done.append(cf.euler_ode(vel, x, sig)[0])
     finally:
         torch.set_default_dtype(torch.float32)
     assert torch.allclose(got, torch.cat(done, 1), atol=1e-10)
+    assert torch.equal(got, plain) != negative  # the negative prompt matters; None is the null condition
+    with pytest.raises(ValueError, match="uncond"):
+        cf.sample_ar_teacher(model, cf.solver_sigmas(4, cfg.sample), batch_size=3, num_frames=6, cond=cond,
+                             guidance=3.0, uncond=torch.zeros(2, 1, 10, dtype=torch.float64))
 
 
 def test_frechet_distance_closed_form():
