@@ -269,18 +269,19 @@ _WAN_1_3B = dict(dataset="none", dmd_snapshots=0, frames=21, in_channels=16, hei
 
 # Moving digits on a 2-core CPU: 8 frames of 16x16 pixels (12-pixel digits), patch 4 -> 16 tokens per
 # frame, chunks of 2 frames, the digit's label as a one-token condition (one-hot, 10 wide), and a
-# milder noise shift for these small frames. Sized so that every stage together runs in under 30
-# minutes on a 2-core CPU. The paper-standard data is one override away (canvas=64, height=64,
-# width=64, digit_size=28, num_digits=2, frames=20, speed=0.1), at a GPU's cost. DMD: 200 generator
-# updates (400 critic steps at ratio 2, upstream 5) on batches of 32, to fit the CPU budget.
+# milder noise shift for these small frames. Sized so that every stage together, Causal Forcing++'s
+# two included, runs in under 30 minutes on a 2-core CPU. The paper-standard data is one override away
+# (canvas=64, height=64, width=64, digit_size=28, num_digits=2, frames=20, speed=0.1), at a GPU's cost.
+# DMD: 100 generator updates (200 critic steps at ratio 2, upstream 5) on batches of 32; consistency
+# distillation: 250 steps on batches of 32 (its grid: the teachers' 16 steps). Both to fit the budget.
 _MNIST = dict(dataset="moving_digits", frames=8, canvas=16, digit_size=12, num_digits=1, speed=0.25,
               train_size=10000, test_size=1000, in_channels=1, height=16, width=16, patch_size=4, dim=96,
               ffn_dim=384, num_heads=4, num_layers=4, freq_dim=64, cond_dim=10, chunk_frames=2,
               batch_size=64, base_steps=1200, base_lr=4e-3, teacher_steps=300, teacher_lr=1e-3,
-              ode_pairs=512, ode_steps=300, ode_lr=5e-4, dmd_steps=400, dmd_batch_size=32, gen_update_ratio=2,
+              ode_pairs=320, ode_steps=200, ode_lr=5e-4, dmd_steps=200, dmd_batch_size=32, gen_update_ratio=2,
               gen_lr=5e-5, critic_lr=4e-4, ema_start_step=50, shift=1.5, teacher_solver_steps=16,
               teacher_guidance=4.0, real_guidance=4.0, eval_samples=250,
-              cd_steps=0)  # Causal Forcing++'s two stages do not fit the 30-minute budget yet: --set cd_steps=300 adds them
+              cd_steps=250, cd_batch_size=32)
 
 
 _PRESETS: dict[str, dict] = {
@@ -3037,8 +3038,8 @@ def _config_differences(saved: dict, config: dict) -> list[str]:
 
 # Fields that only Causal Forcing++'s stages and the stages after them read. Those stages come last
 # and draw their random numbers after every other stage's, so a finished run can take on (or change)
-# these fields and keep every earlier stage: e.g. --set cd_steps=300 on a finished digit run trains the
-# two Causal Forcing++ stages and redoes the evaluation, with the results of a fresh run with them.
+# these fields and keep every earlier stage: e.g. --set cd_steps=600 on a finished digit run retrains the
+# two Causal Forcing++ stages and redoes the evaluation, with the results of a fresh run with that value.
 LATE_FIELDS = ("train.cd_steps", "train.cd_lr", "train.cd_guidance", "train.cd_ema_decay", "train.cd_batch_size",
                "sample.cd_grid_steps", "sample.pp_denoising_steps")
 LATE_STAGES = ("consistency_student_ar", "dmd_causal_forcing_pp", "injectivity_floor", "evaluation")
