@@ -1072,6 +1072,12 @@ class CausalDiT(nn.Module):
 # =================================================================================================
 
 
+def uncond_rows(cond: torch.Tensor, uncond=None) -> torch.Tensor:
+    """The unconditional branch's condition for every row of cond: the null condition (zeros) by
+    default, else `uncond` (1 or len(cond) rows) repeated over the batch."""
+    return torch.zeros_like(cond) if uncond is None else uncond.expand(len(cond), -1, -1)
+
+
 def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, uncond=None, **kw):
     """Classifier-free guidance uncond + g (cond - uncond); plain prediction without a condition.
     One forward pass on the doubled batch [x ; x] with conditions [cond ; uncond]; a KV cache for it
@@ -1080,7 +1086,7 @@ def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, uncond=None, 
     negative prompt's text features (one row is repeated for the batch)."""
     if cond is None or guidance == 1.0:
         return model(x, t, cond, **kw)
-    uncond = torch.zeros_like(cond) if uncond is None else uncond.expand(len(cond), -1, -1)
+    uncond = uncond_rows(cond, uncond)
     v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]),
               **{k: (torch.cat([v_, v_]) if torch.is_tensor(v_) else v_) for k, v_ in kw.items()})
     v_cond, v_uncond = v.chunk(2)
@@ -1160,8 +1166,7 @@ def sample_ar_teacher(model: CausalDiT, sigmas, *, batch_size: int, num_frames: 
         chunks.append(x0)
         if start + n < num_frames:
             if guided:  # the rows of guided_velocity's doubled batch: [cond ; uncond]
-                null = torch.zeros_like(cond) if uncond is None else uncond.expand(len(cond), -1, -1)
-                write_context(model, x0, torch.cat([cond, null]), cache, start, context_noise, rng, copies=2)
+                write_context(model, x0, torch.cat([cond, uncond_rows(cond, uncond)]), cache, start, context_noise, rng, copies=2)
             else:
                 write_context(model, x0, cond, cache, start, context_noise, rng)
     return torch.cat(chunks, 1)
@@ -4694,8 +4699,13 @@ def main(argv=None) -> int:
     except OSError as e:
         parser.error(f"--out {args.out!r} cannot be written: {e.strerror or e}")
     rank, world = init_distributed(cfg.device)
-    try:
-        _check_run_folder(cfg, args.out, print if rank == 0 else (lambda *_: None))
+    try:  # a usage error before any work; under the folder's lock, as the check may rewrite config.json
+        lock = lock_run_folder(args.out) if rank == 0 else None
+        try:
+            _check_run_folder(cfg, args.out, print if rank == 0 else (lambda *_: None))
+        finally:
+            if lock is not None:
+                lock.close()  # run_pipeline takes it again for the run
     except ValueError as e:
         parser.error(str(e))
     t0 = time.perf_counter()

@@ -1310,6 +1310,9 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(tmp
     (tmp_path / "stages" / ".tmp-being-written").write_bytes(b"the first run's save in progress")
     with pytest.raises(ValueError, match="another run is using"):
         cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)
+    with pytest.raises(SystemExit) as stop:  # the command line's early folder check takes the lock too
+        cf.main(["--out", str(tmp_path), "--device", "cpu"])
+    assert stop.value.code == 2
     assert (tmp_path / "stages" / ".tmp-being-written").exists() and not (tmp_path / "config.json").exists()
     held.close()
     (tmp_path / "config.json").write_text(json.dumps(cf.get_config("toy2d", **{**TINY, "base_steps": 4}).to_dict()))
