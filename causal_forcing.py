@@ -81,7 +81,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -680,17 +679,6 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def _memory_of(device) -> Optional[int]:
-    """Total memory of a CUDA device or of this machine, in bytes (None if unknown)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else None
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 class KVCache:
     """Keys and values of frames already generated, for every layer, so that each new chunk costs
     attention over the cache instead of a forward pass over the whole prefix.
@@ -701,12 +689,12 @@ class KVCache:
     so memory stays fixed however long the video runs. Keys are stored after rotary embedding at
     absolute frame positions (rope_positions "absolute"), or before it ("window": the model rotates
     them at every read, at their place in the live window). Writing frames [a, a + F) again
-    (re-denoising a chunk) overwrites the same slots and forgets any frame after them.
+    (re-denoising a chunk, or a re-cache) overwrites the same slots and forgets any frame after them.
 
-    One model call with the cache takes three steps (CausalDiT._forward): `plan` once (which slots
-    to read, each key's frame, the attention mask), then every layer's SelfAttention reads its
-    cached keys and values and writes the new frames' into `slot(frames)`, then `commit` once. Slot
-    indices are CPU tensors; the buffers live on the model's device."""
+    One model call with the cache: `plan` (which slots to read, and the attention mask), then every
+    layer's SelfAttention reads its cached keys and values and writes the new frames' into
+    `slot(frames)`, then `commit`. Slot indices are CPU tensors; the buffers live on the model's device.
+    The cache trusts its caller (the samplers); `check_inputs` (Part II) checks a hand-made call."""
 
     def __init__(self, num_layers, batch_size, num_heads, head_dim, tokens_per_frame, chunk_frames,
                  max_frames=None, window_frames=None, sink_frames=0, dtype=torch.float32, device="cpu",
@@ -719,27 +707,10 @@ class KVCache:
         self.max_frames, self.window_frames, self.sink_frames = max_frames, window_frames, sink_frames
         slots = window_frames if window_frames is not None else max_frames
         shape = (num_layers, batch_size, num_heads, slots, tokens_per_frame, head_dim)
-        need, have = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size(), _memory_of(device)
-        if have is not None and need > have:
-            raise ValueError(f"a KV cache of {slots} frames needs {need / 2**30:.1f} GiB for its keys and values, more "
-                             f"than the {have / 2**30:.1f} GiB of {device}; stream long videos with a rolling cache "
-                             "(window_frames=W: memory stays fixed however long the video)")
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_frame = torch.full((slots,), -1, dtype=torch.long)  # which frame each slot holds
         self.end = 0  # frames [0, end) have been written
-        self.rewriting = False  # see rewrite()
-
-    @contextlib.contextmanager
-    def rewrite(self):
-        """A re-cache (a prompt switch): inside this block the kept chunks may be written again in
-        frame order, from the oldest; the frames that have left a rolling window are skipped as
-        context instead of refused, as the frames rewritten first are forgotten and written anew."""
-        self.rewriting = True
-        try:
-            yield self
-        finally:
-            self.rewriting = False
 
     def slot(self, frames: torch.Tensor) -> torch.Tensor:
         if self.window_frames is None:
@@ -747,39 +718,19 @@ class KVCache:
         ring = self.window_frames - self.sink_frames
         return torch.where(frames < self.sink_frames, frames, self.sink_frames + (frames - self.sink_frames) % ring)
 
-    def plan(self, start_frame: int, num_frames: int, batch_size: int):
-        """Checks a call for frames [start, start + F) and returns (read_slots, key_frames, vis):
-        the cached slots to read, the frame of every key (cached, then new), and (Fq, Fk) vis."""
-        if batch_size != self.batch_size:
-            raise ValueError(f"batch size {batch_size} does not match the KV cache's {self.batch_size}")
-        beyond = f"start_frame={start_frame} is beyond the KV cache: frames [0, {self.end}) are cached, " \
-                 f"so the next call may start at any frame up to {self.end}"
-        if start_frame < 0 or (start_frame > self.end and not self.rewriting):
-            raise ValueError(beyond)
-        if start_frame % self.chunk_frames:
-            raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={self.chunk_frames})")
-        if self.window_frames is None and start_frame + num_frames > self.max_frames:
-            raise ValueError(f"frames [{start_frame}, {start_frame + num_frames}) do not fit a KV cache of "
-                             f"max_frames={self.max_frames}; make a larger cache or use window_frames")
-        if self.window_frames is not None and num_frames > self.window_frames - self.sink_frames:
-            raise ValueError(f"{num_frames} frames at once do not fit the rolling window's "
-                             f"{self.window_frames - self.sink_frames} non-sink slots")
+    def plan(self, start_frame: int, num_frames: int):
+        """(read_slots, vis) for a call on frames [start, start + F): the cached slots to read, in frame
+        order (a slice where they are contiguous: a view, no copy), and the (F, Fk) visibility of the
+        keys, cached then new."""
         held = (self.slot_frame >= 0) & (self.slot_frame < start_frame)
         read_slots = torch.nonzero(held).flatten()
         read_slots = read_slots[self.slot_frame[read_slots].argsort()]
         cached = self.slot_frame[read_slots]
         if len(read_slots) and bool((read_slots == torch.arange(int(read_slots[0]), int(read_slots[0]) + len(read_slots))).all()):
-            read_slots = slice(int(read_slots[0]), int(read_slots[0]) + len(read_slots))  # a view, no copy
+            read_slots = slice(int(read_slots[0]), int(read_slots[0]) + len(read_slots))
         q = torch.arange(start_frame, start_frame + num_frames)
-        needed = frame_visibility(q, torch.arange(start_frame), self.chunk_frames, self.window_frames,
-                                  self.sink_frames).any(0)
-        missing = sorted(set(torch.nonzero(needed).flatten().tolist()) - set(cached.tolist()))
-        if missing and not self.rewriting:
-            raise ValueError(f"frames {missing} are needed but no longer in the rolling KV cache "
-                             f"(written up to frame {self.end}); re-denoise only the latest chunk")
-        key_frames = torch.cat([cached, q])
-        vis = frame_visibility(q, key_frames, self.chunk_frames, self.window_frames, self.sink_frames)
-        return read_slots, key_frames, vis
+        vis = frame_visibility(q, torch.cat([cached, q]), self.chunk_frames, self.window_frames, self.sink_frames)
+        return read_slots, vis
 
     def commit(self, start_frame: int, num_frames: int) -> None:
         """Records that every layer wrote frames [start, start + F); later frames are forgotten."""
@@ -855,17 +806,18 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, D))  # adaLN-Zero: see CausalDiT.init_weights
 
     def forward(self, x, e0, ctx, angles, mask=None, cache=None):
-        """x (B, N, D) with N = F*S; e0 (B, F, 6, D) per-frame modulation."""
+        """x (B, N, D) with N = F*S; e0 (B, F, 6, D) per-frame modulation: DiT's adaLN terms
+        (shift, scale, gate) for self-attention (msa) and for the FFN (mlp), each (B, F, 1, D)."""
         F = e0.shape[1]
-        m = (self.modulation[:, None] + e0).chunk(6, dim=2)  # six (B, F, 1, D)
-        per_frame = lambda t: rearrange(t, "b (f s) d -> b f s d", f=F)  # noqa: E731
-        flat = lambda t: rearrange(t, "b f s d -> b (f s) d")  # noqa: E731
-        a = flat(per_frame(self.norm1(x)) * (1 + m[1]) + m[0])
-        x = x + flat(per_frame(self.self_attn(a, angles, mask, cache)) * m[2])
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation[:, None] + e0).chunk(6, dim=2)
+        per_frame = lambda h: rearrange(h, "b (f s) d -> b f s d", f=F)  # noqa: E731 - (B, F, S, D), as the terms
+        flat = lambda h: rearrange(h, "b f s d -> b (f s) d")  # noqa: E731
+        a = flat(per_frame(self.norm1(x)) * (1 + scale_msa) + shift_msa)
+        x = x + flat(per_frame(self.self_attn(a, angles, mask, cache)) * gate_msa)
         if ctx is not None:
             x = x + self.cross_attn(self.norm3(x), ctx)
-        b = flat(per_frame(self.norm2(x)) * (1 + m[4]) + m[3])
-        return x + flat(per_frame(self.ffn(b)) * m[5])
+        b = flat(per_frame(self.norm2(x)) * (1 + scale_mlp) + shift_mlp)
+        return x + flat(per_frame(self.ffn(b)) * gate_mlp)
 
 
 class Head(nn.Module):
@@ -885,11 +837,11 @@ class Head(nn.Module):
         return self.head(rearrange(x, "b f s d -> b (f s) d"))
 
 
-def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of t (any shape, 0..1000), cosine first as in Wan: (..., dim)."""
+def timestep_features(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of a timestep (any shape, 0..1000 = 1000 sigma), cosine first as in Wan: (..., dim)."""
     half = dim // 2
-    omega = 10000.0 ** (-torch.arange(half, dtype=torch.float64, device=t.device) / half)
-    arg = t.double()[..., None] * omega
+    omega = 10000.0 ** (-torch.arange(half, dtype=torch.float64, device=timestep.device) / half)
+    arg = timestep.double()[..., None] * omega
     return torch.cat([arg.cos(), arg.sin()], -1)  # float64; the caller casts to its dtype
 
 
@@ -958,9 +910,11 @@ class CausalDiT(nn.Module):
         f, y, x = torch.meshgrid(frames, torch.arange(hh), torch.arange(ww), indexing="ij")
         return torch.stack([f, y, x], -1).reshape(-1, 3)
 
+    def rope(self, frames: torch.Tensor) -> torch.Tensor:
+        """(F,) frame positions -> (F*S, d/2) rotation angles of their tokens."""
+        return rope_angles(self.positions(frames), self.cfg.dim // self.cfg.num_heads, self.cfg.rope_theta)
+
     def embed_cond(self, cond, batch, dtype, device):
-        if cond is not None:
-            check_cond(self, cond, batch)
         if not self.cfg.cond_dim:
             return None
         if cond is None:  # the null condition (classifier-free guidance's "uncond")
@@ -984,42 +938,35 @@ class CausalDiT(nn.Module):
 
     def forward(self, x, t, cond=None, kv_cache: Optional[KVCache] = None, start_frame: int = 0,
                 clean_context=None):
-        check_inputs(self, x, t, start_frame, kv_cache, clean_context)  # clear errors before any work (II.1)
-        with self.autocast(x.device):
+        """The velocity eps - x0 of x (B, F, C, H, W) at noise levels t (B, F). The samplers check
+        their inputs once; a hand-made call can be checked with `check_inputs` (Part II)."""
+        with self.autocast(x.device):  # bf16 on CUDA (ModelConfig.precision); a no-op in fp32
             out = self._forward(x, t, cond, kv_cache, start_frame, clean_context)
         return out.to(x.dtype)
 
     def _forward(self, x, t, cond, kv_cache, start_frame, clean_context):
-        c = self.cfg
-        B, F = x.shape[:2]
-        S = self.tokens_per_frame
+        c, (B, F), S = self.cfg, x.shape[:2], self.tokens_per_frame
         frames = torch.arange(start_frame, start_frame + F)
         tokens = self.patchify(x)  # (B, F*S, D)
-        ctx = self.embed_cond(cond, B, x.dtype, x.device)
-        vis, caches = None, [None] * len(self.blocks)
-
+        ctx = self.embed_cond(cond, B, x.dtype, x.device)  # (B, L, D) or None
+        vis, caches = None, [None] * len(self.blocks)  # vis: which frames see which (None: all see all)
         if clean_context is not None:  # teacher forcing: [clean ; noisy], shared positions
             tokens = torch.cat([self.patchify(clean_context), tokens], 1)  # (B, 2*F*S, D)
             t = torch.cat([torch.zeros_like(t), t], 1)  # clean frames carry t = 0
             vis = teacher_forcing_visibility(frames, c.chunk_frames, c.window_frames, c.sink_frames)
-            angles = rope_angles(self.positions(torch.cat([frames, frames])), c.dim // c.num_heads, c.rope_theta)
-        elif kv_cache is not None:
-            read_slots, key_frames, vis = kv_cache.plan(start_frame, F, B)
-            write_slots = kv_cache.slot(frames)
-            position, key_angles = frames, None  # RoPE's frame position of the new frames; the cached keys are rotated
+            angles = self.rope(torch.cat([frames, frames]))
+        elif kv_cache is not None:  # streaming: the new frames attend to the cached ones, then themselves
+            read_slots, vis = kv_cache.plan(start_frame, F)
+            position, key_angles = frames, None  # the cached keys were rotated when written
             if c.rope_positions == "window":  # the keys the queries see, re-indexed 0, 1, ... in frame order
                 live = vis.any(0)
                 place = torch.where(live, live.long().cumsum(0) - 1, 0)  # keys no query sees are masked anyway
-                position = place[-F:]
-                key_angles = rope_angles(self.positions(place[:-F]), c.dim // c.num_heads, c.rope_theta).to(x.device)
-            caches = [(kv_cache, i, read_slots, write_slots, key_angles) for i in range(len(self.blocks))]
-            angles = rope_angles(self.positions(position), c.dim // c.num_heads, c.rope_theta)
+                position, key_angles = place[-F:], self.rope(place[:-F]).to(x.device)
+            caches = [(kv_cache, i, read_slots, kv_cache.slot(frames), key_angles) for i in range(len(self.blocks))]
+            angles = self.rope(position)
         else:
-            if self.causal and start_frame % c.chunk_frames:
-                raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={c.chunk_frames})")
-            if self.causal:
-                vis = frame_visibility(frames, frames, c.chunk_frames, c.window_frames, c.sink_frames)
-            angles = rope_angles(self.positions(frames), c.dim // c.num_heads, c.rope_theta)
+            vis = frame_visibility(frames, frames, c.chunk_frames, c.window_frames, c.sink_frames) if self.causal else None
+            angles = self.rope(frames)
         angles = angles.to(x.device)
         # within a single chunk every key is visible: no mask, so the fused kernel runs
         mask = None if vis is None or bool(vis.all()) else AttentionMask.get(vis, S, self.attention_backend(x.device), x.device)
@@ -1029,12 +976,7 @@ class CausalDiT(nn.Module):
             e = self.time_embedding(timestep_features(t * 1000.0, c.freq_dim).to(wdtype))  # (B, F', D)
             e0 = rearrange(self.time_projection(e), "b f (six d) -> b f six d", six=6)  # (B, F', 6, D)
         for block, cache in zip(self.blocks, caches):
-            # checkpointing keeps only block inputs for backward; not on cached calls, whose recompute
-            # would read cache slots that later chunks may have overwritten (a rolling window)
-            if c.grad_checkpointing and torch.is_grad_enabled() and cache is None:
-                tokens = torch.utils.checkpoint.checkpoint(block, tokens, e0, ctx, angles, mask, cache, use_reentrant=False)
-            else:
-                tokens = block(tokens, e0, ctx, angles, mask, cache)
+            tokens = self.run_block(block, tokens, e0, ctx, angles, mask, cache)
         if kv_cache is not None:
             kv_cache.commit(start_frame, F)
         if clean_context is not None:  # only the noisy half is predicted
@@ -1043,6 +985,14 @@ class CausalDiT(nn.Module):
             wdtype = self.head.head.weight.dtype
             out = self.head(tokens.to(wdtype), e.to(wdtype))
         return self.unpatchify(out, F)
+
+    def run_block(self, block, *args):
+        """With grad_checkpointing, only the block's inputs are kept for backward (memory for compute);
+        not on cached calls, whose recompute would read cache slots that later chunks may overwrite."""
+        cache = args[-1]
+        if self.cfg.grad_checkpointing and torch.is_grad_enabled() and cache is None:
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def new_kv_cache(self, batch_size: int, max_frames: Optional[int] = None,
                      window_frames: Optional[int] = None, sink_frames: Optional[int] = None) -> KVCache:
@@ -1137,7 +1087,7 @@ def sample_bidirectional(model: CausalDiT, sigmas, *, batch_size: int, num_frame
     solver_sigmas(48, cfg.sample)), one timestep for the whole clip; guidance against `uncond`
     (default the null condition, see guided_velocity)."""
     sigmas = check_sigmas(sigmas)
-    check_uncond(model, uncond, cond)
+    check_sampling(model, batch_size, num_frames, cond, uncond)
     x = noise if noise is not None else _noise(model, batch_size, num_frames, rng)
     vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance,  # noqa: E731
                                         uncond)
@@ -1154,7 +1104,7 @@ def sample_ar_teacher(model: CausalDiT, sigmas, *, batch_size: int, num_frames: 
     (uncond: the null condition by default, see guided_velocity)."""
     sigmas = check_sigmas(sigmas)
     _check_context_noise(context_noise)
-    check_uncond(model, uncond, cond)
+    check_sampling(model, batch_size, num_frames, cond, uncond)
     guided = cond is not None and guidance != 1.0
     cache = new_cache_for(model, 2 * batch_size if guided else batch_size, num_frames)
     chunk, chunks = model.cfg.chunk_frames, []
@@ -1196,7 +1146,34 @@ def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None
     return x0
 
 
-def _stream_chunks(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise):
+def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
+           kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None,
+           first_chunk_sigmas=None, context_noise: float = 0.0, recache: bool = False) -> Iterator[torch.Tensor]:
+    """Streams the few-step causal student (Self Forcing's inference loop): a generator that yields each
+    chunk (B, f, C, H, W) as soon as it is denoised, then writes it to the KV cache at t = context_noise
+    for the chunks after it.
+
+    sigmas: the student's noise levels, student_sigmas(cfg.sample) (Wan's 4 steps warped:
+      1, .9375, .8333, .625), or student_sigmas(cfg.sample, (1000, 500)) for a 2-step student;
+      first_chunk_sigmas (default: the same) for the first chunk, which has no context to lean
+      on (Causal Forcing++ keeps 4 steps there).
+    kv_cache: default a fresh one (new_cache_for), full or the model's rolling window.
+    A new prompt mid-stream: `chunks.send(new_cond)` returns the next chunk, made under the new
+    condition. The finished chunks stay in the cache as they were written, under the old prompt (the
+    official code's behaviour); with recache=True they are first re-run under the new prompt (LongLive's
+    re-cache: one forward pass per chunk the cache still holds). A condition the model cannot take
+    ends the stream with a ValueError before any work on the next chunk."""
+    sigmas = check_sigmas(sigmas).tolist()  # every argument is checked here, before the first chunk is asked for
+    first = check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist() if first_chunk_sigmas is not None else sigmas
+    _check_context_noise(context_noise)
+    check_sampling(generator, batch_size, num_frames, cond)
+    if kv_cache is not None:
+        check_cache(generator, kv_cache, batch_size)
+    cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, num_frames)
+    return _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache)
+
+
+def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache):
     kept = []  # (start, x0) of the finished chunks the cache still holds, for a re-cache
     for start in range(0, num_frames, generator.cfg.chunk_frames):
         n = min(generator.cfg.chunk_frames, num_frames - start)
@@ -1205,69 +1182,17 @@ def _stream_chunks(generator, sigmas, first, num_frames, batch_size, cond, cache
         with torch.no_grad():
             x0 = denoise_chunk(generator, _noise(generator, batch_size, n, rng),
                                first if start == 0 else sigmas, cond, cache, start, rng=rng)
-        new_cond, recache = (yield x0) or (None, False)
+        new_cond = yield x0
+        if new_cond is not None:
+            check_cond(generator, new_cond, batch_size)
         with torch.no_grad():
-            if start + n < num_frames:
+            if start + n < num_frames:  # the finished chunk becomes context, under the prompt it was made with
                 write_context(generator, x0, cond, cache, start, context_noise, rng)
                 kept = [(a, c) for a, c in kept if bool((cache.slot_frame == a).any())] + [(start, x0)]
             if new_cond is not None:
                 cond = new_cond
-                if recache:  # LongLive's re-cache: every kept chunk's keys and values again, under the new prompt
-                    with cache.rewrite():
-                        for a, c in kept:
-                            write_context(generator, c, cond, cache, a, context_noise, rng)
-
-
-class Stream:
-    """What `stream` returns. Iterate it for the chunks; `send(new_cond)` returns the next chunk made
-    under a new condition (a prompt switch). A condition the model cannot take is refused before it
-    reaches the sampler, and the stream goes on.
-
-    send(new_cond) keeps the finished chunks in the cache as they were written, under the old
-    prompt (the official inference code's behaviour); send(new_cond, recache=True) first re-runs
-    every chunk the cache still holds under the new prompt (LongLive's re-cache: one forward pass
-    per kept chunk), so the context the next chunk attends to was computed under the new prompt."""
-
-    def __init__(self, generator, chunks, batch_size):
-        self.generator, self.chunks, self.batch_size = generator, chunks, batch_size
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        return next(self.chunks)
-
-    def send(self, new_cond, recache: bool = False) -> torch.Tensor:
-        if new_cond is not None:
-            check_cond(self.generator, new_cond, self.batch_size)
-        return self.chunks.send((new_cond, recache))
-
-    def close(self) -> None:
-        self.chunks.close()
-
-
-def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
-           kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None,
-           first_chunk_sigmas=None, context_noise: float = 0.0) -> Stream:
-    """Streams the few-step causal student: yields each finished chunk (B, f, C, H, W) as soon as
-    it is denoised, then writes it to the KV cache at t = context_noise for the chunks after it.
-
-    sigmas: the student's noise levels, student_sigmas(cfg.sample) (Wan's 4 steps warped:
-      1, .9375, .8333, .625), or student_sigmas(cfg.sample, (1000, 500)) for a 2-step student;
-      first_chunk_sigmas (default: the same) for the first chunk, which has no context to lean
-      on (Causal Forcing++ keeps 4 steps there).
-    kv_cache: default a fresh one (new_cache_for), full or the model's rolling window.
-    A new prompt mid-stream: `chunks.send(new_cond)` returns the next chunk, generated with the new
-    condition; the finished chunks stay in the cache under the prompt they were made with, or are
-    re-cached under the new one with `chunks.send(new_cond, recache=True)` (see Stream)."""
-    sigmas = check_sigmas(sigmas).tolist()
-    first = check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist() if first_chunk_sigmas is not None else sigmas
-    _check_context_noise(context_noise)
-    if cond is not None:
-        check_cond(generator, cond, batch_size)
-    cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, num_frames)
-    return Stream(generator, _stream_chunks(generator, sigmas, first, num_frames, batch_size, cond, cache, rng,
-                                            context_noise), batch_size)
+                for a, c in kept if recache else []:  # every kept chunk's keys and values again, in frame order
+                    write_context(generator, c, cond, cache, a, context_noise, rng)
 
 
 def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
@@ -1899,7 +1824,7 @@ def resolve_device(name: str) -> str:
     return "cpu"
 
 
-# --- the network's inputs: clear errors before any work (CausalDiT.forward calls check_inputs) ------
+# --- the network's inputs: clear errors before any work (the samplers check theirs; check_inputs a hand-made call)
 
 
 def check_video(model, x: torch.Tensor, name: str = "x") -> None:
@@ -1910,8 +1835,6 @@ def check_video(model, x: torch.Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must have shape (B, F, {want[0]}, {want[1]}, {want[2]}) with F >= 1, got "
                          f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
     _check_dtype(model, x, name)
-    if torch.compiler.is_compiling():  # value checks need the values: not inside a compiled graph
-        return
     if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
         raise FloatingPointError(f"{name} holds NaN or infinite values")
 
@@ -1922,18 +1845,23 @@ def _check_dtype(model, x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: convert it, e.g. {name}.to({w.dtype})")
 
 
-def check_inputs(model, x, t, start_frame, kv_cache, clean_context) -> None:
-    """Clear errors, before any work, for inputs that would otherwise fail deep inside torch or
-    quietly give wrong numbers."""
+def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, clean_context=None) -> None:
+    """Clear errors, before any work, for a hand-made call model(x, t, cond, kv_cache=..., start_frame=...,
+    clean_context=...) whose inputs would otherwise fail deep inside torch or quietly give wrong numbers.
+    The samplers and stages make their calls themselves and check their own arguments instead."""
     check_video(model, x)
     B, F = x.shape[:2]
     if not torch.is_tensor(t) or t.shape != (B, F):
         raise ValueError(f"t must have shape (B, F) = ({B}, {F}), got {tuple(t.shape) if torch.is_tensor(t) else t!r}")
-    if not torch.compiler.is_compiling() and not bool(((t >= 0) & (t <= 1)).all()):  # also false for NaN
+    if not bool(((t >= 0) & (t <= 1)).all()):  # also false for NaN
         raise ValueError(f"t holds noise levels outside [0, 1] (min {float(t.min())}, max {float(t.max())}); "
                          "t is sigma = timestep / 1000")
+    if cond is not None:
+        check_cond(model, cond, B)
     if isinstance(start_frame, bool) or not isinstance(start_frame, int):
         raise TypeError(f"start_frame must be an int, got {start_frame!r}")
+    if model.causal and start_frame % model.cfg.chunk_frames:
+        raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={model.cfg.chunk_frames})")
     if (kv_cache is not None or clean_context is not None) and not model.causal:
         raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
     if kv_cache is not None and clean_context is not None:
@@ -1943,18 +1871,45 @@ def check_inputs(model, x, t, start_frame, kv_cache, clean_context) -> None:
         if clean_context.shape != x.shape:
             raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got {tuple(clean_context.shape)}")
     if kv_cache is not None:
-        c = model.cfg
-        want = (len(model.blocks), c.num_heads, model.tokens_per_frame, c.dim // c.num_heads, c.chunk_frames)
-        got = (kv_cache.k.shape[0], kv_cache.k.shape[2], kv_cache.k.shape[4], kv_cache.k.shape[5], kv_cache.chunk_frames)
-        if got != want:
-            raise ValueError(f"this KV cache was made for another model: (layers, heads, tokens per frame, head dim, "
-                             f"chunk frames) = {got}, this model has {want}; make it with model.new_kv_cache")
-        if kv_cache.rope_positions != c.rope_positions:
-            raise ValueError(f"the KV cache holds keys for rope_positions={kv_cache.rope_positions!r}, this model uses "
-                             f"{c.rope_positions!r}; make it with model.new_kv_cache")
-        if c.window_frames is not None and (kv_cache.window_frames, kv_cache.sink_frames) != (c.window_frames, c.sink_frames):
-            raise ValueError(f"the KV cache's window ({kv_cache.window_frames}, sink {kv_cache.sink_frames}) is not the "
-                             f"model's ({c.window_frames}, sink {c.sink_frames}); make it with model.new_kv_cache")
+        check_cache(model, kv_cache, B)
+        _check_cache_call(kv_cache, start_frame, F)
+
+
+def check_cache(model, kv_cache, batch: int) -> None:
+    """A KV cache must be one `model.new_kv_cache(batch)` would make (shapes, positions, window)."""
+    c = model.cfg
+    want = (len(model.blocks), c.num_heads, model.tokens_per_frame, c.dim // c.num_heads, c.chunk_frames)
+    got = (kv_cache.k.shape[0], kv_cache.k.shape[2], kv_cache.k.shape[4], kv_cache.k.shape[5], kv_cache.chunk_frames)
+    if got != want:
+        raise ValueError(f"this KV cache was made for another model: (layers, heads, tokens per frame, head dim, "
+                         f"chunk frames) = {got}, this model has {want}; make it with model.new_kv_cache")
+    if kv_cache.rope_positions != c.rope_positions:
+        raise ValueError(f"the KV cache holds keys for rope_positions={kv_cache.rope_positions!r}, this model uses "
+                         f"{c.rope_positions!r}; make it with model.new_kv_cache")
+    if c.window_frames is not None and (kv_cache.window_frames, kv_cache.sink_frames) != (c.window_frames, c.sink_frames):
+        raise ValueError(f"the KV cache's window ({kv_cache.window_frames}, sink {kv_cache.sink_frames}) is not the "
+                         f"model's ({c.window_frames}, sink {c.sink_frames}); make it with model.new_kv_cache")
+    if batch != kv_cache.batch_size:
+        raise ValueError(f"batch size {batch} does not match the KV cache's {kv_cache.batch_size}")
+
+
+def _check_cache_call(cache, start_frame: int, num_frames: int) -> None:
+    """Frames [start, start + F) through `cache`: the next frames, or a chunk written again."""
+    if start_frame < 0 or start_frame > cache.end:
+        raise ValueError(f"start_frame={start_frame} is beyond the KV cache: frames [0, {cache.end}) are cached, "
+                         f"so the next call may start at any frame up to {cache.end}")
+    if cache.window_frames is None and start_frame + num_frames > cache.max_frames:
+        raise ValueError(f"frames [{start_frame}, {start_frame + num_frames}) do not fit a KV cache of "
+                         f"max_frames={cache.max_frames}; make a larger cache or use window_frames")
+    if cache.window_frames is not None and num_frames > cache.window_frames - cache.sink_frames:
+        raise ValueError(f"{num_frames} frames at once do not fit the rolling window's "
+                         f"{cache.window_frames - cache.sink_frames} non-sink slots")
+    q = torch.arange(start_frame, start_frame + num_frames)
+    needed = frame_visibility(q, torch.arange(start_frame), cache.chunk_frames, cache.window_frames, cache.sink_frames).any(0)
+    missing = sorted(set(torch.nonzero(needed).flatten().tolist()) - set(cache.slot_frame.tolist()))
+    if missing:
+        raise ValueError(f"frames {missing} are needed but no longer in the rolling KV cache "
+                         f"(written up to frame {cache.end}); re-denoise only the latest chunk")
 
 
 def check_cond(model, cond, batch: int) -> None:
@@ -1968,6 +1923,21 @@ def check_cond(model, cond, batch: int) -> None:
     if c.text_len is not None and cond.shape[1] > c.text_len:
         raise ValueError(f"cond has {cond.shape[1]} rows, more than text_len={c.text_len}")
     _check_dtype(model, cond, "cond")
+
+
+def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=None) -> None:
+    """A sampler's arguments: sizes, conditions, and a model whose dtype the noise it draws will have."""
+    for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    w = next(model.parameters())
+    if w.dtype != torch.get_default_dtype() and not model.uses_bf16(w.device):
+        raise TypeError(f"the model's weights are {w.dtype}, but samplers draw noise in torch's default dtype "
+                        f"{torch.get_default_dtype()}: use model.to({torch.get_default_dtype()}) or "
+                        f"torch.set_default_dtype({w.dtype})")
+    if cond is not None:
+        check_cond(model, cond, batch_size)
+    check_uncond(model, uncond, cond)
 
 
 def check_uncond(model, uncond, cond) -> None:
@@ -2185,6 +2155,16 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, ver
     model.load_state_dict(state, strict=True, assign=on_meta)
     if log is not None:
         log(f"loaded {path}" + (f" (its {entry!r} weights)" if entry else ""))
+    return model
+
+
+def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> CausalDiT:
+    """Random noise on every parameter (tests and checks): the zero-initialised gates would make the output 0 and
+    every comparison vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * std)
     return model
 
 
@@ -3561,1066 +3541,6 @@ def save_gif(columns: dict, path: str, scale: int = 3, ms_per_frame: int = 250) 
 
 
 # =================================================================================================
-# II.8 long streams: quality over thousands of frames, and prompt switches
-# =================================================================================================
-
-
-def windowed(generator: CausalDiT, window_frames: int, sink_frames: int = 0,
-             rope_positions: str = "absolute") -> CausalDiT:
-    """The generator's weights in a model that streams through a rolling window of `window_frames`
-    (the first `sink_frames` always kept) with RoPE positions `rope_positions`: how a generator
-    trained on short clips makes a video of any length in fixed memory."""
-    if rope_positions not in ROPE_POSITIONS:
-        raise ValueError(f"rope_positions={rope_positions!r} is not 'absolute' or 'window'")
-    cfg = dataclasses.replace(generator.cfg, window_frames=window_frames, sink_frames=sink_frames,
-                              rope_positions=rope_positions)
-    model = CausalDiT(cfg, causal=True).to(next(generator.parameters()).device)
-    model.load_state_dict(generator.state_dict())
-    return model.eval().requires_grad_(False)
-
-
-def switched_stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
-                    switches: Optional[dict] = None, recache: bool = False, rng=None,
-                    first_chunk_sigmas=None) -> Iterator[torch.Tensor]:
-    """`stream`'s chunks with prompt switches planned ahead: switches {frame: new_cond} sends each new
-    condition at its frame (a chunk boundary; with recache, the kept context is rebuilt under it)."""
-    c, switches = generator.cfg.chunk_frames, switches or {}
-    if any(f % c or not 0 < f < num_frames for f in switches):
-        raise ValueError(f"switch frames {sorted(switches)} must be chunk boundaries (chunk_frames={c}) inside the video")
-    chunks = stream(generator, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond, rng=rng,
-                    first_chunk_sigmas=first_chunk_sigmas)
-    for at in range(0, num_frames, c):
-        yield chunks.send(switches[at], recache) if at in switches else next(chunks)
-
-
-@torch.no_grad()
-def stream_video(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
-                 switches: Optional[dict] = None, recache: bool = False, rng=None) -> torch.Tensor:
-    """A whole streamed video (B, num_frames, C, H, W), with the prompt switches of `switched_stream`."""
-    return torch.cat(list(switched_stream(generator, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond,
-                                          switches=switches, recache=recache, rng=rng)), 1)
-
-
-def long_stream_report(models: dict, cfg: Config, held_out: torch.Tensor, num_frames: int = 1024,
-                       batch_size: int = 64, block: int = 8, window_frames: Optional[int] = None,
-                       seed: int = 0, log=print) -> dict:
-    """Streams a trained digit generator (models["causal_forcing"], read by models["digit_classifier"])
-    far past the clips it was trained on, through a rolling window of `window_frames` (default: the
-    training clip length), without and with a sink and under both RoPE position policies, and
-    measures every block of `block` frames with `digit_metrics` (the first block is the same
-    generator on a training-length video). Each stream has the same noise and labels."""
-    gen, classifier = models["causal_forcing"], models["digit_classifier"]
-    W, chunk = window_frames or cfg.data.frames, gen.cfg.chunk_frames
-    held_out = held_out[:256]  # the reference of every block's metrics (read once per block)
-    labels = torch.arange(batch_size)[:, None] % 10
-    cond = label_cond(labels).to(cfg.device)
-    report = {"frames": num_frames, "block": block, "window_frames": W, "batch_size": batch_size,
-              "trained_frames": cfg.data.frames, "streams": {}}
-    for sink in (0, chunk):
-        for policy in ROPE_POSITIONS:
-            name = f"sink {sink}, {policy} positions"
-            t0 = time.perf_counter()
-            video = stream_video(windowed(gen, W, sink, policy), student_sigmas(cfg.sample), num_frames=num_frames,
-                                 batch_size=batch_size, cond=cond, rng=torch.Generator().manual_seed(seed)).cpu()
-            seconds = time.perf_counter() - t0
-            blocks = [{"first_frame": a, **digit_metrics(video[:, a:a + block], labels, held_out, classifier, chunk)}
-                      for a in range(0, num_frames - block + 1, block)]
-            report["streams"][name] = {"sink_frames": sink, "rope_positions": policy, "seconds": round(seconds, 2),
-                                       "blocks": blocks}
-            log(f"  {name}: {num_frames} frames x {batch_size} videos in {seconds:.0f} s; instruction following "
-                f"first block {blocks[0]['instruction_following']:.3f}, last {blocks[-1]['instruction_following']:.3f}")
-    return report
-
-
-def prompt_switch_report(models: dict, cfg: Config, num_frames: int = 32, switch_at: int = 16,
-                         batch_size: int = 100, seed: int = 0) -> dict:
-    """Every video switches from digit a to another digit b at frame `switch_at`, with the finished
-    chunks kept in the cache as written (under a) or re-cached under b. Per policy: the fraction of
-    videos read as b at every frame, how many frames after the switch a video is first read as b
-    (mean over the videos that get there), the block jump at the switch (change into the switch
-    frame over the mean change inside chunks), and the stream's wall time."""
-    gen, classifier = models["causal_forcing"], models["digit_classifier"]
-    chunk = gen.cfg.chunk_frames
-    a = torch.arange(batch_size) % 10
-    b = (a + 1 + (torch.arange(batch_size) // 10) % 9) % 10  # a different digit for every video
-    cond_a, cond_b = (label_cond(v[:, None]).to(cfg.device) for v in (a, b))
-    report = {"frames": num_frames, "switch_at": switch_at, "batch_size": batch_size, "policies": {}}
-    for recache in (False, True):
-        t0 = time.perf_counter()
-        video = stream_video(gen, student_sigmas(cfg.sample), num_frames=num_frames, batch_size=batch_size, cond=cond_a,
-                             switches={switch_at: cond_b}, recache=recache, rng=torch.Generator().manual_seed(seed)).cpu()
-        seconds = time.perf_counter() - t0
-        pred = read_frames(classifier, video)[1]  # (B, F)
-        is_b = pred[:, switch_at:] == b[:, None]
-        reached = is_b.any(1)
-        delay = is_b.double().argmax(1)[reached].double()  # frames after the switch until a video first reads as b
-        change, into_new_chunk = frame_changes(video, chunk)
-        report["policies"]["re-cache" if recache else "keep cache"] = {
-            "reads_new_digit_per_frame": (pred == b[:, None]).double().mean(0).tolist(),
-            "reads_old_digit_per_frame": (pred == a[:, None]).double().mean(0).tolist(),
-            "videos_reaching_new_digit": float(reached.double().mean()),
-            "frames_until_new_digit": float(delay.mean()) if len(delay) else float("nan"),
-            "jump_at_switch": float(change[switch_at - 1] / change[~into_new_chunk].mean()),
-            "seconds": round(seconds, 3)}
-    return report
-
-
-LONG_STREAM_METRICS = ("instruction_following", "frechet_distance", "sharpness", "dynamic_degree", "chunk_boundary_jump")
-
-
-def summarize_long_stream(report: dict, edges=(0, 8, 64, 256, 1024)) -> dict:
-    """Each stream's metrics averaged over the blocks in frames [edges[i], edges[i + 1]): the first
-    range is the training length, the others how quality holds further on."""
-    out = {}
-    for name, s in report["streams"].items():
-        out[name] = {}
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            blocks = [b for b in s["blocks"] if lo <= b["first_frame"] < hi]
-            if blocks:
-                out[name][f"frames {lo}-{hi - 1}"] = {m: sum(b[m] for b in blocks) / len(blocks) for m in LONG_STREAM_METRICS}
-    return out
-
-
-def plot_long_stream(report: dict, path: str, smooth: int = 8) -> None:
-    """Quality against frame index (log scale, each block at its last frame), one line per stream
-    setting (a running mean over `smooth` blocks; the raw blocks faint), one panel per metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = LONG_STREAM_METRICS
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
-    for ax, metric in zip(axes, metrics):
-        for k, (name, s) in enumerate(report["streams"].items()):
-            x = [b["first_frame"] + report["block"] for b in s["blocks"]]
-            y = torch.tensor([b[metric] for b in s["blocks"]], dtype=torch.float64)
-            mean = torch.stack([y[max(0, i - smooth + 1): i + 1].mean() for i in range(len(y))])
-            colour = f"C{k}"
-            ax.plot(x, y.tolist(), color=colour, lw=0.5, alpha=0.25)
-            ax.plot(x, mean.tolist(), color=colour, lw=1.2, label=name, ls="-" if s["rope_positions"] == "window" else "--")
-        ax.axvline(report["trained_frames"], color="0.6", lw=0.8)
-        ax.set(xscale="log", xlabel="frame", title=metric.replace("_", " "))
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{report['frames']}-frame streams through a {report['window_frames']}-frame window "
-                 f"(grey line: the {report['trained_frames']}-frame training clips)", fontsize=10)
-    fig.tight_layout()
-    with _atomic_file(path) as f:
-        fig.savefig(f, format="png", dpi=80)
-    plt.close(fig)
-
-
-# =================================================================================================
-# II.9 real Wan: Diffusers weights, the umT5 text encoder, the VAE, video files, `generate`
-# =================================================================================================
-# A Wan2.1 folder in Diffusers' layout (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) holds tokenizer/,
-# text_encoder/ (umT5-XXL), transformer/ (the DiT, Diffusers' parameter names) and vae/
-# (AutoencoderKLWan); the DiT's Diffusers names are mapped to Wan's in II.2 (rename_wan_parameters).
-# Reading them needs the optional packages of requirements-wan.txt, imported only inside these
-# functions: `import causal_forcing` never needs them. Read in order: the model config, the text
-# encoder, the VAE decoding chunk by chunk, the video file, the prompts file, then `generate`.
-
-WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
-                       "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")  # Wan2.1's default
-WAN_FPS = 16  # Wan2.1's frame rate
-WAN_PACKAGES = {"diffusers": "diffusers", "transformers": "transformers", "safetensors": "safetensors",
-                "imageio": "imageio", "imageio_ffmpeg": "imageio-ffmpeg"}  # module -> pip name
-
-
-def _require(*modules: str, what: str = "this") -> None:
-    """Imports the optional packages `what` needs, or says which are missing and how to install them."""
-    import importlib
-
-    missing = []
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(WAN_PACKAGES.get(module, module))
-    if missing:
-        raise ImportError(f"{what} needs {', '.join(missing)}: pip install -r requirements-wan.txt "
-                          f"(or pip install {' '.join(missing)})")
-
-
-def _check_video_size(height: int, width: int, step: int = 16) -> None:
-    if height <= 0 or width <= 0 or height % step or width % step:
-        raise ValueError(f"height and width ({height}x{width}) must be positive multiples of {step} (the VAE's 8x times "
-                         "the patch's 2x); Wan2.1 makes 480x832")
-
-
-def wan_model_config(transformer_config: dict, height: int, width: int, chunk_frames: int = 3,
-                     spatial_compression: int = 8) -> ModelConfig:
-    """The ModelConfig of a Wan2.1 text-to-video DiT described by Diffusers' transformer/config.json,
-    for videos of height x width pixels (latents 8x smaller)."""
-    c = transformer_config
-    patch = tuple(c.get("patch_size", (1, 2, 2)))
-    problems = [f"{k}={c.get(k)!r} (this DiT needs {want!r})" for k, want in
-                (("image_dim", None), ("added_kv_proj_dim", None), ("qk_norm", "rms_norm_across_heads"),
-                 ("cross_attn_norm", True)) if c.get(k, want) != want]
-    if patch[0] != 1 or patch[1] != patch[2]:
-        problems.append(f"patch_size={list(patch)} (this DiT needs [1, p, p])")
-    if c.get("out_channels", c["in_channels"]) != c["in_channels"]:
-        problems.append(f"out_channels={c['out_channels']} differs from in_channels={c['in_channels']}")
-    if problems:
-        raise ValueError("not a Wan2.1 text-to-video transformer: " + "; ".join(problems))
-    _check_video_size(height, width, spatial_compression * patch[1])
-    return ModelConfig(in_channels=c["in_channels"], height=height // spatial_compression,
-                       width=width // spatial_compression, patch_size=patch[1],
-                       dim=c["num_attention_heads"] * c["attention_head_dim"], ffn_dim=c["ffn_dim"],
-                       num_heads=c["num_attention_heads"], num_layers=c["num_layers"], freq_dim=c["freq_dim"],
-                       cond_dim=c["text_dim"], text_len=512, eps=c.get("eps", 1e-6), chunk_frames=chunk_frames)
-
-
-def _clean_prompt(text: str) -> str:
-    """Wan's prompt cleaning: ftfy's text repair (curly quotes, mojibake, fullwidth characters; where
-    ftfy is installed, as Diffusers does), HTML entities undone twice, runs of whitespace made one."""
-    import html
-
-    try:
-        import ftfy
-
-        text = ftfy.fix_text(text)
-    except ImportError:
-        pass
-    return " ".join(html.unescape(html.unescape(text)).split())
-
-
-class WanTextEncoder:
-    """umT5 features of prompts, as Wan conditions on them: each prompt cleaned, tokenized (with its
-    end token, at most text_len tokens), encoded, cut to its own length and padded with zero rows to
-    text_len. Features are kept per prompt, so a prompt used again costs nothing."""
-
-    def __init__(self, wan_dir: str, device="cpu", dtype=torch.float32, text_len: int = 512):
-        _require("transformers", what="the umT5 text encoder")
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(wan_dir, "tokenizer"))
-        self.encoder = UMT5EncoderModel.from_pretrained(os.path.join(wan_dir, "text_encoder"), dtype=dtype)
-        self.encoder = self.encoder.to(device).eval().requires_grad_(False)
-        self.device, self.text_len, self.known = torch.device(device), text_len, {}
-
-    @torch.no_grad()
-    def __call__(self, prompts: list) -> torch.Tensor:
-        """(len(prompts), text_len, d_model) float32 on the encoder's device."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self.known]
-        if new:
-            tokens = self.tokenizer([_clean_prompt(p) for p in new], padding="max_length", max_length=self.text_len,
-                                    truncation=True, add_special_tokens=True, return_attention_mask=True,
-                                    return_tensors="pt")
-            mask = tokens.attention_mask.to(self.device)
-            feats = self.encoder(tokens.input_ids.to(self.device), mask).last_hidden_state.float()
-            for p, f, n in zip(new, feats, mask.sum(1).tolist()):
-                self.known[p] = torch.cat([f[:n], f.new_zeros(self.text_len - n, f.shape[1])])
-        return torch.stack([self.known[p] for p in prompts])
-
-
-def load_wan_vae(wan_dir: str, device="cpu", dtype=torch.float32):
-    """Diffusers' AutoencoderKLWan from wan_dir/vae, in eval mode."""
-    _require("diffusers", what="the Wan VAE")
-    from diffusers import AutoencoderKLWan
-
-    vae = AutoencoderKLWan.from_pretrained(os.path.join(wan_dir, "vae"), torch_dtype=dtype)
-    if getattr(vae.config, "patch_size", None) is not None:
-        raise ValueError("this VAE patchifies its input (Wan2.2's); generate decodes Wan2.1's VAE")
-    return vae.to(device).eval().requires_grad_(False)
-
-
-class StreamingVAEDecoder:
-    """Decodes Wan latents chunk by chunk, as the stream makes them, into video frames in [-1, 1].
-
-    Wan's VAE is causal in time: it decodes one latent frame at a time, each convolution keeping the
-    last frames it saw in a cache, and the first latent frame gives 1 video frame, every later one 4
-    (81 frames from 21 latents). Keeping that cache between calls makes decoding a video chunk by
-    chunk equal to decoding it whole (tested). Latents are the DiT's (normalised); Wan's per-channel
-    latent mean and std are undone first. This drives Diffusers' decoder the way its own _decode
-    loop does (its cache lists _feat_map and _conv_idx), so a Diffusers release that changes that
-    loop shows up as a failing test, not as a wrong video. The cache lives in the VAE: one decoder
-    per VAE at a time. Tiled decoding (vae.enable_tiling()) is another loop and is refused."""
-
-    def __init__(self, vae):
-        if getattr(vae, "use_tiling", False):
-            raise ValueError("the VAE decodes in tiles (use_tiling); streaming decodes whole frames: vae.disable_tiling()")
-        self.vae, self.first = vae, True
-        p = next(vae.parameters())
-        self.mean = torch.tensor(vae.config.latents_mean, dtype=p.dtype, device=p.device).view(1, -1, 1, 1, 1)
-        self.std = torch.tensor(vae.config.latents_std, dtype=p.dtype, device=p.device).view(1, -1, 1, 1, 1)
-        vae.clear_cache()
-
-    @torch.no_grad()
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (B, f, C, h, w) -> video frames (B, T, 3, H, W), T = 4 f (4 f - 3 for the first chunk)."""
-        vae = self.vae
-        z = rearrange(latents, "b f c h w -> b c f h w").to(self.mean.dtype) * self.std + self.mean
-        x, out = vae.post_quant_conv(z), []
-        for i in range(x.shape[2]):
-            vae._conv_idx = [0]
-            kw = {"first_chunk": True} if self.first else {}
-            out.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, **kw))
-            self.first = False
-        return rearrange(torch.cat(out, 2).clamp(-1, 1), "b c t h w -> b t c h w")
-
-    def close(self) -> None:
-        self.vae.clear_cache()
-
-
-def to_uint8_frames(video: torch.Tensor):
-    """(T, 3, H, W) in [-1, 1] -> numpy (T, H, W, 3) uint8, rounded to the nearest level (Wan's
-    cache_video and Diffusers' export_to_video truncate instead: at most 1 level darker)."""
-    return ((video.float().permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1).mul(255).round().byte().cpu().numpy()
-
-
-class VideoFile:
-    """An .mp4 (H.264, WAN_FPS) written frame by frame as the video is decoded, through imageio-ffmpeg,
-    into a temporary file renamed over `path` only when the video is whole (an interrupted run never
-    leaves half a video under the final name). gif=True also writes the .gif beside it at close."""
-
-    def __init__(self, path: str, fps: int = WAN_FPS, gif: bool = False):
-        _require("imageio", "imageio_ffmpeg", what="writing .mp4 files")
-        import imageio
-
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".mp4")
-        os.close(fd)
-        self.path, self.fps, self.frames, self.gif = path, fps, 0, [] if gif else None
-        self.writer = imageio.get_writer(self.tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8,
-                                         macro_block_size=1, ffmpeg_log_level="error")
-
-    def write(self, video: torch.Tensor) -> None:
-        """Appends frames (T, 3, H, W) in [-1, 1]."""
-        for frame in to_uint8_frames(video):
-            self.writer.append_data(frame)
-            if self.gif is not None:
-                self.gif.append(frame)
-            self.frames += 1
-
-    def close(self) -> None:
-        self.writer.close()
-        os.replace(self.tmp, self.path)
-        _fsync_folder(os.path.dirname(os.path.abspath(self.path)))
-        if self.gif:
-            from PIL import Image
-
-            gif_path = os.path.splitext(self.path)[0] + ".gif"
-            with _atomic_file(gif_path) as f:
-                images = [Image.fromarray(fr) for fr in self.gif]
-                images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / self.fps), loop=0)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.close()
-        with contextlib.suppress(OSError):
-            os.remove(self.tmp)
-
-
-def read_prompts(path: str) -> list:
-    """A prompts file: one video per line; '#' starts a comment line. A prompt switch inside a video
-    is written after a '|' as "<latent frame>: <prompt>", e.g.
-        a red fox runs through deep snow
-        a quiet city street at night | 12: the same street in heavy rain | 18: the street at dawn
-    Returns, per video, a list of (first latent frame, prompt)."""
-    videos = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = [p.strip() for p in line.split("|")]
-            schedule = [(0, parts[0])]
-            for part in parts[1:]:
-                frame, sep, text = part.partition(":")
-                if not sep or not frame.strip().isdigit() or not text.strip():
-                    raise ValueError(f"{path}:{n}: a prompt switch is written '| <latent frame>: <prompt>', got {part!r}")
-                schedule.append((int(frame), text.strip()))
-            videos.append(schedule)
-    if not videos:
-        raise ValueError(f"{path} holds no prompts (one per line)")
-    return videos
-
-
-def _check_schedules(schedules: list, frames: int, chunk_frames: int) -> None:
-    for schedule in schedules:
-        at = [f for f, _ in schedule]
-        if not all(p.strip() for _, p in schedule):
-            raise ValueError("a prompt is empty")
-        if at[0] != 0 or at != sorted(set(at)) or at[-1] >= frames or any(f % chunk_frames for f in at):
-            raise ValueError(f"prompt switch frames {at[1:]} must increase, lie inside the video's {frames} latent frames "
-                             f"and be multiples of chunk_frames={chunk_frames} (switches happen between chunks)")
-
-
-def load_wan_generator(wan_dir: str, checkpoint: Optional[str], height: int, width: int, chunk_frames: int = 3,
-                       key: Optional[str] = None, log=print) -> CausalDiT:
-    """The DiT `generate` runs, on the CPU in float32: a Causal/Self Forcing generator from
-    `checkpoint` (causal, chunks of chunk_frames; entry `key`, default generator_ema if present, else
-    generator), or without it the bidirectional base in wan_dir/transformer. Shapes come from
-    wan_dir/transformer/config.json (Wan2.1-T2V-1.3B's where there is none). Built on the meta
-    device, so no random initialisation of a billion parameters is spent before the weights load."""
-    config_path = os.path.join(wan_dir, "transformer", "config.json")
-    _check_video_size(height, width)
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            cfg = wan_model_config(json.load(f), height, width, chunk_frames)
-    else:
-        cfg = dataclasses.replace(get_config("wan-1.3b").model, height=height // 8, width=width // 8, chunk_frames=chunk_frames)
-    with torch.device("meta"):
-        model = CausalDiT(cfg, causal=checkpoint is not None)
-    load_wan_weights(model, checkpoint or os.path.join(wan_dir, "transformer"), key=key, log=log)
-    return model.float().eval().requires_grad_(False)  # fp32 weights, as Wan keeps them; bf16 autocast on CUDA
-
-
-def _check_output(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"out={path!r} is a folder; give the .mp4 file to write")
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):  # a folder we cannot write to: said now, not after the video
-        pass
-
-
-def generate(prompts, *, wan_dir: str, checkpoint: Optional[str] = None, frames: int = 21, out: str = "video.mp4",
-             seed: int = 0, device: str = "auto", height: int = 480, width: int = 832, chunk_frames: int = 3,
-             checkpoint_key: Optional[str] = None, denoising_steps: Optional[tuple] = None,
-             first_chunk_steps: Optional[tuple] = None, shift: float = 5.0, steps: int = 50, guidance: float = 5.0,
-             negative_prompt: str = WAN_NEGATIVE_PROMPT, recache: bool = False, gif: bool = False,
-             text_device: Optional[str] = None, return_videos: bool = False, log=print) -> dict:
-    """Text to video with real Wan2.1 components, written as .mp4 files as the video streams.
-
-    prompts: a string, a list of strings (one video each), or per video a list of (latent frame,
-      prompt) switches as `read_prompts` returns them (a generator checkpoint only).
-    checkpoint: a Causal Forcing / Self Forcing generator (.pt; entry checkpoint_key, default
-      "generator_ema" when present, else "generator"): latents stream chunk by chunk (chunk_frames 3
-      chunk-wise, 1 frame-wise) with `denoising_steps` (default Wan's 4 warped steps; Causal
-      Forcing++'s 2-step model: (1000, 500) with first_chunk_steps (1000, 750, 500, 250)), and each
-      chunk is decoded and written before the next is made. Without it, the bidirectional base in
-      wan_dir/transformer makes the whole clip in `steps` Euler steps with classifier-free `guidance`
-      against `negative_prompt` (Wan's sampler, with Euler instead of UniPC), then decodes it.
-    frames: latent frames (Wan: 21, giving 81 video frames at 16 fps). out: the .mp4 (with several
-      videos, out's stem gets _000, _001, ...). Returns the files and the timings: seconds per
-      chunk, seconds to the first decoded frames, video frames per second of the whole loop (the
-      first video's include the device's warm-up: kernel loading and autotuning)."""
-    dev = resolve_device(device)
-    text_dev = resolve_device(text_device or dev)
-    schedules = [[(0, p)] if isinstance(p, str) else [(int(f), t) for f, t in p]
-                 for p in ([prompts] if isinstance(prompts, str) else prompts)]
-    # --- 1. every check that needs no weights ------------------------------------------------------
-    _require("diffusers", "transformers", "safetensors", "imageio", "imageio_ffmpeg", what="generate")
-    if not schedules:
-        raise ValueError("no prompts given")
-    if frames < 1 or chunk_frames < 1 or steps < 1:
-        raise ValueError(f"frames={frames}, chunk_frames={chunk_frames} and steps={steps} must be >= 1")
-    missing = [d for d in ("tokenizer", "text_encoder", "vae") + (() if checkpoint else ("transformer",))
-               if not os.path.isdir(os.path.join(wan_dir, d))]
-    if missing:
-        raise FileNotFoundError(f"{wan_dir!r} lacks {', '.join(m + '/' for m in missing)}: give the folder of "
-                                "'hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir <folder>'")
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"no checkpoint file at {checkpoint!r}")
-    if checkpoint is None and any(len(s) > 1 for s in schedules):
-        raise ValueError("prompt switches need a streaming generator (--checkpoint); the base makes the clip at once")
-    _check_schedules(schedules, frames, chunk_frames)
-    _check_video_size(height, width)
-    sample = SampleConfig(shift=shift)
-    sigmas = student_sigmas(sample, denoising_steps) if checkpoint else solver_sigmas(steps, sample)
-    first_sigmas = student_sigmas(sample, first_chunk_steps) if checkpoint and first_chunk_steps else None
-    files = [out] if len(schedules) == 1 else [f"{os.path.splitext(out)[0]}_{i:03d}.mp4" for i in range(len(schedules))]
-    for f in files:
-        _check_output(f)
-
-    # --- 2. the DiT and the VAE on the CPU: a checkpoint that does not fit is said before umT5 loads -
-    model = load_wan_generator(wan_dir, checkpoint, height, width, chunk_frames, checkpoint_key, log)
-    vae = load_wan_vae(wan_dir)
-
-    # --- 3. every prompt's text features, then the encoder is freed (umT5-XXL: ~11 GB in bf16) ------
-    t0 = time.perf_counter()
-    encoder = WanTextEncoder(wan_dir, text_dev, torch.bfloat16 if torch.device(text_dev).type == "cuda" else torch.float32)
-    features = {p: encoder([p])[0].to(dev) for s in schedules for _, p in s}
-    uncond = encoder([negative_prompt]).to(dev) if checkpoint is None and guidance != 1.0 else None
-    del encoder
-    gc.collect()  # the encoder sits in reference cycles: only a collection frees it
-    if torch.device(text_dev).type == "cuda":
-        torch.cuda.empty_cache()
-    log(f"encoded {len(features)} prompt(s) in {time.perf_counter() - t0:.1f} s")
-    model, vae = model.to(dev), vae.to(dev)
-    log(f"{'generator' if checkpoint else 'bidirectional base'}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
-        f"parameters; {model.cfg.height}x{model.cfg.width} latents ({height}x{width} pixels), {frames} latent frames, on {dev}")
-
-    # --- 4. each video: latents chunk by chunk -> VAE -> .mp4 ---------------------------------------
-    report = {"files": [], "chunk_seconds": [], "first_frame_seconds": [], "frames_per_second": [], "video_frames": []}
-    if return_videos:
-        report["videos"] = []
-    for path, schedule in zip(files, schedules):
-        rng = torch.Generator().manual_seed(seed)
-        cond = features[schedule[0][1]][None]
-        if checkpoint:
-            chunks = switched_stream(model, sigmas, num_frames=frames, batch_size=1, cond=cond, rng=rng,
-                                     first_chunk_sigmas=first_sigmas, recache=recache,
-                                     switches={f: features[p][None] for f, p in schedule[1:]})
-        else:  # the base denoises the whole clip at once: one "chunk", made when the generator is first asked
-            chunks = (sample_bidirectional(model, sigmas, batch_size=1, num_frames=frames, cond=cond, guidance=guidance,
-                                           uncond=uncond, rng=rng) for _ in range(1))
-        _stream_to_file(chunks, path, StreamingVAEDecoder(vae), gif, dev, report, return_videos, log)
-    return report
-
-
-def _stream_to_file(chunks, path, decoder, gif, device, report, keep, log) -> None:
-    """Decodes each latent chunk as it arrives and appends its frames to the .mp4; times every chunk."""
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-
-    writer, times, first, kept = VideoFile(path, gif=gif), [], None, []
-    try:
-        sync()
-        start = time.perf_counter()
-        for i, latents in enumerate(chunks):
-            video = decoder(latents)[0]
-            writer.write(video)
-            sync()
-            times.append(time.perf_counter() - start - sum(times))
-            first = sum(times) if first is None else first
-            if keep:
-                kept.append(video.cpu())
-            log(f"  {path}: chunk {i + 1}, {video.shape[0]} frames in {times[-1]:.2f} s")
-        elapsed = time.perf_counter() - start
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        decoder.close()
-    for k, v in (("files", path), ("chunk_seconds", times), ("first_frame_seconds", first),
-                 ("frames_per_second", writer.frames / elapsed), ("video_frames", writer.frames)):
-        report[k].append(v)
-    if keep:
-        report["videos"].append(torch.cat(kept))
-    log(f"wrote {path}: {writer.frames} frames; first frames after {first:.2f} s, {writer.frames / elapsed:.1f} "
-        f"frames/s ({len(times)} chunks, {elapsed:.1f} s)")
-
-
-# =================================================================================================
-# II.10 benchmark: streaming speed, FLOPs, and the GPU suite
-# =================================================================================================
-
-
-# dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), for the utilisation figure
-_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-              "L40S": 362e12, "RTX 4090": 165e12}
-
-
-def forward_flops(cfg: ModelConfig, frames: int, key_frames: int, text_tokens: int) -> int:
-    """Matrix-multiply FLOPs (2 per multiply-add) of one forward pass over `frames` frames whose
-    queries see `key_frames` frames: per layer the q/k/v/o and FFN projections, attention, and
-    cross-attention to the text; plus patch embedding, time and text embeddings and the head."""
-    D, S = cfg.dim, (cfg.height // cfg.patch_size) * (cfg.width // cfg.patch_size)
-    n, k, pixels = frames * S, key_frames * S, cfg.patch_size**2 * cfg.in_channels
-    per_layer = 2 * n * (4 * D * D + 2 * D * cfg.ffn_dim) + 4 * n * k * D
-    if cfg.cond_dim:
-        per_layer += 2 * n * 2 * D * D + 2 * text_tokens * 2 * D * D + 4 * n * text_tokens * D
-    outer = 2 * n * D * pixels * 2 + 2 * frames * (cfg.freq_dim * D + D * D + 6 * D * D)
-    if cfg.cond_dim:
-        outer += 2 * text_tokens * (cfg.cond_dim * D + D * D)
-    return cfg.num_layers * per_layer + outer
-
-
-def streaming_cost(cfg: Config, num_frames: Optional[int] = None, batch_size: int = 1) -> dict:
-    """What streaming one clip costs, from the shapes alone: parameters, matrix FLOPs of every
-    denoising step and cache refresh (`forward_flops`), and KV-cache bytes per frame in bf16."""
-    m, num_frames = cfg.model, num_frames or cfg.data.frames
-    with torch.device("meta"):  # shapes only: no memory, even for 14B parameters
-        params = sum(p.numel() for p in CausalDiT(m).parameters())
-    S = (m.height // m.patch_size) * (m.width // m.patch_size)
-    steps, flops = len(cfg.sample.denoising_steps), 0
-    for start in range(0, num_frames, m.chunk_frames):  # every step, and the refresh of all but the last chunk
-        n = min(m.chunk_frames, num_frames - start)
-        calls = steps + (1 if start + n < num_frames else 0)
-        flops += calls * forward_flops(m, n, start + n, m.text_len or 1) * batch_size
-    return {"parameters": params, "tokens_per_frame": S, "frames": num_frames, "flops_per_clip": flops,
-            "flops_per_frame": flops / (num_frames * batch_size),
-            "kv_cache_bytes_per_frame": m.num_layers * 2 * S * m.dim * 2 * batch_size}
-
-
-def _random_generator(cfg: Config, batch_size: int) -> tuple[CausalDiT, Optional[torch.Tensor]]:
-    """A randomly initialised generator for the benchmarks, made on its device (a 1.3B model's init
-    is slow on a CPU), in bf16 weights and cache on CUDA unless precision="fp32" (as upstream
-    inference), and a random condition of the config's text length, if it has one."""
-    device = torch.device(cfg.device)
-    with torch.device(device):
-        model = CausalDiT(cfg.model).eval()
-    if device.type == "cuda" and cfg.model.precision != "fp32":
-        model = model.to(torch.bfloat16)
-    cond = None
-    if cfg.model.cond_dim:
-        cond = torch.randn(batch_size, cfg.model.text_len or 1, cfg.model.cond_dim, device=device,
-                           dtype=next(model.parameters()).dtype)
-    return model, cond
-
-
-def benchmark_stream(cfg: Config, num_frames: Optional[int] = None, batch_size: int = 1, repeats: int = 2) -> dict:
-    """Streams `num_frames` latent frames with the few-step sampler (4 steps per chunk, cache
-    refresh) from a randomly initialised generator and measures it: latent frames per second,
-    time to the first chunk, peak GPU memory, and the fraction of the card's bf16 peak. The
-    first run warms up (kernel selection, compilation) and is not counted."""
-    num_frames = num_frames or cfg.data.frames
-    device = torch.device(cfg.device)
-    model, cond = _random_generator(cfg, batch_size)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cost = streaming_cost(cfg, num_frames, batch_size)
-    flops = cost["flops_per_clip"]
-    runs = []
-    for r in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        sync()
-        t0 = time.perf_counter()
-        first = None
-        for chunk in stream(model, student_sigmas(cfg.sample), num_frames=num_frames, batch_size=batch_size, cond=cond,
-                            context_noise=cfg.sample.context_noise, rng=torch.Generator().manual_seed(r)):
-            if first is None:
-                sync()
-                first = time.perf_counter() - t0
-        sync()
-        memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        runs.append((time.perf_counter() - t0, first, memory))
-    total, first, memory = min(runs[1:]) if repeats else runs[0]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    peak = next((v for k, v in _BF16_PEAK.items() if k in name), None)
-    return {
-        "config": cfg.name, "device": name, "frames": num_frames, "batch_size": batch_size,
-        "tokens_per_frame": cost["tokens_per_frame"], "chunk_frames": cfg.model.chunk_frames,
-        "denoising_steps": len(cfg.sample.denoising_steps), "parameters": cost["parameters"],
-        "latent_frames_per_second": num_frames * batch_size / total,
-        "seconds_per_video": total, "time_to_first_chunk_s": first,
-        "peak_gpu_memory_gib": memory,
-        "tflops_per_second": flops / total / 1e12,
-        "fraction_of_bf16_peak": flops / total / peak if peak else None,
-    }
-
-
-def timed_chunks(chunks: Iterator[torch.Tensor], device) -> list[float]:
-    """Wall-clock seconds of every chunk a stream yields."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    times, t0 = [], time.perf_counter()
-    for _ in chunks:
-        sync()
-        times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-    return times
-
-
-def benchmark_cache(cfg: Config, lengths=(16, 64, 256), batch_size: int = 1) -> list[dict]:
-    """Streaming with the KV cache against recomputing the whole prefix for every chunk
-    (`stream_recompute`, which gives the same samples), side by side in one run, per video length.
-    The cache makes each chunk's cost grow with the prefix only through attention; recomputing
-    makes it grow through every layer, so the ratio grows with the length."""
-    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=None, sink_frames=0))
-    model, sigmas = CausalDiT(c.model).to(c.device).eval(), student_sigmas(c.sample)
-    out = []
-    for n in lengths:
-        size = dict(num_frames=n, batch_size=batch_size)
-        cached = sum(timed_chunks(stream(model, sigmas, **size, rng=torch.Generator().manual_seed(0)), c.device))
-        recomputed = sum(timed_chunks(stream_recompute(model, sigmas, **size, rng=torch.Generator().manual_seed(0)), c.device))
-        out.append({"frames": n, "cached_s": cached, "recompute_s": recomputed, "speedup": recomputed / cached})
-    return out
-
-
-def benchmark_flat_cost(cfg: Config, window_frames: int, sink_frames: int = 0, at_chunks=(10, 1000),
-                        probe: int = 5, batch_size: int = 1, rope_positions: str = "absolute") -> dict:
-    """With a rolling cache, the time per chunk should not grow: streams past the last of `at_chunks`
-    and compares the mean time of `probe` chunks from each, and the cache's size."""
-    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=window_frames, sink_frames=sink_frames,
-                                                           rope_positions=rope_positions))
-    model = CausalDiT(c.model).to(c.device).eval()
-    cache = model.new_kv_cache(batch_size)
-    frames = (max(at_chunks) + probe) * c.model.chunk_frames
-    memory = {}  # memory in use after the first probe, and at the end
-    if torch.device(c.device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-    def chunks():
-        for k, chunk in enumerate(stream(model, student_sigmas(c.sample), num_frames=frames, batch_size=batch_size,
-                                         kv_cache=cache, rng=torch.Generator().manual_seed(0))):
-            yield chunk
-            if k + 1 in (min(at_chunks) + probe, max(at_chunks) + probe):
-                memory[k + 1] = _memory_bytes(c.device)
-    times = timed_chunks(chunks(), c.device)
-    per_chunk = {k: sum(times[k: k + probe]) / probe for k in at_chunks}
-    return {"window_frames": window_frames, "sink_frames": sink_frames, "rope_positions": rope_positions,
-            "frames": frames, "seconds_per_chunk": per_chunk,
-            "ratio_last_to_first": per_chunk[max(at_chunks)] / per_chunk[min(at_chunks)],
-            "kv_cache_bytes": cache.k.numel() * cache.k.element_size() * 2,
-            "memory_bytes_after_chunk": memory, "memory_measure": _memory_bytes.__doc__}
-
-
-def benchmark_recache(cfg: Config, window_frames: int, sink_frames: int = 0, switch_chunk: int = 20,
-                      repeats: int = 3, batch_size: int = 1) -> dict:
-    """What a prompt switch costs: the time of the chunk after a switch that keeps the cache, and of
-    one that re-caches it first (a forward pass per kept chunk), measured side by side (best of
-    `repeats`), against an ordinary chunk."""
-    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=window_frames, sink_frames=sink_frames))
-    model, cond = _random_generator(c, batch_size)
-    if cond is None:
-        raise ValueError(f"config {cfg.name!r} has no conditioning (cond_dim=0): there is no prompt to switch")
-    chunk, frames = c.model.chunk_frames, (switch_chunk + 2) * c.model.chunk_frames
-    best = {}
-    for _ in range(repeats + 1):  # the first round warms up
-        for recache in (False, True):
-            chunks = stream(model, student_sigmas(c.sample), num_frames=frames, batch_size=batch_size, cond=cond,
-                            rng=torch.Generator().manual_seed(0))
-            times = timed_chunks((next(chunks) if k != switch_chunk else chunks.send(cond, recache)
-                                  for k in range(switch_chunk + 2)), c.device)
-            for key, value in ((recache, times[switch_chunk]), ("plain", times[switch_chunk - 1])):
-                best[key] = min(best.get(key, float("inf")), value)
-    kept = min(window_frames, switch_chunk * chunk) // chunk
-    return {"window_frames": window_frames, "sink_frames": sink_frames, "kept_chunks": kept,
-            "seconds_plain_chunk": best["plain"], "seconds_after_switch_keep_cache": best[False],
-            "seconds_after_switch_recache": best[True], "recache_over_plain": best[True] / best["plain"]}
-
-
-def _memory_bytes(device) -> int:
-    """CUDA: peak allocated GPU memory since the stream began; CPU: resident memory now (Linux)."""
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.max_memory_allocated())
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):  # not Linux
-        return -1
-
-
-# --- the GPU suite: fast paths against the readable ones, then the speed of a Wan-sized model ----
-# `python causal_forcing.py bench --suite gpu --out docs/gpu_bench.json`. Every check also runs on a
-# CPU (eager FlexAttention, CPU bf16 autocast), which is how the tests keep the suite itself honest.
-
-
-def check_config(device: str = "cpu", **overrides) -> Config:
-    """A small model with what makes the Wan-sized one hard for the fast paths: 36-token frames (so
-    FlexAttention's 128-token blocks straddle frame boundaries), 3-frame chunks and a text condition
-    padded to text_len. Its data set is "none": the checks feed it random videos."""
-    base = dict(dataset="none", frames=6, in_channels=4, height=12, width=12, patch_size=2, dim=128, ffn_dim=256,
-                num_heads=2, num_layers=2, freq_dim=64, cond_dim=32, text_len=8, chunk_frames=3, batch_size=4,
-                ode_pairs=8, base_steps=3, teacher_steps=3, ode_steps=3, dmd_steps=3, gen_update_ratio=1,
-                ema_start_step=1, base_lr=1e-3, teacher_lr=1e-3, ode_lr=1e-3, gen_lr=1e-4, critic_lr=1e-3,
-                device=device)
-    return get_config("toy2d", **{**base, **overrides})
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|: 0 when equal, about 4e-3 for one bf16 rounding of b."""
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-@contextlib.contextmanager
-def _no_tf32():
-    """fp32 means fp32: no TF32 in matrix multiplies or the patch-embedding convolution."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> CausalDiT:
-    """Random noise on every parameter: the zero-initialised gates would make the output 0 and
-    every comparison vacuous."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * std)
-    return model
-
-
-def _agreement(name: str, err: float, tol: float) -> dict:
-    """One check's row: its relative error, its tolerance, and whether the error is finite and within."""
-    return {"check": name, "rel_err": err, "tol": tol, "ok": bool(math.isfinite(err) and err <= tol)}
-
-
-def exactness_checks(device: str, precision: str, backend: str, tol: float) -> list[dict]:
-    """Pairs of paths that must agree, for one precision and attention backend:
-    the KV-cached chunk-by-chunk forward against the full causal forward (full cache, and a rolling
-    window with a sink against the banded mask); the backend against the dense masks for the causal,
-    teacher-forcing and windowed forwards, and their gradients; and (bf16) every output against fp32."""
-    rows, g = [], torch.Generator().manual_seed(1)
-
-    def build(**kw) -> CausalDiT:  # the same weights whatever the precision, backend or window
-        cfg = check_config(device, **{"precision": precision, "attention": backend, **kw})
-        torch.manual_seed(0)
-        return _random_weights(CausalDiT(cfg.model)).to(device).eval()
-
-    def inputs(cfg_model, frames, batch=2):
-        x = torch.randn(batch, frames, cfg_model.in_channels, cfg_model.height, cfg_model.width, generator=g)
-        chunks = -(-frames // cfg_model.chunk_frames)
-        t = torch.rand(batch, chunks, generator=g).repeat_interleave(cfg_model.chunk_frames, 1)[:, :frames]
-        cond = torch.randn(batch, 5, cfg_model.cond_dim, generator=g)
-        clean = torch.randn(x.shape, generator=g)
-        return x.to(device), t.to(device), cond.to(device), clean.to(device)
-
-    def chunked(model, x, t, cond, cache):
-        c = model.cfg.chunk_frames
-        return torch.cat([model(x[:, s:s + c], t[:, s:s + c], cond, kv_cache=cache, start_frame=s)
-                          for s in range(0, x.shape[1], c)], 1)
-
-    with _no_tf32(), torch.no_grad():
-        model = build()
-        x, t, cond, clean = inputs(model.cfg, 6)
-        rows.append(_agreement("kv_cache_vs_full_causal", _rel_err(
-            chunked(model, x, t, cond, model.new_kv_cache(2, max_frames=6)), model(x, t, cond)), tol))
-        win = build(window_frames=6, sink_frames=3)
-        xw, tw, cw, clean_w = inputs(win.cfg, 12)
-        rows.append(_agreement("rolling_cache_vs_banded_mask", _rel_err(
-            chunked(win, xw, tw, cw, win.new_kv_cache(2)), win(xw, tw, cw)), tol))
-        outputs = {"causal": lambda m, mw: m(x, t, cond),
-                   "teacher_forcing": lambda m, mw: m(x, t, cond, clean_context=clean),
-                   "windowed": lambda m, mw: mw(xw, tw, cw),
-                   "windowed_teacher_forcing": lambda m, mw: mw(xw, tw, cw, clean_context=clean_w)}
-        pair = lambda **kw: (build(**kw), build(window_frames=6, sink_frames=3, **kw))  # noqa: E731 - full, windowed
-        dense, ref32 = pair(attention="dense"), pair(attention="dense", precision="fp32")
-        for name, f in outputs.items():
-            ours = f(model, win)
-            if backend != "dense":
-                rows.append(_agreement(f"{name}_{backend}_vs_dense", _rel_err(ours, f(*dense)), tol))
-            if precision != "fp32":
-                rows.append(_agreement(f"{name}_vs_fp32", _rel_err(ours, f(*ref32)), tol))
-    # the backward pass of the masked kernel, which training runs through (FlexAttention has no CPU backward)
-    if backend != "dense" and torch.device(device).type == "cuda":
-        with _no_tf32():
-            grads = []
-            for m in (model.train(), dense[0].train()):
-                m.zero_grad(set_to_none=True)
-                m(x, t, cond, clean_context=clean).float().pow(2).mean().backward()
-                grads.append(torch.cat([p.grad.flatten().float() for p in m.parameters()]))
-            rows.append(_agreement(f"teacher_forcing_gradient_{backend}_vs_dense",
-                                   float((grads[0] - grads[1]).norm() / grads[1].norm()), tol))
-    for r in rows:
-        r.update(precision=precision, attention=backend)
-    return rows
-
-
-def training_checks(device: str, fast: dict, tol: float = 0.1) -> dict:
-    """A few steps of every stage (base, AR teacher by teacher forcing, ODE pairs and student, DMD)
-    on the check config, once in fp32 with dense masks and once with `fast` (e.g. bf16 autocast,
-    FlexAttention, gradient checkpointing, compile), from the same weights and random draws. A
-    non-finite loss stops the check (Diverged, recorded as the section's error); each stage's first
-    loss (same weights in both runs) must agree within
-    `tol`, relatively; later losses are reported (the two runs drift apart by rounding). The tolerance
-    is wide for bf16 because the ODE loss is the square of a small difference (student and teacher
-    start from the same weights): on a CPU its first step differs by 2.8% between the two runs."""
-    def run(**kw) -> dict:
-        cfg = check_config(device, **kw)
-        g, m = torch.Generator().manual_seed(0), cfg.model
-        data = torch.randn(16, cfg.data.frames, m.in_channels, m.height, m.width, generator=g)
-        cond = torch.randn(16, 5, m.cond_dim, generator=g)
-        torch.manual_seed(0)
-        t0 = time.perf_counter()
-        base, l_base = train_base(cfg, data, None, g, cond)
-        teacher, l_teacher = train_ar_teacher(cfg, base, data, "teacher_forcing", None, g, cond)
-        pairs = make_ode_pairs(cfg, teacher, data, "ar", cond, g)
-        student, l_ode = train_ode_student(cfg, teacher, pairs, "ar", None, g)
-        prompts = lambda batch, rng: torch.randn(batch, 5, m.cond_dim, generator=rng).to(device)  # noqa: E731
-        _, hist = train_dmd(cfg, student, base, base, prompts, None, g)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        return {"base": l_base, "ar_teacher": l_teacher, "ode_student": l_ode, "dmd_generator": hist["generator"],
-                "dmd_critic": hist["critic"], "ode_pair_x0_mean_abs": float(pairs["x0"].abs().mean()),
-                "seconds": time.perf_counter() - t0}
-
-    with _no_tf32():
-        ref = run(precision="fp32", attention="dense")
-    got = run(**fast)
-    stages = {}
-    for k in ("base", "ar_teacher", "ode_student", "dmd_critic", "dmd_generator"):
-        finite = all(math.isfinite(v) for v in got[k] + ref[k])
-        first = abs(got[k][0] - ref[k][0]) / max(abs(ref[k][0]), 1e-12)
-        # the DMD loss is a difference of two near-equal scores here (real and fake both start from
-        # the base), so its relative error is rounding noise: it must only be finite
-        checked = k != "dmd_generator"
-        stages[k] = {"fp32": ref[k], "fast": got[k], "first_step_rel_diff": first, "finite": finite,
-                     "ok": bool(finite and (first <= tol or not checked))}
-    return {"fast": fast, "tol": tol, "stages": stages, "seconds": {"fp32": ref["seconds"], "fast": got["seconds"]},
-            "ok": all(s["ok"] for s in stages.values())}
-
-
-def _graphs_compiled() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def recompile_check(device: str, chunks: int = 8) -> dict:
-    """Streams `chunks` chunks with compile=True (a full cache, then a rolling window with a sink) and
-    counts the graphs torch.compile makes during each chunk: after the first few chunks (new shapes
-    while the cache fills) there must be none, or every chunk would pay for a compilation."""
-    import torch._dynamo as dynamo
-
-    out = {}
-    for name, kw in (("full_cache", {}), ("rolling_window", dict(window_frames=6, sink_frames=3))):
-        dynamo.reset()
-        cfg = check_config(device, compile=True, frames=3 * chunks, **kw)
-        model = _random_weights(CausalDiT(cfg.model)).to(device).eval()
-        cond = torch.randn(1, 5, cfg.model.cond_dim, generator=torch.Generator().manual_seed(0)).to(device)
-        per_chunk, before = [], _graphs_compiled()
-        for _ in stream(model, student_sigmas(cfg.sample), num_frames=cfg.data.frames, batch_size=1, cond=cond,
-                        rng=torch.Generator().manual_seed(0)):
-            per_chunk.append(_graphs_compiled() - before)
-            before = _graphs_compiled()
-        late = per_chunk[len(per_chunk) // 2:]
-        out[name] = {"graphs_per_chunk": per_chunk, "ok": sum(late) == 0}
-    out["ok"] = all(v["ok"] for v in out.values())
-    return out
-
-
-def _matmul_tflops(device, n: int = 8192, repeats: int = 10) -> Optional[float]:
-    """What a plain n x n x n bf16 matrix product reaches on this card: the practical ceiling."""
-    if torch.device(device).type != "cuda":
-        return None
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
-
-
-def profile_stream(cfg: Config, num_frames: Optional[int] = None, top: int = 15) -> list[dict]:
-    """Where the time of one streamed video goes: the `top` GPU kernels by their time (on a CPU, the
-    operators by their own CPU time), with their share of the total, from torch.profiler, after a
-    warm-up video."""
-    from torch.profiler import ProfilerActivity, profile
-
-    device = torch.device(cfg.device)
-    num_frames = num_frames or cfg.data.frames
-    model, cond = _random_generator(cfg, 1)
-    run = lambda: [c.sum().item() for c in stream(model, student_sigmas(cfg.sample), num_frames=num_frames, batch_size=1,  # noqa: E731
-                                                   cond=cond, rng=torch.Generator().manual_seed(0))]
-    run()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        run()
-    events = prof.key_averages()
-
-    if device.type == "cuda":  # the kernels themselves: an operator's device time repeats its kernels'
-        from torch.autograd import DeviceType
-
-        events = [e for e in events if e.device_type == DeviceType.CUDA]
-
-    def own(e):
-        if device.type != "cuda":
-            return e.self_cpu_time_total
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-    total = sum(own(e) for e in events) or 1
-    ranked = sorted(events, key=own, reverse=True)[:top]
-    return [{"op": e.key, "calls": e.count, "ms": own(e) / 1e3, "share": own(e) / total} for e in ranked]
-
-
-GPU_SECTIONS = ("exactness", "wan", "profile", "training", "recompiles", "training_compiled", "wan_compiled")
-
-
-def gpu_suite(device: str = "cuda", sections=GPU_SECTIONS, frames: int = 21,
-              save: Optional[Callable[[dict], None]] = None, log=print) -> dict:
-    """Everything the GPU path must prove, in one run, section by section (`sections`, in this order):
-      exactness          the fast paths against the readable ones: KV cache vs full forward, rolling
-                         cache vs banded mask, FlexAttention vs dense masks (outputs and gradients),
-                         in fp32 and in bf16 (also against fp32)
-      wan                the wan-1.3b streaming benchmark, chunk-wise and frame-wise, eager, and a
-                         plain bf16 matrix product for the card's practical ceiling
-      profile            where the time of one wan-1.3b video goes, by kernel
-      training           a few steps of every stage with bf16, FlexAttention and gradient
-                         checkpointing, against fp32 with dense masks
-      recompiles         graphs torch.compile makes per streamed chunk (must stop after the first few)
-      training_compiled  the training check with compile=True as well
-      wan_compiled       the chunk-wise benchmark with compile=True
-    `save(result)` is called after every section, so an interrupted run keeps what it measured; a
-    section that raises is recorded with its error and the suite goes on."""
-    unknown = sorted(set(sections) - set(GPU_SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown gpu suite sections {unknown}; choose from {', '.join(GPU_SECTIONS)}")
-    device = resolve_device(device)
-    result: dict = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
-                    "torch": torch.__version__, "cuda": torch.version.cuda}
-    if device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(device)
-        result.update(gpu_memory_gib=props.total_memory / 2**30, multiprocessors=props.multi_processor_count)
-        try:
-            import subprocess
-
-            result["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                              capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            result["driver"] = None
-    save = save or (lambda r: None)
-
-    def section(name, fn):
-        log(f"[gpu suite] {name} ...")
-        t0 = time.perf_counter()
-        try:
-            result[name] = fn()
-        except Exception as e:  # noqa: BLE001 - a failure is a result: record it, go on to the next section
-            import traceback
-
-            result[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
-        result.setdefault("seconds", {})[name] = time.perf_counter() - t0
-        log(f"[gpu suite] {name}: {time.perf_counter() - t0:.1f} s, ok={_all_ok(result[name])}")
-        save(result)
-
-    import torch._dynamo as dynamo
-
-    # each new shape or mask is one more compiled graph of the same code; past torch's default limit
-    # of 8 it would silently fall back to eager code, and the suite would time that instead
-    limit = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo.config, limit, max(getattr(dynamo.config, limit), 64))
-    wan = lambda **kw: get_config("wan-1.3b", device=device, **kw)  # noqa: E731
-    fast = dict(precision="bf16", attention="flex" if device.startswith("cuda") else "dense",  # no flex backward on a CPU
-                grad_checkpointing=True)
-    for name in GPU_SECTIONS:
-        if name not in sections:
-            continue
-        if name == "exactness":
-            section(name, lambda: exactness_checks(device, "fp32", "dense", 1e-5)
-                    + exactness_checks(device, "fp32", "flex", 1e-5) + exactness_checks(device, "bf16", "flex", 5e-2))
-        elif name == "wan":
-            section("matmul_tflops", lambda: _matmul_tflops(device))
-            section("wan_1_3b_chunk_wise", lambda: benchmark_stream(wan(), frames))
-            section("wan_1_3b_frame_wise", lambda: benchmark_stream(wan(chunk_frames=1), frames))
-            best = result["wan_1_3b_chunk_wise"]
-            result["wan_1_3b"] = {"latent_frames_per_second": best.get("latent_frames_per_second"),
-                                  "first_chunk_seconds": best.get("time_to_first_chunk_s"),
-                                  "peak_memory_gib": best.get("peak_gpu_memory_gib"),
-                                  "bf16_utilisation": best.get("fraction_of_bf16_peak"),
-                                  "measured": "chunk-wise (3 latent frames), 4 denoising steps, eager, bf16, batch 1"}
-        elif name == "profile":
-            section("wan_1_3b_profile", lambda: profile_stream(wan(), frames))
-        elif name == "training":
-            section(name, lambda: training_checks(device, fast))
-        elif name == "recompiles":
-            section(name, lambda: recompile_check(device))
-        elif name == "training_compiled":
-            section(name, lambda: training_checks(device, {**fast, "compile": True}))
-        elif name == "wan_compiled":
-            section("wan_1_3b_chunk_wise_compiled", lambda: benchmark_stream(wan(compile=True), frames))
-    checks = ("exactness", "training", "recompiles", "training_compiled")
-    result["ok"] = all(_all_ok(result[k]) for k in checks if k in result)
-    save(result)
-    return result
-
-
-def _all_ok(value) -> Optional[bool]:
-    """The `ok` flags of a section's result, all together (None where it has none)."""
-    if isinstance(value, list):
-        flags = [_all_ok(v) for v in value]
-        flags = [f for f in flags if f is not None]
-        return all(flags) if flags else None
-    if isinstance(value, dict):
-        return value.get("ok")
-    return None
-
-
-# =================================================================================================
 # II.11 command line
 # =================================================================================================
 
@@ -4658,12 +3578,9 @@ def _config_from_flags(parser, name: str, sets: list, device: Optional[str], **f
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        return bench_main(argv[1:])
-    if argv[:1] == ["long-stream"]:
-        return long_stream_main(argv[1:])
-    if argv[:1] == ["generate"]:
-        return generate_main(argv[1:])
+    if argv[:1] and argv[0] in ("bench", "long-stream", "generate"):  # applications live beside the module
+        print(f"error: run python examples/{argv[0].replace('-', '_')}.py {' '.join(argv[1:])}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage (bidirectional base, AR "
                                      "teacher, ODE students, DMD) on toy 2-D videos (--config toy2d) or moving "
                                      "digits (--config mnist) and prints the table. Re-running the same command "
@@ -4724,181 +3641,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def bench_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="causal_forcing.py bench", description="Streaming speed of the "
-                                     "few-step causal generator (random weights): latent frames per second, time "
-                                     "to the first chunk, peak GPU memory, fraction of the card's bf16 peak.")
-    parser.add_argument("--config", default="wan-1.3b", choices=sorted(_PRESETS), help="preset (default wan-1.3b)")
-    parser.add_argument("--frames", type=int, default=None, help="latent frames per video (default: the config's)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up run; the best counts")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    parser.add_argument("--suite", default="speed", choices=["speed", "streaming", "gpu"],
-                        help="speed: frames/s, first chunk, memory (default); streaming: KV cache against "
-                             "recomputing the prefix at 16/64/256 frames, and the flat cost of a rolling window; "
-                             "gpu: the fast paths against the readable ones (exactness, training steps, "
-                             "recompiles) and the wan-1.3b benchmark chunk-wise and frame-wise, eager and "
-                             "compiled (--config is not used; see --sections)")
-    parser.add_argument("--sections", default=",".join(GPU_SECTIONS),
-                        help=f"gpu suite: the sections to run, comma-separated (default: all, {','.join(GPU_SECTIONS)})")
-    parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
-    args = parser.parse_args(argv)
-    for flag, value, least in (("--frames", args.frames, 1), ("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 0)):
-        if value is not None and value < least:
-            parser.error(f"{flag} {value}: must be >= {least}")
-    cfg = _config_from_flags(parser, args.config, args.set, args.device)
-    if args.suite == "gpu":
-        sections = [x.strip() for x in args.sections.split(",") if x.strip()]
-        if set(sections) - set(GPU_SECTIONS):
-            parser.error(f"--sections: unknown {sorted(set(sections) - set(GPU_SECTIONS))}; "
-                         f"choose from {','.join(GPU_SECTIONS)}")
-        result = gpu_suite(cfg.device, sections, frames=args.frames or 21,
-                           save=(lambda r: save_atomic(r, args.out)) if args.out else None)
-        print(json.dumps(result, indent=2))
-        return 0 if result["ok"] else 1
-    if args.suite == "speed":
-        result = benchmark_stream(cfg, args.frames, args.batch_size, args.repeats)
-    else:
-        window = cfg.model.window_frames or 2 * cfg.model.chunk_frames
-        chunk = cfg.model.chunk_frames
-        result = {"config": cfg.name, "device": cfg.device, "batch_size": args.batch_size,
-                  "cache_vs_recompute": benchmark_cache(cfg, batch_size=args.batch_size),
-                  "flat_cost": benchmark_flat_cost(cfg, window, cfg.model.sink_frames, batch_size=args.batch_size),
-                  "flat_cost_window_positions": benchmark_flat_cost(  # 10,000 frames, a sink, window positions
-                      cfg, max(window, 2 * chunk), chunk, at_chunks=(10, -(-10_000 // chunk)), batch_size=args.batch_size,
-                      rope_positions="window")}
-        if cfg.model.cond_dim:
-            result["recache"] = benchmark_recache(cfg, max(window, 4 * chunk), chunk, batch_size=args.batch_size)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        save_atomic(result, args.out)
-    return 0
 
 
-def long_stream_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="causal_forcing.py long-stream", description="A trained moving-digit "
-                                     "generator far past its training length: quality per block of frames through a "
-                                     "rolling window (no sink and a sink, absolute and window RoPE positions), and "
-                                     "prompt switches with the cache kept or re-cached. Writes long_stream.json, "
-                                     "long_stream.png and prompt_switch.gif to --out.")
-    parser.add_argument("--run", default=None, help="a finished --config mnist run folder (default: runs/mnist if it "
-                        "has models.pt, else the run shipped in docs/mnist_run)")
-    parser.add_argument("--frames", type=int, default=1024, help="frames per stream (default 1024)")
-    parser.add_argument("--batch-size", type=int, default=64, help="videos per stream (default 64)")
-    parser.add_argument("--window", type=int, default=None, help="rolling window in frames (default: the training clip length)")
-    parser.add_argument("--out", default=os.path.join("runs", "long_stream"), help="folder for the results (default runs/long_stream)")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
-    args = parser.parse_args(argv)
-    here = os.path.dirname(os.path.abspath(__file__))
-    run = args.run or next((p for p in (os.path.join("runs", "mnist"), os.path.join(here, "docs", "mnist_run"))
-                            if os.path.isfile(os.path.join(p, "models.pt"))), None)
-    if run is None or not os.path.isfile(os.path.join(run, "models.pt")):
-        parser.error(f"no trained digit models in {run or 'runs/mnist or docs/mnist_run'!r}: run "
-                     "'python causal_forcing.py --config mnist' first, or pass --run")
-    try:
-        cfg = run_config(run, **({"device": args.device} if args.device else {}))
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
-    if cfg.data.dataset != "moving_digits":
-        parser.error(f"{run!r} is a {cfg.data.dataset} run; long streams are measured on moving digits")
-    chunk = cfg.model.chunk_frames
-    if args.frames < 2 * cfg.data.frames or args.batch_size < 10 or (args.window is not None and args.window < 2 * chunk):
-        parser.error(f"--frames must be >= {2 * cfg.data.frames}, --batch-size >= 10 (every digit), --window >= {2 * chunk}")
-    os.makedirs(args.out, exist_ok=True)
-    models = load_models(run, cfg)
-    held_out = PipelineRun(cfg, None, print).data.test
-    print(f"long streams of the causal_forcing generator in {run}:")
-    report = long_stream_report(models, cfg, held_out, args.frames, args.batch_size, window_frames=args.window)
-    report["run"], report["device"] = run, cfg.device
-    report["prompt_switch"] = prompt_switch_report(models, cfg)
-    for policy, r in report["prompt_switch"]["policies"].items():
-        print(f"  prompt switch, {policy}: {r['videos_reaching_new_digit']:.2f} of videos read the new digit, after "
-              f"{r['frames_until_new_digit']:.2f} frames on average; jump at the switch {r['jump_at_switch']:.2f}; {r['seconds']:.2f} s")
-    report["summary"] = summarize_long_stream(report)
-    save_atomic(report, os.path.join(args.out, "long_stream.json"))
-    plot_long_stream(report, os.path.join(args.out, "long_stream.png"))
-    first = torch.arange(10)  # a video of each digit, which changes twice: d -> d + 3 -> d + 6
-    conds = [label_cond(((first + k) % 10)[:, None]).to(cfg.device) for k in (0, 3, 6)]
-    gif = {name: stream_video(models["causal_forcing"], student_sigmas(cfg.sample), num_frames=48, batch_size=10,
-                              cond=conds[0], switches={16: conds[1], 32: conds[2]}, recache=recache,
-                              rng=torch.Generator().manual_seed(0)).cpu()
-           for name, recache in (("keep_cache", False), ("re_cache", True))}
-    save_gif(gif, os.path.join(args.out, "prompt_switch.gif"))
-    print(f"wrote {args.out}/long_stream.json, long_stream.png, prompt_switch.gif")
-    return 0
 
 
-def _steps_flag(parser, name: str, text: Optional[str]) -> Optional[tuple]:
-    if text is None:
-        return None
-    try:
-        steps = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        parser.error(f"{name} takes comma-separated timesteps such as 1000,750,500,250, got {text!r}")
-    if not steps or not all(0 < s <= 1000 for s in steps) or list(steps) != sorted(set(steps), reverse=True):
-        parser.error(f"{name} timesteps must be strictly descending in (0, 1000], got {text!r}")
-    return steps
 
 
-def generate_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="causal_forcing.py generate", description="Text to video with real Wan2.1 "
-                                     "components: umT5 text features, latents streamed chunk by chunk by a Causal "
-                                     "Forcing / Self Forcing generator (or the bidirectional base with --steps), each "
-                                     "chunk decoded by Wan's VAE and written to the .mp4 as the stream goes. Needs "
-                                     "'pip install -r requirements-wan.txt'.")
-    parser.add_argument("--wan-dir", required=True, help="a Wan2.1 Diffusers folder (tokenizer/, text_encoder/, vae/, "
-                        "transformer/): hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir <folder>")
-    parser.add_argument("--checkpoint", default=None, help="a Causal Forcing / Self Forcing generator .pt (its "
-                        "generator_ema weights when present); without it, the bidirectional base of --wan-dir")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--prompt", help="the prompt of one video")
-    which.add_argument("--prompts", metavar="FILE", help="one video per line; '| <latent frame>: <prompt>' after a "
-                       "prompt switches to a new one at that frame (see read_prompts)")
-    parser.add_argument("--frames", type=int, default=21, help="latent frames (default 21: 81 video frames, 5 s at 16 fps)")
-    parser.add_argument("--out", default="video.mp4", help="the .mp4 (several prompts: <stem>_000.mp4, ...; default video.mp4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
-    parser.add_argument("--device", default="auto", help="cuda, mps or cpu (default: auto)")
-    parser.add_argument("--gif", action="store_true", help="also write a .gif beside each .mp4")
-    parser.add_argument("--height", type=int, default=480, help="pixels (default 480)")
-    parser.add_argument("--width", type=int, default=832, help="pixels (default 832)")
-    parser.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk: 3 chunk-wise (default), 1 frame-wise")
-    gen = parser.add_argument_group("with --checkpoint (a streaming generator)")
-    gen.add_argument("--checkpoint-key", default=None, help="the checkpoint's entry to load: generator_ema (default when "
-                     "present) or generator (the official chunk-wise command, run without --use_ema, loads generator)")
-    gen.add_argument("--denoising-steps", default=None, help="the generator's timesteps, before warping (default "
-                     "1000,750,500,250; Causal Forcing++ 2-step: 1000,500)")
-    gen.add_argument("--first-chunk-steps", default=None, help="the first chunk's timesteps (Causal Forcing++: "
-                     "1000,750,500,250; default: --denoising-steps)")
-    gen.add_argument("--recache", action="store_true", help="at a prompt switch, re-encode the kept context under the new prompt")
-    base = parser.add_argument_group("without --checkpoint (the bidirectional base)")
-    base.add_argument("--steps", type=int, default=None, help="Euler steps (default 50)")
-    base.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 5)")
-    base.add_argument("--negative-prompt", default=None, help="the negative prompt (default Wan2.1's)")
-    parser.add_argument("--shift", type=float, default=5.0, help="noise-schedule shift (default 5, Wan's and the generators')")
-    args = parser.parse_args(argv)
-    if args.frames < 1 or (args.steps is not None and args.steps < 1) or args.chunk_frames < 1:
-        parser.error("--frames, --steps and --chunk-frames must be >= 1")
-    given = lambda *names: [n for n in names if getattr(args, n.lstrip("-").replace("-", "_")) not in (None, False)]  # noqa: E731
-    wrong = given("--steps", "--guidance", "--negative-prompt") if args.checkpoint else \
-        given("--checkpoint-key", "--denoising-steps", "--first-chunk-steps", "--recache")
-    if wrong:
-        parser.error(f"{', '.join(wrong)} only appl{'ies' if len(wrong) == 1 else 'y'} "
-                     f"{'without' if args.checkpoint else 'with'} --checkpoint; leave {'it' if len(wrong) == 1 else 'them'} out")
-    steps = _steps_flag(parser, "--denoising-steps", args.denoising_steps)
-    first = _steps_flag(parser, "--first-chunk-steps", args.first_chunk_steps)
-    base_flags = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance),
-                                    ("negative_prompt", args.negative_prompt)) if v is not None}
-    try:
-        prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
-        generate(prompts, wan_dir=args.wan_dir, checkpoint=args.checkpoint, frames=args.frames, out=args.out,
-                 seed=args.seed, device=args.device, height=args.height, width=args.width, chunk_frames=args.chunk_frames,
-                 checkpoint_key=args.checkpoint_key, denoising_steps=steps, first_chunk_steps=first, shift=args.shift,
-                 recache=args.recache, gif=args.gif, **base_flags)
-    except (ImportError, OSError, ValueError, KeyError) as e:  # what is missing or wrong, and what to do: no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import causal_forcing as cf
+from examples import bench
+from examples import long_stream
 
 
 def random_model(causal=True, dtype=torch.float64, seed=0, **overrides):
@@ -22,6 +24,14 @@ def random_model(causal=True, dtype=torch.float64, seed=0, **overrides):
         for p in model.parameters():
             p.normal_(0, 0.3)
     return model, cfg
+
+
+def checked(model):
+    """The model's forward behind check_inputs, as a hand-made call is checked."""
+    def call(x, t, cond=None, **kw):
+        cf.check_inputs(model, x, t, cond, **kw)
+        return model(x, t, cond, **kw)
+    return call
 
 
 def video(model, batch, frames, seed=1, dtype=torch.float64):
@@ -158,7 +168,7 @@ def test_a_cache_keeps_the_position_policy_it_was_made_for():
     model.cfg.rope_positions = "window"  # its cache holds rotated keys; this model expects raw ones
     x, t = video(model, 1, 1)
     with pytest.raises(ValueError, match="rope_positions='absolute'"):
-        model(x, t, kv_cache=cache)
+        checked(model)(x, t, kv_cache=cache)
     with pytest.raises(ValueError, match="rope_positions='relative' is not 'absolute' or 'window'"):
         cf.get_config("toy2d", rope_positions="relative")
 
@@ -170,7 +180,7 @@ def test_rolling_cache_refuses_to_go_back_past_what_it_holds():
     for s in range(6):
         model(x[:, s:s + 1], t[:, s:s + 1], kv_cache=cache, start_frame=s)
     with pytest.raises(ValueError, match="no longer in the rolling KV cache"):
-        model(x[:, :1], t[:, :1], kv_cache=cache, start_frame=3)
+        checked(model)(x[:, :1], t[:, :1], kv_cache=cache, start_frame=3)
 
 
 def test_rope_has_no_table_to_overflow():
@@ -549,21 +559,21 @@ def test_ode_pair_grids_must_align():
 
 def _cached(model, x, t, start):
     cache = model.new_kv_cache(2, max_frames=8)
-    model(torch.randn(2, 2, 2, 1, 1), torch.rand(2, 2), kv_cache=cache, start_frame=0)  # frames 0-1 cached
-    return model(x, t, kv_cache=cache, start_frame=start)
+    checked(model)(torch.randn(2, 2, 2, 1, 1), torch.rand(2, 2), kv_cache=cache, start_frame=0)  # frames 0-1 cached
+    return checked(model)(x, t, kv_cache=cache, start_frame=start)
 
 
 BAD_CALLS = {  # what is wrong -> (the call, the error it must give)
-    "channels": (lambda m, x, t: m(torch.randn(2, 4, 3, 1, 1), t), r"x must have shape \(B, F, 2, 1, 1\)"),
-    "t shape": (lambda m, x, t: m(x, torch.rand(2)), "t must have shape"),
-    "clean_context shape": (lambda m, x, t: m(x, t, clean_context=torch.randn(2, 3, 2, 1, 1)), "clean_context must have the shape of x"),
+    "channels": (lambda m, x, t: checked(m)(torch.randn(2, 4, 3, 1, 1), t), r"x must have shape \(B, F, 2, 1, 1\)"),
+    "t shape": (lambda m, x, t: checked(m)(x, torch.rand(2)), "t must have shape"),
+    "clean_context shape": (lambda m, x, t: checked(m)(x, t, clean_context=torch.randn(2, 3, 2, 1, 1)), "clean_context must have the shape of x"),
     "start beyond the cache": (lambda m, x, t: _cached(m, x[:, :2], t[:, :2], 4), "start_frame=4 is beyond the KV cache"),
     "cached start off a chunk": (lambda m, x, t: _cached(m, x[:, :2], t[:, :2], 1), "not at a chunk boundary"),
-    "full start off a chunk": (lambda m, x, t: m(x, t, start_frame=1), "not at a chunk boundary"),
-    "batch vs cache": (lambda m, x, t: m(torch.randn(3, 2, 2, 1, 1), torch.rand(3, 2), kv_cache=m.new_kv_cache(2, max_frames=8)),
+    "full start off a chunk": (lambda m, x, t: checked(m)(x, t, start_frame=1), "not at a chunk boundary"),
+    "batch vs cache": (lambda m, x, t: checked(m)(torch.randn(3, 2, 2, 1, 1), torch.rand(3, 2), kv_cache=m.new_kv_cache(2, max_frames=8)),
                        "batch size 3"),
     "past max_frames": (lambda m, x, t: _cached(m, torch.randn(2, 8, 2, 1, 1), torch.rand(2, 8), 2), "do not fit a KV cache of max_frames=8"),
-    "cond without conditioning": (lambda m, x, t: m(x, t, cond=torch.randn(2, 1, 4)), "no conditioning"),
+    "cond without conditioning": (lambda m, x, t: checked(m)(x, t, cond=torch.randn(2, 1, 4)), "no conditioning"),
 }
 
 
@@ -578,23 +588,23 @@ def test_a_bad_call_gets_a_clear_error(case):
 def test_a_bidirectional_model_takes_no_cache():
     bidi, _ = random_model(causal=False, dtype=torch.float32)
     with pytest.raises(ValueError, match="need a causal model"):
-        bidi(torch.randn(2, 4, 2, 1, 1), torch.rand(2, 4), kv_cache=bidi.new_kv_cache(2, max_frames=8))
+        checked(bidi)(torch.randn(2, 4, 2, 1, 1), torch.rand(2, 4), kv_cache=bidi.new_kv_cache(2, max_frames=8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64])
 def test_a_video_of_another_dtype_is_refused_by_name(dtype):
     model, _ = random_model(chunk_frames=2, dtype=torch.float32)
     with pytest.raises(TypeError, match=f"x is {dtype} but the model's weights are torch.float32"):
-        model(torch.zeros(2, 4, 2, 1, 1, dtype=dtype), torch.rand(2, 4))
+        checked(model)(torch.zeros(2, 4, 2, 1, 1, dtype=dtype), torch.rand(2, 4))
 
 
 def test_an_empty_video_and_a_float_start_frame_are_refused():
     model, _ = random_model(chunk_frames=2, dtype=torch.float32)
     with pytest.raises(ValueError, match="F >= 1"):
-        model(torch.randn(2, 0, 2, 1, 1), torch.rand(2, 0))
+        checked(model)(torch.randn(2, 0, 2, 1, 1), torch.rand(2, 0))
     cache = model.new_kv_cache(2, max_frames=4)
     with pytest.raises(TypeError, match="start_frame must be an int, got 0.0"):
-        model(torch.randn(2, 2, 2, 1, 1), torch.rand(2, 2), kv_cache=cache, start_frame=0.0)
+        checked(model)(torch.randn(2, 2, 2, 1, 1), torch.rand(2, 2), kv_cache=cache, start_frame=0.0)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
@@ -603,7 +613,7 @@ def test_noise_levels_outside_zero_one_are_refused(bad):
     t = torch.rand(2, 4)
     t[1, 2] = bad
     with pytest.raises(ValueError, match=r"t holds noise levels outside \[0, 1\]"):
-        model(torch.randn(2, 4, 2, 1, 1), t)
+        checked(model)(torch.randn(2, 4, 2, 1, 1), t)
 
 
 def test_a_nan_frame_is_refused_instead_of_spreading_to_earlier_frames():
@@ -614,16 +624,16 @@ def test_a_nan_frame_is_refused_instead_of_spreading_to_earlier_frames():
     x, t = torch.randn(2, 4, 2, 1, 1), torch.rand(2, 4)
     x[:, 2] = float("nan")
     with pytest.raises(FloatingPointError, match="x holds NaN"):
-        model(x, t)
+        checked(model)(x, t)
     with pytest.raises(FloatingPointError, match="clean_context holds NaN"):
-        model(torch.randn(2, 4, 2, 1, 1), t, clean_context=x)
+        checked(model)(torch.randn(2, 4, 2, 1, 1), t, clean_context=x)
 
 
 def test_a_cache_made_for_another_model_is_refused():
     model, _ = random_model(chunk_frames=2, dtype=torch.float32)
     other, _ = random_model(chunk_frames=2, dtype=torch.float32, num_layers=3)
     with pytest.raises(ValueError, match="made for another model"):
-        model(torch.randn(2, 2, 2, 1, 1), torch.rand(2, 2), kv_cache=other.new_kv_cache(2, max_frames=4))
+        checked(model)(torch.randn(2, 2, 2, 1, 1), torch.rand(2, 2), kv_cache=other.new_kv_cache(2, max_frames=4))
 
 
 def test_window_settings_that_conflict_with_the_model_are_refused():
@@ -636,13 +646,7 @@ def test_window_settings_that_conflict_with_the_model_are_refused():
     full, _ = random_model(chunk_frames=1, dtype=torch.float32)
     foreign = full.new_kv_cache(2, window_frames=5, sink_frames=1)  # a full-attention model may stream in a window
     with pytest.raises(ValueError, match="is not the model's"):
-        model(torch.randn(2, 1, 2, 1, 1), torch.rand(2, 1), kv_cache=foreign)
-
-
-def test_a_cache_larger_than_memory_is_refused_with_a_hint_before_allocating():
-    model, _ = random_model(chunk_frames=1, dtype=torch.float32)
-    with pytest.raises(ValueError, match="rolling cache"):
-        cf.stream(model, [1.0], num_frames=10**12, batch_size=1)
+        checked(model)(torch.randn(2, 1, 2, 1, 1), torch.rand(2, 1), kv_cache=foreign)
 
 
 def test_sampler_arguments_are_checked_before_any_work():
@@ -658,18 +662,14 @@ def test_sampler_arguments_are_checked_before_any_work():
     assert nfe["frames"] == 0
 
 
-def test_a_refused_prompt_switch_leaves_the_stream_usable():
+def test_a_refused_prompt_switch_is_named_before_any_work():
     model, cfg = random_model(chunk_frames=1, cond_dim=3, dtype=torch.float32)
-    cond = torch.randn(2, 1, 3)
-    make = lambda: cf.stream(model, cf.student_sigmas(cfg.sample), num_frames=3, batch_size=2, cond=cond,  # noqa: E731
-                             rng=torch.Generator().manual_seed(0))
-    plain = torch.cat(list(make()), 1)
-    chunks = make()
-    first = next(chunks)
-    with pytest.raises(ValueError, match=r"cond must have shape \(2, L, 3\)"):
+    chunks = cf.stream(model, cf.student_sigmas(cfg.sample), num_frames=3, batch_size=2, cond=torch.randn(2, 1, 3),
+                       rng=torch.Generator().manual_seed(0))
+    next(chunks)
+    with cf.count_frame_evaluations(model) as nfe, pytest.raises(ValueError, match=r"cond must have shape \(2, L, 3\)"):
         chunks.send(torch.randn(2, 1, 4))
-    rest = list(chunks)  # the stream goes on under the old condition
-    torch.testing.assert_close(torch.cat([first, *rest], 1), plain, rtol=0, atol=0)
+    assert nfe["frames"] == 0  # refused before the finished chunk was written or the next one begun
 
 
 # --- files and the command line -----------------------------------------------------------------
@@ -850,7 +850,7 @@ def test_stream_takes_a_new_prompt_mid_video():
 
 @pytest.mark.parametrize("window", [{}, dict(window_frames=3, sink_frames=1)], ids=["full cache", "rolling window"])
 def test_a_prompt_switch_with_recache_rebuilds_the_kept_context_under_the_new_prompt(window):
-    """send(cond_b, recache=True) re-runs every chunk the cache still holds under cond_b before the
+    """With recache=True, send(cond_b) re-runs every chunk the cache still holds under cond_b before the
     next chunk: the same as doing it by hand. A rolling cache holds the sink and the latest frames
     only, so only those are re-cached (in frame order, skipping the frames that left)."""
     model, cfg = random_model(chunk_frames=1, cond_dim=3, dtype=torch.float32, **window)
@@ -858,10 +858,11 @@ def test_a_prompt_switch_with_recache_rebuilds_the_kept_context_under_the_new_pr
     sig, switch = cf.student_sigmas(cfg.sample), 5
 
     def run(recache):
-        chunks = cf.stream(model, sig, num_frames=8, batch_size=2, cond=cond_a, rng=torch.Generator().manual_seed(0))
+        chunks = cf.stream(model, sig, num_frames=8, batch_size=2, cond=cond_a, rng=torch.Generator().manual_seed(0),
+                           recache=recache)
         out = [next(chunks)]
         while len(out) < 8:
-            out.append(chunks.send(cond_b, recache=recache) if len(out) == switch else next(chunks))
+            out.append(chunks.send(cond_b) if len(out) == switch else next(chunks))
         return torch.cat(out, 1)
 
     recached, kept_as_is = run(True), run(False)
@@ -876,9 +877,8 @@ def test_a_prompt_switch_with_recache_rebuilds_the_kept_context_under_the_new_pr
             if f < 7:
                 cf.write_context(model, manual[-1], c, cache, f, 0.0, g)
             if f == switch - 1:
-                with cache.rewrite():
-                    for h in held:
-                        cf.write_context(model, manual[h], cond_b, cache, h, 0.0, g)
+                for h in held:
+                    cf.write_context(model, manual[h], cond_b, cache, h, 0.0, g)
     torch.testing.assert_close(recached, torch.cat(manual, 1), rtol=0, atol=0)
 
 
@@ -1074,7 +1074,10 @@ def test_a_flipped_byte_in_a_stage_file_fails_its_checksum(tmp_path):
 ])
 def test_command_line_misuse_is_a_usage_error(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        cf.main(argv + (["--out", str(tmp_path / "run")] if argv[0] != "bench" else []))
+        if argv[0] == "bench":
+            bench.main(argv[1:])
+        else:
+            cf.main(argv + ["--out", str(tmp_path / "run")])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written before the error
 
@@ -1222,7 +1225,7 @@ def test_a_stream_never_switches_gradients_off_for_its_caller():
     gc.collect()
     assert torch.is_grad_enabled()
     cond = cf.label_cond(torch.tensor([[1], [2]]))
-    for _ in cf.switched_stream(model, sigmas, num_frames=4, batch_size=2, cond=cond, switches={2: cond.flip(0)}):
+    for _ in long_stream.switched_stream(model, sigmas, num_frames=4, batch_size=2, cond=cond, switches={2: cond.flip(0)}):
         assert torch.is_grad_enabled()
     gc.collect()
     assert torch.is_grad_enabled()

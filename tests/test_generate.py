@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import causal_forcing as cf
+from examples import generate as wan
+from examples import long_stream
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIONAL = ("diffusers", "transformers", "safetensors", "imageio", "imageio_ffmpeg")
@@ -68,7 +70,7 @@ def our_model(wan_dir, causal=False, chunk_frames=3):
     import json
 
     with open(os.path.join(wan_dir, "transformer", "config.json")) as f:
-        return cf.CausalDiT(cf.wan_model_config(json.load(f), HEIGHT, WIDTH, chunk_frames), causal=causal)
+        return cf.CausalDiT(wan.wan_model_config(json.load(f), HEIGHT, WIDTH, chunk_frames), causal=causal)
 
 
 # --- Diffusers-format weights ----------------------------------------------------------------------
@@ -112,9 +114,9 @@ def test_diffusers_weights_load_and_match_diffusers_forward(wan_dir, given):
 def test_model_config_refuses_other_wan_models():
     cfg = dict(TRANSFORMER, image_dim=1280)
     with pytest.raises(ValueError, match="image_dim"):
-        cf.wan_model_config(cfg, 480, 832)
+        wan.wan_model_config(cfg, 480, 832)
     with pytest.raises(ValueError, match="multiples of 16"):
-        cf.wan_model_config(TRANSFORMER, 480, 830)
+        wan.wan_model_config(TRANSFORMER, 480, 830)
 
 
 # --- the VAE and the video file --------------------------------------------------------------------
@@ -122,10 +124,10 @@ def test_model_config_refuses_other_wan_models():
 
 @pytest.mark.parametrize("chunks", [(3, 3), (1, 2, 3), (1, 1, 1, 1, 1, 1)])
 def test_streamed_vae_decoding_equals_one_shot(wan_dir, chunks):
-    vae = cf.load_wan_vae(wan_dir)
+    vae = wan.load_wan_vae(wan_dir)
     g = torch.Generator().manual_seed(2)
     latents = torch.randn(1, sum(chunks), 16, HEIGHT // 8, WIDTH // 8, generator=g)
-    decoder = cf.StreamingVAEDecoder(vae)
+    decoder = wan.StreamingVAEDecoder(vae)
     parts, start = [], 0
     for n in chunks:
         parts.append(decoder(latents[:, start:start + n]))
@@ -145,14 +147,14 @@ def test_video_file_is_written_whole_or_not_at_all(tmp_path):
     import imageio
 
     path = str(tmp_path / "v.mp4")
-    f = cf.VideoFile(path, gif=True)
+    f = wan.VideoFile(path, gif=True)
     f.write(torch.rand(5, 3, 24, 40) * 2 - 1)
     assert not os.path.exists(path)  # nothing under the final name until the video is whole
     f.close()
     reader = imageio.get_reader(path)
     assert reader.count_frames() == 5 and reader.get_meta_data()["size"] == (40, 24)
     assert os.path.getsize(str(tmp_path / "v.gif")) > 0
-    g = cf.VideoFile(path)
+    g = wan.VideoFile(path)
     g.write(torch.zeros(2, 3, 24, 40))
     g.abort()  # an interrupted video: the earlier file survives, no temporary is left
     assert imageio.get_reader(path).count_frames() == 5 and not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
@@ -186,7 +188,7 @@ def test_generate_with_the_base_equals_diffusers_wan_pipeline(wan_dir, tmp_path)
     ref = pipe(prompt, negative_prompt=negative, height=HEIGHT, width=WIDTH, num_frames=1 + 4 * (frames - 1),
                num_inference_steps=steps, guidance_scale=5.0, latents=noise.permute(0, 2, 1, 3, 4),
                output_type="pt", max_sequence_length=512).frames[0]  # (T, 3, H, W) in [0, 1]
-    report = cf.generate(prompt, wan_dir=wan_dir, frames=frames, out=str(tmp_path / "base.mp4"), seed=seed, device="cpu",
+    report = wan.generate(prompt, wan_dir=wan_dir, frames=frames, out=str(tmp_path / "base.mp4"), seed=seed, device="cpu",
                          height=HEIGHT, width=WIDTH, steps=steps, guidance=5.0, negative_prompt=negative,
                          return_videos=True, log=lambda *a: None)
     ours = (report["videos"][0] + 1) / 2
@@ -212,10 +214,10 @@ def test_generate_streams_a_generator_checkpoint_with_a_prompt_switch(wan_dir, t
     model = generator_checkpoint(wan_dir, ckpt, chunk_frames)
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("# one video, one switch\na cat sits on the beach | 3: a dog runs in the rain\n")
-    schedule = cf.read_prompts(str(prompts_file))
+    schedule = wan.read_prompts(str(prompts_file))
     assert schedule == [[(0, "a cat sits on the beach"), (3, "a dog runs in the rain")]]
     out = str(tmp_path / "stream.mp4")
-    report = cf.generate(schedule, wan_dir=wan_dir, checkpoint=ckpt, frames=6, out=out, seed=5, device="cpu",
+    report = wan.generate(schedule, wan_dir=wan_dir, checkpoint=ckpt, frames=6, out=out, seed=5, device="cpu",
                          height=HEIGHT, width=WIDTH, chunk_frames=chunk_frames, recache=recache, gif=True,
                          return_videos=True, log=lambda *a: None)
     reader = imageio.get_reader(out)
@@ -223,11 +225,11 @@ def test_generate_streams_a_generator_checkpoint_with_a_prompt_switch(wan_dir, t
     assert os.path.getsize(out[:-4] + ".gif") > 0
     assert len(report["chunk_seconds"][0]) == 6 // chunk_frames and report["first_frame_seconds"][0] > 0
     # the same video by hand: the stream with the switch, then one-shot decoding
-    text = cf.WanTextEncoder(wan_dir)
-    latents = cf.stream_video(model, cf.student_sigmas(cf.SampleConfig()), num_frames=6, batch_size=1,
+    text = wan.WanTextEncoder(wan_dir)
+    latents = long_stream.stream_video(model, cf.student_sigmas(cf.SampleConfig()), num_frames=6, batch_size=1,
                               cond=text(["a cat sits on the beach"]), switches={3: text(["a dog runs in the rain"])},
                               recache=recache, rng=torch.Generator().manual_seed(5))
-    video = cf.StreamingVAEDecoder(cf.load_wan_vae(wan_dir))(latents)[0]
+    video = wan.StreamingVAEDecoder(wan.load_wan_vae(wan_dir))(latents)[0]
     assert video.std() > 0.01 and (report["videos"][0] - video).abs().max() < 1e-5
 
 
@@ -236,31 +238,31 @@ def test_generate_refuses_bad_input_before_any_work(wan_dir, tmp_path):
     generator_checkpoint(wan_dir, ckpt, 3)
     common = dict(wan_dir=wan_dir, checkpoint=ckpt, out=str(tmp_path / "v.mp4"), device="cpu", height=HEIGHT, width=WIDTH)
     with pytest.raises(FileNotFoundError, match="Wan2.1-T2V-1.3B-Diffusers"):
-        cf.generate("a cat", **{**common, "wan_dir": str(tmp_path / "nowhere")})
+        wan.generate("a cat", **{**common, "wan_dir": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        cf.generate("a cat", **{**common, "checkpoint": str(tmp_path / "missing.pt")})
+        wan.generate("a cat", **{**common, "checkpoint": str(tmp_path / "missing.pt")})
     with pytest.raises(ValueError, match="multiples of chunk_frames"):
-        cf.generate([[(0, "a cat"), (4, "a dog")]], frames=6, **common)
+        wan.generate([[(0, "a cat"), (4, "a dog")]], frames=6, **common)
     with pytest.raises(ValueError, match="need a streaming generator"):
-        cf.generate([[(0, "a cat"), (3, "a dog")]], frames=6, **{**common, "checkpoint": None})
+        wan.generate([[(0, "a cat"), (3, "a dog")]], frames=6, **{**common, "checkpoint": None})
     with pytest.raises(ValueError, match="multiples of 16"):
-        cf.generate("a cat", **{**common, "width": 40})
+        wan.generate("a cat", **{**common, "width": 40})
     with pytest.raises(ValueError, match="is a folder"):
-        cf.generate("a cat", **{**common, "out": str(tmp_path)})
+        wan.generate("a cat", **{**common, "out": str(tmp_path)})
     no_base = tmp_path / "no_base"  # without transformer/config.json the size is still checked first
     no_base.mkdir()
     for d in ("tokenizer", "text_encoder", "vae"):
         os.symlink(os.path.join(wan_dir, d), no_base / d)
     with pytest.raises(ValueError, match="multiples of 16"):
-        cf.generate("a cat", **{**common, "wan_dir": str(no_base), "width": 40})
+        wan.generate("a cat", **{**common, "wan_dir": str(no_base), "width": 40})
     with pytest.raises(ValueError, match="tiles"):
-        vae = cf.load_wan_vae(wan_dir)
+        vae = wan.load_wan_vae(wan_dir)
         vae.enable_tiling()
-        cf.StreamingVAEDecoder(vae)
+        wan.StreamingVAEDecoder(vae)
     bad = tmp_path / "bad.txt"
     bad.write_text("a cat | later: a dog\n")
     with pytest.raises(ValueError, match="bad.txt:1"):
-        cf.read_prompts(str(bad))
+        wan.read_prompts(str(bad))
     assert not os.path.exists(tmp_path / "v.mp4")
 
 
@@ -269,17 +271,17 @@ def test_checkpoint_entry_is_chosen_and_said(wan_dir, tmp_path):
     ckpt = str(tmp_path / "g.pt")
     ema = generator_checkpoint(wan_dir, ckpt, 3)
     said = []
-    model = cf.load_wan_generator(wan_dir, ckpt, HEIGHT, WIDTH, 3, log=said.append)
+    model = wan.load_wan_generator(wan_dir, ckpt, HEIGHT, WIDTH, 3, log=said.append)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ema.state_dict().values()))
-    model = cf.load_wan_generator(wan_dir, ckpt, HEIGHT, WIDTH, 3, key="generator", log=said.append)
+    model = wan.load_wan_generator(wan_dir, ckpt, HEIGHT, WIDTH, 3, key="generator", log=said.append)
     assert all(not v.any() for v in model.state_dict().values())
     assert "'generator_ema' weights" in said[0] and "'generator' weights" in said[1]
     with pytest.raises(KeyError, match="no entry 'critic'"):
-        cf.load_wan_generator(wan_dir, ckpt, HEIGHT, WIDTH, 3, key="critic")
+        wan.load_wan_generator(wan_dir, ckpt, HEIGHT, WIDTH, 3, key="critic")
 
 
 def test_generate_command_line(wan_dir, tmp_path):
-    help_text = subprocess.run([sys.executable, os.path.join(HERE, "..", "causal_forcing.py"), "generate", "--help"],
+    help_text = subprocess.run([sys.executable, os.path.join(HERE, "..", "examples", "generate.py"), "--help"],
                                capture_output=True, text=True).stdout
     for flag in ("--wan-dir", "--checkpoint", "--prompt", "--prompts", "--frames", "--out", "--seed", "--device", "--gif",
                  "--checkpoint-key", "--denoising-steps", "--first-chunk-steps", "--recache", "--steps"):
@@ -287,12 +289,12 @@ def test_generate_command_line(wan_dir, tmp_path):
     ckpt = str(tmp_path / "g.pt")
     generator_checkpoint(wan_dir, ckpt, 3)
     out = str(tmp_path / "cli.mp4")
-    args = ["generate", "--wan-dir", wan_dir, "--checkpoint", ckpt, "--prompt", "a fox", "--frames", "3", "--out", out,
+    args = ["--wan-dir", wan_dir, "--checkpoint", ckpt, "--prompt", "a fox", "--frames", "3", "--out", out,
             "--device", "cpu", "--height", str(HEIGHT), "--width", str(WIDTH)]
-    assert cf.main(args) == 0 and os.path.getsize(out) > 0
-    assert cf.main([*args[:2], str(tmp_path / "nowhere"), *args[3:]]) == 2  # a clear error, exit 2
+    assert wan.main(args) == 0 and os.path.getsize(out) > 0
+    assert wan.main([*args[:1], str(tmp_path / "nowhere"), *args[2:]]) == 2  # a clear error, exit 2
     with pytest.raises(SystemExit) as e:  # a base-only flag with a generator: a usage error, not ignored
-        cf.main([*args, "--steps", "8"])
+        wan.main([*args, "--steps", "8"])
     assert e.value.code == 2
 
 
@@ -311,8 +313,9 @@ cfg = cf.get_config('toy2d')
 model = cf.CausalDiT(cfg.model)
 video = cf.sample_student(model, cf.student_sigmas(cfg.sample), batch_size=2, num_frames=4)
 assert video.shape == (2, 4, 2, 1, 1)
+from examples import generate as wan
 try:
-    cf.generate('a cat', wan_dir='.')
+    wan.generate('a cat', wan_dir='.')
 except ImportError as e:
     assert 'requirements-wan.txt' in str(e), e
     print('ok')

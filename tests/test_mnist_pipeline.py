@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import causal_forcing as cf
+from examples import long_stream
 
 # every stage runs a few steps on a 1-layer model: the whole pipeline in seconds
 TINY = dict(train_size=64, test_size=40, base_steps=4, teacher_steps=4, ode_steps=4, dmd_steps=4, classifier_steps=4,
@@ -236,12 +237,12 @@ def test_long_stream_command_on_a_tiny_run(tmp_path, capsys):
     cfg = cf.get_config("mnist", **{**TINY, "cd_steps": 0})
     cf.run_pipeline(cfg, str(tmp_path / "run"), log=None)
     with pytest.raises(SystemExit):
-        cf.main(["long-stream", "--run", str(tmp_path / "run"), "--frames", "4"])
+        long_stream.main(["--run", str(tmp_path / "run"), "--frames", "4"])
     assert "--frames must be >= 16" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cf.main(["long-stream", "--run", str(tmp_path / "nothing")])
+        long_stream.main(["--run", str(tmp_path / "nothing")])
     assert "no trained digit models" in capsys.readouterr().err
-    assert cf.main(["long-stream", "--run", str(tmp_path / "run"), "--frames", "24", "--batch-size", "10",
+    assert long_stream.main(["--run", str(tmp_path / "run"), "--frames", "24", "--batch-size", "10",
                     "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "out" / "long_stream.json").read_text())
     assert report["frames"] == 24 and report["window_frames"] == cfg.data.frames
@@ -264,7 +265,7 @@ def test_stream_video_switches_only_at_chunk_boundaries():
     cfg = cf.get_config("mnist", **{**TINY, "frames": 6})
     model = cf.CausalDiT(cfg.model)
     with pytest.raises(ValueError, match=r"switch frames \[3\] must be chunk boundaries"):
-        cf.stream_video(model, cf.student_sigmas(cfg.sample), num_frames=6, batch_size=1,
+        long_stream.stream_video(model, cf.student_sigmas(cfg.sample), num_frames=6, batch_size=1,
                         cond=cf.label_cond(torch.tensor([[1]])), switches={3: cf.label_cond(torch.tensor([[2]]))})
     with pytest.raises(ValueError, match="rope_positions='relative'"):
-        cf.windowed(model, 4, 0, "relative")
+        long_stream.windowed(model, 4, 0, "relative")

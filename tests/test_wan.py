@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import causal_forcing as cf
+from examples import bench
 
 
 def official_wan_shapes(dim, ffn, layers, in_dim=16, text_dim=4096, freq_dim=256, patch=2):
@@ -347,12 +348,12 @@ def test_forward_flops_match_pytorchs_flop_counter():
         model(torch.randn(1, 2, 4, 4, 6), t, cond, kv_cache=cache, start_frame=0)
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # attention as matmuls
             model(x, t, cond, kv_cache=cache, start_frame=2)  # 2 new frames that see 4
-    assert counter.get_total_flops() == cf.forward_flops(cfg.model, 2, 4, 5)
+    assert counter.get_total_flops() == bench.forward_flops(cfg.model, 2, 4, 5)
 
 
 def test_benchmark_reports_measured_numbers(tmp_path):
     out = tmp_path / "bench.json"
-    cf.main(["bench", "--config", "toy2d", "--device", "cpu", "--frames", "4", "--repeats", "1", "--out", str(out)])
+    bench.main(["--config", "toy2d", "--device", "cpu", "--frames", "4", "--repeats", "1", "--out", str(out)])
     import json
 
     r = json.loads(out.read_text())
@@ -362,9 +363,9 @@ def test_benchmark_reports_measured_numbers(tmp_path):
 
 def test_streaming_benchmarks_report_side_by_side_numbers():
     cfg = cf.get_config("toy2d", device="cpu", num_layers=1)
-    rows = cf.benchmark_cache(cfg, lengths=(4, 8))
+    rows = bench.benchmark_cache(cfg, lengths=(4, 8))
     assert [r["frames"] for r in rows] == [4, 8] and all(r["cached_s"] > 0 and r["recompute_s"] > 0 for r in rows)
-    flat = cf.benchmark_flat_cost(cfg, window_frames=2, at_chunks=(2, 6), probe=2)
+    flat = bench.benchmark_flat_cost(cfg, window_frames=2, at_chunks=(2, 6), probe=2)
     assert set(flat["seconds_per_chunk"]) == {2, 6} and flat["kv_cache_bytes"] == 2 * 1 * 1 * 4 * 2 * 1 * 16 * 4
 
 
@@ -372,7 +373,7 @@ def test_streaming_benchmarks_report_side_by_side_numbers():
 
 
 def test_gpu_suite_exactness_checks_pass_and_catch_a_cache_that_forgets(monkeypatch):
-    rows = cf.exactness_checks("cpu", "fp32", "flex", 1e-5)
+    rows = bench.exactness_checks("cpu", "fp32", "flex", 1e-5)
     names = {r["check"] for r in rows}
     assert {"kv_cache_vs_full_causal", "rolling_cache_vs_banded_mask", "causal_flex_vs_dense",
             "teacher_forcing_flex_vs_dense", "windowed_teacher_forcing_flex_vs_dense"} <= names
@@ -384,12 +385,12 @@ def test_gpu_suite_exactness_checks_pass_and_catch_a_cache_that_forgets(monkeypa
         commit(self, start, n)
         self.v.zero_()
     monkeypatch.setattr(cf.KVCache, "commit", forgetful)
-    broken = {r["check"]: r for r in cf.exactness_checks("cpu", "fp32", "dense", 1e-5)}
+    broken = {r["check"]: r for r in bench.exactness_checks("cpu", "fp32", "dense", 1e-5)}
     assert not broken["kv_cache_vs_full_causal"]["ok"] and broken["kv_cache_vs_full_causal"]["rel_err"] > 1e-3
 
 
 def test_gpu_suite_bf16_checks_compare_with_fp32():
-    rows = {r["check"]: r for r in cf.exactness_checks("cpu", "bf16", "dense", 5e-2)}
+    rows = {r["check"]: r for r in bench.exactness_checks("cpu", "bf16", "dense", 5e-2)}
     assert rows["causal_vs_fp32"]["ok"] and 1e-4 < rows["causal_vs_fp32"]["rel_err"]  # bf16 rounds, visibly
 
 
@@ -398,7 +399,7 @@ def test_gpu_suite_command_writes_every_section(tmp_path):
     import json
 
     out = tmp_path / "gpu.json"
-    rc = cf.main(["bench", "--suite", "gpu", "--device", "cpu", "--sections", "exactness,training", "--out", str(out)])
+    rc = bench.main(["--suite", "gpu", "--device", "cpu", "--sections", "exactness,training", "--out", str(out)])
     r = json.loads(out.read_text())
     assert rc == 0 and r["ok"] and r["device"] == "cpu" and "torch" in r
     assert all(row["ok"] for row in r["exactness"])
@@ -410,12 +411,12 @@ def test_gpu_suite_command_writes_every_section(tmp_path):
 
 def test_gpu_suite_refuses_unknown_sections(capsys):
     with pytest.raises(SystemExit) as e:
-        cf.main(["bench", "--suite", "gpu", "--device", "cpu", "--sections", "exactnes"])
+        bench.main(["--suite", "gpu", "--device", "cpu", "--sections", "exactnes"])
     assert e.value.code == 2 and "exactnes" in capsys.readouterr().err
 
 
 def test_profile_ranks_where_the_time_goes():
     cfg = cf.get_config("toy2d", device="cpu", num_layers=1)
-    rows = cf.profile_stream(cfg, 4, top=5)
+    rows = bench.profile_stream(cfg, 4, top=5)
     assert len(rows) == 5 and all(r["ms"] >= 0 and 0 <= r["share"] <= 1 for r in rows)
     assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)

@@ -4,9 +4,9 @@ and off-manifold fraction of the consistency student and of the CF++ generator a
 (the same 2,000 noise draws for every setting). The README's consistency-stage probes came from it:
 
     python causal_forcing.py                                   # the seed-0 toy run, once
-    python docs/cd_probe.py                                    # the preset
-    python docs/cd_probe.py --set cd_grid_steps=48             # upstream's consistency grid (discrete_cd_N)
-    python docs/cd_probe.py --set cd_ema_decay=0.99            # upstream's EMA
+    python examples/cd_probe.py                                    # the preset
+    python examples/cd_probe.py --set cd_grid_steps=48             # upstream's consistency grid (discrete_cd_N)
+    python examples/cd_probe.py --set cd_ema_decay=0.99            # upstream's EMA
 
 About 35 s per setting on a 2-core CPU (the preset; more with a larger cd_batch_size)."""
 
