@@ -594,47 +594,29 @@ def expand_to_tokens(vis: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
     return vis.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
-class AttentionMask:
-    """A frame-level visibility (Fq, Fk), handed to the attention kernel in the form it takes:
-    a dense (Nq, Nk) boolean mask for scaled_dot_product_attention (readable; fine on a CPU and for
-    small clips), or a FlexAttention block mask built from the frame mask at the kernel's block
-    granularity, so that no N x N matrix is ever made (a Wan-sized teacher-forcing sequence has
-    65,520 tokens: a dense mask would be 4.3 GB)."""
-
-    _made: dict = {}  # the same few masks recur every step: build each once
-
-    def __init__(self, vis: torch.Tensor, tokens_per_frame: int, backend: str, device):
-        self.vis, self.S, self.backend, self.device = vis.to(device), tokens_per_frame, backend, device
-        self._dense = self._block = None
-
-    @classmethod
-    def get(cls, vis: torch.Tensor, tokens_per_frame: int, backend: str, device) -> "AttentionMask":
-        key = (tuple(vis.shape), vis.cpu().numpy().tobytes(), tokens_per_frame, backend, str(device))
-        if key not in cls._made:
-            if len(cls._made) >= 32:
-                cls._made.clear()
-            cls._made[key] = cls(vis, tokens_per_frame, backend, device)
-        return cls._made[key]
-
-    def dense(self) -> torch.Tensor:
-        if self._dense is None:
-            self._dense = expand_to_tokens(self.vis, self.S)
-        return self._dense
-
-    def block_mask(self, block: int = 128):
-        if self._block is None:
-            self._block = _flex_block_mask(self.vis, self.S, block)  # II.3
-        return self._block
+_MASKS: dict = {}  # the same few masks recur every step: each is built once
 
 
-def attend(q, k, v, mask: Optional[AttentionMask]) -> torch.Tensor:
-    """Softmax attention, q (B, h, Nq, d), k v (B, h, Nk, d) -> (B, h, Nq, d), under `mask`."""
+def token_mask(vis: torch.Tensor, tokens_per_frame: int, backend: str, device):
+    """A frame-level visibility (Fq, Fk) in the form the attention kernel takes: a dense (Nq, Nk) boolean
+    mask for scaled_dot_product_attention (readable; fine on a CPU and for small clips), or ("flex") a
+    FlexAttention block mask built at the kernel's block granularity (II.3), so that no N x N matrix is
+    ever made (a Wan-sized teacher-forcing sequence has 65,520 tokens: a dense mask would be 4.3 GB)."""
+    key = (tuple(vis.shape), vis.cpu().numpy().tobytes(), tokens_per_frame, backend, str(device))
+    if key not in _MASKS:
+        if len(_MASKS) >= 32:
+            _MASKS.clear()
+        build = _flex_block_mask if backend == "flex" else expand_to_tokens
+        _MASKS[key] = build(vis.to(device), tokens_per_frame)
+    return _MASKS[key]
+
+
+def attend(q, k, v, mask=None) -> torch.Tensor:
+    """Softmax attention, q (B, h, Nq, d), k v (B, h, Nk, d) -> (B, h, Nq, d), under `token_mask`'s mask."""
     q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast q, k leave the fp32 norm gains as fp32
-    if mask is None:
-        return F_.scaled_dot_product_attention(q, k, v)  # fused (flash) kernels where available
-    if mask.backend == "flex":  # long sequences on a GPU: block masks, never N x N (Part II)
-        return flex_attend(q, k, v, mask.block_mask())
-    return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
+    if mask is None or torch.is_tensor(mask):
+        return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # fused (flash) kernels where available
+    return flex_attend(q, k, v, mask)  # a FlexAttention block mask: long sequences on a GPU (II.3)
 
 
 # =================================================================================================
@@ -747,7 +729,7 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, angles, mask: Optional[AttentionMask] = None, cache: Optional[tuple] = None):
+    def forward(self, x, angles, mask=None, cache: Optional[tuple] = None):
         """x (B, N, D); angles (N, d/2); mask over (queries, keys), None = all visible;
         cache = (KVCache, layer, read_slots, write_slots, key_angles): cached frames' keys first,
         then the new. key_angles None: the cache holds rotated keys (absolute positions); else it
@@ -969,7 +951,7 @@ class CausalDiT(nn.Module):
             angles = self.rope(frames)
         angles = angles.to(x.device)
         # within a single chunk every key is visible: no mask, so the fused kernel runs
-        mask = None if vis is None or bool(vis.all()) else AttentionMask.get(vis, S, self.attention_backend(x.device), x.device)
+        mask = None if vis is None or bool(vis.all()) else token_mask(vis, S, self.attention_backend(x.device), x.device)
 
         with torch.autocast(x.device.type, enabled=False):  # as Wan: time embedding in the weights' dtype
             wdtype = self.time_embedding[0].weight.dtype
@@ -1242,22 +1224,30 @@ def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: i
 # =================================================================================================
 
 
-def ode_regression_loss(student: CausalDiT, cfg: Config, pairs: dict, idx, k, kind: str) -> torch.Tensor:
-    """Squared error between the student's x0 from x at the student's k-th sigma and the teacher's
-    endpoint, per frame summed over its coordinates: (B, F) (the caller averages). k is one step for the whole batch (an int) or
-    one per frame, (B, F) (`ode_step_index`). The AR variant sees clean ground-truth context
-    (teacher-forcing mask); the bidirectional variant sees the noisy earlier frames under the
-    block-causal mask, as in CausVid / Self Forcing."""
+def ode_regression_loss(student: CausalDiT, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, cond=None,
+                        clean_context=None) -> torch.Tensor:
+    """ODE regression (stage 2, upstream `ODERegression.generator_loss`): the squared error between the
+    student's x0 from x_t (B, F, C, H, W) at noise levels t (B, F) and the teacher's ODE endpoint
+    `target`, per frame, summed over a frame's coordinates (the units of the injectivity floor, I.9):
+    (B, F); the caller averages. With clean_context (the ground-truth clip) the student sees clean
+    earlier chunks through the teacher-forcing mask: the AR variant (Causal Forcing). Without it, it
+    sees the noisy earlier frames under the block-causal mask, as in CausVid / Self Forcing."""
+    x0 = x0_from_velocity(x_t, student(x_t, t, cond, clean_context=clean_context), t)
+    return (x0 - target).pow(2).sum(dim=(2, 3, 4))
+
+
+def ode_pair_batch(pairs: dict, idx, k, sigmas: list[float]) -> tuple:
+    """The inputs of `ode_regression_loss` for ODE pairs `idx` (make_ode_pairs), every frame at the
+    student step k: an int for the whole batch, or (B, F) (`ode_step_index`). Returns x_t, t, the
+    teacher's endpoints, the conditions (or None) and the ground-truth clips."""
     xt = pairs["xt"][idx]  # (B, K, F, C, H, W): the teacher's states at every student sigma
     B, K, F = xt.shape[:3]
     k = torch.full((B, F), int(k)) if not torch.is_tensor(k) or k.dim() == 0 else k
     k = k.to(xt.device)
     x = xt.gather(1, k[:, None, :, None, None, None].expand(B, 1, F, *xt.shape[3:]))[:, 0]  # (B, F, C, H, W)
-    t = torch.tensor(student_sigmas(cfg.sample), dtype=torch.float64)[k.cpu()].to(x.dtype).to(x.device)
-    kw = {"clean_context": pairs["clean"][idx]} if kind == "ar" else {}
+    t = torch.tensor(sigmas, dtype=torch.float64)[k.cpu()].to(x.dtype).to(x.device)
     cond = pairs["cond"][idx] if "cond" in pairs else None
-    x0 = x0_from_velocity(x, student(x, t, cond, **kw), t)
-    return (x0 - pairs["x0"][idx]).pow(2).sum(dim=(2, 3, 4))
+    return x, t, pairs["x0"][idx], cond, pairs["clean"][idx]
 
 
 def consistency_distillation_loss(student: CausalDiT, ema: CausalDiT, teacher: CausalDiT, x0: torch.Tensor,
@@ -1358,22 +1348,21 @@ def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_fram
     return tuple(None if v is None else _shard(v).to(cfg.device) for v in (x0, sigma, noise, c))
 
 
-def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None,
-               ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
+def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None, ckpt=None) -> tuple[CausalDiT, list]:
     """Stage 0: the bidirectional base model, flow matching with one timestep per clip. Upstream
     this is the pretrained Wan2.1 model; here we train it so the pipeline starts from data.
     cond (N, L, cond_dim), if given, holds each training video's condition (dropped at cond_dropout)."""
-    t = cfg.train
+    tr = cfg.train
     model = parallelize(CausalDiT(cfg.model, causal=False).to(cfg.device), cfg)
-    opt = _adamw(model.parameters(), t.base_lr, t, beta1=t.base_beta1, cosine_steps=t.base_steps)
-    batches = Batches(len(data), t.batch_size, rng)
+    opt = _adamw(model.parameters(), tr.base_lr, tr, beta1=tr.base_beta1, cosine_steps=tr.base_steps)
+    batches = Batches(len(data), tr.batch_size, rng)
 
     def step(i):
         x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, data.shape[1], rng)  # one sigma per clip
         loss = flow_matching_loss(model, x0, sigma, noise, c, weight=_fm_weight(sigma, cfg))
-        _step(opt, model, loss, t.grad_clip)
+        _step(opt, model, loss, tr.grad_clip)
         return {"flow_matching": loss}
-    history = train_loop("base", t.base_steps, step, ckpt, log, hint=f"lower base_lr (now {t.base_lr:g})",
+    history = train_loop("base", tr.base_steps, step, ckpt, log, hint=f"lower base_lr (now {tr.base_lr:g})",
                          model=model, opt=opt, rng=rng, batches=batches)
     return model, history.get("flow_matching", [])
 
@@ -1386,26 +1375,34 @@ def copy_model(model: CausalDiT, causal: Optional[bool] = None) -> CausalDiT:
     return new
 
 
+@torch.no_grad()
+def ema_update(ema_params, params, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param, in place: the EMA of DMD's generator (`_update_ema`)
+    and the EMA student that gives Causal Forcing++'s consistency target."""
+    for pe, p in zip(ema_params, params):
+        pe.lerp_(p, 1 - decay)
+
+
 def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None, log=print,
-                     rng=None, cond=None, ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
+                     rng=None, cond=None, ckpt=None) -> tuple[CausalDiT, list]:
     """Stage 1: the AR teacher, initialised from the bidirectional base, one timestep per chunk.
     teacher forcing (default): the model sees [clean video ; noisy video]; noisy chunk b attends
       to the clean chunks < b, exactly the context it will have at inference.
     diffusion forcing (ablation): every chunk is noisy at its own level and attends to the noisy
       earlier chunks; at inference the context is clean, a train/test mismatch (Prop. 3.4)."""
-    t, mode = cfg.train, mode or cfg.train.teacher_mode
+    tr, mode = cfg.train, mode or cfg.train.teacher_mode
     model = parallelize(copy_model(base, causal=True), cfg)
-    opt = _adamw(model.parameters(), t.teacher_lr, t, cosine_steps=t.teacher_steps)
-    batches = Batches(len(data), t.batch_size, rng)
+    opt = _adamw(model.parameters(), tr.teacher_lr, tr, cosine_steps=tr.teacher_steps)
+    batches = Batches(len(data), tr.batch_size, rng)
 
     def step(i):
         x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, cfg.model.chunk_frames, rng)
         kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
         loss = flow_matching_loss(model, x0, sigma, noise, c, weight=_fm_weight(sigma, cfg), **kw)
-        _step(opt, model, loss, t.grad_clip)
+        _step(opt, model, loss, tr.grad_clip)
         return {"flow_matching": loss}
-    history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", t.teacher_steps, step, ckpt, log,
-                         hint=f"lower teacher_lr (now {t.teacher_lr:g})", model=model, opt=opt, rng=rng, batches=batches)
+    history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", tr.teacher_steps, step, ckpt, log,
+                         hint=f"lower teacher_lr (now {tr.teacher_lr:g})", model=model, opt=opt, rng=rng, batches=batches)
     return model, history.get("flow_matching", [])
 
 
@@ -1462,43 +1459,44 @@ UPSTREAM_ODE_STEP_DRAW = {"bidirectional": "chunk", "ar": "sample"}  # Self Forc
 
 
 def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=print,
-                      rng=None, ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
+                      rng=None, ckpt=None) -> tuple[CausalDiT, list]:
     """Stage 2: few-step causal student by ODE regression, initialised from `init` (the AR teacher
     for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). Each frame
     regresses from one of the student's sigmas, drawn per `ode_step_draw` ("upstream": per chunk on
     bidirectional pairs as Self Forcing, per sample on AR pairs as Causal Forcing)."""
-    t = cfg.train
+    tr = cfg.train
     student = parallelize(copy_model(init, causal=True), cfg)
-    opt = _adamw(student.parameters(), t.ode_lr, t, cosine_steps=t.ode_steps)
+    opt = _adamw(student.parameters(), tr.ode_lr, tr, cosine_steps=tr.ode_steps)
     (n, K, F), chunk = pairs["xt"].shape[:3], cfg.model.chunk_frames
-    per = UPSTREAM_ODE_STEP_DRAW[kind] if t.ode_step_draw == "upstream" else t.ode_step_draw
+    per = UPSTREAM_ODE_STEP_DRAW[kind] if tr.ode_step_draw == "upstream" else tr.ode_step_draw
     per_coordinate = cfg.model.in_channels * cfg.model.height * cfg.model.width  # MSE per coordinate
+    sigmas = student_sigmas(cfg.sample)
 
     def step(i):
-        idx = torch.randint(n, (t.batch_size,), generator=rng)
-        k = ode_step_index(t.batch_size, F, chunk, K, per, rng)  # the whole batch's, then this rank's share
-        loss = ode_regression_loss(student, cfg, pairs, _shard(idx), _shard(k), kind).mean() / per_coordinate
-        _step(opt, student, loss, t.grad_clip)
+        idx = torch.randint(n, (tr.batch_size,), generator=rng)
+        k = ode_step_index(tr.batch_size, F, chunk, K, per, rng)  # the whole batch's, then this rank's share
+        x, sigma, target, cond, clean = ode_pair_batch(pairs, _shard(idx), _shard(k), sigmas)
+        loss = ode_regression_loss(student, x, sigma, target, cond, clean if kind == "ar" else None).mean() / per_coordinate
+        _step(opt, student, loss, tr.grad_clip)
         return {"ode_regression": loss}
-    history = train_loop(f"ode student from {kind}", t.ode_steps, step, ckpt, log,
-                         hint=f"lower ode_lr (now {t.ode_lr:g})", model=student, opt=opt, rng=rng)
+    history = train_loop(f"ode student from {kind}", tr.ode_steps, step, ckpt, log,
+                         hint=f"lower ode_lr (now {tr.ode_lr:g})", model=student, opt=opt, rng=rng)
     return student, history.get("ode_regression", [])
 
 
-def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=print, rng=None, cond=None,
-                      ckpt: Optional[StageCheckpoint] = None) -> tuple[CausalDiT, list]:
+def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=print, rng=None, cond=None, ckpt=None) -> tuple[CausalDiT, list]:
     """Stage 2, Causal Forcing++ (upstream model/naive_consistency.py): the student and an EMA copy
     start from the AR teacher, which stays frozen. Each step takes ground-truth clips (their
     conditions as they are, no dropout), one grid index n for the whole batch (`consistency_sigmas`)
     and fresh noise, makes a `consistency_distillation_loss` step, then moves the EMA towards the
     student (decay cd_ema_decay). No ODE pairs. Returns the student; the EMA only gives targets."""
-    t = cfg.train
+    tr = cfg.train
     student = parallelize(copy_model(teacher, causal=True).train(), cfg)
     ema = parallelize(copy_model(teacher, causal=True).eval().requires_grad_(False), cfg)
     frozen = teacher.eval()
     grid = consistency_sigmas(cfg.sample)
-    opt = _adamw(student.parameters(), t.cd_lr, t, cosine_steps=t.cd_steps)
-    batches = Batches(len(data), t.cd_batch_size or t.batch_size, rng)
+    opt = _adamw(student.parameters(), tr.cd_lr, tr, cosine_steps=tr.cd_steps)
+    batches = Batches(len(data), tr.cd_batch_size or tr.batch_size, rng)
 
     def step(i):
         idx = next(batches)
@@ -1506,15 +1504,13 @@ def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=p
         x0, noise = data[idx], torch.randn(data[idx].shape, generator=rng)
         c = None if cond is None else cond[idx]
         x0, noise, c = (None if v is None else _shard(v).to(cfg.device) for v in (x0, noise, c))
-        loss = consistency_distillation_loss(student, ema, frozen, x0, noise, grid[n], grid[n + 1], c, t.cd_guidance).mean()
-        _step(opt, student, loss, t.grad_clip)
+        loss = consistency_distillation_loss(student, ema, frozen, x0, noise, grid[n], grid[n + 1], c, tr.cd_guidance).mean()
+        _step(opt, student, loss, tr.grad_clip)
         _reshard(student)
         _reshard(ema)
-        with torch.no_grad():
-            for pe, ps in zip(ema.parameters(), student.parameters()):
-                pe.lerp_(ps, 1 - t.cd_ema_decay)
+        ema_update(ema.parameters(), student.parameters(), tr.cd_ema_decay)
         return {"consistency": loss}
-    history = train_loop("consistency distillation", t.cd_steps, step, ckpt, log, hint=f"lower cd_lr (now {t.cd_lr:g})",
+    history = train_loop("consistency distillation", tr.cd_steps, step, ckpt, log, hint=f"lower cd_lr (now {tr.cd_lr:g})",
                          model=student, ema=ema, opt=opt, rng=rng, batches=batches)
     return student.eval(), history.get("consistency", [])
 
@@ -1524,15 +1520,15 @@ def _dmd_sigma(cfg: Config, batch, rng, device):
     unshifted timestep t uniform in {0, ..., T - 1}, shifted (`shift_sigma`), then clamped to
     [dmd_min_sigma, dmd_max_sigma] = [0.02, 0.98]. At shift 5 the clamp moves 92 of the 1,000
     values down to 0.98 and 5 up to 0.02, so about 9% of the draws sit exactly at 0.98."""
-    t, T = cfg.train, cfg.sample.num_train_timesteps
+    tr, T = cfg.train, cfg.sample.num_train_timesteps
     raw = torch.randint(0, T, (batch, 1), generator=rng).double() / T
-    s = shift_sigma(raw, cfg.sample.shift).clamp(t.dmd_min_sigma, t.dmd_max_sigma).float()
+    s = shift_sigma(raw, cfg.sample.shift).clamp(tr.dmd_min_sigma, tr.dmd_max_sigma).float()
     return s.repeat(1, cfg.data.frames).to(device)
 
 
 def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_init: CausalDiT,
-              cond_sampler: Optional[Callable] = None, log=print, rng=None,
-              ckpt: Optional[StageCheckpoint] = None, steps: Optional[tuple] = None) -> tuple[CausalDiT, dict]:
+              cond_sampler: Optional[Callable] = None, log=print, rng=None, ckpt=None,
+              steps: Optional[tuple] = None) -> tuple[CausalDiT, dict]:
     """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (a
     bidirectional model, initialised from the base) with `critic_loss` on a fresh rollout; every
     `gen_update_ratio` steps the generator takes a `dmd_generator_loss` step on its own rollout,
@@ -1544,43 +1540,43 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     steps: the student's denoising steps in the rollouts (default denoising_steps; Causal Forcing++
     trains its 2-step student with pp_denoising_steps, every chunk at 2 steps, though it streams its
     first chunk with 4: `streaming_steps`)."""
-    t = cfg.train
+    tr = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
     real = real_score.eval()  # frozen: only ever called under no_grad
-    opt_g, opt_f = _adamw(gen.parameters(), t.gen_lr, t), _adamw(fake.parameters(), t.critic_lr, t)
-    sigmas, batch = student_sigmas(cfg.sample, steps), len(_shard(torch.empty(t.dmd_batch_size or t.batch_size)))  # this rank's
+    opt_g, opt_f = _adamw(gen.parameters(), tr.gen_lr, tr), _adamw(fake.parameters(), tr.critic_lr, tr)
+    sigmas, batch = student_sigmas(cfg.sample, steps), len(_shard(torch.empty(tr.dmd_batch_size or tr.batch_size)))  # this rank's
     state = {"ema": None, "gen_updates": 0, "snapshots": []}  # EMA: a copy of each (local shard of a) parameter
     rollout = lambda exit_step, cond, own, n=batch: self_rollout(  # noqa: E731
         gen, sigmas, batch_size=n, num_frames=cfg.data.frames, exit_step=exit_step, cond=cond,
         context_noise=cfg.sample.context_noise, rng=own)
     fixed = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - the snapshots' noise and conditions
     snapshot_cond = cond_sampler(4, fixed()) if cond_sampler else None
-    every = max(1, -(-t.dmd_steps // t.gen_update_ratio) // t.dmd_snapshots) if t.dmd_snapshots else None
+    every = max(1, -(-tr.dmd_steps // tr.gen_update_ratio) // tr.dmd_snapshots) if tr.dmd_snapshots else None
 
     def step(i):
         losses = {}
         own = _rank_rng(rng)  # the rollouts' noise differs between ranks; exit steps are shared
         cond = cond_sampler(batch, own) if cond_sampler else None  # this rank's prompts
-        if i % t.gen_update_ratio == 0:
+        if i % tr.gen_update_ratio == 0:
             if every and state["gen_updates"] % every == 0:
                 with torch.no_grad():
                     state["snapshots"].append((state["gen_updates"], rollout(None, snapshot_cond, fixed(), 4).cpu()))
             x = rollout(int(torch.randint(len(sigmas), (1,), generator=rng)), cond, own)
             sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
-            loss = dmd_generator_loss(x, real, fake, sigma, _randn(x.shape, own, x.device), cond, t.real_guidance)
-            losses["generator_grad_norm"] = _step(opt_g, gen, loss, t.grad_clip)
+            loss = dmd_generator_loss(x, real, fake, sigma, _randn(x.shape, own, x.device), cond, tr.real_guidance)
+            losses["generator_grad_norm"] = _step(opt_g, gen, loss, tr.grad_clip)
             _reshard(gen)
-            _update_ema(state, gen, t)
+            _update_ema(state, gen, tr)
             losses["generator"] = loss
         with torch.no_grad():  # the critic's samples: a fresh rollout with its own random exit step
             x = rollout(int(torch.randint(len(sigmas), (1,), generator=rng)), cond, own)
         sigma = _dmd_sigma(cfg, len(x), own, cfg.device)
         loss_f = critic_loss(fake, x, sigma, _randn(x.shape, own, x.device), cond)
-        _step(opt_f, fake, loss_f, t.grad_clip)
+        _step(opt_f, fake, loss_f, tr.grad_clip)
         return {"critic": loss_f, **losses}
-    history = train_loop("dmd critic", t.dmd_steps, step, ckpt, log, state,
-                         hint=f"lower gen_lr (now {t.gen_lr:g}) or critic_lr (now {t.critic_lr:g})",
+    history = train_loop("dmd critic", tr.dmd_steps, step, ckpt, log, state,
+                         hint=f"lower gen_lr (now {tr.gen_lr:g}) or critic_lr (now {tr.critic_lr:g})",
                          gen=gen, fake=fake, opt_g=opt_g, opt_f=opt_f, rng=rng)
     if state["ema"] is not None:  # hand back the EMA weights
         _reshard(gen)
@@ -1593,18 +1589,17 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     return gen.eval().requires_grad_(False), record
 
 
-def _update_ema(state: dict, model: nn.Module, t: TrainConfig) -> None:
+def _update_ema(state: dict, model: nn.Module, tr: TrainConfig) -> None:
     """After a generator update: count it; from ema_start_step on, keep an exponential moving average
     of the weights (decay ema_decay) in state["ema"] (restored from a checkpoint on the CPU)."""
     state["gen_updates"] += 1
     with torch.no_grad():
         if state["ema"] is None:
-            if state["gen_updates"] >= t.ema_start_step:
+            if state["gen_updates"] >= tr.ema_start_step:
                 state["ema"] = [p.detach().clone() for p in model.parameters()]
         else:
             state["ema"] = [e.to(p.device) for e, p in zip(state["ema"], model.parameters())]
-            for pe, pg in zip(state["ema"], model.parameters()):
-                pe.lerp_(pg, 1 - t.ema_decay)
+            ema_update(state["ema"], model.parameters(), tr.ema_decay)
 
 
 # =================================================================================================
@@ -3276,7 +3271,8 @@ class PipelineRun:
         units of the injectivity floor)."""
         with torch.no_grad():
             held = make_ode_pairs(self.cfg, teacher, self.data.test[:512], kind, rng=self.g)
-            self.extra[kind] = ode_regression_loss(student, self.cfg, held, slice(None), 0, kind).mean(0).tolist()
+            x, t, target, cond, clean = ode_pair_batch(held, slice(None), 0, student_sigmas(self.cfg.sample))
+            self.extra[kind] = ode_regression_loss(student, x, t, target, cond, clean if kind == "ar" else None).mean(0).tolist()
 
     def exact_flows(self) -> dict:
         """The exact teachers' flow maps through the teachers' Euler sampler (toy runs)."""

@@ -420,8 +420,10 @@ def test_ode_regression_with_a_step_per_frame_equals_each_frame_at_its_own_step(
     idx = torch.tensor([4, 0, 2])
     k = cf.ode_step_index(3, F, 1, K, "chunk", g)
     with torch.no_grad():
-        mixed = cf.ode_regression_loss(model, cfg, pairs, idx, k, "ar")
-        each = torch.stack([cf.ode_regression_loss(model, cfg, pairs, idx, j, "ar") for j in range(K)])  # (K, B, F)
+        sig = cf.student_sigmas(cfg.sample)
+        loss = lambda k: cf.ode_regression_loss(model, *cf.ode_pair_batch(pairs, idx, k, sig))  # noqa: E731 - AR: with the clean clip
+        mixed = loss(k)
+        each = torch.stack([loss(j) for j in range(K)])  # (K, B, F)
     torch.testing.assert_close(mixed, each.gather(0, k[None]).squeeze(0), rtol=1e-12, atol=1e-12)
 
 
