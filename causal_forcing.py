@@ -1,79 +1,40 @@
 """Causal Forcing in one file: autoregressive video diffusion distillation, done right.
 
 Paper: "Causal Forcing: Autoregressive Diffusion Distillation Done Right for High-Quality Real-Time
-Interactive Video Generation" (2026). It builds on CausVid, Self Forcing and DMD2.
+Interactive Video Generation" (2026), building on CausVid, Self Forcing and DMD2. The recipe distils a
+slow video diffusion model into a few-step *causal* generator that streams video chunk by chunk:
 
-The recipe distils a slow video diffusion model into a few-step *causal* generator that streams
-video chunk by chunk with a KV cache:
+    stage 0  bidirectional base model      flow matching, full attention
+    stage 1  AR teacher by teacher forcing  [clean ; noisy] sequence, block-causal mask
+    stage 2  causal ODE distillation        the few-step student regresses the AR teacher's ODE
+                                            endpoints, with clean ground-truth context
+             (Causal Forcing++: causal consistency distillation from the AR teacher instead)
+    stage 3  DMD with self-rollout          real score (frozen) against a fake score trained on
+                                            the generator's own samples
 
-    stage 0  bidirectional base model            flow matching, full attention
-    stage 1  AR teacher by teacher forcing        [clean ; noisy] sequence, block-causal mask
-    stage 2  causal ODE distillation              few-step student regresses the AR teacher's
-                                                  ODE endpoints (clean ground-truth context)
-    stage 3  DMD with self-rollout                real score (frozen) vs fake score (trained on
-                                                  the generator's own samples)
+Why stage 2 must distil an *AR* teacher (Sec. 3, frame-level injectivity): a bidirectional teacher's
+output for frame i also depends on the noise of future frames, which a causal student cannot see, so
+the MSE-optimal student is a conditional expectation, a blurred average of futures (Prop. 3.3). The AR
+teacher's flow map for frame i is a function of exactly what the student sees: a unique target.
 
-Causal Forcing++ replaces stage 2 by causal consistency distillation from the AR teacher (no ODE
-pairs: the student's x0 at a noise level is regressed onto an EMA copy's x0 one teacher Euler step
-lower, all with clean ground-truth context), then runs the same stage 3 and streams with 1-2 steps.
+The default run trains every stage on toy 2-D "videos" whose data is a Gaussian mixture, so the
+teachers also have exact closed forms (ground truth); "mnist" trains the same stages on moving digits
+conditioned on their label; "wan-1.3b" is Wan2.1-T2V-1.3B's DiT, whose checkpoints load into it.
 
-The point of the paper (Sec. 3, "frame-level injectivity"): stage 2 must distil an *AR* teacher.
-A bidirectional teacher's flow map sends frame i's noise to an output that also depends on the
-noise of future frames, which a causal student cannot see; the MSE-optimal student is then a
-conditional expectation (a blurred average of futures, Prop. 3.3). The AR teacher's flow map for
-frame i is a function of exactly what the student sees, so the regression target is unique.
-
-The default run trains every stage on toy 2-D "videos" (each frame a point in the plane) whose data
-distribution is a Gaussian mixture, so the teachers also have *exact* closed forms, used as ground
-truth. The "mnist" preset trains the same stages on pixels: moving digits conditioned on their
-label through the cross-attention path. The same network, with the "wan-1.3b" preset, is
-Wan2.1-T2V-1.3B's DiT: its parameter names and forward maths are Wan's, so official and
-Causal/Self Forcing checkpoints load into it.
-
-Run it:
-    python causal_forcing.py                  # whole pipeline on toy 2-D videos, prints the table
-    python causal_forcing.py --config mnist   # the same on class-labelled moving digits (about 30 min, CPU)
-    python causal_forcing.py long-stream      # a trained digit generator over 1,024 frames; prompt switches
-    python causal_forcing.py --help           # every flag
-    torchrun --nproc_per_node=2 causal_forcing.py     # the same, data parallel
-    python causal_forcing.py bench --config wan-1.3b  # streaming speed of a Wan-sized generator
-    python causal_forcing.py bench --suite gpu        # on a GPU: the fast paths checked, then timed
-    python causal_forcing.py generate --wan-dir DIR --checkpoint causal_forcing.pt --prompt "..."
-                                              # real Wan2.1 weights to an .mp4 (requirements-wan.txt)
+    python causal_forcing.py                  # every stage on toy 2-D videos, then the table
+    python causal_forcing.py --config mnist   # the same on moving digits (about 30 min on 2 CPU cores)
+    torchrun --nproc_per_node=2 causal_forcing.py   # data parallel
     python -m pytest                          # the tests
+Beside it, examples/: long_stream.py, bench.py, generate.py (real Wan2.1 text to video), cd_probe.py.
 
-How to read it. Part I is the method, top to bottom in the order the data flows (the stages run the
-one training loop of II.4, and use its data-parallel helpers):
-    I.1 config          dataclasses and named presets (values only)
-    I.2 data            toy 2-D videos (a Gaussian mixture) and their exact denoisers; label conditions
-    I.3 flow matching   shift, noising, x0/velocity, the flow-matching loss and its weight,
-                        timesteps, the grids (teacher, ODE pairs, consistency, student), the Euler
-                        ODE, and the exact teachers' flows and ODE pairs
-    I.4 masks           block-causal, teacher-forcing and rolling-window attention masks
-    I.5 network         CausalDiT (Wan2.1's DiT): RoPE, RMSNorm, the KV cache, attention, blocks
-    I.6 samplers        bidirectional teacher, AR teacher, the few-step streaming student (`stream`),
-                        and Self Forcing's training rollout
-    I.7 losses          ODE regression, consistency distillation, the DMD generator loss, the critic loss
-    I.8 stages          base, AR teacher, ODE pairs, ODE student, consistency student, DMD
-    I.9 injectivity     the frame-level floor of ODE regression, from the exact teachers
-Part II is engineering, none of which changes the method:
-    II.1 checks         config overrides by field name, validated; the network's inputs
-    II.2 checkpoints    Wan2.1 / Causal Forcing / Self Forcing files
-    II.3 fast attention FlexAttention block masks on a GPU
-    II.4 training loop  the one loop every stage runs: data parallel, resumable checkpoints,
-                        progress, and a stop at the first non-finite loss or gradient
-    II.5 data loaders   moving digits, MNIST files, bundled sprites
-    II.6 metrics        toy metrics; a digit classifier and the moving-digit metrics (FD,
-                        sharpness, dynamic degree, instruction following, temporal consistency)
-    II.7 pipeline       every stage (resumable from saved stages), the table, results.json, figures
-    II.8 long streams   a generator far past its training length, and prompt switches
-    II.9 real Wan       Diffusers-format weights, the umT5 text encoder and the VAE, .mp4 files:
-                        `generate` streams text to video with real Wan2.1 components
-    II.10 benchmark     streaming speed, FLOPs, the GPU suite
-    II.11 command line
+Part I is the method, in the order the data flows: I.1 config, I.2 toy data and its exact teachers,
+I.3 flow matching, I.4 attention masks, I.5 the network and its KV cache, I.6 samplers, I.7 losses,
+I.8 training stages, I.9 the injectivity floor. Part II is engineering that does not change the
+method: II.1 checks, II.2 Wan checkpoints, II.3 fast attention, II.4 the training loop, II.5 data
+loaders, II.6 metrics, II.7 the pipeline, II.11 the command line.
 
 Shapes: B batch, F frames, C channels, H W height width, S tokens per frame, N tokens, D width,
-h heads, d head dim. Videos are (B, F, C, H, W); timesteps are sigmas (B, F) in [0, 1], 1 = noise.
+h heads, d head dim. Videos are (B, F, C, H, W); noise levels t are sigmas (B, F) in [0, 1], 1 = noise.
 """
 
 from __future__ import annotations
@@ -153,11 +114,11 @@ class ModelConfig:
     chunk_frames: int = 1  # causal block size: 1 = frame-wise, 3 = chunk-wise (Wan latents)
     window_frames: Optional[int] = None  # rolling attention window in frames (None = full)
     sink_frames: int = 0  # first frames always attended inside a rolling window
-    # the frame positions RoPE sees when streaming through a rolling cache: "absolute" (frame index,
-    # the official code's) or "window" (the live window, sink included, re-indexed to [0, W) at
-    # every chunk, keys cached before rotation: a long stream never meets distances unseen in training)
+    # RoPE's frame positions in a rolling cache: "absolute" (frame index, the official code's) or
+    # "window" (the live window, sink included, re-indexed to [0, W) at every chunk, keys cached before
+    # rotation: a long stream never meets distances unseen in training)
     rope_positions: str = "absolute"  # one of ROPE_POSITIONS
-    # speed (off the teaching path; none changes the method, bf16 only the rounding)
+    # --- speed (off the teaching path; none changes the method, bf16 only the rounding) ---
     attention: str = "auto"  # "dense" masks (readable, CPU) or "flex" block masks; auto = flex on CUDA
     precision: str = "auto"  # "fp32" or "bf16" autocast; auto = bf16 on CUDA, fp32 elsewhere
     grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
@@ -166,19 +127,17 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Training stages. Upstream values (Wan2.1-1.3B fine-tuning) in comments; the toy defaults
-    train a 184k-parameter model from scratch in seconds, so learning rates are larger and step
-    counts smaller."""
+    """The training stages. Upstream values (Wan2.1-1.3B fine-tuning) in comments; the toy defaults
+    train a 184k-parameter model from scratch in seconds, so learning rates are larger and step counts
+    smaller. Every stage but DMD decays its lr on a cosine; DMD keeps it constant."""
 
     batch_size: int = 256  # upstream 64 clips
     weight_decay: float = 0.01  # upstream 0.01 everywhere
     adam_beta1: float = 0.0  # upstream betas (0, 0.999) for teacher, ODE and DMD stages
     adam_beta2: float = 0.999
     grad_clip: float = 10.0  # upstream 10
-    data_parallel: str = "auto"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded); auto = fsdp if dim >= 1024
-    # stage 0: the bidirectional base (upstream: the pretrained Wan model, not trained here).
-    # Trained from scratch, so with the usual Adam momentum (beta1 0.9). The later stages fine-tune,
-    # like upstream, with beta1 0. Every stage but DMD decays its lr on a cosine; DMD keeps it constant.
+    # stage 0: the bidirectional base (upstream: the pretrained Wan model, not trained here), trained
+    # from scratch, so with the usual Adam momentum; the later stages fine-tune with beta1 0, as upstream
     base_steps: int = 1200
     base_lr: float = 2e-3
     base_beta1: float = 0.9
@@ -186,40 +145,42 @@ class TrainConfig:
     teacher_steps: int = 600
     teacher_lr: float = 5e-4
     teacher_mode: str = "teacher_forcing"  # or "diffusion_forcing" (the paper's ablation)
+    teacher_guidance: float = 6.0  # CFG of the ODE-pair teacher (upstream 6); unused when unconditional
+    cond_dropout: float = 0.1  # base and AR teacher: drop the condition so that CFG has an "uncond"
+    # base and AR teacher: where their flow-matching sigmas are drawn and how they are weighted. Upstream
+    # fine-tunes a pretrained Wan on the sampler's shifted schedule with the bump weight; a model trained
+    # from scratch needs the low noise levels, where a frame's details are decided.
+    fm_shift: Optional[float] = None  # shift of the sigma draw; None = the sampler's `shift` (upstream)
+    fm_weight: str = "bump"  # "bump" (upstream, zero at both ends) or "uniform"
     # stage 2: ODE pairs and ODE distillation (upstream lr 2e-6, ~1K steps)
     ode_pairs: int = 2048
     ode_steps: int = 400
     ode_lr: float = 5e-4
-    ode_step_draw: str = "upstream"  # the student step of each frame: "upstream" (see train_ode_student), "batch", "sample", "chunk"
+    ode_step_draw: str = "upstream"  # each frame's student step: "upstream" (see train_ode_student), "batch", "sample", "chunk"
+    # stage 2, Causal Forcing++: causal consistency distillation from the AR teacher, no ODE pairs
+    # (upstream lr 2e-6, >= 3K steps at batch 64, teacher CFG 3, EMA 0.99), then the same DMD, streamed
+    # with pp_denoising_steps. cd_steps=0 leaves the two Causal Forcing++ rows out.
+    cd_steps: int = 600
+    cd_lr: float = 5e-4
+    cd_guidance: float = 3.0  # CFG of the teacher's Euler step; unused when unconditional
+    cd_ema_decay: float = 0.99  # the EMA student that gives the consistency target
+    cd_batch_size: Optional[int] = None  # consistency distillation's clips per step (upstream 64); None = batch_size
     # stage 3: DMD (upstream gen lr 2e-6, critic lr 4e-7, ratio 5, EMA 0.99 from step 200)
     dmd_steps: int = 300  # critic updates; the generator updates every `gen_update_ratio` steps
     gen_lr: float = 5e-5  # 4x below this the generator barely moves; 4x above it degrades frame 0
     critic_lr: float = 4e-4
     gen_update_ratio: int = 5  # "two time-scale update": the fake score must track the generator
     dmd_batch_size: Optional[int] = None  # DMD's clips per step; None = batch_size
-    dmd_snapshots: int = 8  # fixed rollouts of 4 videos recorded as DMD trains (training_health.png); 0 = none
     ema_decay: float = 0.99
     ema_start_step: int = 20  # in generator updates (upstream 200 of ~750)
-    # stage 2, Causal Forcing++ alternative: causal consistency distillation from the AR teacher, no
-    # ODE pairs (upstream lr 2e-6, >= 3K steps at batch 64, teacher CFG 3, EMA 0.99), then the same
-    # DMD, streamed with pp_denoising_steps. cd_steps=0 leaves the two Causal Forcing++ rows out.
-    cd_steps: int = 600
-    cd_lr: float = 5e-4
-    cd_guidance: float = 3.0  # CFG of the teacher's Euler step; unused when unconditional
-    cd_ema_decay: float = 0.99  # the EMA student that gives the consistency target
-    cd_batch_size: Optional[int] = None  # consistency distillation's clips per step (upstream 64); None = batch_size
     dmd_min_sigma: float = 0.02  # DMD/critic timesteps are clamped to [0.02, 0.98] (upstream)
     dmd_max_sigma: float = 0.98
-    cond_dropout: float = 0.1  # base and AR teacher: drop the condition so that CFG has an "uncond"
-    # base and AR teacher: where their flow-matching sigmas are drawn and how they are weighted.
-    # Upstream fine-tunes a pretrained Wan on the sampler's shifted schedule with the bump weight;
-    # a model trained from scratch needs the low noise levels, where a frame's details are decided.
-    fm_shift: Optional[float] = None  # shift of the sigma draw; None = the sampler's `shift` (upstream)
-    fm_weight: str = "bump"  # "bump" (upstream, zero at both ends) or "uniform"
+    real_guidance: float = 4.0  # CFG scale uncond + g (cond - uncond); upstream "cond + 3 (cond - uncond)"
+    # --- the run (engineering and evaluation: none changes what a stage computes) ---
     classifier_steps: int = 600  # the digit classifier behind the moving-digit metrics
     checkpoint_every: int = 100  # steps between resumable checkpoints of a stage (with --out)
-    real_guidance: float = 4.0  # CFG scale uncond + g (cond - uncond); upstream "cond + 3 (cond - uncond)"
-    teacher_guidance: float = 6.0  # CFG of the ODE-pair teacher (upstream 6); unused when unconditional
+    dmd_snapshots: int = 8  # fixed rollouts of 4 videos recorded as DMD trains (training_health.png); 0 = none
+    data_parallel: str = "auto"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded); auto = fsdp if dim >= 1024
 
 
 @dataclass
@@ -231,7 +192,7 @@ class SampleConfig:
     teacher_solver_steps: int = 48  # Euler steps of the teachers (upstream 48 for ODE pairs)
     cd_grid_steps: Optional[int] = None  # consistency grid (upstream discrete_cd_N = 48); None = teacher_solver_steps
     denoising_steps: tuple = (1000, 750, 500, 250)  # the student's steps before warping
-    pp_denoising_steps: tuple = (1000, 500)  # Causal Forcing++: 2 steps (streamed with the first chunk at denoising_steps)
+    pp_denoising_steps: tuple = (1000, 500)  # Causal Forcing++: 2 steps (the first chunk at denoising_steps)
     warp_denoising_steps: bool = True  # map them through the shifted schedule: 1000, 937.5, 833.3, 625
     context_noise: float = 0.0  # sigma at which finished chunks are written to the KV cache
 
@@ -257,7 +218,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
 
 
 # Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832

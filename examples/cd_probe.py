@@ -1,7 +1,7 @@
 """Retrains only Causal Forcing++'s two stages (consistency distillation, then DMD streamed with 2
 steps) from a finished toy run's teachers, with config overrides, and prints the transition accuracy
 and off-manifold fraction of the consistency student and of the CF++ generator at 1, 2 and 4 steps
-(the same 2,000 noise draws for every setting). The README's consistency-stage probes came from it:
+(the same 2,000 noise draws for every setting). The consistency-stage probes of docs/results.md came from it:
 
     python causal_forcing.py                                   # the seed-0 toy run, once
     python examples/cd_probe.py                                    # the preset
