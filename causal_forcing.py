@@ -554,29 +554,36 @@ def expand_to_tokens(vis: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
     return vis.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
+def dense_attend(q, k, v, mask=None) -> torch.Tensor:
+    """Softmax attention, q (B, h, Nq, d), k v (B, h, Nk, d) -> (B, h, Nq, d); mask (Nq, Nk) bool, None = all
+    visible. PyTorch picks a fused (flash) kernel where it can."""
+    return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# Attention back-ends: name -> (token mask from a frame mask, the kernel that takes it). "dense" is the
+# readable one; II.3 adds "flex" (FlexAttention block masks, for long sequences on a GPU).
+ATTENTION_BACKENDS: dict = {"dense": (expand_to_tokens, dense_attend)}
 _MASKS: dict = {}  # the same few masks recur every step: each is built once
 
 
-def token_mask(vis: torch.Tensor, tokens_per_frame: int, backend: str, device):
-    """A frame-level visibility (Fq, Fk) in the form the attention kernel takes: a dense (Nq, Nk) boolean
-    mask for scaled_dot_product_attention (readable; fine on a CPU and for small clips), or ("flex") a
-    FlexAttention block mask built at the kernel's block granularity (II.3), so that no N x N matrix is
-    ever made (a Wan-sized teacher-forcing sequence has 65,520 tokens: a dense mask would be 4.3 GB)."""
+def token_mask(vis: torch.Tensor, tokens_per_frame: int, backend: str, device) -> tuple:
+    """A frame-level visibility (Fq, Fk) in the form `backend`'s kernel takes, as (kernel, mask)."""
     key = (tuple(vis.shape), vis.cpu().numpy().tobytes(), tokens_per_frame, backend, str(device))
     if key not in _MASKS:
         if len(_MASKS) >= 32:
             _MASKS.clear()
-        build = _flex_block_mask if backend == "flex" else expand_to_tokens
-        _MASKS[key] = build(vis.to(device), tokens_per_frame)
+        build, kernel = ATTENTION_BACKENDS[backend]
+        _MASKS[key] = (kernel, build(vis.to(device), tokens_per_frame))
     return _MASKS[key]
 
 
 def attend(q, k, v, mask=None) -> torch.Tensor:
-    """Softmax attention, q (B, h, Nq, d), k v (B, h, Nk, d) -> (B, h, Nq, d), under `token_mask`'s mask."""
+    """Attention under `token_mask`'s (kernel, mask); None: every key visible (the fused kernel runs)."""
     q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast q, k leave the fp32 norm gains as fp32
-    if mask is None or torch.is_tensor(mask):
-        return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # fused (flash) kernels where available
-    return flex_attend(q, k, v, mask)  # a FlexAttention block mask: long sequences on a GPU (II.3)
+    if mask is None:
+        return dense_attend(q, k, v)
+    kernel, token_level = mask
+    return kernel(q, k, v, token_level)
 
 
 # =================================================================================================
@@ -868,8 +875,10 @@ class CausalDiT(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
     def attention_backend(self, device) -> str:
-        a = self.cfg.attention
-        return ("flex" if torch.device(device).type == "cuda" else "dense") if a == "auto" else a
+        """ModelConfig.attention; "auto" is FlexAttention on CUDA (where II.3 provides it), else dense masks."""
+        if self.cfg.attention != "auto":
+            return self.cfg.attention
+        return "flex" if torch.device(device).type == "cuda" and "flex" in ATTENTION_BACKENDS else "dense"
 
     def uses_bf16(self, device) -> bool:
         """precision "bf16", or "auto" on CUDA."""
@@ -2173,6 +2182,9 @@ def flex_attend(q, k, v, block_mask) -> torch.Tensor:
         _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
         return _compiled_flex(q, k, v, block_mask=block_mask)
     return flex_attention(q, k, v, block_mask=block_mask)
+
+
+ATTENTION_BACKENDS["flex"] = (_flex_block_mask, flex_attend)  # ModelConfig.attention="flex" (I.4)
 
 
 # =================================================================================================
