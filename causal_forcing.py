@@ -1503,12 +1503,10 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     `gen_update_ratio` steps the generator takes a `dmd_generator_loss` step on its own rollout,
     stopped at a random denoising step. The real score is frozen (guided when conditioned);
     cond_sampler(batch, rng), if given, draws a batch's conditions (e.g. prompt embeddings).
-    Returns the EMA generator (or the raw one before EMA starts) and its training record: the loss
-    histories, the generator's gradient norm at each update, and "snapshots", four fixed rollouts
-    (same noise, same conditions), `dmd_snapshots` times as it trains, from the ODE init on.
-    steps: the student's denoising steps in the rollouts (default denoising_steps; Causal Forcing++
-    trains its 2-step student with pp_denoising_steps, every chunk at 2 steps, though it streams its
-    first chunk with 4: `streaming_steps`)."""
+    steps: the rollouts' denoising steps (default denoising_steps; Causal Forcing++: pp_denoising_steps).
+    Returns the EMA generator (the raw one before EMA starts) and its record: the loss histories, the
+    generator's gradient norm per update, and "snapshots": four fixed rollouts (same noise and
+    conditions), `dmd_snapshots` times as it trains, from the ODE init on."""
     tr = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)

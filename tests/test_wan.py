@@ -252,7 +252,7 @@ def test_text_padding_and_its_limit():
     unpadded.load_state_dict(synthetic_official(2))
     assert (unpadded(x, t, short) - padded).abs().max() > 1e-4  # the zero rows are attended, as in Wan
     with pytest.raises(ValueError, match="more than text_len=5"):
-        model(x, t, torch.randn(1, 6, 8))
+        cf.check_inputs(model, x, t, torch.randn(1, 6, 8))
 
 
 # --- speed options: none may change the maths ----------------------------------------------------
