@@ -1647,33 +1647,25 @@ _SECTIONS = ("data", "model", "train", "sample", "eval")  # the sub-configs of C
 
 
 def _field_types() -> dict[str, tuple[str, object]]:
-    """Every overridable field name -> (section or "", type). Names are unique across sections."""
-    out: dict[str, tuple[str, object]] = {}
-    top = typing.get_type_hints(Config)
-    for name in ("name", "seed", "device"):
-        out[name] = ("", top[name])
+    """Every overridable field name -> (its section, "" for Config's own fields; its type). Names are unique."""
+    hints = typing.get_type_hints(Config)
+    out = {name: ("", hints[name]) for name in ("name", "seed", "device")}
     for section in _SECTIONS:
-        hints = typing.get_type_hints(type(getattr(Config(), section)))
-        for f in dataclasses.fields(getattr(Config(), section)):
-            assert f.name not in out, f"config field {f.name} is defined twice"
-            out[f.name] = (section, hints[f.name])
+        for name, typ in typing.get_type_hints(hints[section]).items():
+            assert name not in out, f"config field {name} is defined twice"
+            out[name] = (section, typ)
     return out
 
 
 def _coerce(key: str, value, typ):
-    """Check one override's type; ints are accepted where a float is expected."""
-    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
-    if optional:
+    """One override, type-checked: an int is accepted where a float is expected, None where the type is Optional."""
+    if typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ):
         if value is None:
             return None
-        typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        tuple: isinstance(value, (tuple, list)),
-    }.get(typ, False)
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
+          str: isinstance(value, str), tuple: isinstance(value, (tuple, list))}.get(typ, False)
     if not ok:
         raise ValueError(f"config override {key}={value!r} has type {type(value).__name__}, expected {typ.__name__}")
     return float(value) if typ is float else tuple(value) if typ is tuple else value
@@ -1690,138 +1682,115 @@ def get_config(name: str = "toy2d", **overrides) -> Config:
         if key not in types:
             raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
         section, typ = types[key]
-        target = getattr(cfg, section) if section else cfg
-        setattr(target, key, _coerce(key, value, typ))
+        setattr(getattr(cfg, section) if section else cfg, key, _coerce(key, value, typ))
     validate_config(cfg)
     return cfg
 
 
+# Each numeric field's range: (the test, what a value must be, the fields). A None (where allowed) is not tested.
+_RANGES = (
+    (lambda v: v >= 1, "must be >= 1",
+     "frames train_size test_size in_channels height width patch_size dim ffn_dim num_heads num_layers freq_dim "
+     "chunk_frames batch_size base_steps teacher_steps ode_pairs ode_steps dmd_steps dmd_batch_size gen_update_ratio "
+     "cd_batch_size classifier_steps checkpoint_every num_train_timesteps teacher_solver_steps cd_grid_steps "
+     "eval_samples floor_outer floor_inner"),
+    (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0",
+     "base_lr teacher_lr ode_lr cd_lr gen_lr critic_lr grad_clip fm_shift shift rope_theta eps radius speed"),
+    (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0",
+     "weight_decay noise_std ema_start_step dmd_snapshots cd_steps"),
+    (lambda v: 0 <= v < 1, "must lie in [0, 1)",
+     "adam_beta1 adam_beta2 base_beta1 ema_decay cd_ema_decay cond_dropout context_noise"),
+    (math.isfinite, "must be finite", "turn_degrees real_guidance teacher_guidance cd_guidance transition_tol_degrees"),
+)
+
+_CHOICES = {  # the fields that name one of a few choices
+    "dataset": ("toy2d", "moving_digits", "none"), "rope_positions": ROPE_POSITIONS,
+    "attention": ("auto", "dense", "flex"), "precision": ("auto", "fp32", "bf16"),
+    "data_parallel": ("auto", "ddp", "fsdp"), "teacher_mode": ("teacher_forcing", "diffusion_forcing"),
+    "ode_step_draw": ("upstream", "batch", "sample", "chunk"), "fm_weight": ("bump", "uniform"),
+}
+
+
 def validate_config(cfg: Config) -> None:
-    """Checks every value for its range and the values for consistency, before anything is built,
-    written or trained; raises one ValueError that lists every problem."""
-    m, d, t, s, e = cfg.model, cfg.data, cfg.train, cfg.sample, cfg.eval
+    """Checks every value before anything is built, written or trained; one ValueError lists the problems: each
+    value's own (_RANGES, _CHOICES), else those of values that must agree. Then resolves the device."""
+    values = dict(vars(cfg))
+    for section in _SECTIONS:
+        values.update(vars(getattr(cfg, section)))
     problems = []
-    counts = {"frames": d.frames, "train_size": d.train_size, "test_size": d.test_size, "in_channels": m.in_channels,
-              "height": m.height, "width": m.width, "patch_size": m.patch_size, "dim": m.dim, "ffn_dim": m.ffn_dim,
-              "num_heads": m.num_heads, "num_layers": m.num_layers, "freq_dim": m.freq_dim, "chunk_frames": m.chunk_frames,
-              "batch_size": t.batch_size, "base_steps": t.base_steps, "teacher_steps": t.teacher_steps,
-              "ode_pairs": t.ode_pairs, "ode_steps": t.ode_steps, "dmd_steps": t.dmd_steps,
-              "gen_update_ratio": t.gen_update_ratio, "classifier_steps": t.classifier_steps,
-              "checkpoint_every": t.checkpoint_every, "num_train_timesteps": s.num_train_timesteps,
-              "teacher_solver_steps": s.teacher_solver_steps, "eval_samples": e.eval_samples,
-              "floor_outer": e.floor_outer, "floor_inner": e.floor_inner,
-              **{k: v for k, v in (("dmd_batch_size", t.dmd_batch_size), ("cd_batch_size", t.cd_batch_size),
-                                   ("cd_grid_steps", s.cd_grid_steps)) if v is not None}}
-    problems += [f"{k}={v} must be >= 1" for k, v in counts.items() if v < 1]
-    positive = {"base_lr": t.base_lr, "teacher_lr": t.teacher_lr, "ode_lr": t.ode_lr, "cd_lr": t.cd_lr, "gen_lr": t.gen_lr,
-                "critic_lr": t.critic_lr, "grad_clip": t.grad_clip, "shift": s.shift, "rope_theta": m.rope_theta,
-                "eps": m.eps, "radius": d.radius, "speed": d.speed}
-    problems += [f"{k}={v} must be a finite number > 0" for k, v in positive.items() if not (math.isfinite(v) and v > 0)]
-    unit = {"adam_beta1": t.adam_beta1, "adam_beta2": t.adam_beta2, "base_beta1": t.base_beta1, "ema_decay": t.ema_decay,
-            "cd_ema_decay": t.cd_ema_decay}
-    problems += [f"{k}={v} must lie in [0, 1)" for k, v in unit.items() if not 0.0 <= v < 1.0]
-    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
-        problems.append(f"weight_decay={t.weight_decay} must be a finite number >= 0")
-    if not 0.0 < t.dmd_min_sigma < t.dmd_max_sigma <= 1.0:
-        problems.append(f"DMD sigmas must satisfy 0 < dmd_min_sigma < dmd_max_sigma <= 1, got {t.dmd_min_sigma}, {t.dmd_max_sigma}")
-    if not (math.isfinite(d.noise_std) and d.noise_std >= 0) or not math.isfinite(d.turn_degrees):
-        problems.append(f"noise_std={d.noise_std} must be finite and >= 0, turn_degrees={d.turn_degrees} finite")
-    finite = {"real_guidance": t.real_guidance, "teacher_guidance": t.teacher_guidance, "cd_guidance": t.cd_guidance,
-              "transition_tol_degrees": e.transition_tol_degrees}
-    problems += [f"{k}={v} must be finite" for k, v in finite.items() if not math.isfinite(v)]
-    if t.ema_start_step < 0:
-        problems.append(f"ema_start_step={t.ema_start_step} must be >= 0")
-    if not s.denoising_steps:
-        problems.append("denoising_steps is empty: the student needs at least one step, e.g. (1000,)")
-    if m.num_heads >= 1 and m.dim % m.num_heads:
-        problems.append(f"dim={m.dim} is not divisible by num_heads={m.num_heads}")
-    elif m.num_heads >= 1 and ((m.dim // m.num_heads) % 2 or m.dim // m.num_heads < 6):
-        problems.append(f"head dim {m.dim // m.num_heads} must be even and >= 6 for 3-D rotary positions")
-    if m.patch_size >= 1 and (m.height % m.patch_size or m.width % m.patch_size):
-        problems.append(f"frame {m.height}x{m.width} is not divisible by patch_size={m.patch_size}")
-    if m.window_frames is not None and m.window_frames - m.sink_frames < m.chunk_frames:
-        problems.append(f"window_frames - sink_frames = {m.window_frames - m.sink_frames} must hold a chunk ({m.chunk_frames})")
-    if m.sink_frames < 0 or (m.chunk_frames >= 1 and m.sink_frames % m.chunk_frames):
-        problems.append(f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames")
-    if d.dataset not in ("toy2d", "moving_digits", "none"):
-        problems.append(f"dataset={d.dataset!r} is not 'toy2d', 'moving_digits' or 'none'")
-    elif d.dataset == "moving_digits":
-        if (m.in_channels, m.height, m.width) != (1, d.canvas, d.canvas):
-            problems.append(f"moving digits are 1x{d.canvas}x{d.canvas} frames (canvas={d.canvas}); the model has "
-                            f"in_channels={m.in_channels}, height={m.height}, width={m.width}")
-        if d.digit_size > d.canvas:
-            problems.append(f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas")
-        if d.num_digits != 1:
-            problems.append(f"num_digits={d.num_digits}: the pipeline's label conditions and digit metrics read one digit "
-                            "per video (moving_digits() itself makes any number)")
-        if d.canvas % 8:
-            problems.append(f"canvas={d.canvas} must be a multiple of 8 (the digit classifier pools three times)")
-        if m.cond_dim not in (0, 10):
-            problems.append(f"cond_dim={m.cond_dim} must be 10 (a one-hot label per digit) or 0 (unconditional)")
-    if not 0.0 <= cfg.train.cond_dropout < 1.0:
-        problems.append(f"cond_dropout={cfg.train.cond_dropout} must lie in [0, 1)")
-    if t.dmd_snapshots < 0:
-        problems.append(f"dmd_snapshots={t.dmd_snapshots} must be >= 0 (0: record none)")
-    if cfg.train.ode_step_draw not in ("upstream", "batch", "sample", "chunk"):
-        problems.append(f"ode_step_draw={cfg.train.ode_step_draw!r} is not 'upstream', 'batch', 'sample' or 'chunk'")
-    if cfg.train.fm_weight not in ("bump", "uniform"):
-        problems.append(f"fm_weight={cfg.train.fm_weight!r} is not 'bump' or 'uniform'")
-    if cfg.train.fm_shift is not None and not (math.isfinite(cfg.train.fm_shift) and cfg.train.fm_shift > 0):
-        problems.append(f"fm_shift={cfg.train.fm_shift} must be a finite number > 0 (or None: the sampler's shift)")
-    if cfg.train.teacher_mode not in ("teacher_forcing", "diffusion_forcing"):
-        problems.append(f"teacher_mode={cfg.train.teacher_mode!r} is not 'teacher_forcing' or 'diffusion_forcing'")
-    if not s.pp_denoising_steps or not all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps
-                                           for k in s.pp_denoising_steps):
-        problems.append(f"pp_denoising_steps {s.pp_denoising_steps} must be a non-empty list of numbers in "
-                        f"(0, {s.num_train_timesteps}]")
-    if t.cd_steps < 0:
-        problems.append(f"cd_steps={t.cd_steps} must be >= 0 (0: no Causal Forcing++ rows)")
-    grid_steps, grid_key = ((s.teacher_solver_steps, "teacher_solver_steps") if s.cd_grid_steps is None
-                            else (s.cd_grid_steps, "cd_grid_steps"))
-    if t.cd_steps and grid_steps < 2:
-        problems.append(f"{grid_key}={grid_steps}: consistency distillation needs a grid of at least 2 steps")
-    if not all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps for k in s.denoising_steps):
-        problems.append(f"denoising_steps {s.denoising_steps} must be numbers in (0, {s.num_train_timesteps}]")
-    elif s.denoising_steps and s.teacher_solver_steps >= 1 and s.shift > 0 and math.isfinite(s.shift):
+    for ok, rule, keys in _RANGES:
+        problems += [f"{k}={values[k]} {rule}" for k in keys.split() if values[k] is not None and not ok(values[k])]
+    for key, choices in _CHOICES.items():
+        if values[key] not in choices:
+            problems.append(f"{key}={values[key]!r} is not {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}")
+    if not problems:  # values that must agree are compared once each is in range
+        problems = _disagreements(cfg)
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+    cfg.device = resolve_device(cfg.device)
+    if cfg.data.dataset == "moving_digits" and not cfg.data.mnist_dir:  # record where the digits will come from
+        cfg.data.mnist_dir = os.environ.get(MNIST_ENV) or None
+
+
+def _disagreements(cfg: Config) -> list[str]:
+    """validate_config's problems of values that must fit together, each value in its range."""
+    d, m, t, s = cfg.data, cfg.model, cfg.train, cfg.sample
+    head = m.dim // m.num_heads
+    grid_key = "teacher_solver_steps" if s.cd_grid_steps is None else "cd_grid_steps"
+    rules = [  # (what must hold, what to say if it does not)
+        (0 < t.dmd_min_sigma < t.dmd_max_sigma <= 1,
+         f"DMD sigmas must satisfy 0 < dmd_min_sigma < dmd_max_sigma <= 1, got {t.dmd_min_sigma}, {t.dmd_max_sigma}"),
+        (m.dim % m.num_heads == 0 and head % 2 == 0 and head >= 6,
+         f"dim={m.dim} must be num_heads={m.num_heads} times an even head dim >= 6 (for 3-D rotary positions)"),
+        (m.height % m.patch_size == 0 and m.width % m.patch_size == 0,
+         f"frame {m.height}x{m.width} is not divisible by patch_size={m.patch_size}"),
+        (m.window_frames is None or m.window_frames - m.sink_frames >= m.chunk_frames,
+         f"window_frames={m.window_frames} - sink_frames={m.sink_frames} must hold a chunk ({m.chunk_frames})"),
+        (m.sink_frames >= 0 and m.sink_frames % m.chunk_frames == 0,
+         f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames"),
+        (not t.cd_steps or getattr(s, grid_key) >= 2,
+         f"{grid_key}={getattr(s, grid_key)}: consistency distillation needs a grid of at least 2 steps"),
+    ]
+    for key in ("denoising_steps", "pp_denoising_steps"):
+        steps = getattr(s, key)
+        rules.append((steps and all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps for k in steps),
+                      f"{key} {steps} must be a non-empty list of numbers in (0, {s.num_train_timesteps}]"))
+    if d.dataset == "moving_digits":
+        rules += [
+            ((m.in_channels, m.height, m.width) == (1, d.canvas, d.canvas),
+             f"moving digits are 1x{d.canvas}x{d.canvas} frames (canvas={d.canvas}); the model has "
+             f"in_channels={m.in_channels}, height={m.height}, width={m.width}"),
+            (d.digit_size <= d.canvas, f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas"),
+            (d.num_digits == 1, f"num_digits={d.num_digits}: the pipeline's label conditions and digit metrics read "
+             "one digit per video (moving_digits() itself makes any number)"),
+            (d.canvas % 8 == 0, f"canvas={d.canvas} must be a multiple of 8 (the digit classifier pools three times)"),
+            (m.cond_dim in (0, 10),
+             f"cond_dim={m.cond_dim} must be 10 (a one-hot label per digit) or 0 (unconditional)"),
+        ]
+    problems = [message for ok, message in rules if not ok]
+    if not problems:
         try:  # the teacher's Euler grid must pass through the student's sigmas (ODE pairs keep them)
             ode_pair_sigmas(s)
         except ValueError as err:
             problems.append(str(err))
-    if not 0.0 <= cfg.sample.context_noise < 1.0:
-        problems.append("context_noise must lie in [0, 1)")
-    if m.rope_positions not in ROPE_POSITIONS:
-        problems.append(f"rope_positions={m.rope_positions!r} is not 'absolute' or 'window'")
-    if m.attention not in ("auto", "dense", "flex"):
-        problems.append(f"attention={m.attention!r} is not 'auto', 'dense' or 'flex'")
-    if cfg.train.data_parallel not in ("auto", "ddp", "fsdp"):
-        problems.append(f"data_parallel={cfg.train.data_parallel!r} is not 'auto', 'ddp' or 'fsdp'")
-    if m.precision not in ("auto", "fp32", "bf16"):
-        problems.append(f"precision={m.precision!r} is not 'auto', 'fp32' or 'bf16'")
-    if problems:
-        raise ValueError("invalid config: " + "; ".join(problems))
-    cfg.device = resolve_device(cfg.device)
-    if d.dataset == "moving_digits" and not d.mnist_dir:  # record where the digits will come from
-        d.mnist_dir = os.environ.get(MNIST_ENV) or None
+    return problems
 
 
 def resolve_device(name: str) -> str:
     """'auto' -> 'cuda' if a GPU is visible, else 'mps' (Apple), else 'cpu'. Others are checked: a
     name torch does not know, or a GPU that is not there, is a ValueError that says so."""
-    if name != "auto":
-        try:
-            kind = torch.device(name).type
-        except (RuntimeError, ValueError):
-            raise ValueError(f"device={name!r} is not a device torch knows; use cuda, mps, cpu or auto") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={name!r}: no CUDA GPU is visible here; use cpu or auto")
-        if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise ValueError(f"device={name!r}: MPS (Apple GPU) is not available here; use cpu or auto")
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={name!r} is not a device torch knows; use cuda, mps, cpu or auto") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: no CUDA GPU is visible here; use cpu or auto")
+    if kind == "mps" and not mps:
+        raise ValueError(f"device={name!r}: MPS (Apple GPU) is not available here; use cpu or auto")
+    return name
 
 
 # --- the network's inputs: clear errors before any work (the samplers check theirs; check_inputs a hand-made call)
@@ -1829,11 +1798,10 @@ def resolve_device(name: str) -> str:
 
 def check_video(model, x: torch.Tensor, name: str = "x") -> None:
     """x must be a (B, F, C, H, W) float video of the model's frame shape and dtype, finite."""
-    c = model.cfg
-    want = (c.in_channels, c.height, c.width)
+    want = (model.cfg.in_channels, model.cfg.height, model.cfg.width)
     if not torch.is_tensor(x) or x.dim() != 5 or tuple(x.shape[2:]) != want or x.shape[1] == 0:
-        raise ValueError(f"{name} must have shape (B, F, {want[0]}, {want[1]}, {want[2]}) with F >= 1, got "
-                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{name} must have shape (B, F, {', '.join(map(str, want))}) with F >= 1, got {got}")
     _check_dtype(model, x, name)
     if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
         raise FloatingPointError(f"{name} holds NaN or infinite values")
@@ -1842,7 +1810,8 @@ def check_video(model, x: torch.Tensor, name: str = "x") -> None:
 def _check_dtype(model, x: torch.Tensor, name: str) -> None:
     w = model.patch_embedding.weight
     if not x.is_floating_point() or (x.dtype != w.dtype and not model.uses_bf16(w.device)):
-        raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: convert it, e.g. {name}.to({w.dtype})")
+        raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: convert it, e.g. "
+                        f"{name}.to({w.dtype})")
 
 
 def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, clean_context=None) -> None:
@@ -1860,8 +1829,9 @@ def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, cl
         check_cond(model, cond, B)
     if isinstance(start_frame, bool) or not isinstance(start_frame, int):
         raise TypeError(f"start_frame must be an int, got {start_frame!r}")
-    if model.causal and start_frame % model.cfg.chunk_frames:
-        raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={model.cfg.chunk_frames})")
+    chunk = model.cfg.chunk_frames
+    if model.causal and start_frame % chunk:
+        raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={chunk})")
     if (kv_cache is not None or clean_context is not None) and not model.causal:
         raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
     if kv_cache is not None and clean_context is not None:
@@ -1869,7 +1839,8 @@ def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, cl
     if clean_context is not None:
         check_video(model, clean_context, "clean_context")
         if clean_context.shape != x.shape:
-            raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got {tuple(clean_context.shape)}")
+            raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got "
+                             f"{tuple(clean_context.shape)}")
     if kv_cache is not None:
         check_cache(model, kv_cache, B)
         _check_cache_call(kv_cache, start_frame, F)
@@ -1877,35 +1848,35 @@ def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, cl
 
 def check_cache(model, kv_cache, batch: int) -> None:
     """A KV cache must be one `model.new_kv_cache(batch)` would make (shapes, positions, window)."""
-    c = model.cfg
-    want = (len(model.blocks), c.num_heads, model.tokens_per_frame, c.dim // c.num_heads, c.chunk_frames)
-    got = (kv_cache.k.shape[0], kv_cache.k.shape[2], kv_cache.k.shape[4], kv_cache.k.shape[5], kv_cache.chunk_frames)
-    if got != want:
-        raise ValueError(f"this KV cache was made for another model: (layers, heads, tokens per frame, head dim, "
-                         f"chunk frames) = {got}, this model has {want}; make it with model.new_kv_cache")
-    if kv_cache.rope_positions != c.rope_positions:
-        raise ValueError(f"the KV cache holds keys for rope_positions={kv_cache.rope_positions!r}, this model uses "
-                         f"{c.rope_positions!r}; make it with model.new_kv_cache")
-    if c.window_frames is not None and (kv_cache.window_frames, kv_cache.sink_frames) != (c.window_frames, c.sink_frames):
-        raise ValueError(f"the KV cache's window ({kv_cache.window_frames}, sink {kv_cache.sink_frames}) is not the "
-                         f"model's ({c.window_frames}, sink {c.sink_frames}); make it with model.new_kv_cache")
+    c, shape = model.cfg, kv_cache.k.shape  # (layers, B, heads, slots, tokens per frame, head dim)
+    made_for = [("layers", shape[0], len(model.blocks)), ("heads", shape[2], c.num_heads),
+                ("tokens per frame", shape[4], model.tokens_per_frame), ("head dim", shape[5], c.dim // c.num_heads),
+                ("chunk_frames", kv_cache.chunk_frames, c.chunk_frames),
+                ("rope_positions", kv_cache.rope_positions, c.rope_positions)]
+    if c.window_frames is not None:  # a full-attention model may stream through any window
+        made_for.append(("(window_frames, sink_frames)", (kv_cache.window_frames, kv_cache.sink_frames),
+                         (c.window_frames, c.sink_frames)))
+    wrong = [f"{name}={cache!r} is not the model's {own!r}" for name, cache, own in made_for if cache != own]
+    if wrong:
+        raise ValueError(f"this KV cache was made for another model: {'; '.join(wrong)}; make it with "
+                         "model.new_kv_cache")
     if batch != kv_cache.batch_size:
         raise ValueError(f"batch size {batch} does not match the KV cache's {kv_cache.batch_size}")
 
 
 def _check_cache_call(cache, start_frame: int, num_frames: int) -> None:
     """Frames [start, start + F) through `cache`: the next frames, or a chunk written again."""
+    end, window, sink = start_frame + num_frames, cache.window_frames, cache.sink_frames
     if start_frame < 0 or start_frame > cache.end:
         raise ValueError(f"start_frame={start_frame} is beyond the KV cache: frames [0, {cache.end}) are cached, "
                          f"so the next call may start at any frame up to {cache.end}")
-    if cache.window_frames is None and start_frame + num_frames > cache.max_frames:
-        raise ValueError(f"frames [{start_frame}, {start_frame + num_frames}) do not fit a KV cache of "
-                         f"max_frames={cache.max_frames}; make a larger cache or use window_frames")
-    if cache.window_frames is not None and num_frames > cache.window_frames - cache.sink_frames:
-        raise ValueError(f"{num_frames} frames at once do not fit the rolling window's "
-                         f"{cache.window_frames - cache.sink_frames} non-sink slots")
-    q = torch.arange(start_frame, start_frame + num_frames)
-    needed = frame_visibility(q, torch.arange(start_frame), cache.chunk_frames, cache.window_frames, cache.sink_frames).any(0)
+    if window is None and end > cache.max_frames:
+        raise ValueError(f"frames [{start_frame}, {end}) do not fit a KV cache of max_frames={cache.max_frames}; "
+                         "make a larger cache or use window_frames")
+    if window is not None and num_frames > window - sink:
+        raise ValueError(f"{num_frames} frames at once do not fit the rolling window's {window - sink} non-sink slots")
+    q = torch.arange(start_frame, end)
+    needed = frame_visibility(q, torch.arange(start_frame), cache.chunk_frames, window, sink).any(0)
     missing = sorted(set(torch.nonzero(needed).flatten().tolist()) - set(cache.slot_frame.tolist()))
     if missing:
         raise ValueError(f"frames {missing} are needed but no longer in the rolling KV cache "
@@ -1918,8 +1889,8 @@ def check_cond(model, cond, batch: int) -> None:
     if not c.cond_dim:
         raise ValueError("this model has no conditioning (cond_dim=0) but cond was given")
     if not torch.is_tensor(cond) or cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != c.cond_dim:
-        raise ValueError(f"cond must have shape ({batch}, L, {c.cond_dim}), got "
-                         f"{tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__}")
+        got = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
+        raise ValueError(f"cond must have shape ({batch}, L, {c.cond_dim}), got {got}")
     if c.text_len is not None and cond.shape[1] > c.text_len:
         raise ValueError(f"cond has {cond.shape[1]} rows, more than text_len={c.text_len}")
     _check_dtype(model, cond, "cond")
@@ -1930,11 +1901,10 @@ def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=No
     for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    w = next(model.parameters())
-    if w.dtype != torch.get_default_dtype() and not model.uses_bf16(w.device):
+    w, default = next(model.parameters()), torch.get_default_dtype()
+    if w.dtype != default and not model.uses_bf16(w.device):
         raise TypeError(f"the model's weights are {w.dtype}, but samplers draw noise in torch's default dtype "
-                        f"{torch.get_default_dtype()}: use model.to({torch.get_default_dtype()}) or "
-                        f"torch.set_default_dtype({w.dtype})")
+                        f"{default}: use model.to({default}) or torch.set_default_dtype({w.dtype})")
     if cond is not None:
         check_cond(model, cond, batch_size)
     check_uncond(model, uncond, cond)
@@ -1947,7 +1917,8 @@ def check_uncond(model, uncond, cond) -> None:
         return
     check_cond(model, uncond, len(uncond))
     if len(uncond) not in (1, len(cond)) or uncond.shape[1] != cond.shape[1]:
-        raise ValueError(f"uncond {tuple(uncond.shape)} must have cond's rows ({cond.shape[1]}) and 1 or {len(cond)} in the batch")
+        raise ValueError(f"uncond {tuple(uncond.shape)} must have cond's rows ({cond.shape[1]}) and 1 or {len(cond)} "
+                         "in the batch")
 
 
 # =================================================================================================
