@@ -1926,9 +1926,6 @@ def check_uncond(model, uncond, cond) -> None:
 # =================================================================================================
 
 
-_WRAPPER_PREFIXES = ("module.", "model.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
-
-
 # Wan2.1's parameter names against Diffusers' WanTransformer3DModel; "{}" is a block index. The
 # cross-attention's LayerNorm runs second in a block: Wan calls it norm3, Diffusers norm2.
 _DIFFUSERS_NAMES = [
@@ -1952,24 +1949,24 @@ _DIFFUSERS_NAMES = [
 
 
 def rename_wan_parameters(state: dict, to: str) -> dict:
-    """A Wan2.1 DiT state dict with its names in the other layout: to="diffusers" from Wan's
-    (official, Causal/Self Forcing, this module's), to="wan" from Diffusers'. A name the table does
-    not cover is an error, not a parameter silently dropped."""
+    """A Wan2.1 DiT state dict with its names in the other layout: to="diffusers" from Wan's (official,
+    Causal/Self Forcing, this module's), to="wan" from Diffusers'. A name the table does not cover is an
+    error, not a parameter silently dropped."""
     import re
 
     if to not in ("wan", "diffusers"):
         raise ValueError(f"to={to!r} must be 'wan' or 'diffusers'")
     rules = []
-    for wan, dif in _DIFFUSERS_NAMES:
-        src, dst = (wan, dif) if to == "diffusers" else (dif, wan)
-        whole = not src.endswith(".")  # "head.modulation" is a whole name, "head.head." a prefix
-        rules.append((re.compile(re.escape(src).replace(r"\{\}", r"(\d+)") + ("$" if whole else "")), dst))
+    for pair in _DIFFUSERS_NAMES:
+        src, dst = pair if to == "diffusers" else pair[::-1]
+        whole = "" if src.endswith(".") else "$"  # "head.head." is a prefix, "head.modulation" a whole name
+        rules.append((re.compile(re.escape(src).replace(r"\{\}", r"(\d+)") + whole), dst))
     out, unknown = {}, []
     for name, tensor in state.items():
         for pattern, dst in rules:
             m = pattern.match(name)
             if m:
-                out[(dst.replace("{}", m.group(1)) if m.groups() else dst) + name[m.end():]] = tensor
+                out[dst.format(*m.groups()) + name[m.end():]] = tensor
                 break
         else:
             unknown.append(name)
@@ -1986,12 +1983,10 @@ def is_diffusers_layout(state: dict) -> bool:
 def checkpoint_entry(state: dict, key: Optional[str] = None) -> Optional[str]:
     """Which top-level entry of a checkpoint holds the weights: `key` if given (it must be there),
     else the first of generator_ema, generator, model; None for a bare state dict of tensors."""
-    if key is not None:
-        if key not in state:
-            raise KeyError(f"checkpoint has no entry {key!r}; it has {sorted(state)}")
+    if key is not None and key not in state:
+        raise KeyError(f"checkpoint has no entry {key!r}; it has {sorted(state)}")
+    if key is not None or all(torch.is_tensor(v) for v in state.values()):
         return key
-    if all(torch.is_tensor(v) for v in state.values()):
-        return None
     found = [k for k in ("generator_ema", "generator", "model") if isinstance(state.get(k), dict)]
     if not found:
         raise KeyError(f"no state dict in this checkpoint: top-level keys {sorted(state)}")
@@ -1999,21 +1994,15 @@ def checkpoint_entry(state: dict, key: Optional[str] = None) -> Optional[str]:
 
 
 def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
-    """Bare WanModel parameter names from any of the files the field uses: the official
-    diffusion_pytorch_model.safetensors (bare names); a Causal Forcing / Self Forcing checkpoint
-    {"generator_ema" | "generator" | "critic" | "model": {"model." + name: tensor}} (EMA weights may
-    carry "model._fsdp_wrapped_module."); DDP's "module." and torch.compile's "_orig_mod.".
-    Without `key`, the first of generator_ema, generator, model found is used (checkpoint_entry)."""
+    """Bare WanModel parameter names from any file the field uses: the official safetensors (bare names), a
+    Causal/Self Forcing checkpoint {"generator_ema" | "generator" | "critic" | "model": {"model." + name: tensor}}
+    (the entry: checkpoint_entry), with the wrappers of FSDP, DDP ("module.") and torch.compile ("_orig_mod.")."""
+    import re
+
     entry = checkpoint_entry(state, key)
-    state = state if entry is None else state[entry]
     out = {}
-    for name, tensor in state.items():
-        stripped = True
-        while stripped:  # wrappers nest: model._fsdp_wrapped_module._orig_mod.blocks...
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix):], True
+    for name, tensor in (state if entry is None else state[entry]).items():  # wrappers nest: model._orig_mod.blocks
+        name = re.sub(r"^((module|model|_fsdp_wrapped_module|_orig_mod|_checkpoint_wrapped_module)\.)+", "", name)
         for inner in ("._fsdp_wrapped_module", "._orig_mod", "._checkpoint_wrapped_module"):
             name = name.replace(inner, "")
         out[name] = tensor
@@ -2050,8 +2039,8 @@ def _is_zip(path: str) -> bool:
 
 
 def _read_checkpoint(path: str, verify: bool) -> dict:
-    """A checkpoint's tensors: .safetensors, a torch zip file (memory-mapped, after checking its
-    CRC-32 checksums if `verify`), or a legacy torch file (before PyTorch 1.6, not mappable)."""
+    """A checkpoint's tensors: .safetensors, a torch zip file (memory-mapped, after checking its CRC-32
+    checksums if `verify`), or a legacy torch file (before PyTorch 1.6: read whole)."""
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -2063,11 +2052,10 @@ def _read_checkpoint(path: str, verify: bool) -> dict:
             raise ValueError(f"{path!r} is not a readable .safetensors file ({e}); download it again") from None
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path!r} is empty; download it again")
-    zipped = _is_zip(path)
-    if zipped and verify and (bad := _checksum_failure(path)) is not None:
+    if verify and (bad := _checksum_failure(path)) is not None:
         raise ValueError(f"{path!r} is corrupt: record {bad} fails its CRC-32 checksum; download it again")
-    try:  # a zip file is memory-mapped (no full copy in RAM); a legacy file is read whole
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
         raise ValueError(f"{path!r} is not a readable torch checkpoint ({type(e).__name__}: {e}); it may be "
                          "truncated or corrupt (download it again), or hold objects other than tensors") from None
@@ -2079,32 +2067,28 @@ def _read_transformer_folder(folder: str) -> dict:
     if os.path.isdir(os.path.join(folder, "transformer")):
         folder = os.path.join(folder, "transformer")
     index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
-    single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    shards = ["diffusion_pytorch_model.safetensors"]
     if os.path.isfile(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(single):
-        shards = [os.path.basename(single)]
-    else:
+    elif not os.path.isfile(os.path.join(folder, shards[0])):
         raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its .index.json) in {folder!r}: give the "
                                 "transformer/ folder of a Wan2.1 Diffusers download")
     state = {}
     for shard in shards:
-        path = os.path.join(folder, shard)
-        if not os.path.isfile(path):
+        if not os.path.isfile(os.path.join(folder, shard)):
             raise FileNotFoundError(f"{index!r} lists {shard!r}, which is not in {folder!r}; download it again")
-        state.update(_read_checkpoint(path, verify=False))
+        state.update(_read_checkpoint(os.path.join(folder, shard), verify=False))
     return state
 
 
 def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, verify: bool = True,
                      log: Optional[Callable] = None) -> nn.Module:
     """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every
-    parameter must be present with the right shape, and nothing else. `path` is a file, .safetensors
-    (needs the safetensors package, imported only here) or a torch file (zip or legacy, read with
-    weights_only=True), or a Diffusers model folder (transformer/, or the download holding it).
-    Wan's names and Diffusers' are both read. verify=False skips the checksum pass over a torch zip
-    file (a full read). `log`, if given, is told which entry of the file was loaded."""
+    parameter present with the right shape, and nothing else. `path` is a file, .safetensors (needs the
+    safetensors package) or torch (read with weights_only=True), or a Diffusers model folder (transformer/,
+    or the download holding it); Wan's names and Diffusers' are both read. verify=False skips the checksum
+    pass over a torch zip file (a full read). `log`, if given, is told which entry of the file was loaded."""
     entry = None
     if os.path.isdir(path):
         state = wan_state_dict(_read_transformer_folder(path))
@@ -2130,8 +2114,7 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, ver
 
 
 def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> CausalDiT:
-    """Random noise on every parameter (tests and checks): the zero-initialised gates would make the output 0 and
-    every comparison vacuous."""
+    """Random noise on every parameter (tests, checks): zero-initialised gates make every comparison vacuous."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
