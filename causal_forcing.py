@@ -3500,12 +3500,12 @@ def save_gif(columns: dict, path: str, scale: int = 3, ms_per_frame: int = 250) 
 
 
 def _parse_override(text: str, types: dict) -> tuple[str, object]:
-    if "=" not in text:
+    """--set KEY=VALUE: the value as JSON where it parses (3, 0.5, true, [1, 2] as a tuple), else as text."""
+    key, sep, raw = text.partition("=")
+    if not sep:
         raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
-    key, raw = text.split("=", 1)
     if key not in types:
         raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
-    typ = types[key][1]
     if raw == "None":
         return key, None
     try:
@@ -3514,7 +3514,7 @@ def _parse_override(text: str, types: dict) -> tuple[str, object]:
         value = raw
     if isinstance(value, list):
         value = tuple(value)
-    if typ is float and isinstance(value, int):
+    if types[key][1] is float and isinstance(value, int):
         value = float(value)
     return key, value
 
@@ -3530,50 +3530,54 @@ def _config_from_flags(parser, name: str, sets: list, device: Optional[str], **f
         parser.error(str(e))
 
 
+def _check_out(parser, out: str) -> None:
+    """A run folder that cannot be written is a usage error now, not a traceback after the first stage."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {out!r} is a file; give a folder for the run")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        parser.error(f"--out {out!r} cannot be written: {e.strerror or e}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in ("bench", "long-stream", "generate"):  # applications live beside the module
         print(f"error: run python examples/{argv[0].replace('-', '_')}.py {' '.join(argv[1:])}", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage (bidirectional base, AR "
-                                     "teacher, ODE students, DMD) on toy 2-D videos (--config toy2d) or moving "
-                                     "digits (--config mnist) and prints the table. Re-running the same command "
-                                     "resumes from the stages saved in --out. "
-                                     "'python causal_forcing.py bench --help' measures streaming speed.")
+                                     "teacher, ODE students, DMD) on toy 2-D videos (--config toy2d) or moving digits "
+                                     "(--config mnist) and prints the table. Re-running the same command resumes "
+                                     "from the stages saved in --out. examples/bench.py measures streaming speed.")
     parser.add_argument("--config", default="toy2d", choices=sorted(_PRESETS), help="named preset (default toy2d)")
-    parser.add_argument("--out", default=None, help="run folder: stage checkpoints, results.json, models.pt and "
-                        "the samples (default runs/<config>)")
+    parser.add_argument("--out", help="run folder: stage checkpoints, results.json, models.pt and the samples "
+                        "(default runs/<config>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by name, e.g. --set frames=6 --set chunk_frames=2 (repeatable)")
-    parser.add_argument("--mnist-dir", default=None, help="folder with the MNIST IDX files (raw or .gz) for "
-                        "--config mnist; default $CAUSAL_FORCING_MNIST, else the digit sprites in toy_data/")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--mnist-dir", help="folder with the MNIST IDX files (raw or .gz) for --config mnist; "
+                        "default $CAUSAL_FORCING_MNIST, else the digit sprites in toy_data/")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: auto)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     fixed = {"seed": args.seed, **({"mnist_dir": args.mnist_dir} if args.mnist_dir else {})}
     cfg = _config_from_flags(parser, args.config, args.set, args.device, **fixed)
     if cfg.data.dataset == "none":
-        parser.error(f"the training pipeline runs on toy2d or mnist; {cfg.name!r} has no training data here "
-                     "(its stage functions take your latents and text embeddings; 'bench' measures its speed)")
+        parser.error(f"the training pipeline runs on toy2d or mnist; {cfg.name!r} has no training data here (its "
+                     "stage functions take your latents and text embeddings; examples/bench.py measures its speed)")
     if args.mnist_dir and not os.path.isdir(args.mnist_dir):
         parser.error(f"--mnist-dir {args.mnist_dir!r} is not a folder")
-    args.out = args.out or os.path.join("runs", cfg.name)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out {args.out!r} is a file; give a folder for the run")
-    try:  # a folder we cannot write to is a usage error now, not a traceback after the first stage
-        os.makedirs(args.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out):
-            pass
-    except OSError as e:
-        parser.error(f"--out {args.out!r} cannot be written: {e.strerror or e}")
+    out = args.out or os.path.join("runs", cfg.name)
+    _check_out(parser, out)
     rank, world = init_distributed(cfg.device)
-    try:  # a usage error before any work; under the folder's lock, as the check may rewrite config.json
-        lock = lock_run_folder(args.out) if rank == 0 else None
+    try:  # another config in the folder is a usage error; under its lock, as the check may rewrite config.json
+        lock = lock_run_folder(out) if rank == 0 else None
         try:
-            _check_run_folder(cfg, args.out, print if rank == 0 else (lambda *_: None))
+            _check_run_folder(cfg, out, print if rank == 0 else (lambda *_: None))
         finally:
             if lock is not None:
                 lock.close()  # run_pipeline takes it again for the run
@@ -3581,26 +3585,15 @@ def main(argv=None) -> int:
         parser.error(str(e))
     t0 = time.perf_counter()
     try:
-        results = run_pipeline(cfg, args.out)
-    except Diverged as e:  # a clear message and a failing exit, not a traceback (nor a table of NaN)
+        results = run_pipeline(cfg, out)
+    except (Diverged, ValueError) as e:  # divergence (exit 1) or bad input found on the way: no traceback
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # bad input found on the way, e.g. a corrupt stage file: what to do, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, Diverged) else 2
     if rank == 0:
-        print()
-        print(format_table(results))
-        print(f"\ntotal {time.perf_counter() - t0:.1f} s on {world} process(es); wrote {os.path.join(args.out, 'results.json')}")
+        print(f"\n{format_table(results)}")
+        print(f"\ntotal {time.perf_counter() - t0:.1f} s on {world} process(es); wrote "
+              f"{os.path.join(out, 'results.json')}")
     return 0
-
-
-
-
-
-
-
-
 
 
 if __name__ == "__main__":
