@@ -1777,8 +1777,7 @@ def _disagreements(cfg: Config) -> list[str]:
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' if a GPU is visible, else 'mps' (Apple), else 'cpu'. Others are checked: a
-    name torch does not know, or a GPU that is not there, is a ValueError that says so."""
+    """'auto': cuda if a GPU is visible, else mps (Apple), else cpu. Another name must be a device that is here."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
@@ -1815,9 +1814,8 @@ def _check_dtype(model, x: torch.Tensor, name: str) -> None:
 
 
 def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, clean_context=None) -> None:
-    """Clear errors, before any work, for a hand-made call model(x, t, cond, kv_cache=..., start_frame=...,
-    clean_context=...) whose inputs would otherwise fail deep inside torch or quietly give wrong numbers.
-    The samplers and stages make their calls themselves and check their own arguments instead."""
+    """Clear errors, before any work, for a hand-made call model(x, t, cond, kv_cache=, start_frame=, clean_context=)
+    whose inputs would fail deep inside torch or quietly give wrong numbers (samplers check their own arguments)."""
     check_video(model, x)
     B, F = x.shape[:2]
     if not torch.is_tensor(t) or t.shape != (B, F):
@@ -1949,9 +1947,8 @@ _DIFFUSERS_NAMES = [
 
 
 def rename_wan_parameters(state: dict, to: str) -> dict:
-    """A Wan2.1 DiT state dict with its names in the other layout: to="diffusers" from Wan's (official,
-    Causal/Self Forcing, this module's), to="wan" from Diffusers'. A name the table does not cover is an
-    error, not a parameter silently dropped."""
+    """A Wan2.1 DiT state dict in the other layout: to="diffusers" from Wan's names (official, Causal/Self Forcing,
+    this module's), to="wan" from Diffusers'. A name the table does not cover is an error, not silently dropped."""
     import re
 
     if to not in ("wan", "diffusers"):
@@ -2076,19 +2073,19 @@ def _read_transformer_folder(folder: str) -> dict:
                                 "transformer/ folder of a Wan2.1 Diffusers download")
     state = {}
     for shard in shards:
-        if not os.path.isfile(os.path.join(folder, shard)):
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
             raise FileNotFoundError(f"{index!r} lists {shard!r}, which is not in {folder!r}; download it again")
-        state.update(_read_checkpoint(os.path.join(folder, shard), verify=False))
+        state.update(_read_checkpoint(path, verify=False))
     return state
 
 
 def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, verify: bool = True,
                      log: Optional[Callable] = None) -> nn.Module:
-    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every
-    parameter present with the right shape, and nothing else. `path` is a file, .safetensors (needs the
-    safetensors package) or torch (read with weights_only=True), or a Diffusers model folder (transformer/,
-    or the download holding it); Wan's names and Diffusers' are both read. verify=False skips the checksum
-    pass over a torch zip file (a full read). `log`, if given, is told which entry of the file was loaded."""
+    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every parameter present
+    with the right shape, and nothing else. `path`: a .safetensors or torch file (read with weights_only=True), or a
+    Diffusers model folder (transformer/ or the download holding it); Wan's names and Diffusers' are both read.
+    verify=False skips the checksum pass over a torch zip file (a full read). `log` is told which entry was loaded."""
     entry = None
     if os.path.isdir(path):
         state = wan_state_dict(_read_transformer_folder(path))
@@ -3548,12 +3545,11 @@ def main(argv=None) -> int:
         print(f"error: run python examples/{argv[0].replace('-', '_')}.py {' '.join(argv[1:])}", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage (bidirectional base, AR "
-                                     "teacher, ODE students, DMD) on toy 2-D videos (--config toy2d) or moving digits "
-                                     "(--config mnist) and prints the table. Re-running the same command resumes "
-                                     "from the stages saved in --out. examples/bench.py measures streaming speed.")
+                                     "teacher, ODE students, DMD) on toy 2-D videos or moving digits (--config "
+                                     "mnist) and prints the table; the same command again resumes from the stages "
+                                     "saved in --out. Streaming speed: examples/bench.py.")
     parser.add_argument("--config", default="toy2d", choices=sorted(_PRESETS), help="named preset (default toy2d)")
-    parser.add_argument("--out", help="run folder: stage checkpoints, results.json, models.pt and the samples "
-                        "(default runs/<config>)")
+    parser.add_argument("--out", help="run folder: stages, results.json, models.pt, samples (default runs/<config>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by name, e.g. --set frames=6 --set chunk_frames=2 (repeatable)")
