@@ -1899,13 +1899,13 @@ def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=No
     for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if cond is not None:
+        check_cond(model, cond, batch_size)
+    check_uncond(model, uncond, cond)
     w, default = next(model.parameters()), torch.get_default_dtype()
     if w.dtype != default and not model.uses_bf16(w.device):
         raise TypeError(f"the model's weights are {w.dtype}, but samplers draw noise in torch's default dtype "
                         f"{default}: use model.to({default}) or torch.set_default_dtype({w.dtype})")
-    if cond is not None:
-        check_cond(model, cond, batch_size)
-    check_uncond(model, uncond, cond)
 
 
 def check_uncond(model, uncond, cond) -> None:
