@@ -1609,33 +1609,25 @@ _SECTIONS = ("data", "model", "train", "sample", "eval")  # the sub-configs of C
 
 
 def _field_types() -> dict[str, tuple[str, object]]:
-    """Every overridable field name -> (section or "", type). Names are unique across sections."""
-    out: dict[str, tuple[str, object]] = {}
-    top = typing.get_type_hints(Config)
-    for name in ("name", "seed", "device"):
-        out[name] = ("", top[name])
+    """Every overridable field name -> (its section, "" for Config's own fields; its type). Names are unique."""
+    hints = typing.get_type_hints(Config)
+    out = {name: ("", hints[name]) for name in ("name", "seed", "device")}
     for section in _SECTIONS:
-        hints = typing.get_type_hints(type(getattr(Config(), section)))
-        for f in dataclasses.fields(getattr(Config(), section)):
-            assert f.name not in out, f"config field {f.name} is defined twice"
-            out[f.name] = (section, hints[f.name])
+        for name, typ in typing.get_type_hints(hints[section]).items():
+            assert name not in out, f"config field {name} is defined twice"
+            out[name] = (section, typ)
     return out
 
 
 def _coerce(key: str, value, typ):
-    """Check one override's type; ints are accepted where a float is expected."""
-    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
-    if optional:
+    """One override, type-checked: an int is accepted where a float is expected, None where the type is Optional."""
+    if typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ):
         if value is None:
             return None
-        typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        tuple: isinstance(value, (tuple, list)),
-    }.get(typ, False)
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
+          str: isinstance(value, str), tuple: isinstance(value, (tuple, list))}.get(typ, False)
     if not ok:
         raise ValueError(f"config override {key}={value!r} has type {type(value).__name__}, expected {typ.__name__}")
     return float(value) if typ is float else tuple(value) if typ is tuple else value
@@ -1652,138 +1644,114 @@ def get_config(name: str = "toy2d", **overrides) -> Config:
         if key not in types:
             raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
         section, typ = types[key]
-        target = getattr(cfg, section) if section else cfg
-        setattr(target, key, _coerce(key, value, typ))
+        setattr(getattr(cfg, section) if section else cfg, key, _coerce(key, value, typ))
     validate_config(cfg)
     return cfg
 
 
+# Each numeric field's range: (the test, what a value must be, the fields). A None (where allowed) is not tested.
+_RANGES = (
+    (lambda v: v >= 1, "must be >= 1",
+     "frames train_size test_size in_channels height width patch_size dim ffn_dim num_heads num_layers freq_dim "
+     "chunk_frames batch_size base_steps teacher_steps ode_pairs ode_steps dmd_steps dmd_batch_size gen_update_ratio "
+     "cd_batch_size classifier_steps checkpoint_every num_train_timesteps teacher_solver_steps cd_grid_steps "
+     "eval_samples floor_outer floor_inner"),
+    (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0",
+     "base_lr teacher_lr ode_lr cd_lr gen_lr critic_lr grad_clip fm_shift shift rope_theta eps radius speed"),
+    (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0",
+     "weight_decay noise_std ema_start_step dmd_snapshots cd_steps"),
+    (lambda v: 0 <= v < 1, "must lie in [0, 1)",
+     "adam_beta1 adam_beta2 base_beta1 ema_decay cd_ema_decay cond_dropout context_noise"),
+    (math.isfinite, "must be finite", "turn_degrees real_guidance teacher_guidance cd_guidance transition_tol_degrees"),
+)
+
+_CHOICES = {  # the fields that name one of a few choices
+    "dataset": ("toy2d", "moving_digits", "none"), "rope_positions": ROPE_POSITIONS,
+    "attention": ("auto", "dense", "flex"), "precision": ("auto", "fp32", "bf16"),
+    "data_parallel": ("auto", "ddp", "fsdp"), "teacher_mode": ("teacher_forcing", "diffusion_forcing"),
+    "ode_step_draw": ("upstream", "batch", "sample", "chunk"), "fm_weight": ("bump", "uniform"),
+}
+
+
 def validate_config(cfg: Config) -> None:
-    """Checks every value for its range and the values for consistency, before anything is built,
-    written or trained; raises one ValueError that lists every problem."""
-    m, d, t, s, e = cfg.model, cfg.data, cfg.train, cfg.sample, cfg.eval
+    """Checks every value before anything is built, written or trained; one ValueError lists the problems: each
+    value's own (_RANGES, _CHOICES), else those of values that must agree. Then resolves the device."""
+    values = dict(vars(cfg))
+    for section in _SECTIONS:
+        values.update(vars(getattr(cfg, section)))
     problems = []
-    counts = {"frames": d.frames, "train_size": d.train_size, "test_size": d.test_size, "in_channels": m.in_channels,
-              "height": m.height, "width": m.width, "patch_size": m.patch_size, "dim": m.dim, "ffn_dim": m.ffn_dim,
-              "num_heads": m.num_heads, "num_layers": m.num_layers, "freq_dim": m.freq_dim, "chunk_frames": m.chunk_frames,
-              "batch_size": t.batch_size, "base_steps": t.base_steps, "teacher_steps": t.teacher_steps,
-              "ode_pairs": t.ode_pairs, "ode_steps": t.ode_steps, "dmd_steps": t.dmd_steps,
-              "gen_update_ratio": t.gen_update_ratio, "classifier_steps": t.classifier_steps,
-              "checkpoint_every": t.checkpoint_every, "num_train_timesteps": s.num_train_timesteps,
-              "teacher_solver_steps": s.teacher_solver_steps, "eval_samples": e.eval_samples,
-              "floor_outer": e.floor_outer, "floor_inner": e.floor_inner,
-              **{k: v for k, v in (("dmd_batch_size", t.dmd_batch_size), ("cd_batch_size", t.cd_batch_size),
-                                   ("cd_grid_steps", s.cd_grid_steps)) if v is not None}}
-    problems += [f"{k}={v} must be >= 1" for k, v in counts.items() if v < 1]
-    positive = {"base_lr": t.base_lr, "teacher_lr": t.teacher_lr, "ode_lr": t.ode_lr, "cd_lr": t.cd_lr, "gen_lr": t.gen_lr,
-                "critic_lr": t.critic_lr, "grad_clip": t.grad_clip, "shift": s.shift, "rope_theta": m.rope_theta,
-                "eps": m.eps, "radius": d.radius, "speed": d.speed}
-    problems += [f"{k}={v} must be a finite number > 0" for k, v in positive.items() if not (math.isfinite(v) and v > 0)]
-    unit = {"adam_beta1": t.adam_beta1, "adam_beta2": t.adam_beta2, "base_beta1": t.base_beta1, "ema_decay": t.ema_decay,
-            "cd_ema_decay": t.cd_ema_decay}
-    problems += [f"{k}={v} must lie in [0, 1)" for k, v in unit.items() if not 0.0 <= v < 1.0]
-    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
-        problems.append(f"weight_decay={t.weight_decay} must be a finite number >= 0")
-    if not 0.0 < t.dmd_min_sigma < t.dmd_max_sigma <= 1.0:
-        problems.append(f"DMD sigmas must satisfy 0 < dmd_min_sigma < dmd_max_sigma <= 1, got {t.dmd_min_sigma}, {t.dmd_max_sigma}")
-    if not (math.isfinite(d.noise_std) and d.noise_std >= 0) or not math.isfinite(d.turn_degrees):
-        problems.append(f"noise_std={d.noise_std} must be finite and >= 0, turn_degrees={d.turn_degrees} finite")
-    finite = {"real_guidance": t.real_guidance, "teacher_guidance": t.teacher_guidance, "cd_guidance": t.cd_guidance,
-              "transition_tol_degrees": e.transition_tol_degrees}
-    problems += [f"{k}={v} must be finite" for k, v in finite.items() if not math.isfinite(v)]
-    if t.ema_start_step < 0:
-        problems.append(f"ema_start_step={t.ema_start_step} must be >= 0")
-    if not s.denoising_steps:
-        problems.append("denoising_steps is empty: the student needs at least one step, e.g. (1000,)")
-    if m.num_heads >= 1 and m.dim % m.num_heads:
-        problems.append(f"dim={m.dim} is not divisible by num_heads={m.num_heads}")
-    elif m.num_heads >= 1 and ((m.dim // m.num_heads) % 2 or m.dim // m.num_heads < 6):
-        problems.append(f"head dim {m.dim // m.num_heads} must be even and >= 6 for 3-D rotary positions")
-    if m.patch_size >= 1 and (m.height % m.patch_size or m.width % m.patch_size):
-        problems.append(f"frame {m.height}x{m.width} is not divisible by patch_size={m.patch_size}")
-    if m.window_frames is not None and m.window_frames - m.sink_frames < m.chunk_frames:
-        problems.append(f"window_frames - sink_frames = {m.window_frames - m.sink_frames} must hold a chunk ({m.chunk_frames})")
-    if m.sink_frames < 0 or (m.chunk_frames >= 1 and m.sink_frames % m.chunk_frames):
-        problems.append(f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames")
-    if d.dataset not in ("toy2d", "moving_digits", "none"):
-        problems.append(f"dataset={d.dataset!r} is not 'toy2d', 'moving_digits' or 'none'")
-    elif d.dataset == "moving_digits":
-        if (m.in_channels, m.height, m.width) != (1, d.canvas, d.canvas):
-            problems.append(f"moving digits are 1x{d.canvas}x{d.canvas} frames (canvas={d.canvas}); the model has "
-                            f"in_channels={m.in_channels}, height={m.height}, width={m.width}")
-        if d.digit_size > d.canvas:
-            problems.append(f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas")
-        if d.num_digits != 1:
-            problems.append(f"num_digits={d.num_digits}: the pipeline's label conditions and digit metrics read one digit "
-                            "per video (moving_digits() itself makes any number)")
-        if d.canvas % 8:
-            problems.append(f"canvas={d.canvas} must be a multiple of 8 (the digit classifier pools three times)")
-        if m.cond_dim not in (0, 10):
-            problems.append(f"cond_dim={m.cond_dim} must be 10 (a one-hot label per digit) or 0 (unconditional)")
-    if not 0.0 <= cfg.train.cond_dropout < 1.0:
-        problems.append(f"cond_dropout={cfg.train.cond_dropout} must lie in [0, 1)")
-    if t.dmd_snapshots < 0:
-        problems.append(f"dmd_snapshots={t.dmd_snapshots} must be >= 0 (0: record none)")
-    if cfg.train.ode_step_draw not in ("upstream", "batch", "sample", "chunk"):
-        problems.append(f"ode_step_draw={cfg.train.ode_step_draw!r} is not 'upstream', 'batch', 'sample' or 'chunk'")
-    if cfg.train.fm_weight not in ("bump", "uniform"):
-        problems.append(f"fm_weight={cfg.train.fm_weight!r} is not 'bump' or 'uniform'")
-    if cfg.train.fm_shift is not None and not (math.isfinite(cfg.train.fm_shift) and cfg.train.fm_shift > 0):
-        problems.append(f"fm_shift={cfg.train.fm_shift} must be a finite number > 0 (or None: the sampler's shift)")
-    if cfg.train.teacher_mode not in ("teacher_forcing", "diffusion_forcing"):
-        problems.append(f"teacher_mode={cfg.train.teacher_mode!r} is not 'teacher_forcing' or 'diffusion_forcing'")
-    if not s.pp_denoising_steps or not all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps
-                                           for k in s.pp_denoising_steps):
-        problems.append(f"pp_denoising_steps {s.pp_denoising_steps} must be a non-empty list of numbers in "
-                        f"(0, {s.num_train_timesteps}]")
-    if t.cd_steps < 0:
-        problems.append(f"cd_steps={t.cd_steps} must be >= 0 (0: no Causal Forcing++ rows)")
-    grid_steps, grid_key = ((s.teacher_solver_steps, "teacher_solver_steps") if s.cd_grid_steps is None
-                            else (s.cd_grid_steps, "cd_grid_steps"))
-    if t.cd_steps and grid_steps < 2:
-        problems.append(f"{grid_key}={grid_steps}: consistency distillation needs a grid of at least 2 steps")
-    if not all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps for k in s.denoising_steps):
-        problems.append(f"denoising_steps {s.denoising_steps} must be numbers in (0, {s.num_train_timesteps}]")
-    elif s.denoising_steps and s.teacher_solver_steps >= 1 and s.shift > 0 and math.isfinite(s.shift):
+    for ok, rule, keys in _RANGES:
+        problems += [f"{k}={values[k]} {rule}" for k in keys.split() if values[k] is not None and not ok(values[k])]
+    for key, choices in _CHOICES.items():
+        if values[key] not in choices:
+            problems.append(f"{key}={values[key]!r} is not {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}")
+    if not problems:  # values that must agree are compared once each is in range
+        problems = _disagreements(cfg)
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+    cfg.device = resolve_device(cfg.device)
+    if cfg.data.dataset == "moving_digits" and not cfg.data.mnist_dir:  # record where the digits will come from
+        cfg.data.mnist_dir = os.environ.get(MNIST_ENV) or None
+
+
+def _disagreements(cfg: Config) -> list[str]:
+    """validate_config's problems of values that must fit together, each value in its range."""
+    d, m, t, s = cfg.data, cfg.model, cfg.train, cfg.sample
+    head = m.dim // m.num_heads
+    grid_key = "teacher_solver_steps" if s.cd_grid_steps is None else "cd_grid_steps"
+    rules = [  # (what must hold, what to say if it does not)
+        (0 < t.dmd_min_sigma < t.dmd_max_sigma <= 1,
+         f"DMD sigmas must satisfy 0 < dmd_min_sigma < dmd_max_sigma <= 1, got {t.dmd_min_sigma}, {t.dmd_max_sigma}"),
+        (m.dim % m.num_heads == 0 and head % 2 == 0 and head >= 6,
+         f"dim={m.dim} must be num_heads={m.num_heads} times an even head dim >= 6 (for 3-D rotary positions)"),
+        (m.height % m.patch_size == 0 and m.width % m.patch_size == 0,
+         f"frame {m.height}x{m.width} is not divisible by patch_size={m.patch_size}"),
+        (m.window_frames is None or m.window_frames - m.sink_frames >= m.chunk_frames,
+         f"window_frames={m.window_frames} - sink_frames={m.sink_frames} must hold a chunk ({m.chunk_frames})"),
+        (m.sink_frames >= 0 and m.sink_frames % m.chunk_frames == 0,
+         f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames"),
+        (not t.cd_steps or getattr(s, grid_key) >= 2,
+         f"{grid_key}={getattr(s, grid_key)}: consistency distillation needs a grid of at least 2 steps"),
+    ]
+    for key in ("denoising_steps", "pp_denoising_steps"):
+        steps = getattr(s, key)
+        rules.append((steps and all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps for k in steps),
+                      f"{key} {steps} must be a non-empty list of numbers in (0, {s.num_train_timesteps}]"))
+    if d.dataset == "moving_digits":
+        rules += [
+            ((m.in_channels, m.height, m.width) == (1, d.canvas, d.canvas),
+             f"moving digits are 1x{d.canvas}x{d.canvas} frames (canvas={d.canvas}); the model has "
+             f"in_channels={m.in_channels}, height={m.height}, width={m.width}"),
+            (d.digit_size <= d.canvas, f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas"),
+            (d.num_digits == 1, f"num_digits={d.num_digits}: the pipeline's label conditions and digit metrics read "
+             "one digit per video (moving_digits() itself makes any number)"),
+            (d.canvas % 8 == 0, f"canvas={d.canvas} must be a multiple of 8 (the digit classifier pools three times)"),
+            (m.cond_dim in (0, 10),
+             f"cond_dim={m.cond_dim} must be 10 (a one-hot label per digit) or 0 (unconditional)"),
+        ]
+    problems = [message for ok, message in rules if not ok]
+    if not problems:
         try:  # the teacher's Euler grid must pass through the student's sigmas (ODE pairs keep them)
             ode_pair_sigmas(s)
         except ValueError as err:
             problems.append(str(err))
-    if not 0.0 <= cfg.sample.context_noise < 1.0:
-        problems.append("context_noise must lie in [0, 1)")
-    if m.rope_positions not in ROPE_POSITIONS:
-        problems.append(f"rope_positions={m.rope_positions!r} is not 'absolute' or 'window'")
-    if m.attention not in ("auto", "dense", "flex"):
-        problems.append(f"attention={m.attention!r} is not 'auto', 'dense' or 'flex'")
-    if cfg.train.data_parallel not in ("auto", "ddp", "fsdp"):
-        problems.append(f"data_parallel={cfg.train.data_parallel!r} is not 'auto', 'ddp' or 'fsdp'")
-    if m.precision not in ("auto", "fp32", "bf16"):
-        problems.append(f"precision={m.precision!r} is not 'auto', 'fp32' or 'bf16'")
-    if problems:
-        raise ValueError("invalid config: " + "; ".join(problems))
-    cfg.device = resolve_device(cfg.device)
-    if d.dataset == "moving_digits" and not d.mnist_dir:  # record where the digits will come from
-        d.mnist_dir = os.environ.get(MNIST_ENV) or None
+    return problems
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' if a GPU is visible, else 'mps' (Apple), else 'cpu'. Others are checked: a
-    name torch does not know, or a GPU that is not there, is a ValueError that says so."""
-    if name != "auto":
-        try:
-            kind = torch.device(name).type
-        except (RuntimeError, ValueError):
-            raise ValueError(f"device={name!r} is not a device torch knows; use cuda, mps, cpu or auto") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={name!r}: no CUDA GPU is visible here; use cpu or auto")
-        if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise ValueError(f"device={name!r}: MPS (Apple GPU) is not available here; use cpu or auto")
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """'auto': cuda if a GPU is visible, else mps (Apple), else cpu. Another name must be a device that is here."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={name!r} is not a device torch knows; use cuda, mps, cpu or auto") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: no CUDA GPU is visible here; use cpu or auto")
+    if kind == "mps" and not mps:
+        raise ValueError(f"device={name!r}: MPS (Apple GPU) is not available here; use cpu or auto")
+    return name
 
 
 # --- the network's inputs: clear errors before any work (the samplers check theirs; check_inputs a hand-made call)
@@ -1791,11 +1759,10 @@ def resolve_device(name: str) -> str:
 
 def check_video(model, x: torch.Tensor, name: str = "x") -> None:
     """x must be a (B, F, C, H, W) float video of the model's frame shape and dtype, finite."""
-    c = model.cfg
-    want = (c.in_channels, c.height, c.width)
+    want = (model.cfg.in_channels, model.cfg.height, model.cfg.width)
     if not torch.is_tensor(x) or x.dim() != 5 or tuple(x.shape[2:]) != want or x.shape[1] == 0:
-        raise ValueError(f"{name} must have shape (B, F, {want[0]}, {want[1]}, {want[2]}) with F >= 1, got "
-                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{name} must have shape (B, F, {', '.join(map(str, want))}) with F >= 1, got {got}")
     _check_dtype(model, x, name)
     if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
         raise FloatingPointError(f"{name} holds NaN or infinite values")
@@ -1804,13 +1771,13 @@ def check_video(model, x: torch.Tensor, name: str = "x") -> None:
 def _check_dtype(model, x: torch.Tensor, name: str) -> None:
     w = model.patch_embedding.weight
     if not x.is_floating_point() or (x.dtype != w.dtype and not model.uses_bf16(w.device)):
-        raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: convert it, e.g. {name}.to({w.dtype})")
+        raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: convert it, e.g. "
+                        f"{name}.to({w.dtype})")
 
 
 def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, clean_context=None) -> None:
-    """Clear errors, before any work, for a hand-made call model(x, t, cond, kv_cache=..., start_frame=...,
-    clean_context=...) whose inputs would otherwise fail deep inside torch or quietly give wrong numbers.
-    The samplers and stages make their calls themselves and check their own arguments instead."""
+    """Clear errors, before any work, for a hand-made call model(x, t, cond, kv_cache=, start_frame=, clean_context=)
+    whose inputs would fail deep inside torch or quietly give wrong numbers (samplers check their own arguments)."""
     check_video(model, x)
     B, F = x.shape[:2]
     if not torch.is_tensor(t) or t.shape != (B, F):
@@ -1822,8 +1789,9 @@ def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, cl
         check_cond(model, cond, B)
     if isinstance(start_frame, bool) or not isinstance(start_frame, int):
         raise TypeError(f"start_frame must be an int, got {start_frame!r}")
-    if model.causal and start_frame % model.cfg.chunk_frames:
-        raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={model.cfg.chunk_frames})")
+    chunk = model.cfg.chunk_frames
+    if model.causal and start_frame % chunk:
+        raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={chunk})")
     if (kv_cache is not None or clean_context is not None) and not model.causal:
         raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
     if kv_cache is not None and clean_context is not None:
@@ -1831,7 +1799,8 @@ def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, cl
     if clean_context is not None:
         check_video(model, clean_context, "clean_context")
         if clean_context.shape != x.shape:
-            raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got {tuple(clean_context.shape)}")
+            raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got "
+                             f"{tuple(clean_context.shape)}")
     if kv_cache is not None:
         check_cache(model, kv_cache, B)
         _check_cache_call(kv_cache, start_frame, F)
@@ -1839,35 +1808,35 @@ def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, cl
 
 def check_cache(model, kv_cache, batch: int) -> None:
     """A KV cache must be one `model.new_kv_cache(batch)` would make (shapes, positions, window)."""
-    c = model.cfg
-    want = (len(model.blocks), c.num_heads, model.tokens_per_frame, c.dim // c.num_heads, c.chunk_frames)
-    got = (kv_cache.k.shape[0], kv_cache.k.shape[2], kv_cache.k.shape[4], kv_cache.k.shape[5], kv_cache.chunk_frames)
-    if got != want:
-        raise ValueError(f"this KV cache was made for another model: (layers, heads, tokens per frame, head dim, "
-                         f"chunk frames) = {got}, this model has {want}; make it with model.new_kv_cache")
-    if kv_cache.rope_positions != c.rope_positions:
-        raise ValueError(f"the KV cache holds keys for rope_positions={kv_cache.rope_positions!r}, this model uses "
-                         f"{c.rope_positions!r}; make it with model.new_kv_cache")
-    if c.window_frames is not None and (kv_cache.window_frames, kv_cache.sink_frames) != (c.window_frames, c.sink_frames):
-        raise ValueError(f"the KV cache's window ({kv_cache.window_frames}, sink {kv_cache.sink_frames}) is not the "
-                         f"model's ({c.window_frames}, sink {c.sink_frames}); make it with model.new_kv_cache")
+    c, shape = model.cfg, kv_cache.k.shape  # (layers, B, heads, slots, tokens per frame, head dim)
+    made_for = [("layers", shape[0], len(model.blocks)), ("heads", shape[2], c.num_heads),
+                ("tokens per frame", shape[4], model.tokens_per_frame), ("head dim", shape[5], c.dim // c.num_heads),
+                ("chunk_frames", kv_cache.chunk_frames, c.chunk_frames),
+                ("rope_positions", kv_cache.rope_positions, c.rope_positions)]
+    if c.window_frames is not None:  # a full-attention model may stream through any window
+        made_for.append(("(window_frames, sink_frames)", (kv_cache.window_frames, kv_cache.sink_frames),
+                         (c.window_frames, c.sink_frames)))
+    wrong = [f"{name}={cache!r} is not the model's {own!r}" for name, cache, own in made_for if cache != own]
+    if wrong:
+        raise ValueError(f"this KV cache was made for another model: {'; '.join(wrong)}; make it with "
+                         "model.new_kv_cache")
     if batch != kv_cache.batch_size:
         raise ValueError(f"batch size {batch} does not match the KV cache's {kv_cache.batch_size}")
 
 
 def _check_cache_call(cache, start_frame: int, num_frames: int) -> None:
     """Frames [start, start + F) through `cache`: the next frames, or a chunk written again."""
+    end, window, sink = start_frame + num_frames, cache.window_frames, cache.sink_frames
     if start_frame < 0 or start_frame > cache.end:
         raise ValueError(f"start_frame={start_frame} is beyond the KV cache: frames [0, {cache.end}) are cached, "
                          f"so the next call may start at any frame up to {cache.end}")
-    if cache.window_frames is None and start_frame + num_frames > cache.max_frames:
-        raise ValueError(f"frames [{start_frame}, {start_frame + num_frames}) do not fit a KV cache of "
-                         f"max_frames={cache.max_frames}; make a larger cache or use window_frames")
-    if cache.window_frames is not None and num_frames > cache.window_frames - cache.sink_frames:
-        raise ValueError(f"{num_frames} frames at once do not fit the rolling window's "
-                         f"{cache.window_frames - cache.sink_frames} non-sink slots")
-    q = torch.arange(start_frame, start_frame + num_frames)
-    needed = frame_visibility(q, torch.arange(start_frame), cache.chunk_frames, cache.window_frames, cache.sink_frames).any(0)
+    if window is None and end > cache.max_frames:
+        raise ValueError(f"frames [{start_frame}, {end}) do not fit a KV cache of max_frames={cache.max_frames}; "
+                         "make a larger cache or use window_frames")
+    if window is not None and num_frames > window - sink:
+        raise ValueError(f"{num_frames} frames at once do not fit the rolling window's {window - sink} non-sink slots")
+    q = torch.arange(start_frame, end)
+    needed = frame_visibility(q, torch.arange(start_frame), cache.chunk_frames, window, sink).any(0)
     missing = sorted(set(torch.nonzero(needed).flatten().tolist()) - set(cache.slot_frame.tolist()))
     if missing:
         raise ValueError(f"frames {missing} are needed but no longer in the rolling KV cache "
@@ -1880,8 +1849,8 @@ def check_cond(model, cond, batch: int) -> None:
     if not c.cond_dim:
         raise ValueError("this model has no conditioning (cond_dim=0) but cond was given")
     if not torch.is_tensor(cond) or cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != c.cond_dim:
-        raise ValueError(f"cond must have shape ({batch}, L, {c.cond_dim}), got "
-                         f"{tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__}")
+        got = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
+        raise ValueError(f"cond must have shape ({batch}, L, {c.cond_dim}), got {got}")
     if c.text_len is not None and cond.shape[1] > c.text_len:
         raise ValueError(f"cond has {cond.shape[1]} rows, more than text_len={c.text_len}")
     _check_dtype(model, cond, "cond")
@@ -1892,14 +1861,13 @@ def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=No
     for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    w = next(model.parameters())
-    if w.dtype != torch.get_default_dtype() and not model.uses_bf16(w.device):
-        raise TypeError(f"the model's weights are {w.dtype}, but samplers draw noise in torch's default dtype "
-                        f"{torch.get_default_dtype()}: use model.to({torch.get_default_dtype()}) or "
-                        f"torch.set_default_dtype({w.dtype})")
     if cond is not None:
         check_cond(model, cond, batch_size)
     check_uncond(model, uncond, cond)
+    w, default = next(model.parameters()), torch.get_default_dtype()
+    if w.dtype != default and not model.uses_bf16(w.device):
+        raise TypeError(f"the model's weights are {w.dtype}, but samplers draw noise in torch's default dtype "
+                        f"{default}: use model.to({default}) or torch.set_default_dtype({w.dtype})")
 
 
 def check_uncond(model, uncond, cond) -> None:
@@ -1909,15 +1877,13 @@ def check_uncond(model, uncond, cond) -> None:
         return
     check_cond(model, uncond, len(uncond))
     if len(uncond) not in (1, len(cond)) or uncond.shape[1] != cond.shape[1]:
-        raise ValueError(f"uncond {tuple(uncond.shape)} must have cond's rows ({cond.shape[1]}) and 1 or {len(cond)} in the batch")
+        raise ValueError(f"uncond {tuple(uncond.shape)} must have cond's rows ({cond.shape[1]}) and 1 or {len(cond)} "
+                         "in the batch")
 
 
 # =================================================================================================
 # II.2 checkpoints in Wan's formats (Wan2.1, Causal Forcing, Self Forcing)
 # =================================================================================================
-
-
-_WRAPPER_PREFIXES = ("module.", "model.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 
 
 # Wan2.1's parameter names against Diffusers' WanTransformer3DModel; "{}" is a block index. The
@@ -1943,24 +1909,23 @@ _DIFFUSERS_NAMES = [
 
 
 def rename_wan_parameters(state: dict, to: str) -> dict:
-    """A Wan2.1 DiT state dict with its names in the other layout: to="diffusers" from Wan's
-    (official, Causal/Self Forcing, this module's), to="wan" from Diffusers'. A name the table does
-    not cover is an error, not a parameter silently dropped."""
+    """A Wan2.1 DiT state dict in the other layout: to="diffusers" from Wan's names (official, Causal/Self Forcing,
+    this module's), to="wan" from Diffusers'. A name the table does not cover is an error, not silently dropped."""
     import re
 
     if to not in ("wan", "diffusers"):
         raise ValueError(f"to={to!r} must be 'wan' or 'diffusers'")
     rules = []
-    for wan, dif in _DIFFUSERS_NAMES:
-        src, dst = (wan, dif) if to == "diffusers" else (dif, wan)
-        whole = not src.endswith(".")  # "head.modulation" is a whole name, "head.head." a prefix
-        rules.append((re.compile(re.escape(src).replace(r"\{\}", r"(\d+)") + ("$" if whole else "")), dst))
+    for pair in _DIFFUSERS_NAMES:
+        src, dst = pair if to == "diffusers" else pair[::-1]
+        whole = "" if src.endswith(".") else "$"  # "head.head." is a prefix, "head.modulation" a whole name
+        rules.append((re.compile(re.escape(src).replace(r"\{\}", r"(\d+)") + whole), dst))
     out, unknown = {}, []
     for name, tensor in state.items():
         for pattern, dst in rules:
             m = pattern.match(name)
             if m:
-                out[(dst.replace("{}", m.group(1)) if m.groups() else dst) + name[m.end():]] = tensor
+                out[dst.format(*m.groups()) + name[m.end():]] = tensor
                 break
         else:
             unknown.append(name)
@@ -1977,12 +1942,10 @@ def is_diffusers_layout(state: dict) -> bool:
 def checkpoint_entry(state: dict, key: Optional[str] = None) -> Optional[str]:
     """Which top-level entry of a checkpoint holds the weights: `key` if given (it must be there),
     else the first of generator_ema, generator, model; None for a bare state dict of tensors."""
-    if key is not None:
-        if key not in state:
-            raise KeyError(f"checkpoint has no entry {key!r}; it has {sorted(state)}")
+    if key is not None and key not in state:
+        raise KeyError(f"checkpoint has no entry {key!r}; it has {sorted(state)}")
+    if key is not None or all(torch.is_tensor(v) for v in state.values()):
         return key
-    if all(torch.is_tensor(v) for v in state.values()):
-        return None
     found = [k for k in ("generator_ema", "generator", "model") if isinstance(state.get(k), dict)]
     if not found:
         raise KeyError(f"no state dict in this checkpoint: top-level keys {sorted(state)}")
@@ -1990,21 +1953,15 @@ def checkpoint_entry(state: dict, key: Optional[str] = None) -> Optional[str]:
 
 
 def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
-    """Bare WanModel parameter names from any of the files the field uses: the official
-    diffusion_pytorch_model.safetensors (bare names); a Causal Forcing / Self Forcing checkpoint
-    {"generator_ema" | "generator" | "critic" | "model": {"model." + name: tensor}} (EMA weights may
-    carry "model._fsdp_wrapped_module."); DDP's "module." and torch.compile's "_orig_mod.".
-    Without `key`, the first of generator_ema, generator, model found is used (checkpoint_entry)."""
+    """Bare WanModel parameter names from any file the field uses: the official safetensors (bare names), a
+    Causal/Self Forcing checkpoint {"generator_ema" | "generator" | "critic" | "model": {"model." + name: tensor}}
+    (the entry: checkpoint_entry), with the wrappers of FSDP, DDP ("module.") and torch.compile ("_orig_mod.")."""
+    import re
+
     entry = checkpoint_entry(state, key)
-    state = state if entry is None else state[entry]
     out = {}
-    for name, tensor in state.items():
-        stripped = True
-        while stripped:  # wrappers nest: model._fsdp_wrapped_module._orig_mod.blocks...
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix):], True
+    for name, tensor in (state if entry is None else state[entry]).items():  # wrappers nest: model._orig_mod.blocks
+        name = re.sub(r"^((module|model|_fsdp_wrapped_module|_orig_mod|_checkpoint_wrapped_module)\.)+", "", name)
         for inner in ("._fsdp_wrapped_module", "._orig_mod", "._checkpoint_wrapped_module"):
             name = name.replace(inner, "")
         out[name] = tensor
@@ -2041,8 +1998,8 @@ def _is_zip(path: str) -> bool:
 
 
 def _read_checkpoint(path: str, verify: bool) -> dict:
-    """A checkpoint's tensors: .safetensors, a torch zip file (memory-mapped, after checking its
-    CRC-32 checksums if `verify`), or a legacy torch file (before PyTorch 1.6, not mappable)."""
+    """A checkpoint's tensors: .safetensors, a torch zip file (memory-mapped, after checking its CRC-32
+    checksums if `verify`), or a legacy torch file (before PyTorch 1.6: read whole)."""
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -2054,11 +2011,10 @@ def _read_checkpoint(path: str, verify: bool) -> dict:
             raise ValueError(f"{path!r} is not a readable .safetensors file ({e}); download it again") from None
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path!r} is empty; download it again")
-    zipped = _is_zip(path)
-    if zipped and verify and (bad := _checksum_failure(path)) is not None:
+    if verify and (bad := _checksum_failure(path)) is not None:
         raise ValueError(f"{path!r} is corrupt: record {bad} fails its CRC-32 checksum; download it again")
-    try:  # a zip file is memory-mapped (no full copy in RAM); a legacy file is read whole
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
         raise ValueError(f"{path!r} is not a readable torch checkpoint ({type(e).__name__}: {e}); it may be "
                          "truncated or corrupt (download it again), or hold objects other than tensors") from None
@@ -2070,13 +2026,11 @@ def _read_transformer_folder(folder: str) -> dict:
     if os.path.isdir(os.path.join(folder, "transformer")):
         folder = os.path.join(folder, "transformer")
     index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
-    single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    shards = ["diffusion_pytorch_model.safetensors"]
     if os.path.isfile(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(single):
-        shards = [os.path.basename(single)]
-    else:
+    elif not os.path.isfile(os.path.join(folder, shards[0])):
         raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its .index.json) in {folder!r}: give the "
                                 "transformer/ folder of a Wan2.1 Diffusers download")
     state = {}
@@ -2090,12 +2044,10 @@ def _read_transformer_folder(folder: str) -> dict:
 
 def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, verify: bool = True,
                      log: Optional[Callable] = None) -> nn.Module:
-    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every
-    parameter must be present with the right shape, and nothing else. `path` is a file, .safetensors
-    (needs the safetensors package, imported only here) or a torch file (zip or legacy, read with
-    weights_only=True), or a Diffusers model folder (transformer/, or the download holding it).
-    Wan's names and Diffusers' are both read. verify=False skips the checksum pass over a torch zip
-    file (a full read). `log`, if given, is told which entry of the file was loaded."""
+    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every parameter present
+    with the right shape, and nothing else. `path`: a .safetensors or torch file (read with weights_only=True), or a
+    Diffusers model folder (transformer/ or the download holding it); Wan's names and Diffusers' are both read.
+    verify=False skips the checksum pass over a torch zip file (a full read). `log` is told which entry was loaded."""
     entry = None
     if os.path.isdir(path):
         state = wan_state_dict(_read_transformer_folder(path))
@@ -2121,8 +2073,7 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, ver
 
 
 def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> CausalDiT:
-    """Random noise on every parameter (tests and checks): the zero-initialised gates would make the output 0 and
-    every comparison vacuous."""
+    """Random noise on every parameter (tests, checks): zero-initialised gates make every comparison vacuous."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -3512,12 +3463,12 @@ def save_gif(columns: dict, path: str, scale: int = 3, ms_per_frame: int = 250) 
 
 
 def _parse_override(text: str, types: dict) -> tuple[str, object]:
-    if "=" not in text:
+    """--set KEY=VALUE: the value as JSON where it parses (3, 0.5, true, [1, 2] as a tuple), else as text."""
+    key, sep, raw = text.partition("=")
+    if not sep:
         raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
-    key, raw = text.split("=", 1)
     if key not in types:
         raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
-    typ = types[key][1]
     if raw == "None":
         return key, None
     try:
@@ -3526,7 +3477,7 @@ def _parse_override(text: str, types: dict) -> tuple[str, object]:
         value = raw
     if isinstance(value, list):
         value = tuple(value)
-    if typ is float and isinstance(value, int):
+    if types[key][1] is float and isinstance(value, int):
         value = float(value)
     return key, value
 
@@ -3542,50 +3493,53 @@ def _config_from_flags(parser, name: str, sets: list, device: Optional[str], **f
         parser.error(str(e))
 
 
+def _check_out(parser, out: str) -> None:
+    """A run folder that cannot be written is a usage error now, not a traceback after the first stage."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {out!r} is a file; give a folder for the run")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        parser.error(f"--out {out!r} cannot be written: {e.strerror or e}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in ("bench", "long-stream", "generate"):  # applications live beside the module
         print(f"error: run python examples/{argv[0].replace('-', '_')}.py {' '.join(argv[1:])}", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage (bidirectional base, AR "
-                                     "teacher, ODE students, DMD) on toy 2-D videos (--config toy2d) or moving "
-                                     "digits (--config mnist) and prints the table. Re-running the same command "
-                                     "resumes from the stages saved in --out. "
-                                     "'python causal_forcing.py bench --help' measures streaming speed.")
+                                     "teacher, ODE students, DMD) on toy 2-D videos or moving digits (--config "
+                                     "mnist) and prints the table; the same command again resumes from the stages "
+                                     "saved in --out. Streaming speed: examples/bench.py.")
     parser.add_argument("--config", default="toy2d", choices=sorted(_PRESETS), help="named preset (default toy2d)")
-    parser.add_argument("--out", default=None, help="run folder: stage checkpoints, results.json, models.pt and "
-                        "the samples (default runs/<config>)")
+    parser.add_argument("--out", help="run folder: stages, results.json, models.pt, samples (default runs/<config>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by name, e.g. --set frames=6 --set chunk_frames=2 (repeatable)")
-    parser.add_argument("--mnist-dir", default=None, help="folder with the MNIST IDX files (raw or .gz) for "
-                        "--config mnist; default $CAUSAL_FORCING_MNIST, else the digit sprites in toy_data/")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--mnist-dir", help="folder with the MNIST IDX files (raw or .gz) for --config mnist; "
+                        "default $CAUSAL_FORCING_MNIST, else the digit sprites in toy_data/")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: auto)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     fixed = {"seed": args.seed, **({"mnist_dir": args.mnist_dir} if args.mnist_dir else {})}
     cfg = _config_from_flags(parser, args.config, args.set, args.device, **fixed)
     if cfg.data.dataset == "none":
-        parser.error(f"the training pipeline runs on toy2d or mnist; {cfg.name!r} has no training data here "
-                     "(its stage functions take your latents and text embeddings; 'bench' measures its speed)")
+        parser.error(f"the training pipeline runs on toy2d or mnist; {cfg.name!r} has no training data here (its "
+                     "stage functions take your latents and text embeddings; examples/bench.py measures its speed)")
     if args.mnist_dir and not os.path.isdir(args.mnist_dir):
         parser.error(f"--mnist-dir {args.mnist_dir!r} is not a folder")
-    args.out = args.out or os.path.join("runs", cfg.name)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out {args.out!r} is a file; give a folder for the run")
-    try:  # a folder we cannot write to is a usage error now, not a traceback after the first stage
-        os.makedirs(args.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out):
-            pass
-    except OSError as e:
-        parser.error(f"--out {args.out!r} cannot be written: {e.strerror or e}")
+    out = args.out or os.path.join("runs", cfg.name)
+    _check_out(parser, out)
     rank, world = init_distributed(cfg.device)
-    try:  # a usage error before any work; under the folder's lock, as the check may rewrite config.json
-        lock = lock_run_folder(args.out) if rank == 0 else None
+    try:  # another config in the folder is a usage error; under its lock, as the check may rewrite config.json
+        lock = lock_run_folder(out) if rank == 0 else None
         try:
-            _check_run_folder(cfg, args.out, print if rank == 0 else (lambda *_: None))
+            _check_run_folder(cfg, out, print if rank == 0 else (lambda *_: None))
         finally:
             if lock is not None:
                 lock.close()  # run_pipeline takes it again for the run
@@ -3593,26 +3547,15 @@ def main(argv=None) -> int:
         parser.error(str(e))
     t0 = time.perf_counter()
     try:
-        results = run_pipeline(cfg, args.out)
-    except Diverged as e:  # a clear message and a failing exit, not a traceback (nor a table of NaN)
+        results = run_pipeline(cfg, out)
+    except (Diverged, ValueError) as e:  # divergence (exit 1) or bad input found on the way: no traceback
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # bad input found on the way, e.g. a corrupt stage file: what to do, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, Diverged) else 2
     if rank == 0:
-        print()
-        print(format_table(results))
-        print(f"\ntotal {time.perf_counter() - t0:.1f} s on {world} process(es); wrote {os.path.join(args.out, 'results.json')}")
+        print(f"\n{format_table(results)}")
+        print(f"\ntotal {time.perf_counter() - t0:.1f} s on {world} process(es); wrote "
+              f"{os.path.join(out, 'results.json')}")
     return 0
-
-
-
-
-
-
-
-
 
 
 if __name__ == "__main__":
