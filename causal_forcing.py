@@ -1005,26 +1005,6 @@ def _randn(shape, rng, device):
     return torch.randn(shape, generator=rng).to(device)
 
 
-def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
-    """A sampler's noise levels as a float64 tensor, after checking that they are a non-empty,
-    strictly descending list in [0, 1]: the teachers' Euler grid (solver_sigmas) or the student's
-    denoising sigmas (student_sigmas)."""
-    try:
-        s = torch.as_tensor(sigmas, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a list of noise levels such as student_sigmas(cfg.sample) or "
-                        f"solver_sigmas(48, cfg.sample), got {type(sigmas).__name__}") from None
-    if s.dim() != 1 or len(s) == 0 or not bool(((s >= 0) & (s <= 1)).all()) or not bool((s[1:] < s[:-1]).all()):
-        raise ValueError(f"{name} must be a non-empty, strictly descending list of noise levels in [0, 1], got {s.tolist()}")
-    return s
-
-
-def _check_context_noise(context_noise: float) -> None:
-    if not 0 <= context_noise < 1:
-        raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level at which finished chunks "
-                         "are written to the KV cache (0 = clean)")
-
-
 def new_cache_for(model: CausalDiT, batch_size: int, num_frames: int) -> KVCache:
     """An empty KV cache for a video of `num_frames`: the model's rolling window if it has one,
     else a full cache of num_frames."""
@@ -1054,8 +1034,7 @@ def sample_ar_teacher(model: CausalDiT, sigmas, *, batch_size: int, num_frames: 
     (a cache of 2B rows), and the finished chunk is written to both, each under its own condition
     (uncond: the null condition by default, see guided_velocity)."""
     sigmas = check_sigmas(sigmas)
-    _check_context_noise(context_noise)
-    check_sampling(model, batch_size, num_frames, cond, uncond)
+    check_sampling(model, batch_size, num_frames, cond, uncond, context_noise)
     guided = cond is not None and guidance != 1.0
     cache = new_cache_for(model, 2 * batch_size if guided else batch_size, num_frames)
     chunk, chunks = model.cfg.chunk_frames, []
@@ -1116,8 +1095,7 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
     ends the stream with a ValueError before any work on the next chunk."""
     sigmas = check_sigmas(sigmas).tolist()  # every argument is checked here, before the first chunk is asked for
     first = check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist() if first_chunk_sigmas is not None else sigmas
-    _check_context_noise(context_noise)
-    check_sampling(generator, batch_size, num_frames, cond)
+    check_sampling(generator, batch_size, num_frames, cond, context_noise=context_noise)
     if kv_cache is not None:
         check_cache(generator, kv_cache, batch_size)
     cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, num_frames)
@@ -1856,11 +1834,29 @@ def check_cond(model, cond, batch: int) -> None:
     _check_dtype(model, cond, "cond")
 
 
-def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=None) -> None:
-    """A sampler's arguments: sizes, conditions, and a model whose dtype the noise it draws will have."""
+def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
+    """A sampler's noise levels as a float64 tensor, after checking that they are a non-empty,
+    strictly descending list in [0, 1]: the teachers' Euler grid (solver_sigmas) or the student's
+    denoising sigmas (student_sigmas)."""
+    try:
+        s = torch.as_tensor(sigmas, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a list of noise levels such as student_sigmas(cfg.sample) or "
+                        f"solver_sigmas(48, cfg.sample), got {type(sigmas).__name__}") from None
+    if s.dim() != 1 or len(s) == 0 or not bool(((s >= 0) & (s <= 1)).all()) or not bool((s[1:] < s[:-1]).all()):
+        raise ValueError(f"{name} must be a non-empty, strictly descending list of noise levels in [0, 1], got {s.tolist()}")
+    return s
+
+
+def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=None, context_noise: float = 0.0) -> None:
+    """A sampler's arguments: sizes, conditions, context_noise, and a model whose dtype the noise it
+    draws will have."""
     for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not 0 <= context_noise < 1:
+        raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level at which finished chunks "
+                         "are written to the KV cache (0 = clean)")
     if cond is not None:
         check_cond(model, cond, batch_size)
     check_uncond(model, uncond, cond)
