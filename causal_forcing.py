@@ -66,7 +66,7 @@ from einops import rearrange
 # #################################################################################################
 
 # =================================================================================================
-# I.1 config: what a run is made of (values only; checking and overrides are in Part II)
+# I.1 config: what a run is made of (fields and defaults; the named presets and the checks are in II.1)
 # =================================================================================================
 
 
@@ -218,46 +218,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832
-# pixels), patch 2 -> 1560 tokens per latent frame, chunks of 3 latent frames, umT5 text 512 x 4096.
-_WAN_1_3B = dict(dataset="none", dmd_snapshots=0, frames=21, in_channels=16, height=60, width=104, patch_size=2, dim=1536, ffn_dim=8960,
-                 num_heads=12, num_layers=30, freq_dim=256, cond_dim=4096, text_len=512, chunk_frames=3)
-
-
-# Moving digits on a 2-core CPU: 8 frames of 16x16 pixels (12-pixel digits), patch 4 -> 16 tokens per
-# frame, chunks of 2 frames, the digit's label as a one-token condition (one-hot, 10 wide), and a
-# milder noise shift for these small frames. Sized so that every stage together, Causal Forcing++'s
-# two included, runs in under 30 minutes on a 2-core CPU. The paper-standard data is one override away
-# (canvas=64, height=64, width=64, digit_size=28, num_digits=2, frames=20, speed=0.1), at a GPU's cost.
-# DMD: 100 generator updates (200 critic steps at ratio 2, upstream 5) on batches of 32; consistency
-# distillation: 250 steps on batches of 32 (its grid: the teachers' 16 steps). Both to fit the budget.
-_MNIST = dict(dataset="moving_digits", frames=8, canvas=16, digit_size=12, num_digits=1, speed=0.25,
-              train_size=10000, test_size=1000, in_channels=1, height=16, width=16, patch_size=4, dim=96,
-              ffn_dim=384, num_heads=4, num_layers=4, freq_dim=64, cond_dim=10, chunk_frames=2,
-              batch_size=64, base_steps=1200, base_lr=4e-3, teacher_steps=300, teacher_lr=1e-3,
-              ode_pairs=320, ode_steps=200, ode_lr=5e-4, dmd_steps=200, dmd_batch_size=32, gen_update_ratio=2,
-              gen_lr=5e-5, critic_lr=4e-4, ema_start_step=50, shift=1.5, teacher_solver_steps=16,
-              teacher_guidance=4.0, real_guidance=4.0, eval_samples=250,
-              cd_steps=250, cd_batch_size=32)
-
-
-_PRESETS: dict[str, dict] = {
-    # Each frame is one token; frame-wise causal blocks, as in the paper's frame-wise models.
-    # Trained from scratch, the base needs the low noise levels where a frame's exact position is
-    # decided: sigmas drawn unshifted and weighted uniformly (upstream: shifted, bump weight).
-    # The AR teacher, adapting the base to the causal mask, needs more steps at a higher lr than a fine-tune.
-    # Consistency distillation: a 16-step grid (upstream 48: each link of the chain is trained 3x as
-    # often in the steps a CPU run can give it), batches of 64 and an EMA target that follows faster.
-    # DMD on batches of 128 keeps the run near three minutes.
-    "toy2d": dict(fm_shift=1.0, fm_weight="uniform", base_lr=4e-3, base_steps=2000, teacher_lr=2e-3, teacher_steps=1200,
-                  cd_grid_steps=16, cd_batch_size=64, cd_ema_decay=0.95, dmd_batch_size=128),
-    "mnist": _MNIST,
-    "wan-1.3b": _WAN_1_3B,
-    # Wan2.1-T2V-14B shapes: the real score of the official recipe.
-    "wan-14b": {**_WAN_1_3B, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40},
-}
 
 
 # =================================================================================================
@@ -1581,6 +1541,46 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
 # =================================================================================================
 # II.1 checks: named presets with checked overrides; the network's inputs
 # =================================================================================================
+
+
+# Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832
+# pixels), patch 2 -> 1560 tokens per latent frame, chunks of 3 latent frames, umT5 text 512 x 4096.
+_WAN_1_3B = dict(dataset="none", dmd_snapshots=0, frames=21, in_channels=16, height=60, width=104, patch_size=2, dim=1536, ffn_dim=8960,
+                 num_heads=12, num_layers=30, freq_dim=256, cond_dim=4096, text_len=512, chunk_frames=3)
+
+
+# Moving digits on a 2-core CPU: 8 frames of 16x16 pixels (12-pixel digits), patch 4 -> 16 tokens per
+# frame, chunks of 2 frames, the digit's label as a one-token condition (one-hot, 10 wide), and a
+# milder noise shift for these small frames. Sized so that every stage together, Causal Forcing++'s
+# two included, runs in under 30 minutes on a 2-core CPU. The paper-standard data is one override away
+# (canvas=64, height=64, width=64, digit_size=28, num_digits=2, frames=20, speed=0.1), at a GPU's cost.
+# DMD: 100 generator updates (200 critic steps at ratio 2, upstream 5) on batches of 32; consistency
+# distillation: 250 steps on batches of 32 (its grid: the teachers' 16 steps). Both to fit the budget.
+_MNIST = dict(dataset="moving_digits", frames=8, canvas=16, digit_size=12, num_digits=1, speed=0.25,
+              train_size=10000, test_size=1000, in_channels=1, height=16, width=16, patch_size=4, dim=96,
+              ffn_dim=384, num_heads=4, num_layers=4, freq_dim=64, cond_dim=10, chunk_frames=2,
+              batch_size=64, base_steps=1200, base_lr=4e-3, teacher_steps=300, teacher_lr=1e-3,
+              ode_pairs=320, ode_steps=200, ode_lr=5e-4, dmd_steps=200, dmd_batch_size=32, gen_update_ratio=2,
+              gen_lr=5e-5, critic_lr=4e-4, ema_start_step=50, shift=1.5, teacher_solver_steps=16,
+              teacher_guidance=4.0, real_guidance=4.0, eval_samples=250,
+              cd_steps=250, cd_batch_size=32)
+
+
+_PRESETS: dict[str, dict] = {
+    # Each frame is one token; frame-wise causal blocks, as in the paper's frame-wise models.
+    # Trained from scratch, the base needs the low noise levels where a frame's exact position is
+    # decided: sigmas drawn unshifted and weighted uniformly (upstream: shifted, bump weight).
+    # The AR teacher, adapting the base to the causal mask, needs more steps at a higher lr than a fine-tune.
+    # Consistency distillation: a 16-step grid (upstream 48: each link of the chain is trained 3x as
+    # often in the steps a CPU run can give it), batches of 64 and an EMA target that follows faster.
+    # DMD on batches of 128 keeps the run near three minutes.
+    "toy2d": dict(fm_shift=1.0, fm_weight="uniform", base_lr=4e-3, base_steps=2000, teacher_lr=2e-3, teacher_steps=1200,
+                  cd_grid_steps=16, cd_batch_size=64, cd_ema_decay=0.95, dmd_batch_size=128),
+    "mnist": _MNIST,
+    "wan-1.3b": _WAN_1_3B,
+    # Wan2.1-T2V-14B shapes: the real score of the official recipe.
+    "wan-14b": {**_WAN_1_3B, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40},
+}
 
 
 _SECTIONS = ("data", "model", "train", "sample", "eval")  # the sub-configs of Config
