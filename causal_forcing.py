@@ -1099,7 +1099,7 @@ def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_siz
 
     for start in range(0, num_frames, generator.cfg.chunk_frames):
         n = min(generator.cfg.chunk_frames, num_frames - start)
-        with torch.no_grad():  # not across the yield (see _stream_chunks)
+        with torch.no_grad():  # not across the yield (see _stream)
             done.append(denoise_chunk(on_prefix, _noise(generator, batch_size, n, rng), sigmas, cond, None, start, rng=rng))
         yield done[-1]
 
