@@ -2232,22 +2232,20 @@ def flex_attend(q, k, v, block_mask) -> torch.Tensor:
 
 
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
-    """Joins the process group when started by torchrun (WORLD_SIZE > 1): NCCL for CUDA, gloo
-    otherwise. Each process uses the GPU of its LOCAL_RANK."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    """Joins the process group when torchrun started several processes (NCCL for CUDA, else gloo);
+    each process uses the GPU of its LOCAL_RANK. Returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return rank_and_world()
 
 
 def rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _shard(x: torch.Tensor) -> torch.Tensor:
@@ -2261,8 +2259,8 @@ def _shard(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rank_rng(rng: Optional[torch.Generator]) -> Optional[torch.Generator]:
-    """A generator of this rank's own, derived from the shared one (which every rank advances
-    alike), for draws that must differ between ranks (the noise of each rank's rollouts)."""
+    """A generator of this rank's own, seeded from the shared one (which every rank advances alike),
+    for draws that must differ between ranks (the noise of each rank's rollouts)."""
     rank, world = rank_and_world()
     if world == 1:
         return rng
@@ -2270,13 +2268,11 @@ def _rank_rng(rng: Optional[torch.Generator]) -> Optional[torch.Generator]:
 
 
 def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
-    """Under torchrun: shard a large model with FSDP (fully_shard per block, then the root), or
-    keep a replica per rank (DDP's scheme: _step averages the gradients). In place."""
+    """Under torchrun, in place: shards a large model with FSDP (each block, then the root), or keeps
+    a replica per rank (DDP's scheme: _step averages the gradients)."""
     rank, world = rank_and_world()
     if world == 1:
         return model
-    import torch.distributed as dist
-
     mode = cfg.train.data_parallel
     if mode == "fsdp" or (mode == "auto" and cfg.model.dim >= 1024):
         from torch.distributed.fsdp import fully_shard
@@ -2287,7 +2283,7 @@ def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
         model.fsdp = True
     else:
         for p in model.parameters():
-            dist.broadcast(p.data, src=0)  # identical replicas, whatever each rank initialised
+            torch.distributed.broadcast(p.data, src=0)  # identical replicas, whatever each rank initialised
     return model
 
 
@@ -2301,8 +2297,8 @@ def full_state_dict(model: nn.Module) -> dict:
 
 
 def _reshard(model: nn.Module) -> None:
-    """FSDP keeps the root's parameters gathered after a forward pass; shard them again so that
-    model.parameters() are the (sharded) parameters the optimizer and the EMA hold."""
+    """FSDP keeps the root's parameters gathered after a forward pass: shards them again, so that
+    model.parameters() are the sharded ones the optimizer and the EMA hold."""
     if getattr(model, "fsdp", False):
         model.reshard()
 
@@ -2312,9 +2308,7 @@ def _global_mean(x: torch.Tensor) -> float:
     rank, world = rank_and_world()
     x = x.detach().float()
     if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(x)
+        torch.distributed.all_reduce(x)
         x = x / world
     return float(x)
 
@@ -2324,24 +2318,23 @@ def _adamw(params, lr, cfg: TrainConfig, beta1=None, cosine_steps: Optional[int]
     beta1 = cfg.adam_beta1 if beta1 is None else beta1
     opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     if cosine_steps:
-        opt.schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i / cosine_steps, 1))))
+        cosine = lambda i: 0.5 * (1 + math.cos(math.pi * min(i / cosine_steps, 1)))  # noqa: E731
+        opt.schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     return opt
 
 
 def _step(opt, model, loss, clip) -> float:
-    """One optimizer step: backward, average gradients over replicas, clip, step. Refuses (before
-    the step, so the weights stay finite) a loss or gradient that is not finite."""
+    """One optimizer step: backward, average gradients over replicas, clip, step. Returns the gradient
+    norm; refuses a non-finite loss or gradient before the step, so the weights stay finite."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     rank, world = rank_and_world()
     if world > 1 and not getattr(model, "fsdp", False):  # average gradients over the replicas
-        import torch.distributed as dist
-
         for p in model.parameters():
             if p.requires_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+                torch.distributed.all_reduce(p.grad)
                 p.grad /= world
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))  # the same on every rank
     if not math.isfinite(norm):
@@ -2353,9 +2346,9 @@ def _step(opt, model, loss, clip) -> float:
 
 
 class Batches:
-    """Endless shuffled minibatches (index tensors) of a fixed dataset of n samples: a new permutation
-    each epoch, drawn from rng, incomplete last batches dropped. Its state (the permutation and the
-    position in it) is saved with a stage's checkpoint, so a resumed stage sees the same batches."""
+    """Endless shuffled minibatches (index tensors) of a dataset of n samples: a new permutation from
+    rng each epoch, incomplete last batches dropped. A stage's checkpoint saves its state, so a
+    resumed stage sees the same batches."""
 
     def __init__(self, n: int, batch: int, rng):
         if batch > n:
@@ -2376,30 +2369,15 @@ class Batches:
         self.perm, self.pos = state["perm"], state["pos"]
 
 
-class Progress:
-    """Prints a stage's progress about ten times: step, loss, iterations per second, time left."""
-
-    def __init__(self, log, stage: str, total: int, start: int = 0):
-        self.log, self.stage, self.total, self.start = log, stage, total, start
-        self.every, self.t0 = max(total // 10, 1), time.perf_counter()
-
-    def __call__(self, step: int, loss: float) -> None:
-        if not self.log or not (step % self.every == 0 or step == self.total - 1):
-            return
-        rate = (step + 1 - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-        self.log(f"  [{self.stage}] step {step + 1:5d}/{self.total}  loss {loss:.4f}  "
-                 f"{rate:6.2f} it/s  {(self.total - step - 1) / rate:5.0f} s left")
-
-
-# --- resumable stages: files written atomically, and the state a stage checkpoints ---------------
+# --- files written atomically, the run folder's lock, and the state a stage checkpoints ----------
 
 
 @contextlib.contextmanager
 def _atomic_file(path: str):
-    """Yields a binary file in the folder of `path`, renamed over `path` when the block ends: an
-    interrupted write never leaves a truncated file, and an older one survives until the new one is
-    whole. The file is flushed to disk before the rename and the folder after it, so that a power
-    loss cannot leave an empty file under the final name."""
+    """Yields a binary file beside `path` that replaces `path` when the block ends: an interrupted
+    write never leaves a truncated file, and the old one survives until the new one is whole. The
+    file is flushed to disk before the rename and the folder after it, so that a power loss cannot
+    leave an empty file under the final name."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
@@ -2420,22 +2398,35 @@ def _atomic_file(path: str):
 
 
 def _fsync_folder(folder: str) -> None:
-    """Makes a rename in `folder` durable (where the system allows opening a folder)."""
-    try:
+    """Makes a rename in `folder` durable, where the system lets a folder be opened."""
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_stale_temporaries(folder: str) -> None:
+    """Deletes the .tmp-* files that a save interrupted by a kill leaves behind."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(folder, name))
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save, or JSON for a .json path, written atomically (see _atomic_file)."""
+    with _atomic_file(path) as f:
+        if path.endswith(".json"):  # strict JSON: NaN and infinities (which json reads back as constants) as null
+            strict = json.loads(json.dumps(obj), parse_constant=lambda _: None)
+            f.write(json.dumps(strict, indent=2, allow_nan=False).encode())
+        else:
+            torch.save(obj, f)
 
 
 def _load_saved(path: str, what: str = "stage file") -> dict:
-    """torch.load of a file this project saved, after checking its checksums, with an error that
-    names the file and what to do when it is empty, truncated, corrupt or not a torch file."""
+    """torch.load of a file this code saved, after checking its checksums; an empty, truncated or
+    corrupt file is a ValueError that names it and what to do."""
     fix = "delete it and run again to redo that stage"
     bad = _checksum_failure(path)
     if bad is not None:
@@ -2448,9 +2439,9 @@ def _load_saved(path: str, what: str = "stage file") -> dict:
 
 def lock_run_folder(out: str):
     """Takes out/.lock for one run and returns its open file; the lock lasts until the file is closed
-    or the process ends (a killed run leaves no lock behind). A second run started on the same folder
-    (another terminal, a notebook) would delete the first one's temporary files and write over its
-    stages, so it gets a ValueError naming the folder instead. Without fcntl (Windows) there is no lock."""
+    or the process ends (a killed run leaves none behind). A second run on the same folder would delete
+    the first one's temporary files and write over its stages: it gets a ValueError instead. Without
+    fcntl (Windows) there is no lock."""
     try:
         import fcntl
     except ImportError:
@@ -2466,40 +2457,13 @@ def lock_run_folder(out: str):
     return f
 
 
-def _remove_stale_temporaries(folder: str) -> None:
-    """Deletes the .tmp-* files that a save interrupted by a kill leaves behind."""
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(folder, name))
-
-
-def _finite_or_none(obj):
-    """obj with every non-finite float replaced by None, so that it is valid JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save (or JSON for a .json path), written atomically (see _atomic_file)."""
-    with _atomic_file(path) as f:
-        if path.endswith(".json"):  # strict JSON: a NaN or infinity is written as null
-            f.write(json.dumps(_finite_or_none(obj), indent=2, allow_nan=False).encode())
-        else:
-            torch.save(obj, f)
-
-
 def _state_of(obj):
+    """What a checkpoint keeps of a model, an optimizer (with its lr schedule), a generator or Batches."""
     if isinstance(obj, torch.Generator):
         return obj.get_state()
     if isinstance(obj, torch.optim.Optimizer):
         return {"opt": obj.state_dict(), "schedule": obj.schedule.state_dict() if hasattr(obj, "schedule") else None}
-    return full_state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict()  # a model, Batches
+    return full_state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict()
 
 
 def _load_state(obj, state) -> None:
@@ -2514,10 +2478,10 @@ def _load_state(obj, state) -> None:
 
 
 class StageCheckpoint:
-    """The resumable state of one training stage in one file, written atomically every `every`
-    steps: models, optimizers (with their lr schedules), the random generators and the step, so that
-    a resumed stage takes exactly the steps an uninterrupted one would. path=None (or torchrun, whose
-    sharded optimizer states are not gathered here) turns it off: stages then restart from scratch."""
+    """The resumable state of one training stage in one file, written atomically every `every` steps:
+    models, optimizers, random generators, the step and the stage's own values, so that a resumed
+    stage takes exactly the steps an uninterrupted one would. path=None (or torchrun, whose sharded
+    optimizer states are not gathered here) turns it off: stages then restart from scratch."""
 
     def __init__(self, path: Optional[str] = None, every: int = 100):
         self.path = path if rank_and_world()[1] == 1 else None
@@ -2529,8 +2493,8 @@ class StageCheckpoint:
         return self.earlier + time.perf_counter() - self.t0
 
     def restore(self, **objs) -> tuple[int, dict]:
-        """Loads the saved state into `objs` (models, optimizers, generators); returns the step to
-        continue from (0 without a checkpoint) and the extras saved with it."""
+        """Loads the saved state into `objs`; returns the step to go on from (0 without a checkpoint)
+        and the extras saved with it."""
         if not self.path or not os.path.exists(self.path):
             return 0, {}
         state = _load_saved(self.path, "checkpoint")
@@ -2538,47 +2502,43 @@ class StageCheckpoint:
             if obj is not None:
                 _load_state(obj, state["objs"][name])
         torch.set_rng_state(state["torch_rng"])
-        self.earlier = state.get("seconds", 0.0)
+        self.earlier = state["seconds"]
         return state["step"], state["extra"]
 
-    def save(self, step: int, total: int, extra: Optional[dict] = None, **objs) -> None:
+    def save(self, step: int, total: int, extra: dict, **objs) -> None:
         """After `step` finished steps: saves every `every` steps, not after the last (the stage's
         result is saved then)."""
         if self.path and step % self.every == 0 and step < total:
-            save_atomic({"step": step, "objs": {k: _state_of(o) for k, o in objs.items() if o is not None},
-                         "extra": extra or {}, "torch_rng": torch.get_rng_state(), "seconds": self.elapsed()}, self.path)
+            objs = {k: _state_of(o) for k, o in objs.items() if o is not None}
+            save_atomic({"step": step, "objs": objs, "extra": extra, "torch_rng": torch.get_rng_state(),
+                         "seconds": self.elapsed()}, self.path)
 
 
 class Diverged(RuntimeError):
-    """A training stage met a non-finite loss or gradient. The stage stops before the step that would
-    make its weights non-finite; nothing of it is saved as finished, its last checkpoint is kept."""
+    """A training stage met a non-finite loss or gradient. It stops before the step that would make its
+    weights non-finite; nothing of it is saved as finished, and its last checkpoint is kept."""
 
 
 def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Optional[StageCheckpoint] = None,
                log=print, state: Optional[dict] = None, hint: str = "", **objs) -> dict:
-    """The training loop of every stage. `step(i)` does step i and returns its losses by name (the
-    first is the one progress shows); this loop does the rest:
-      - resumes: restores `objs` (models, optimizers, random generators, Batches) and `state` (a dict
-        of the stage's own values, e.g. DMD's EMA weights) from `ckpt`, and continues at its step;
-      - refuses a non-finite loss or gradient (`_step` checks the gradient before the update) with a
-        Diverged error naming the stage, the step and `hint` (what to change);
-      - logs progress about ten times and checkpoints every `ckpt.every` steps.
-    Returns the history {loss name: [one value per step that produced it]}."""
+    """The loop every stage runs. `step(i)` does step i and returns its losses by name; the loop
+    restores `objs` (models, optimizers, random generators, Batches) and `state` (the stage's own
+    values, e.g. DMD's EMA weights) from `ckpt` and goes on from its step; stops at a non-finite loss
+    or gradient with a Diverged error naming the stage, the step and `hint` (what to change); prints
+    the progress about ten times (the first loss, speed, time left) and checkpoints every `ckpt.every`
+    steps. Returns the history {loss name: [one value per step that produced it]}."""
     ckpt = ckpt or StageCheckpoint()
     start, saved = ckpt.restore(**objs)
-    if start and "history" not in saved:
-        raise ValueError(f"checkpoint {ckpt.path!r} was written by an older version of this code and cannot be resumed "
-                         "exactly; delete it to restart this stage")
     history = saved.get("history", {})
     if state is not None:
         state.update(saved.get("state", {}))
-    progress = Progress(log, stage, steps, start)
+    every, t0 = max(steps // 10, 1), time.perf_counter()
     for i in range(start, steps):
         try:
             losses = {name: _global_mean(v) if torch.is_tensor(v) else float(v) for name, v in step(i).items()}
-            bad = {name: v for name, v in losses.items() if not math.isfinite(v)}
+            bad = [f"{name} loss {v}" for name, v in losses.items() if not math.isfinite(v)]
             if bad:
-                raise FloatingPointError(", ".join(f"{name} loss {v}" for name, v in bad.items()))
+                raise FloatingPointError(", ".join(bad))
         except FloatingPointError as e:
             raise Diverged(f"training diverged in stage '{stage}' at step {i + 1} of {steps} ({e}). Nothing of "
                            f"this stage was saved as finished. The usual cause is a learning rate too high for "
@@ -2586,7 +2546,10 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
                            f"folder: a run folder keeps the config it was started with).") from None
         for name, v in losses.items():
             history.setdefault(name, []).append(v)
-        progress(i, next(iter(losses.values())))
+        if log and (i % every == 0 or i == steps - 1):
+            rate = (i + 1 - start) / max(time.perf_counter() - t0, 1e-9)
+            log(f"  [{stage}] step {i + 1:5d}/{steps}  loss {next(iter(losses.values())):.4f}  "
+                f"{rate:6.2f} it/s  {(steps - i - 1) / rate:5.0f} s left")
         ckpt.save(i + 1, steps, {"history": history, "state": state or {}}, **objs)
     return history
 
