@@ -2560,15 +2560,12 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
 
 
 MNIST_ENV = "CAUSAL_FORCING_MNIST"  # a folder with the MNIST IDX files, if the user has them
-
-
 _SPRITES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_data", "digit_sprites.npz")
 
 
 def read_idx(path: str) -> torch.Tensor:
-    """An IDX file (MNIST's format, raw or .gz) as a uint8 tensor. The header is two zero bytes,
-    a type byte (0x08 = uint8), the number of dimensions, then each dimension as a big-endian
-    uint32; the data must be exactly as long as the dimensions say."""
+    """An IDX file (MNIST's format, raw or .gz) as a uint8 tensor: two zero bytes, the type 0x08 (uint8),
+    the number of dimensions, each dimension as a big-endian uint32, then exactly that much data."""
     import gzip
     import struct
     import zlib
@@ -2595,43 +2592,40 @@ def read_idx(path: str) -> torch.Tensor:
 
 
 def load_digits(mnist_dir: Optional[str] = None, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Digit images (N, 28, 28) uint8, labels (N,) long, and where they came from: the MNIST
-    `split` from `mnist_dir` (or the folder in $CAUSAL_FORCING_MNIST), else the digit sprites
-    shipped in toy_data/ (rendered from matplotlib's fonts; see toy_data/make_digit_sprites.py)."""
+    """Digit images (N, 28, 28) uint8, labels (N,) long, and their source: the MNIST `split` in `mnist_dir`
+    (or $CAUSAL_FORCING_MNIST), else the sprites in toy_data/ (see toy_data/make_digit_sprites.py)."""
     mnist_dir = mnist_dir or os.environ.get(MNIST_ENV)
-    if mnist_dir:
-        prefix = {"test": "t10k", "train": "train"}[split]
-        found = {}
-        for kind, rank in (("images", 3), ("labels", 1)):
-            names = [f"{prefix}-{kind}-idx{rank}-ubyte{ext}" for ext in ("", ".gz")]
-            names += [f"{prefix}-{kind}.idx{rank}-ubyte{ext}" for ext in ("", ".gz")]
-            path = next((os.path.join(mnist_dir, n) for n in names if os.path.isfile(os.path.join(mnist_dir, n))), None)
-            if path is None:
-                raise FileNotFoundError(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
-            found[kind] = read_idx(path)
-        images, labels = found["images"], found["labels"]
-        if images.dim() != 3 or len(images) != len(labels):
-            raise ValueError(f"MNIST files in {mnist_dir!r} disagree: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
-        return images, labels.long(), f"MNIST {split} set from {mnist_dir}"
-    if not os.path.isfile(_SPRITES):
-        raise FileNotFoundError(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
-                                f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
-    import numpy as np
+    if not mnist_dir:
+        if not os.path.isfile(_SPRITES):
+            raise FileNotFoundError(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
+                                    f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
+        import numpy as np
 
-    with np.load(_SPRITES) as d:
-        return torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long(), "digit sprites (toy_data)"
+        with np.load(_SPRITES) as d:
+            return torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long(), "digit sprites (toy_data)"
+    prefix = {"test": "t10k", "train": "train"}[split]
+    found = {}
+    for kind, rank in (("images", 3), ("labels", 1)):
+        names = [f"{prefix}-{kind}{sep}idx{rank}-ubyte{ext}" for sep in "-." for ext in ("", ".gz")]
+        paths = [os.path.join(mnist_dir, n) for n in names if os.path.isfile(os.path.join(mnist_dir, n))]
+        if not paths:
+            raise FileNotFoundError(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
+        found[kind] = read_idx(paths[0])
+    images, labels = found["images"], found["labels"]
+    if images.dim() != 3 or len(images) != len(labels):
+        raise ValueError(f"MNIST files in {mnist_dir!r} disagree: images {tuple(images.shape)}, "
+                         f"labels {tuple(labels.shape)}")
+    return images, labels.long(), f"MNIST {split} set from {mnist_dir}"
 
 
 def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits: int = 2, speed: float = 0.1,
                   digit_size: int = 28, digits: Optional[tuple] = None, rng: Optional[torch.Generator] = None,
                   return_positions: bool = False):
-    """Moving-digit videos as in Srivastava et al. (2015). Each digit starts at a uniform position
-    in the unit square and moves `speed` per frame in a uniform direction; a coordinate that leaves
-    [0, 1] is clamped to the edge and its velocity flips (a bounce). Positions scale by
-    size - digit_size to the digit's top-left pixel; overlapping digits combine by max.
-    The paper's setting is the default (64x64, 2 digits of 28 px, 20 frames, speed 0.1).
-    Returns videos (N, F, size, size) uint8 and labels (N, num_digits); with return_positions
-    also the top-left pixel of every digit in every frame, (N, F, num_digits, 2) as (y, x)."""
+    """Moving-digit videos as in Srivastava et al. (2015), their setting the default. Each digit starts at
+    a uniform place in the unit square and moves `speed` per frame in a uniform direction; a coordinate
+    that leaves [0, 1] is clamped and its velocity flips (a bounce). Positions scale by size - digit_size
+    to the digit's top-left pixel; overlapping digits combine by max. Returns videos (N, F, size, size)
+    uint8, labels (N, num_digits) and, with return_positions, the top-left pixels (N, F, D, 2) as (y, x)."""
     images, labels = digits if digits is not None else load_digits()[:2]
     if digit_size > size:
         raise ValueError(f"digit_size={digit_size} does not fit a {size}x{size} canvas")
@@ -2657,13 +2651,14 @@ def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits:
         pos = pos + vel
         out = (pos < 0) | (pos > 1)
         pos, vel = pos.clamp(0, 1), torch.where(out, -vel, vel)
-    result = (video, labels[pick])
-    return (*result, tops) if return_positions else result
+    if return_positions:
+        return video, labels[pick], tops
+    return video, labels[pick]
 
 
 def load_moving_mnist(path: str) -> torch.Tensor:
-    """The released Moving MNIST test set (mnist_test_seq.npy: uint8, time first, (20, 10000, 64,
-    64)) as videos (N, T, H, W) uint8."""
+    """The released Moving MNIST test set (mnist_test_seq.npy: uint8, time first, (20, 10000, 64, 64))
+    as videos (N, T, H, W) uint8."""
     import numpy as np
 
     if not os.path.isfile(path):
@@ -2675,14 +2670,12 @@ def load_moving_mnist(path: str) -> torch.Tensor:
 
 
 def digit_split(cfg: DataConfig) -> dict:
-    """The digit images for training videos and those held out for the metrics: a fixed 90/10 split
-    of the pool (MNIST or the sprites), the same for every seed, so held-out videos show digits
-    that no training video contains. Returns {"train": (images, labels), "test": ..., "source": str}."""
+    """{"train": (images, labels), "test": (images, labels), "source": str}: a fixed 90/10 split of the
+    digits, the same for every seed, so that held-out videos show digits no training video contains."""
     images, labels, source = load_digits(cfg.mnist_dir)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(12345))
-    cut = len(images) // 10
-    return {"train": (images[order[cut:]], labels[order[cut:]]), "test": (images[order[:cut]], labels[order[:cut]]),
-            "source": source}
+    test, train = order[:len(images) // 10], order[len(images) // 10:]
+    return {"train": (images[train], labels[train]), "test": (images[test], labels[test]), "source": source}
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -2696,8 +2689,7 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moving-digit videos as model input: (N, F, 1, H, W) float in [-1, 1] (0 -> -1, 255 -> 1), and
-    the labels (N, num_digits)."""
+    """Moving-digit videos as model input, (N, F, 1, H, W) in [-1, 1], and their labels (N, num_digits)."""
     video, labels = moving_digits(num_videos, cfg.frames, cfg.canvas, cfg.num_digits, cfg.speed, cfg.digit_size,
                                   digits, rng)
     return to_unit(video)[:, :, None], labels
@@ -2714,30 +2706,33 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
 
 
+def _mean_step(points: torch.Tensor) -> torch.Tensor:
+    """The mean distance between consecutive frames' points (B, F, 2): how far frames move."""
+    return (points[:, 1:] - points[:, :-1]).norm(dim=-1).mean()
+
+
 def toy_metrics(videos: torch.Tensor, data: ToyVideos, held_out: torch.Tensor, tol_degrees: float) -> dict:
-    """Energy distance to held-out data; off_manifold = fraction of frames more than 3 std from
-    every point a frame of the data can sit on; motion = mean frame-to-frame displacement over the
-    data's; transition_accuracy = fraction of consecutive frames that turn by +-turn (within tol)."""
+    """Energy distance to held-out data; off_manifold = fraction of frames more than 3 std from every
+    point a frame of the data can sit on; motion = mean frame-to-frame displacement over the data's;
+    transition_accuracy = fraction of consecutive frames that turn by +-turn (within tol)."""
     pts = rearrange(videos.double(), "b f c h w -> b f (c h w)")
     ref = rearrange(held_out.double(), "b f c h w -> b f (c h w)")
     dist = torch.cdist(pts.reshape(-1, 2), data.frame_points())  # (B*F, P)
-    step = lambda p: (p[:, 1:] - p[:, :-1]).norm(dim=-1).mean()  # noqa: E731
     ang = torch.atan2(pts[..., 1], pts[..., 0])
     turn = torch.remainder(ang[:, 1:] - ang[:, :-1] + math.pi, 2 * math.pi) - math.pi
-    target = math.radians(data.cfg.turn_degrees)
-    ok = (turn.abs() - target).abs() < math.radians(tol_degrees)
+    ok = (turn.abs() - math.radians(data.cfg.turn_degrees)).abs() < math.radians(tol_degrees)
+    one_frame = pts.shape[1] == 1
     return {
         "energy_distance": energy_distance(videos, held_out),
         "off_manifold": float((dist.min(-1).values > 3 * data.std).double().mean()),
-        "motion": float(step(pts) / step(ref)) if pts.shape[1] > 1 else float("nan"),
-        "transition_accuracy": float(ok.double().mean()) if pts.shape[1] > 1 else float("nan"),
+        "motion": float("nan") if one_frame else float(_mean_step(pts) / _mean_step(ref)),
+        "transition_accuracy": float("nan") if one_frame else float(ok.double().mean()),
     }
 
 
 class DigitClassifier(nn.Module):
-    """A small CNN that reads the digit in a frame (B, 1, H, W), pixels in [-1, 1]. Its 128-wide
-    penultimate activations are the features of the Frechet distance (the role Inception or I3D
-    features play for FID / FVD)."""
+    """A small CNN that reads the digit in a frame (B, 1, H, W) in [-1, 1]. Its 128 penultimate activations
+    are the features of the Frechet distance (the role Inception or I3D features play for FID / FVD)."""
 
     def __init__(self, size: int):
         super().__init__()
@@ -2756,8 +2751,8 @@ class DigitClassifier(nn.Module):
 
 def train_classifier(cfg: Config, videos: torch.Tensor, labels: torch.Tensor, log=print, rng=None,
                      ckpt: Optional[StageCheckpoint] = None, batch: int = 128) -> tuple[DigitClassifier, list]:
-    """Trains the DigitClassifier on the frames of the training videos (one digit per video, so
-    every frame carries the video's label), with Adam for classifier_steps steps."""
+    """Trains the DigitClassifier with Adam for classifier_steps steps on the frames of the training
+    videos (one digit per video, so every frame carries the video's label)."""
     frames = rearrange(videos, "n f c h w -> (n f) c h w")
     targets = labels[:, 0].repeat_interleave(videos.shape[1])
     model = DigitClassifier(videos.shape[-1]).to(cfg.device)
@@ -2777,8 +2772,8 @@ def train_classifier(cfg: Config, videos: torch.Tensor, labels: torch.Tensor, lo
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (N, D) (FID's formula):
-        |mu_x - mu_y|^2 + tr(C_x + C_y - 2 (C_x^1/2 C_y C_x^1/2)^1/2).
-    The matrix square roots come from symmetric eigendecompositions, in float64."""
+        |mu_x - mu_y|^2 + tr(C_x + C_y - 2 (C_x^1/2 C_y C_x^1/2)^1/2),
+    the matrix square roots from symmetric eigendecompositions, in float64."""
     x, y = x.double(), y.double()
     mx, my = x.mean(0), y.mean(0)
     cx, cy = torch.cov(x.T), torch.cov(y.T)
@@ -2789,9 +2784,8 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def centroids(videos: torch.Tensor) -> torch.Tensor:
-    """Intensity-weighted centre of every frame (B, F, 1, H, W) -> (B, F, 2) as (y, x) pixels;
-    the weight is the pixel brightness in [0, 1]."""
-    w = ((videos[:, :, 0].double() + 1) / 2).clamp(0, 1)  # (B, F, H, W)
+    """The brightness-weighted centre (y, x) in pixels of every frame: (B, F, 1, H, W) -> (B, F, 2)."""
+    w = ((videos[:, :, 0].double() + 1) / 2).clamp(0, 1)  # (B, F, H, W), brightness in [0, 1]
     H, W = w.shape[-2:]
     total = w.sum((-2, -1)).clamp(min=1e-9)
     ys = (w.sum(-1) * torch.arange(H, dtype=w.dtype)).sum(-1) / total
@@ -2825,9 +2819,8 @@ def frame_changes(videos: torch.Tensor, chunk_frames: int) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def chunk_boundary_jump(videos: torch.Tensor, chunk_frames: int) -> float:
-    """Mean frame-to-frame change (mean |x_{f+1} - x_f| over pixels and videos) across chunk
-    boundaries, over the mean change within chunks. About 1 for data that moves steadily; above 1
-    when a chunk-wise generator jumps at the start of each chunk. NaN without both kinds of pair."""
+    """The mean frame-to-frame change across chunk boundaries over that within chunks: about 1 for steady
+    motion, above 1 when a chunk-wise generator jumps at each chunk's start; NaN without both kinds."""
     change, into_new_chunk = frame_changes(videos, chunk_frames)
     if into_new_chunk.all() or not into_new_chunk.any():
         return float("nan")
@@ -2847,27 +2840,24 @@ def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Te
     labels=None (an unconditional model) makes instruction_following NaN."""
     feats, pred = read_frames(classifier, videos)
     ref_feats, _ = read_frames(classifier, held_out)
-
-    def step(v):  # mean centroid displacement between consecutive frames
-        c = centroids(v)
-        return (c[:, 1:] - c[:, :-1]).norm(dim=-1).mean()
     videos, held_out = videos.cpu(), held_out.cpu()
     majority = pred.mode(dim=1).values
-    return {
+    metrics = {
         "frechet_distance": frechet_distance(feats, ref_feats),
         "sharpness": sharpness(videos) / sharpness(held_out),
-        "dynamic_degree": float(step(videos) / step(held_out)),
-        "instruction_following": float((pred == labels[:, :1]).double().mean()) if labels is not None else float("nan"),
+        "dynamic_degree": float(_mean_step(centroids(videos)) / _mean_step(centroids(held_out))),
+        "instruction_following": float("nan") if labels is None else float((pred == labels[:, :1]).double().mean()),
         "temporal_consistency": float((pred == majority[:, None]).double().mean()),
-        **({"chunk_boundary_jump": chunk_boundary_jump(videos, chunk_frames)} if chunk_frames else {}),
     }
+    if chunk_frames:
+        metrics["chunk_boundary_jump"] = chunk_boundary_jump(videos, chunk_frames)
+    return metrics
 
 
 @contextlib.contextmanager
 def count_frame_evaluations(model: nn.Module):
-    """Counts network evaluations: each forward call adds its number of (noisy) frames to 'frames',
-    and batch x frames to 'sample_frames' (so a guided call, on a doubled batch, counts twice).
-    Yields the dict; its entries grow while the block runs."""
+    """Yields a dict that counts the network's evaluations in the block: each forward call adds its (noisy)
+    frames to 'frames' and batch x frames to 'sample_frames' (a guided call, on a doubled batch, twice)."""
     box = {"frames": 0, "sample_frames": 0}
 
     def hook(m, args, out):
