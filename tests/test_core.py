@@ -1236,26 +1236,6 @@ def test_a_stream_never_switches_gradients_off_for_its_caller():
     assert torch.is_grad_enabled()
 
 
-def test_run_config_reads_fields_newer_than_the_run_at_their_defaults(tmp_path):
-    """A run saved before a field existed ran with the field's default behaviour, so run_config gives
-    it the default, not the value today's preset sets (the toy preset sets cd_grid_steps=16), and the
-    folder then refuses today's preset as another config."""
-    saved = cf.get_config("toy2d").to_dict()
-    del saved["sample"]["cd_grid_steps"], saved["train"]["cd_batch_size"]
-    saved["train"]["base_steps"] = 7
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    cfg = cf.run_config(str(tmp_path))
-    assert cfg.sample.cd_grid_steps is None and cfg.train.cd_batch_size is None and cfg.train.base_steps == 7
-    assert cfg.train.cd_lr == cf.get_config("toy2d").train.cd_lr  # saved fields keep their values
-    assert cf._config_differences(saved, cfg.to_dict()) == []
-    with pytest.raises(ValueError, match=r"differs in train\.base_steps\)"):  # the late fields are not the problem
-        cf._check_run_folder(cf.get_config("toy2d", device="cpu"), str(tmp_path))
-    del saved["train"]["cd_steps"]  # code before Causal Forcing++ trained none of its stages
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert cf.run_config(str(tmp_path)).train.cd_steps == 0
-    assert "train.cd_steps" in cf._config_differences(saved, cf.get_config("toy2d", base_steps=7).to_dict())
-
-
 def test_a_finished_run_takes_on_causal_forcing_pp_and_keeps_its_earlier_stages(tmp_path):
     """--set cd_steps=N on a finished run without the Causal Forcing++ rows: the earlier stages load,
     the two new stages train and the evaluation is redone, with exactly the results and weights of a
