@@ -2867,7 +2867,7 @@ def count_frame_evaluations(model: nn.Module):
 
 
 # =================================================================================================
-# II.7 pipeline: every stage (resumable from saved stages), the table, results.json, figures
+# II.7 pipeline: every stage (resumable from saved stages), the table, results.json (figures: examples/figures.py)
 # =================================================================================================
 
 
@@ -3005,8 +3005,8 @@ def _check_run_folder(cfg: Config, out: str, log=print) -> None:
 def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
     """Every stage on the config's videos (toy 2-D, or moving digits), then the table: read it as the
     recipe's table of stages, in order. Returns the results dict; with `out` it also writes
-    out/results.json, out/losses.json (each trained stage's losses per step), out/models.pt (the
-    trained models, for `load_models`) and the figures (`PipelineRun.save`). Every
+    out/results.json, out/losses.json (each trained stage's losses per step) and out/models.pt (the
+    trained models, for `load_models`); `python examples/figures.py OUT` draws the figures. Every
     finished stage is saved to out/stages/<stage>.pt and a training stage in progress to
     <stage>.partial.pt every checkpoint_every steps, so running the same command again loads the
     finished stages and resumes the interrupted one, with the results of an uninterrupted run."""
@@ -3045,9 +3045,9 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
                 prompts, say, g, ck, steps=cfg.sample.pp_denoising_steps))
         if not run.digits:  # the injectivity floor, measured with the exact teachers
             run.floors = run.stage("injectivity_floor", "plain", lambda ck: run.injectivity_floors())
-        rows, by_steps, samples = run.stage("evaluation", "plain", lambda ck: run.evaluate())
+        rows, by_steps, _ = run.stage("evaluation", "plain", lambda ck: run.evaluate())  # _: samples, for figures
         results = run.results(rows, by_steps)
-        run.save(results, samples)
+        run.save(results)
         return results
 
 
@@ -3279,10 +3279,9 @@ class PipelineRun:
             results["steps"] = by_steps
         return results
 
-    def save(self, results: dict, samples: dict) -> None:
-        """With `out`: results.json, losses.json (every trained stage's losses per step; DMD's without its
-        rollout snapshots), models.pt, training_health.png, and the samples of every row (samples.gif on
-        moving digits, samples.png on the toy) and of the STEP_ROWS students (steps.gif or steps.png)."""
+    def save(self, results: dict) -> None:
+        """With `out`: results.json, losses.json (every trained stage's losses per step; DMD's without the
+        rollouts it keeps in its stage file) and models.pt."""
         if not self.out:
             return
         states = {k: full_state_dict(m) for k, m in self.models.items()}  # every rank joins the gather
@@ -3295,17 +3294,7 @@ class PipelineRun:
         save_atomic(results, os.path.join(self.out, "results.json"))
         save_atomic(losses, os.path.join(self.out, "losses.json"))
         save_atomic(states, os.path.join(self.out, "models.pt"))
-        plot_training_health(self.losses, os.path.join(self.out, "training_health.png"))
-        d = self.data
-        if self.digits:  # the GIFs' data column: a held-out video of each digit (any video if none shows it)
-            found = [torch.nonzero(d.test_labels[:, 0] == k).flatten().tolist() for k in range(10)]
-            first = d.test[[ids[0] if ids else k % len(d.test) for k, ids in enumerate(found)]]
-        for name, group in samples.items():
-            if group and self.digits:  # a column per row; row i of the grid asks for digit i % 10
-                columns = {"data": first, **{r: v[:10] for r, v in group.items()}}
-                save_gif(columns, os.path.join(self.out, f"{name}.gif"))
-            elif group:
-                plot_samples(group, d.test, os.path.join(self.out, f"{name}.png"))
+        self.log(f"figures: python examples/figures.py {self.out}")
 
 
 def format_table(results: dict) -> str:
@@ -3341,109 +3330,6 @@ def format_table(results: dict) -> str:
     for row, m in [*named, *results["rows"].items()]:
         lines.append(f"{row:{width}s}" + "".join(f"{m.get(c, float('nan')):{col}.3f}" for c in cols))
     return "\n".join(lines + [""] + notes)
-
-
-def _pyplot():
-    """matplotlib's pyplot, drawing without a display (imported only where a figure is drawn)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig, path: str, dpi: int) -> None:
-    """Writes a matplotlib figure as a PNG, atomically, and closes it."""
-    fig.tight_layout()
-    with _atomic_file(path) as f:
-        fig.savefig(f, format="png", dpi=dpi)
-    _pyplot().close(fig)
-
-
-def plot_samples(samples: dict, data: torch.Tensor, path: str, max_points: int = 600) -> None:
-    """Toy runs: a scatter panel per row, its frames (colour = frame index) over the data (grey)."""
-    cols = -(-len(samples) // 2)
-    fig, axes = _pyplot().subplots(2, cols, figsize=(4.4 * cols, 8.6), sharex=True, sharey=True, squeeze=False)
-    ref = rearrange(data[:max_points], "b f c h w -> (b f) (c h w)")
-    for ax, (row, x) in zip(axes.flat, samples.items()):
-        pts = rearrange(x[:max_points], "b f c h w -> b f (c h w)")
-        ax.scatter(ref[:, 0], ref[:, 1], s=3, c="0.8", label="data")
-        for f in range(pts.shape[1]):
-            ax.scatter(pts[:, f, 0], pts[:, f, 1], s=3, label=f"frame {f}")
-        ax.set(title=row.replace("_pp", "++").replace("_", " "), aspect="equal", xlabel="x1", ylabel="x2")
-    for ax in axes.flat[len(samples):]:
-        ax.axis("off")
-    axes.flat[0].legend(loc="upper right", fontsize=7, markerscale=3)
-    fig.suptitle("Generated frames (colour = frame index) against the data (grey)")
-    _save_figure(fig, path, dpi=90)
-
-
-def plot_training_health(losses: dict, path: str) -> None:
-    """What tells healthy training from broken: every stage's loss per step (log scale; flow matching
-    should fall and level off), DMD's critic loss (bounded, not climbing), the generator's DMD loss and
-    gradient norm at each update (no blow-up), and for image frames the generator's fixed rollouts every
-    few updates from its ODE init (stable digits that sharpen, no drift or collapse)."""
-    dmd = {k.replace("dmd_", ""): v for k, v in losses.items() if k.startswith("dmd_")}
-    snaps = {k: v["snapshots"] for k, v in dmd.items() if "snapshots" in v and v["snapshots"]["videos"].numel()
-             and v["snapshots"]["videos"].shape[-1] > 1}  # image frames only
-    fig = _pyplot().figure(figsize=(16, 8 + 2.6 * len(snaps)))
-    grid = fig.add_gridspec(2 + len(snaps), 4)
-    ax = fig.add_subplot(grid[0, :2])
-    for name, rec in losses.items():
-        if isinstance(rec, list) and rec:  # a stage with one loss: flow matching, ODE regression, the classifier's
-            v = torch.tensor(rec, dtype=torch.float64).reshape(1, 1, -1)
-            k = max(1, v.shape[-1] // 50)  # a running mean over ~2% of the steps
-            ax.plot(F_.avg_pool1d(v, k, stride=1).flatten().tolist(), label=name)
-    ax.set(yscale="log", xlabel="step", ylabel="loss (running mean)", title="every stage before DMD")
-    ax.legend(fontsize=7)
-    panels = ((grid[0, 2], "critic", "step", "DMD critic (fake score) loss"),
-              (grid[0, 3], "generator", "generator update", "DMD generator loss"),
-              (grid[1, :2], "generator_grad_norm", "generator update", "DMD generator gradient norm (before clipping)"))
-    for place, key, xlabel, title in panels:
-        ax = fig.add_subplot(place)
-        for name, rec in dmd.items():
-            ax.plot(rec.get(key, []), label=name)
-        ax.set(yscale="log", xlabel=xlabel, title=title)
-        ax.legend(fontsize=7)
-    for r, (name, snap) in enumerate(snaps.items()):
-        v = snap["videos"]  # (S, 4, F, 1, H, W)
-        strip = rearrange(v[:, :2, :, 0].clamp(-1, 1), "s b f h w -> (s h) (b f w)")  # two videos per row
-        ax = fig.add_subplot(grid[2 + r, :])
-        ax.imshow(strip.numpy(), cmap="gray", vmin=-1, vmax=1, aspect="equal")
-        ax.set_yticks([(i + 0.5) * v.shape[-2] for i in range(len(v))], [f"update {u}" for u in snap["updates"]],
-                      fontsize=7)
-        ax.set_xticks([])
-        ax.set_title(f"{name}: two fixed rollouts ({v.shape[2]} frames each) as DMD trains", fontsize=9)
-    _save_figure(fig, path, dpi=80)
-
-
-def save_gif(columns: dict, path: str, scale: int = 3, ms_per_frame: int = 250) -> None:
-    """An animated GIF of moving-digit videos: one column per entry of `columns` (name -> (N, F, 1,
-    H, W) in [-1, 1], the same N and F for all), one row per video, the name above each column.
-    Written atomically with Pillow, which matplotlib already depends on."""
-    from PIL import Image, ImageDraw
-
-    vids = [to_pixels(v[:, :, 0]) for v in columns.values()]  # (N, F, H, W) uint8
-    N, F, H, W = vids[0].shape
-    pad, header = 2, 26
-    cell_w = W * scale + pad
-    sheet_w, sheet_h = len(vids) * cell_w + pad, header + N * (H * scale + pad) + pad
-    frames = []
-    for f in range(F):
-        img = Image.new("L", (sheet_w, sheet_h), 96)
-        draw = ImageDraw.Draw(img)
-        for j, (name, v) in enumerate(zip(columns, vids)):
-            x = pad + j * cell_w
-            short = name.replace("ode_student_from_", "ode_").replace("diffusion_forcing", "df")
-            for k, word in enumerate(short.replace("bidirectional", "bidir").split("_")[:3]):
-                draw.text((x, 1 + 7 * k), word[:cell_w // 6], fill=255)
-            for i in range(N):
-                tile = Image.fromarray(v[i, f].numpy()).resize((W * scale, H * scale), Image.NEAREST)
-                img.paste(tile, (x, header + pad + i * (H * scale + pad)))
-        frames.append(img)
-    with _atomic_file(path) as f:
-        frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
 
 
 # =================================================================================================

@@ -11,6 +11,7 @@ import torch
 
 import causal_forcing as cf
 from examples import bench
+from examples import figures
 from examples import long_stream
 
 
@@ -697,6 +698,7 @@ TINY = dict(frames=3, train_size=256, test_size=128, batch_size=32, base_steps=3
 def test_pipeline_end_to_end_writes_results(tmp_path):
     cfg = cf.get_config("toy2d", **TINY)
     results = cf.run_pipeline(cfg, str(tmp_path), log=None)
+    figures.write_figures(str(tmp_path))  # the figures of the run folder: samples, steps, training health
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved) >= {"config", "rows", "injectivity_floor", "stage_seconds"}
     assert tuple(saved["rows"]) == cf.ROWS
@@ -729,6 +731,7 @@ def test_pipeline_writes_loss_histories_and_its_models_load_back(tmp_path):
     updates = -(-cfg.train.dmd_steps // cfg.train.gen_update_ratio)
     assert len(losses["dmd_causal_forcing"]["generator"]) == updates
     assert len(losses["dmd_causal_forcing"]["generator_grad_norm"]) == updates
+    assert figures.main([str(tmp_path)]) == 0
     assert (tmp_path / "training_health.png").stat().st_size > 10_000
     models = cf.load_models(str(tmp_path), cfg)
     assert set(models) == set(cf.ROWS) and not models["bidirectional_teacher"].causal and models["causal_forcing"].causal
