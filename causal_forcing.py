@@ -2144,22 +2144,20 @@ ATTENTION_BACKENDS["flex"] = (_flex_block_mask, flex_attend)  # ModelConfig.atte
 
 
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
-    """Joins the process group when started by torchrun (WORLD_SIZE > 1): NCCL for CUDA, gloo
-    otherwise. Each process uses the GPU of its LOCAL_RANK."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    """Joins the process group when torchrun started several processes (NCCL for CUDA, else gloo);
+    each process uses the GPU of its LOCAL_RANK. Returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return rank_and_world()
 
 
 def rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _shard(x: torch.Tensor) -> torch.Tensor:
@@ -2173,8 +2171,8 @@ def _shard(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rank_rng(rng: Optional[torch.Generator]) -> Optional[torch.Generator]:
-    """A generator of this rank's own, derived from the shared one (which every rank advances
-    alike), for draws that must differ between ranks (the noise of each rank's rollouts)."""
+    """A generator of this rank's own, seeded from the shared one (which every rank advances alike),
+    for draws that must differ between ranks (the noise of each rank's rollouts)."""
     rank, world = rank_and_world()
     if world == 1:
         return rng
@@ -2182,13 +2180,11 @@ def _rank_rng(rng: Optional[torch.Generator]) -> Optional[torch.Generator]:
 
 
 def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
-    """Under torchrun: shard a large model with FSDP (fully_shard per block, then the root), or
-    keep a replica per rank (DDP's scheme: _step averages the gradients). In place."""
+    """Under torchrun, in place: shards a large model with FSDP (each block, then the root), or keeps
+    a replica per rank (DDP's scheme: _step averages the gradients)."""
     rank, world = rank_and_world()
     if world == 1:
         return model
-    import torch.distributed as dist
-
     mode = cfg.train.data_parallel
     if mode == "fsdp" or (mode == "auto" and cfg.model.dim >= 1024):
         from torch.distributed.fsdp import fully_shard
@@ -2199,7 +2195,7 @@ def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
         model.fsdp = True
     else:
         for p in model.parameters():
-            dist.broadcast(p.data, src=0)  # identical replicas, whatever each rank initialised
+            torch.distributed.broadcast(p.data, src=0)  # identical replicas, whatever each rank initialised
     return model
 
 
@@ -2213,8 +2209,8 @@ def full_state_dict(model: nn.Module) -> dict:
 
 
 def _reshard(model: nn.Module) -> None:
-    """FSDP keeps the root's parameters gathered after a forward pass; shard them again so that
-    model.parameters() are the (sharded) parameters the optimizer and the EMA hold."""
+    """FSDP keeps the root's parameters gathered after a forward pass: shards them again, so that
+    model.parameters() are the sharded ones the optimizer and the EMA hold."""
     if getattr(model, "fsdp", False):
         model.reshard()
 
@@ -2224,9 +2220,7 @@ def _global_mean(x: torch.Tensor) -> float:
     rank, world = rank_and_world()
     x = x.detach().float()
     if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(x)
+        torch.distributed.all_reduce(x)
         x = x / world
     return float(x)
 
@@ -2236,24 +2230,23 @@ def _adamw(params, lr, cfg: TrainConfig, beta1=None, cosine_steps: Optional[int]
     beta1 = cfg.adam_beta1 if beta1 is None else beta1
     opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     if cosine_steps:
-        opt.schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i / cosine_steps, 1))))
+        cosine = lambda i: 0.5 * (1 + math.cos(math.pi * min(i / cosine_steps, 1)))  # noqa: E731
+        opt.schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     return opt
 
 
 def _step(opt, model, loss, clip) -> float:
-    """One optimizer step: backward, average gradients over replicas, clip, step. Refuses (before
-    the step, so the weights stay finite) a loss or gradient that is not finite."""
+    """One optimizer step: backward, average gradients over replicas, clip, step. Returns the gradient
+    norm; refuses a non-finite loss or gradient before the step, so the weights stay finite."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     rank, world = rank_and_world()
     if world > 1 and not getattr(model, "fsdp", False):  # average gradients over the replicas
-        import torch.distributed as dist
-
         for p in model.parameters():
             if p.requires_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+                torch.distributed.all_reduce(p.grad)
                 p.grad /= world
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))  # the same on every rank
     if not math.isfinite(norm):
@@ -2265,9 +2258,9 @@ def _step(opt, model, loss, clip) -> float:
 
 
 class Batches:
-    """Endless shuffled minibatches (index tensors) of a fixed dataset of n samples: a new permutation
-    each epoch, drawn from rng, incomplete last batches dropped. Its state (the permutation and the
-    position in it) is saved with a stage's checkpoint, so a resumed stage sees the same batches."""
+    """Endless shuffled minibatches (index tensors) of a dataset of n samples: a new permutation from
+    rng each epoch, incomplete last batches dropped. A stage's checkpoint saves its state, so a
+    resumed stage sees the same batches."""
 
     def __init__(self, n: int, batch: int, rng):
         if batch > n:
@@ -2288,30 +2281,15 @@ class Batches:
         self.perm, self.pos = state["perm"], state["pos"]
 
 
-class Progress:
-    """Prints a stage's progress about ten times: step, loss, iterations per second, time left."""
-
-    def __init__(self, log, stage: str, total: int, start: int = 0):
-        self.log, self.stage, self.total, self.start = log, stage, total, start
-        self.every, self.t0 = max(total // 10, 1), time.perf_counter()
-
-    def __call__(self, step: int, loss: float) -> None:
-        if not self.log or not (step % self.every == 0 or step == self.total - 1):
-            return
-        rate = (step + 1 - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-        self.log(f"  [{self.stage}] step {step + 1:5d}/{self.total}  loss {loss:.4f}  "
-                 f"{rate:6.2f} it/s  {(self.total - step - 1) / rate:5.0f} s left")
-
-
-# --- resumable stages: files written atomically, and the state a stage checkpoints ---------------
+# --- files written atomically, the run folder's lock, and the state a stage checkpoints ----------
 
 
 @contextlib.contextmanager
 def _atomic_file(path: str):
-    """Yields a binary file in the folder of `path`, renamed over `path` when the block ends: an
-    interrupted write never leaves a truncated file, and an older one survives until the new one is
-    whole. The file is flushed to disk before the rename and the folder after it, so that a power
-    loss cannot leave an empty file under the final name."""
+    """Yields a binary file beside `path` that replaces `path` when the block ends: an interrupted
+    write never leaves a truncated file, and the old one survives until the new one is whole. The
+    file is flushed to disk before the rename and the folder after it, so that a power loss cannot
+    leave an empty file under the final name."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
@@ -2332,22 +2310,35 @@ def _atomic_file(path: str):
 
 
 def _fsync_folder(folder: str) -> None:
-    """Makes a rename in `folder` durable (where the system allows opening a folder)."""
-    try:
+    """Makes a rename in `folder` durable, where the system lets a folder be opened."""
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_stale_temporaries(folder: str) -> None:
+    """Deletes the .tmp-* files that a save interrupted by a kill leaves behind."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(folder, name))
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save, or JSON for a .json path, written atomically (see _atomic_file)."""
+    with _atomic_file(path) as f:
+        if path.endswith(".json"):  # strict JSON: NaN and infinities (which json reads back as constants) as null
+            strict = json.loads(json.dumps(obj), parse_constant=lambda _: None)
+            f.write(json.dumps(strict, indent=2, allow_nan=False).encode())
+        else:
+            torch.save(obj, f)
 
 
 def _load_saved(path: str, what: str = "stage file") -> dict:
-    """torch.load of a file this project saved, after checking its checksums, with an error that
-    names the file and what to do when it is empty, truncated, corrupt or not a torch file."""
+    """torch.load of a file this code saved, after checking its checksums; an empty, truncated or
+    corrupt file is a ValueError that names it and what to do."""
     fix = "delete it and run again to redo that stage"
     bad = _checksum_failure(path)
     if bad is not None:
@@ -2360,9 +2351,9 @@ def _load_saved(path: str, what: str = "stage file") -> dict:
 
 def lock_run_folder(out: str):
     """Takes out/.lock for one run and returns its open file; the lock lasts until the file is closed
-    or the process ends (a killed run leaves no lock behind). A second run started on the same folder
-    (another terminal, a notebook) would delete the first one's temporary files and write over its
-    stages, so it gets a ValueError naming the folder instead. Without fcntl (Windows) there is no lock."""
+    or the process ends (a killed run leaves none behind). A second run on the same folder would delete
+    the first one's temporary files and write over its stages: it gets a ValueError instead. Without
+    fcntl (Windows) there is no lock."""
     try:
         import fcntl
     except ImportError:
@@ -2378,58 +2369,11 @@ def lock_run_folder(out: str):
     return f
 
 
-def _remove_stale_temporaries(folder: str) -> None:
-    """Deletes the .tmp-* files that a save interrupted by a kill leaves behind."""
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(folder, name))
-
-
-def _finite_or_none(obj):
-    """obj with every non-finite float replaced by None, so that it is valid JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save (or JSON for a .json path), written atomically (see _atomic_file)."""
-    with _atomic_file(path) as f:
-        if path.endswith(".json"):  # strict JSON: a NaN or infinity is written as null
-            f.write(json.dumps(_finite_or_none(obj), indent=2, allow_nan=False).encode())
-        else:
-            torch.save(obj, f)
-
-
-def _state_of(obj):
-    if isinstance(obj, torch.Generator):
-        return obj.get_state()
-    if isinstance(obj, torch.optim.Optimizer):
-        return {"opt": obj.state_dict(), "schedule": obj.schedule.state_dict() if hasattr(obj, "schedule") else None}
-    return full_state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict()  # a model, Batches
-
-
-def _load_state(obj, state) -> None:
-    if isinstance(obj, torch.Generator):
-        obj.set_state(state)
-    elif isinstance(obj, torch.optim.Optimizer):
-        obj.load_state_dict(state["opt"])
-        if state["schedule"] is not None:
-            obj.schedule.load_state_dict(state["schedule"])
-    else:
-        obj.load_state_dict(state)
-
-
 class StageCheckpoint:
-    """The resumable state of one training stage in one file, written atomically every `every`
-    steps: models, optimizers (with their lr schedules), the random generators and the step, so that
-    a resumed stage takes exactly the steps an uninterrupted one would. path=None (or torchrun, whose
-    sharded optimizer states are not gathered here) turns it off: stages then restart from scratch."""
+    """The resumable state of one training stage in one file, written atomically every `every` steps:
+    models, optimizers (with their lr schedules), random generators, Batches, the step and the stage's
+    own values, so that a resumed stage takes exactly the steps an uninterrupted one would. path=None
+    (or torchrun, whose sharded optimizer states are not gathered here) turns it off."""
 
     def __init__(self, path: Optional[str] = None, every: int = 100):
         self.path = path if rank_and_world()[1] == 1 else None
@@ -2441,56 +2385,68 @@ class StageCheckpoint:
         return self.earlier + time.perf_counter() - self.t0
 
     def restore(self, **objs) -> tuple[int, dict]:
-        """Loads the saved state into `objs` (models, optimizers, generators); returns the step to
-        continue from (0 without a checkpoint) and the extras saved with it."""
+        """Loads the saved state into `objs`; returns the step to go on from (0 without a checkpoint)
+        and the extras saved with it."""
         if not self.path or not os.path.exists(self.path):
             return 0, {}
         state = _load_saved(self.path, "checkpoint")
         for name, obj in objs.items():
-            if obj is not None:
-                _load_state(obj, state["objs"][name])
+            saved = state["objs"].get(name)
+            if isinstance(obj, torch.Generator):
+                obj.set_state(saved)
+            elif isinstance(obj, torch.optim.Optimizer):
+                obj.load_state_dict(saved["opt"])
+                if saved["schedule"] is not None:
+                    obj.schedule.load_state_dict(saved["schedule"])
+            elif obj is not None:  # a model or Batches
+                obj.load_state_dict(saved)
         torch.set_rng_state(state["torch_rng"])
-        self.earlier = state.get("seconds", 0.0)
+        self.earlier = state["seconds"]
         return state["step"], state["extra"]
 
-    def save(self, step: int, total: int, extra: Optional[dict] = None, **objs) -> None:
+    def save(self, step: int, total: int, extra: dict, **objs) -> None:
         """After `step` finished steps: saves every `every` steps, not after the last (the stage's
         result is saved then)."""
-        if self.path and step % self.every == 0 and step < total:
-            save_atomic({"step": step, "objs": {k: _state_of(o) for k, o in objs.items() if o is not None},
-                         "extra": extra or {}, "torch_rng": torch.get_rng_state(), "seconds": self.elapsed()}, self.path)
+        if not self.path or step % self.every or step == total:
+            return
+        states = {}
+        for name, obj in objs.items():
+            if isinstance(obj, torch.Generator):
+                states[name] = obj.get_state()
+            elif isinstance(obj, torch.optim.Optimizer):
+                schedule = getattr(obj, "schedule", None)
+                states[name] = {"opt": obj.state_dict(), "schedule": schedule.state_dict() if schedule else None}
+            elif obj is not None:  # a model (whole, if sharded) or Batches
+                states[name] = full_state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict()
+        save_atomic({"step": step, "objs": states, "extra": extra, "torch_rng": torch.get_rng_state(),
+                     "seconds": self.elapsed()}, self.path)
 
 
 class Diverged(RuntimeError):
-    """A training stage met a non-finite loss or gradient. The stage stops before the step that would
-    make its weights non-finite; nothing of it is saved as finished, its last checkpoint is kept."""
+    """A training stage met a non-finite loss or gradient. It stops before the step that would make its
+    weights non-finite; nothing of it is saved as finished, and its last checkpoint is kept."""
 
 
 def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Optional[StageCheckpoint] = None,
                log=print, state: Optional[dict] = None, hint: str = "", **objs) -> dict:
-    """The training loop of every stage. `step(i)` does step i and returns its losses by name (the
-    first is the one progress shows); this loop does the rest:
-      - resumes: restores `objs` (models, optimizers, random generators, Batches) and `state` (a dict
-        of the stage's own values, e.g. DMD's EMA weights) from `ckpt`, and continues at its step;
-      - refuses a non-finite loss or gradient (`_step` checks the gradient before the update) with a
-        Diverged error naming the stage, the step and `hint` (what to change);
-      - logs progress about ten times and checkpoints every `ckpt.every` steps.
-    Returns the history {loss name: [one value per step that produced it]}."""
+    """The loop every stage runs. `step(i)` does step i and returns its losses by name; the loop
+    restores `objs` (models, optimizers, random generators, Batches) and `state` (the stage's own
+    values, e.g. DMD's EMA weights) from `ckpt` and goes on from its step; stops at a non-finite loss
+    or gradient with a Diverged error naming the stage, the step and `hint` (what to change); prints
+    the progress about ten times (the first loss, speed, time left) and checkpoints every `ckpt.every`
+    steps. Returns the history {loss name: [one value per step that produced it]}."""
     ckpt = ckpt or StageCheckpoint()
     start, saved = ckpt.restore(**objs)
-    if start and "history" not in saved:
-        raise ValueError(f"checkpoint {ckpt.path!r} was written by an older version of this code and cannot be resumed "
-                         "exactly; delete it to restart this stage")
     history = saved.get("history", {})
     if state is not None:
         state.update(saved.get("state", {}))
-    progress = Progress(log, stage, steps, start)
+    every, t0 = max(steps // 10, 1), time.perf_counter()
     for i in range(start, steps):
         try:
             losses = {name: _global_mean(v) if torch.is_tensor(v) else float(v) for name, v in step(i).items()}
-            bad = {name: v for name, v in losses.items() if not math.isfinite(v)}
+            bad = [f"{name} loss {v}" for name, v in losses.items() if not math.isfinite(v)]
             if bad:
-                raise FloatingPointError(", ".join(f"{name} loss {v}" for name, v in bad.items()))
+                raise FloatingPointError(", ".join(bad))
         except FloatingPointError as e:
             raise Diverged(f"training diverged in stage '{stage}' at step {i + 1} of {steps} ({e}). Nothing of "
                            f"this stage was saved as finished. The usual cause is a learning rate too high for "
@@ -2498,7 +2454,10 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
                            f"folder: a run folder keeps the config it was started with).") from None
         for name, v in losses.items():
             history.setdefault(name, []).append(v)
-        progress(i, next(iter(losses.values())))
+        if log and (i % every == 0 or i == steps - 1):
+            rate = (i + 1 - start) / max(time.perf_counter() - t0, 1e-9)
+            log(f"  [{stage}] step {i + 1:5d}/{steps}  loss {next(iter(losses.values())):.4f}  "
+                f"{rate:6.2f} it/s  {(steps - i - 1) / rate:5.0f} s left")
         ckpt.save(i + 1, steps, {"history": history, "state": state or {}}, **objs)
     return history
 
@@ -2509,15 +2468,12 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
 
 
 MNIST_ENV = "CAUSAL_FORCING_MNIST"  # a folder with the MNIST IDX files, if the user has them
-
-
 _SPRITES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_data", "digit_sprites.npz")
 
 
 def read_idx(path: str) -> torch.Tensor:
-    """An IDX file (MNIST's format, raw or .gz) as a uint8 tensor. The header is two zero bytes,
-    a type byte (0x08 = uint8), the number of dimensions, then each dimension as a big-endian
-    uint32; the data must be exactly as long as the dimensions say."""
+    """An IDX file (MNIST's format, raw or .gz) as a uint8 tensor: two zero bytes, the type 0x08 (uint8),
+    the number of dimensions, each dimension as a big-endian uint32, then exactly that much data."""
     import gzip
     import struct
     import zlib
@@ -2544,43 +2500,40 @@ def read_idx(path: str) -> torch.Tensor:
 
 
 def load_digits(mnist_dir: Optional[str] = None, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Digit images (N, 28, 28) uint8, labels (N,) long, and where they came from: the MNIST
-    `split` from `mnist_dir` (or the folder in $CAUSAL_FORCING_MNIST), else the digit sprites
-    shipped in toy_data/ (rendered from matplotlib's fonts; see toy_data/make_digit_sprites.py)."""
+    """Digit images (N, 28, 28) uint8, labels (N,) long, and their source: the MNIST `split` in `mnist_dir`
+    (or $CAUSAL_FORCING_MNIST), else the sprites in toy_data/ (see toy_data/make_digit_sprites.py)."""
     mnist_dir = mnist_dir or os.environ.get(MNIST_ENV)
-    if mnist_dir:
-        prefix = {"test": "t10k", "train": "train"}[split]
-        found = {}
-        for kind, rank in (("images", 3), ("labels", 1)):
-            names = [f"{prefix}-{kind}-idx{rank}-ubyte{ext}" for ext in ("", ".gz")]
-            names += [f"{prefix}-{kind}.idx{rank}-ubyte{ext}" for ext in ("", ".gz")]
-            path = next((os.path.join(mnist_dir, n) for n in names if os.path.isfile(os.path.join(mnist_dir, n))), None)
-            if path is None:
-                raise FileNotFoundError(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
-            found[kind] = read_idx(path)
-        images, labels = found["images"], found["labels"]
-        if images.dim() != 3 or len(images) != len(labels):
-            raise ValueError(f"MNIST files in {mnist_dir!r} disagree: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
-        return images, labels.long(), f"MNIST {split} set from {mnist_dir}"
-    if not os.path.isfile(_SPRITES):
-        raise FileNotFoundError(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
-                                f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
-    import numpy as np
+    if not mnist_dir:
+        if not os.path.isfile(_SPRITES):
+            raise FileNotFoundError(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
+                                    f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
+        import numpy as np
 
-    with np.load(_SPRITES) as d:
-        return torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long(), "digit sprites (toy_data)"
+        with np.load(_SPRITES) as d:
+            return torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long(), "digit sprites (toy_data)"
+    prefix = {"test": "t10k", "train": "train"}[split]
+    found = {}
+    for kind, rank in (("images", 3), ("labels", 1)):
+        names = [f"{prefix}-{kind}{sep}idx{rank}-ubyte{ext}" for sep in "-." for ext in ("", ".gz")]
+        paths = [os.path.join(mnist_dir, n) for n in names if os.path.isfile(os.path.join(mnist_dir, n))]
+        if not paths:
+            raise FileNotFoundError(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
+        found[kind] = read_idx(paths[0])
+    images, labels = found["images"], found["labels"]
+    if images.dim() != 3 or len(images) != len(labels):
+        raise ValueError(f"MNIST files in {mnist_dir!r} disagree: images {tuple(images.shape)}, "
+                         f"labels {tuple(labels.shape)}")
+    return images, labels.long(), f"MNIST {split} set from {mnist_dir}"
 
 
 def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits: int = 2, speed: float = 0.1,
                   digit_size: int = 28, digits: Optional[tuple] = None, rng: Optional[torch.Generator] = None,
                   return_positions: bool = False):
-    """Moving-digit videos as in Srivastava et al. (2015). Each digit starts at a uniform position
-    in the unit square and moves `speed` per frame in a uniform direction; a coordinate that leaves
-    [0, 1] is clamped to the edge and its velocity flips (a bounce). Positions scale by
-    size - digit_size to the digit's top-left pixel; overlapping digits combine by max.
-    The paper's setting is the default (64x64, 2 digits of 28 px, 20 frames, speed 0.1).
-    Returns videos (N, F, size, size) uint8 and labels (N, num_digits); with return_positions
-    also the top-left pixel of every digit in every frame, (N, F, num_digits, 2) as (y, x)."""
+    """Moving-digit videos as in Srivastava et al. (2015), their setting the default. Each digit starts at
+    a uniform place in the unit square and moves `speed` per frame in a uniform direction; a coordinate
+    that leaves [0, 1] is clamped and its velocity flips (a bounce). Positions scale by size - digit_size
+    to the digit's top-left pixel; overlapping digits combine by max. Returns videos (N, F, size, size)
+    uint8, labels (N, num_digits) and, with return_positions, the top-left pixels (N, F, D, 2) as (y, x)."""
     images, labels = digits if digits is not None else load_digits()[:2]
     if digit_size > size:
         raise ValueError(f"digit_size={digit_size} does not fit a {size}x{size} canvas")
@@ -2606,13 +2559,14 @@ def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits:
         pos = pos + vel
         out = (pos < 0) | (pos > 1)
         pos, vel = pos.clamp(0, 1), torch.where(out, -vel, vel)
-    result = (video, labels[pick])
-    return (*result, tops) if return_positions else result
+    if return_positions:
+        return video, labels[pick], tops
+    return video, labels[pick]
 
 
 def load_moving_mnist(path: str) -> torch.Tensor:
-    """The released Moving MNIST test set (mnist_test_seq.npy: uint8, time first, (20, 10000, 64,
-    64)) as videos (N, T, H, W) uint8."""
+    """The released Moving MNIST test set (mnist_test_seq.npy: uint8, time first, (20, 10000, 64, 64))
+    as videos (N, T, H, W) uint8."""
     import numpy as np
 
     if not os.path.isfile(path):
@@ -2624,14 +2578,12 @@ def load_moving_mnist(path: str) -> torch.Tensor:
 
 
 def digit_split(cfg: DataConfig) -> dict:
-    """The digit images for training videos and those held out for the metrics: a fixed 90/10 split
-    of the pool (MNIST or the sprites), the same for every seed, so held-out videos show digits
-    that no training video contains. Returns {"train": (images, labels), "test": ..., "source": str}."""
+    """{"train": (images, labels), "test": (images, labels), "source": str}: a fixed 90/10 split of the
+    digits, the same for every seed, so that held-out videos show digits no training video contains."""
     images, labels, source = load_digits(cfg.mnist_dir)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(12345))
-    cut = len(images) // 10
-    return {"train": (images[order[cut:]], labels[order[cut:]]), "test": (images[order[:cut]], labels[order[:cut]]),
-            "source": source}
+    test, train = order[:len(images) // 10], order[len(images) // 10:]
+    return {"train": (images[train], labels[train]), "test": (images[test], labels[test]), "source": source}
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -2645,8 +2597,7 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moving-digit videos as model input: (N, F, 1, H, W) float in [-1, 1] (0 -> -1, 255 -> 1), and
-    the labels (N, num_digits)."""
+    """Moving-digit videos as model input, (N, F, 1, H, W) in [-1, 1], and their labels (N, num_digits)."""
     video, labels = moving_digits(num_videos, cfg.frames, cfg.canvas, cfg.num_digits, cfg.speed, cfg.digit_size,
                                   digits, rng)
     return to_unit(video)[:, :, None], labels
@@ -2663,30 +2614,33 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
 
 
+def _mean_step(points: torch.Tensor) -> torch.Tensor:
+    """The mean distance between consecutive frames' points (B, F, 2): how far frames move."""
+    return (points[:, 1:] - points[:, :-1]).norm(dim=-1).mean()
+
+
 def toy_metrics(videos: torch.Tensor, data: ToyVideos, held_out: torch.Tensor, tol_degrees: float) -> dict:
-    """Energy distance to held-out data; off_manifold = fraction of frames more than 3 std from
-    every point a frame of the data can sit on; motion = mean frame-to-frame displacement over the
-    data's; transition_accuracy = fraction of consecutive frames that turn by +-turn (within tol)."""
+    """Energy distance to held-out data; off_manifold = fraction of frames more than 3 std from every
+    point a frame of the data can sit on; motion = mean frame-to-frame displacement over the data's;
+    transition_accuracy = fraction of consecutive frames that turn by +-turn (within tol)."""
     pts = rearrange(videos.double(), "b f c h w -> b f (c h w)")
     ref = rearrange(held_out.double(), "b f c h w -> b f (c h w)")
     dist = torch.cdist(pts.reshape(-1, 2), data.frame_points())  # (B*F, P)
-    step = lambda p: (p[:, 1:] - p[:, :-1]).norm(dim=-1).mean()  # noqa: E731
     ang = torch.atan2(pts[..., 1], pts[..., 0])
     turn = torch.remainder(ang[:, 1:] - ang[:, :-1] + math.pi, 2 * math.pi) - math.pi
-    target = math.radians(data.cfg.turn_degrees)
-    ok = (turn.abs() - target).abs() < math.radians(tol_degrees)
+    ok = (turn.abs() - math.radians(data.cfg.turn_degrees)).abs() < math.radians(tol_degrees)
+    one_frame = pts.shape[1] == 1
     return {
         "energy_distance": energy_distance(videos, held_out),
         "off_manifold": float((dist.min(-1).values > 3 * data.std).double().mean()),
-        "motion": float(step(pts) / step(ref)) if pts.shape[1] > 1 else float("nan"),
-        "transition_accuracy": float(ok.double().mean()) if pts.shape[1] > 1 else float("nan"),
+        "motion": float("nan") if one_frame else float(_mean_step(pts) / _mean_step(ref)),
+        "transition_accuracy": float("nan") if one_frame else float(ok.double().mean()),
     }
 
 
 class DigitClassifier(nn.Module):
-    """A small CNN that reads the digit in a frame (B, 1, H, W), pixels in [-1, 1]. Its 128-wide
-    penultimate activations are the features of the Frechet distance (the role Inception or I3D
-    features play for FID / FVD)."""
+    """A small CNN that reads the digit in a frame (B, 1, H, W) in [-1, 1]. Its 128 penultimate activations
+    are the features of the Frechet distance (the role Inception or I3D features play for FID / FVD)."""
 
     def __init__(self, size: int):
         super().__init__()
@@ -2705,8 +2659,8 @@ class DigitClassifier(nn.Module):
 
 def train_classifier(cfg: Config, videos: torch.Tensor, labels: torch.Tensor, log=print, rng=None,
                      ckpt: Optional[StageCheckpoint] = None, batch: int = 128) -> tuple[DigitClassifier, list]:
-    """Trains the DigitClassifier on the frames of the training videos (one digit per video, so
-    every frame carries the video's label), with Adam for classifier_steps steps."""
+    """Trains the DigitClassifier with Adam for classifier_steps steps on the frames of the training
+    videos (one digit per video, so every frame carries the video's label)."""
     frames = rearrange(videos, "n f c h w -> (n f) c h w")
     targets = labels[:, 0].repeat_interleave(videos.shape[1])
     model = DigitClassifier(videos.shape[-1]).to(cfg.device)
@@ -2726,8 +2680,8 @@ def train_classifier(cfg: Config, videos: torch.Tensor, labels: torch.Tensor, lo
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (N, D) (FID's formula):
-        |mu_x - mu_y|^2 + tr(C_x + C_y - 2 (C_x^1/2 C_y C_x^1/2)^1/2).
-    The matrix square roots come from symmetric eigendecompositions, in float64."""
+        |mu_x - mu_y|^2 + tr(C_x + C_y - 2 (C_x^1/2 C_y C_x^1/2)^1/2),
+    the matrix square roots from symmetric eigendecompositions, in float64."""
     x, y = x.double(), y.double()
     mx, my = x.mean(0), y.mean(0)
     cx, cy = torch.cov(x.T), torch.cov(y.T)
@@ -2738,9 +2692,8 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def centroids(videos: torch.Tensor) -> torch.Tensor:
-    """Intensity-weighted centre of every frame (B, F, 1, H, W) -> (B, F, 2) as (y, x) pixels;
-    the weight is the pixel brightness in [0, 1]."""
-    w = ((videos[:, :, 0].double() + 1) / 2).clamp(0, 1)  # (B, F, H, W)
+    """The brightness-weighted centre (y, x) in pixels of every frame: (B, F, 1, H, W) -> (B, F, 2)."""
+    w = ((videos[:, :, 0].double() + 1) / 2).clamp(0, 1)  # (B, F, H, W), brightness in [0, 1]
     H, W = w.shape[-2:]
     total = w.sum((-2, -1)).clamp(min=1e-9)
     ys = (w.sum(-1) * torch.arange(H, dtype=w.dtype)).sum(-1) / total
@@ -2774,9 +2727,8 @@ def frame_changes(videos: torch.Tensor, chunk_frames: int) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def chunk_boundary_jump(videos: torch.Tensor, chunk_frames: int) -> float:
-    """Mean frame-to-frame change (mean |x_{f+1} - x_f| over pixels and videos) across chunk
-    boundaries, over the mean change within chunks. About 1 for data that moves steadily; above 1
-    when a chunk-wise generator jumps at the start of each chunk. NaN without both kinds of pair."""
+    """The mean frame-to-frame change across chunk boundaries over that within chunks: about 1 for steady
+    motion, above 1 when a chunk-wise generator jumps at each chunk's start; NaN without both kinds."""
     change, into_new_chunk = frame_changes(videos, chunk_frames)
     if into_new_chunk.all() or not into_new_chunk.any():
         return float("nan")
@@ -2796,27 +2748,24 @@ def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Te
     labels=None (an unconditional model) makes instruction_following NaN."""
     feats, pred = read_frames(classifier, videos)
     ref_feats, _ = read_frames(classifier, held_out)
-
-    def step(v):  # mean centroid displacement between consecutive frames
-        c = centroids(v)
-        return (c[:, 1:] - c[:, :-1]).norm(dim=-1).mean()
     videos, held_out = videos.cpu(), held_out.cpu()
     majority = pred.mode(dim=1).values
-    return {
+    metrics = {
         "frechet_distance": frechet_distance(feats, ref_feats),
         "sharpness": sharpness(videos) / sharpness(held_out),
-        "dynamic_degree": float(step(videos) / step(held_out)),
-        "instruction_following": float((pred == labels[:, :1]).double().mean()) if labels is not None else float("nan"),
+        "dynamic_degree": float(_mean_step(centroids(videos)) / _mean_step(centroids(held_out))),
+        "instruction_following": float("nan") if labels is None else float((pred == labels[:, :1]).double().mean()),
         "temporal_consistency": float((pred == majority[:, None]).double().mean()),
-        **({"chunk_boundary_jump": chunk_boundary_jump(videos, chunk_frames)} if chunk_frames else {}),
     }
+    if chunk_frames:
+        metrics["chunk_boundary_jump"] = chunk_boundary_jump(videos, chunk_frames)
+    return metrics
 
 
 @contextlib.contextmanager
 def count_frame_evaluations(model: nn.Module):
-    """Counts network evaluations: each forward call adds its number of (noisy) frames to 'frames',
-    and batch x frames to 'sample_frames' (so a guided call, on a doubled batch, counts twice).
-    Yields the dict; its entries grow while the block runs."""
+    """Yields a dict that counts the network's evaluations in the block: each forward call adds its (noisy)
+    frames to 'frames' and batch x frames to 'sample_frames' (a guided call, on a doubled batch, twice)."""
     box = {"frames": 0, "sample_frames": 0}
 
     def hook(m, args, out):
@@ -2830,16 +2779,15 @@ def count_frame_evaluations(model: nn.Module):
 
 
 # =================================================================================================
-# II.7 pipeline: every stage (resumable from saved stages), the table, results.json, figures
+# II.7 pipeline: every stage (resumable from saved stages), the table, results.json (figures: examples/figures.py)
 # =================================================================================================
 
 
 ROWS = ("bidirectional_teacher", "ar_teacher", "ode_student_from_bidirectional", "ode_student_from_ar",
         "self_forcing", "causal_forcing", "consistency_student_from_ar", "causal_forcing_pp")
-
-
 DIGIT_ROWS = ROWS[:2] + ("ar_teacher_diffusion_forcing",) + ROWS[2:]  # moving digits add the ablation
 STEP_ROWS = ("causal_forcing", "causal_forcing_pp")  # also streamed with 1, 2 and 4 steps (results["steps"])
+_MODEL_KINDS = ("bidirectional", "causal", "classifier")  # stages whose result is a trained model and its losses
 
 
 def streaming_steps(cfg: SampleConfig, steps: int) -> dict:
@@ -2850,17 +2798,27 @@ def streaming_steps(cfg: SampleConfig, steps: int) -> dict:
 
 
 def sample_row(row: str, model: CausalDiT, cfg: Config, batch_size: int, cond=None, rng=None) -> torch.Tensor:
-    """Samples the model of a row of the table with that row's sampler: the teachers by their
-    many-step ODE (guided with teacher_guidance when conditioned), the students by streaming."""
-    s, size = cfg.sample, dict(batch_size=batch_size, num_frames=cfg.data.frames, cond=cond, rng=rng)
+    """Samples the model of a row of the table with that row's sampler: the teachers by their many-step
+    ODE (guided with teacher_guidance when conditioned), the students by streaming."""
+    s = cfg.sample
+    size = dict(batch_size=batch_size, num_frames=cfg.data.frames, cond=cond, rng=rng)
     if row == "bidirectional_teacher":
-        return sample_bidirectional(model, solver_sigmas(s.teacher_solver_steps, s), guidance=cfg.train.teacher_guidance, **size)
+        sigmas = solver_sigmas(s.teacher_solver_steps, s)
+        return sample_bidirectional(model, sigmas, guidance=cfg.train.teacher_guidance, **size)
     if row.startswith("ar_teacher"):
-        return sample_ar_teacher(model, solver_sigmas(s.teacher_solver_steps, s), guidance=cfg.train.teacher_guidance,
-                                 context_noise=s.context_noise, **size)
+        sigmas = solver_sigmas(s.teacher_solver_steps, s)
+        return sample_ar_teacher(model, sigmas, guidance=cfg.train.teacher_guidance, context_noise=s.context_noise,
+                                 **size)
     if row == "causal_forcing_pp":  # 2 steps, the first chunk 4
         return sample_student(model, context_noise=s.context_noise, **streaming_steps(s, 2), **size)
     return sample_student(model, student_sigmas(s), context_noise=s.context_noise, **size)
+
+
+def _empty_model(cfg: Config, kind: str) -> nn.Module:
+    """A model of a kind in _MODEL_KINDS, on the CPU, for saved weights to load into."""
+    if kind == "classifier":
+        return DigitClassifier(cfg.data.canvas)
+    return CausalDiT(cfg.model, causal=kind == "causal")
 
 
 def load_models(out: str, cfg: Config) -> dict:
@@ -2869,68 +2827,46 @@ def load_models(out: str, cfg: Config) -> dict:
     moving digits the "digit_classifier" behind the metrics. `cfg` is the run's config."""
     path = os.path.join(out, "models.pt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no models.pt in {out!r}: run the pipeline there first (python causal_forcing.py --out {out})")
+        raise FileNotFoundError(f"no models.pt in {out!r}: run the pipeline there first "
+                                f"(python causal_forcing.py --out {out})")
     models = {}
     for name, state in _load_saved(path, "models file").items():
-        if name == "digit_classifier":
-            model = DigitClassifier(cfg.data.canvas)
-        else:
-            model = CausalDiT(cfg.model, causal=name != "bidirectional_teacher")
-        model.load_state_dict(state)
-        models[name] = model.to(cfg.device).eval().requires_grad_(False)
-    classifier_stage = os.path.join(out, "stages", "digit_classifier.pt")
-    if "digit_classifier" not in models and os.path.isfile(classifier_stage):  # a run saved before models.pt held it
-        models["digit_classifier"] = DigitClassifier(cfg.data.canvas)
-        models["digit_classifier"].load_state_dict(_load_saved(classifier_stage)["result"]["model"])
-        models["digit_classifier"].to(cfg.device).eval().requires_grad_(False)
+        kind = {"digit_classifier": "classifier", "bidirectional_teacher": "bidirectional"}.get(name, "causal")
+        models[name] = _empty_model(cfg, kind)
+        models[name].load_state_dict(state)
+        models[name].to(cfg.device).eval().requires_grad_(False)
     return models
 
 
 def run_config(out: str, **overrides) -> Config:
     """The config a run folder was made with (its config.json), checked as get_config checks any
-    config; fields added to the code after the run take their defaults. `overrides` (e.g. device)
-    replace saved values."""
+    config; `overrides` (e.g. device) replace saved values."""
     path = os.path.join(out, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {out!r}: it is not a run folder of this code")
     with open(path) as f:
         saved = json.load(f)
-    flat = {k: v for k, v in saved.items() if not isinstance(v, dict) and k != "name"}
-    for section in _SECTIONS:  # a field the run's code did not have: what that code did, not today's preset value
-        flat.update({**_values_before_fields()[section], **saved.get(section, {})})
-    return get_config(saved.get("name", "toy2d"), **{**flat, **overrides})
+    flat = {k: v for k, v in saved.items() if k != "name" and not isinstance(v, dict)}
+    for section in _SECTIONS:
+        flat.update(saved[section])
+    return get_config(saved["name"], **{**flat, **overrides})
 
 
-# A field whose default is not what the code did before the field existed. Causal Forcing++ came with
-# cd_steps (default 600): a run saved before it trained no Causal Forcing++ stage, so it counts as 0.
-_VALUE_BEFORE_FIELD = {("train", "cd_steps"): 0}
-
-
-def _values_before_fields() -> dict:
-    """Config().to_dict() with _VALUE_BEFORE_FIELD applied: what a field missing from a saved config meant."""
-    d = Config().to_dict()
-    for (section, key), value in _VALUE_BEFORE_FIELD.items():
-        d[section][key] = value
-    return d
-
-
-def _run_identity(config: dict) -> dict:
-    """The config without the fields that do not change a run's results (device, checkpoint_every,
-    dmd_snapshots)."""
-    out = {k: v for k, v in config.items() if k != "device"}
-    out["train"] = {k: v for k, v in out["train"].items() if k not in ("checkpoint_every", "dmd_snapshots")}
-    return out
+_NOT_RESULTS = ("device", "train.checkpoint_every", "train.dmd_snapshots")  # fields that do not change results
 
 
 def _config_differences(saved: dict, config: dict) -> list[str]:
-    """The fields (section.name) in which two configs differ, device and checkpoint_every aside. A
-    field the saved run's code did not have yet counts at what that code did: its default, or
-    _VALUE_BEFORE_FIELD's value."""
-    flat = lambda d: {f"{k}.{k2}": v2 for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [("", v)])}  # noqa: E731
-    defaults = flat(json.loads(json.dumps(_run_identity(_values_before_fields()))))
-    a, b = (flat(json.loads(json.dumps(_run_identity(c)))) for c in (saved, config))  # tuples -> lists, as saved
-    a = {**{k: v for k, v in defaults.items() if k not in a and k != "name."}, **a}
-    return sorted(k.rstrip(".") for k in set(a) | set(b) if a.get(k) != b.get(k))
+    """The fields ("seed", "train.cd_steps", ...) in which two config dicts differ, _NOT_RESULTS aside."""
+    def flat(d):
+        out = {}
+        for key, value in json.loads(json.dumps(d)).items():  # tuples as lists, as config.json has them
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return {k: v for k, v in out.items() if k not in _NOT_RESULTS}
+    a, b = flat(saved), flat(config)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 # Fields that only Causal Forcing++'s stages and the stages after them read. Those stages come last
@@ -2943,71 +2879,64 @@ LATE_STAGES = ("consistency_student_ar", "dmd_causal_forcing_pp", "injectivity_f
 
 
 def _check_run_folder(cfg: Config, out: str, log=print) -> None:
-    """A run folder belongs to one config: the first run writes out/config.json, a later run in the
-    same folder must have the same config (device and checkpoint_every aside), or its saved stages
-    would be mixed with the wrong ones. Each finished stage file records the config too, so a
-    deleted config.json does not let another config load them. The one exception is LATE_FIELDS,
-    on a folder with finished earlier stages: a change there keeps those stages, removes the folder's
-    results, models and losses (made with the old values), drops the checkpoints of unfinished
-    LATE_STAGES and records the new config; `PipelineRun.stage` then redoes each finished late stage
-    that was made with other values, and the run writes new results."""
-    path = os.path.join(out, "config.json")
-    stages = os.path.join(out, "stages")
-    done = sorted(n for n in os.listdir(stages) if n.endswith(".pt") and not n.endswith(".partial.pt")
-                  and not n.startswith(".tmp-") and n[:-3] not in LATE_STAGES) if os.path.isdir(stages) else []
+    """A run folder belongs to one config: the first run writes out/config.json, and a later run there
+    must have the same config, or its stages would be mixed with another's (finished stage files record
+    the config too, for a folder whose config.json is gone). The exception is LATE_FIELDS, on a folder
+    with finished earlier stages: those stages are kept, the results, models and losses made with the
+    old values removed, the checkpoints of unfinished LATE_STAGES dropped and the new config recorded;
+    `PipelineRun.stage` then redoes the finished late stages made with other values."""
+    path, stages = os.path.join(out, "config.json"), os.path.join(out, "stages")
+    names = sorted(os.listdir(stages)) if os.path.isdir(stages) else []
+    done = [n for n in names if n.endswith(".pt") and not n.endswith(".partial.pt") and not n.startswith(".tmp-")
+            and n[:-3] not in LATE_STAGES]
     if os.path.exists(path):
         with open(path) as f:
-            diff = _config_differences(json.load(f), cfg.to_dict())
-        early = [k for k in diff if k not in LATE_FIELDS]
-        if early or (diff and not done):  # late fields alone, on a folder with no earlier stages to keep: refused too
-            raise ValueError(f"{out!r} holds a run with another config (differs in {', '.join(early or diff)}); "
-                             "use another --out folder, or delete this one to start over")
-        if not diff:
-            return
+            saved = json.load(f)
+    else:  # the finished stages say which config made them
+        saved = _load_saved(os.path.join(stages, done[0]))["config"] if done else cfg.to_dict()
+    diff = _config_differences(saved, cfg.to_dict())
+    early = [k for k in diff if k not in LATE_FIELDS]
+    if early or (diff and not done):  # late fields alone, with no earlier stages to keep: refused too
+        raise ValueError(f"{out!r} holds a run with another config (differs in {', '.join(early or diff)}); "
+                         "use another --out folder, or delete this one to start over")
+    if os.path.exists(path) and not diff:
+        return
+    if diff:
         log(f"{out}: Causal Forcing++ settings changed ({', '.join(diff)}): the earlier stages are kept; the "
             "Causal Forcing++ stages and the evaluation are redone, and replace this folder's results")
-        for name in ("results.json", "models.pt", "losses.json") if rank_and_world()[0] == 0 else ():
-            if os.path.exists(os.path.join(out, name)):  # made with the old values: never beside the new config.json
-                os.remove(os.path.join(out, name))
-    if done and not os.path.exists(path):  # config.json is gone but stages are there: they say which config made them
-        saved = _load_saved(os.path.join(stages, done[0])).get("config")
-        diff = [k for k in (_config_differences(saved, cfg.to_dict()) if saved is not None else []) if k not in LATE_FIELDS]
-        if diff:
-            raise ValueError(f"{out!r} holds stages of a run with another config (differs in {', '.join(diff)}); "
-                             "use another --out folder, or delete this one to start over")
-    if rank_and_world()[0] == 0:
-        # a checkpoint of an unfinished late stage may have been made with other late values (it does
-        # not record them): drop it; a checkpoint only saves time
-        for name in LATE_STAGES if done else ():
-            partial = os.path.join(stages, f"{name}.partial.pt")
-            if os.path.exists(partial):
-                os.remove(partial)
-        save_atomic(cfg.to_dict(), path)
+    if rank_and_world()[0] != 0:
+        return
+    old = [os.path.join(out, n) for n in ("results.json", "models.pt", "losses.json")] if diff else []
+    old += [os.path.join(stages, f"{n}.partial.pt") for n in LATE_STAGES] if done else []  # their late values unknown
+    for name in old:
+        if os.path.exists(name):
+            os.remove(name)
+    save_atomic(cfg.to_dict(), path)
 
 
 def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
-    """Every stage on the config's videos (toy 2-D, or moving digits), then the table. Returns the
-    results dict; with `out` it also writes out/results.json, out/losses.json (each trained stage's
-    loss per step), the trained models out/models.pt (`load_models`) and the samples (toy:
-    out/samples.png; digits: out/samples.gif). Read it as the recipe's table of stages, in order.
-
-    With `out`, every finished stage is saved to out/stages/<stage>.pt, and a training stage in
-    progress to out/stages/<stage>.partial.pt every checkpoint_every steps (both written
-    atomically). Running the same command again skips the finished stages and resumes the
-    interrupted one from its checkpoint, with the same results as an uninterrupted run."""
-    with PipelineRun(cfg, out, log) as run:  # the data, the shared random generator, resumable stages; holds out/.lock
+    """Every stage on the config's videos (toy 2-D, or moving digits), then the table: read it as the
+    recipe's table of stages, in order. Returns the results dict; with `out` it also writes
+    out/results.json, out/losses.json (each trained stage's losses per step) and out/models.pt (the
+    trained models, for `load_models`); `python examples/figures.py OUT` draws the figures. Every
+    finished stage is saved to out/stages/<stage>.pt and a training stage in progress to
+    <stage>.partial.pt every checkpoint_every steps, so running the same command again loads the
+    finished stages and resumes the interrupted one, with the results of an uninterrupted run."""
+    with contextlib.closing(PipelineRun(cfg, out, log)) as run:  # data, random generator, stages; holds out/.lock
         d, g, m, say = run.data, run.g, run.models, run.log
+        prompts = run.prompts if d.cond is not None else None
         if run.digits:  # the metrics' digit reader first: it is trained on the data alone
             run.classifier = run.stage("digit_classifier", "classifier", lambda ck: train_classifier(
                 cfg, d.train, d.train_labels, say, g, ck))
-            say(f"  digit classifier reads {run.classifier_accuracy():.3f} of held-out frames correctly")
+            run.accuracy = run.classifier_accuracy()
+            say(f"  digit classifier reads {run.accuracy:.3f} of held-out frames correctly")
         m["bidirectional_teacher"] = run.stage("bidirectional_base", "bidirectional", lambda ck: train_base(
             cfg, d.train, say, g, d.cond, ck))
         m["ar_teacher"] = run.stage("ar_teacher", "causal", lambda ck: train_ar_teacher(
             cfg, m["bidirectional_teacher"], d.train, "teacher_forcing", say, g, d.cond, ck))
         if run.digits:  # the ablation: the AR teacher by diffusion forcing (noisy context in training)
-            m["ar_teacher_diffusion_forcing"] = run.stage("ar_teacher_diffusion_forcing", "causal", lambda ck: train_ar_teacher(
-                cfg, m["bidirectional_teacher"], d.train, "diffusion_forcing", say, g, d.cond, ck))
+            m["ar_teacher_diffusion_forcing"] = run.stage("ar_teacher_diffusion_forcing", "causal", lambda ck: (
+                train_ar_teacher(cfg, m["bidirectional_teacher"], d.train, "diffusion_forcing", say, g, d.cond, ck)))
         teacher = {"bidirectional": m["bidirectional_teacher"], "ar": m["ar_teacher"]}  # what each kind distils
         pairs = {kind: run.stage(f"ode_pairs_{kind}", "tensors", lambda ck: make_ode_pairs(
             cfg, teacher[kind], d.train, kind, d.cond, g)) for kind in ("bidirectional", "ar")}
@@ -3019,28 +2948,25 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
         for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
             m[row] = run.stage(f"dmd_{row}", "causal", lambda ck: train_dmd(
                 cfg, m[f"ode_student_from_{kind}"], m["bidirectional_teacher"], m["bidirectional_teacher"],
-                run.prompts if d.cond is not None else None, say, g, ck))
+                prompts, say, g, ck))
         if cfg.train.cd_steps:  # Causal Forcing++: consistency distillation from the AR teacher, then the same DMD
-            m["consistency_student_from_ar"] = run.stage("consistency_student_ar", "causal", lambda ck: train_consistency(
-                cfg, m["ar_teacher"], d.train, say, g, d.cond, ck))
+            m["consistency_student_from_ar"] = run.stage("consistency_student_ar", "causal", lambda ck: (
+                train_consistency(cfg, m["ar_teacher"], d.train, say, g, d.cond, ck)))
             m["causal_forcing_pp"] = run.stage("dmd_causal_forcing_pp", "causal", lambda ck: train_dmd(
                 cfg, m["consistency_student_from_ar"], m["bidirectional_teacher"], m["bidirectional_teacher"],
-                run.prompts if d.cond is not None else None, say, g, ck, steps=cfg.sample.pp_denoising_steps))
+                prompts, say, g, ck, steps=cfg.sample.pp_denoising_steps))
         if not run.digits:  # the injectivity floor, measured with the exact teachers
             run.floors = run.stage("injectivity_floor", "plain", lambda ck: run.injectivity_floors())
-        rows, samples, by_steps = run.stage("evaluation", "plain", lambda ck: run.evaluate())
-        results = run.results(rows)
-        if by_steps:
-            results["steps"] = by_steps
-        run.save(results, samples)
+        rows, by_steps, _ = run.stage("evaluation", "plain", lambda ck: run.evaluate())  # _: samples, for figures
+        results = run.results(rows, by_steps)
+        run.save(results)
         return results
 
 
 class PipelineRun:
-    """What `run_pipeline` needs besides its table of stages: the data and the shared random
-    generator, a resumable way to run a stage (`stage`), the evaluation of every row, the results
-    dict, and the files it writes. Stages run in a fixed order and draw from one generator, so the
-    order of calls here is part of the results."""
+    """What `run_pipeline` needs besides its table of stages: the data, the shared random generator,
+    resumable stages (`stage`), the evaluation, the results and the files. Stages run in a fixed order
+    and draw from one generator, so the order of calls here is part of the results."""
 
     def __init__(self, cfg: Config, out: Optional[str], log):
         if cfg.data.dataset == "none":
@@ -3049,26 +2975,21 @@ class PipelineRun:
         self.cfg, self.out, self.digits = cfg, out, cfg.data.dataset == "moving_digits"
         self.rank, self.world = rank_and_world()
         self.log = log if log and self.rank == 0 else (lambda *_: None)  # under torchrun only rank 0 speaks and writes
-        self.lock = None
+        self.lock = lock_run_folder(out) if out and self.rank == 0 else None  # one run per folder (rank 0 for all)
         if out:
-            if self.rank == 0:  # one run per folder; under torchrun rank 0 holds it for all
-                self.lock = lock_run_folder(out)
             try:
                 _check_run_folder(cfg, out, self.log)
             except BaseException:
                 self.close()
                 raise
             if self.rank == 0:
-                for folder in (out, os.path.join(out, "stages")):
-                    _remove_stale_temporaries(folder)
+                _remove_stale_temporaries(out)
+                _remove_stale_temporaries(os.path.join(out, "stages"))
         torch.manual_seed(cfg.seed)
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.data = self._load_data()
-        self.models: dict = {}
-        self.seconds: dict = {}
-        self.extra: dict = {}
-        self.losses: dict = {}  # each trained stage's loss history, written to out/losses.json
-        self.classifier = self.floors = self._accuracy = None
+        self.models, self.seconds, self.losses, self.extra = {}, {}, {}, {}
+        self.classifier = self.accuracy = self.floors = None
 
     def close(self) -> None:
         """Releases out/.lock (also when the run failed, so that a notebook can run again at once)."""
@@ -3076,18 +2997,13 @@ class PipelineRun:
             self.lock.close()
             self.lock = None
 
-    def __enter__(self) -> "PipelineRun":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _load_data(self) -> types.SimpleNamespace:
         cfg, g = self.cfg, self.g
         d = types.SimpleNamespace(cond=None, train_labels=None, test_labels=None)
         if self.digits:
             d.split = digit_split(cfg.data)
-            self.log(f"data: {cfg.data.train_size} training and {cfg.data.test_size} held-out videos of {d.split['source']}")
+            self.log(f"data: {cfg.data.train_size} training and {cfg.data.test_size} held-out videos of "
+                     f"{d.split['source']}")
             d.train, d.train_labels = digit_videos(cfg.data, cfg.data.train_size, d.split["train"], g)
             d.test, d.test_labels = digit_videos(cfg.data, cfg.data.test_size, d.split["test"], g)
             d.cond = label_cond(d.train_labels) if cfg.model.cond_dim else None
@@ -3100,84 +3016,75 @@ class PipelineRun:
 
     # --- resumable stages ----------------------------------------------------------------------
     def stage(self, name: str, kind: str, fn: Callable):
-        """Runs fn(checkpoint), or loads its result if an earlier run finished it. The random
-        generators' states are saved with it, so the stages after it draw the same numbers.
-        kind says what the result is, to save and load it: "bidirectional" or "causal" (a trained
-        CausalDiT, and its losses), "classifier", "tensors" (a dict of tensors), "plain"."""
-        if kind not in ("bidirectional", "causal", "classifier", "tensors", "plain"):
-            raise ValueError(f"unknown stage kind {kind!r}")
-        out, cfg = self.out, self.cfg
-        done = os.path.join(out, "stages", f"{name}.pt") if out else None
-        saved = _load_saved(done) if done and os.path.exists(done) else None
+        """Runs fn(checkpoint), or loads its result if an earlier run finished it. A finished stage is
+        saved with the random generators' states, so the stages after it draw the same numbers. `kind`
+        says how to save and load the result: one of _MODEL_KINDS (a trained model, whose losses go to
+        losses.json), "tensors" (a dict of tensors) or "plain"."""
+        path = os.path.join(self.out, "stages", name) if self.out else None
+        saved = self._finished(name, path + ".pt") if path else None
         if saved is not None:
-            diff = _config_differences(saved["config"], cfg.to_dict()) if "config" in saved else []
-            early = [k for k in diff if k not in LATE_FIELDS]  # LATE_FIELDS: see _check_run_folder
-            if early:
-                raise ValueError(f"{done!r} was made by another config (differs in {', '.join(early)}); delete it "
-                                 "(or use another --out folder) to redo that stage")
-            if diff and name in LATE_STAGES:  # made with other Causal Forcing++ settings: redo it
-                self.log(f"stage: {name} was made with another {', '.join(diff)}: redoing it")
-                saved = None
-        if saved is not None:
-            result = self._unpack(kind, saved["result"])  # first: building its models draws from the global generator
+            result = self._unpack(kind, saved["result"])  # first: building models draws from the global generator
             self.g.set_state(saved["rng"])
             torch.set_rng_state(saved["torch_rng"])
             self.seconds[name] = saved["seconds"]
-            self.log(f"stage: {name} (finished earlier: loaded {done})")
-            return self._result(name, kind, result)
-        self.log(f"stage: {name}")
-        partial = os.path.join(out, "stages", f"{name}.partial.pt") if out else None
-        ckpt = StageCheckpoint(partial, cfg.train.checkpoint_every)
-        result = fn(ckpt)
-        self.seconds[name] = round(ckpt.elapsed(), 2)  # including the time before an interruption
-        if done:
-            packed = self._pack(kind, result)  # every rank joins an FSDP gather
-            if self.rank == 0:
-                save_atomic({"result": packed, "rng": self.g.get_state(), "torch_rng": torch.get_rng_state(),
-                             "seconds": self.seconds[name], "config": cfg.to_dict()}, done)
-                if os.path.exists(partial):
-                    os.remove(partial)
-        self.log(f"  {name}: {self.seconds[name]:.1f} s")
-        return self._result(name, kind, result)
-
-    def _result(self, name, kind, result):
-        """A trained model's stage returns (model, losses): the pipeline keeps the model, and the
-        losses for out/losses.json."""
-        if kind not in ("bidirectional", "causal", "classifier"):
-            return result
-        self.losses[name] = result[1]
-        return result[0]
-
-    def _pack(self, kind, result):
-        if kind in ("bidirectional", "causal"):
-            return {"model": full_state_dict(result[0]), "losses": result[1]}
-        if kind == "classifier":
-            return {"model": result[0].state_dict(), "losses": result[1]}
-        if kind == "tensors":
-            return {k: v.cpu() for k, v in result.items()}
+            self.log(f"stage: {name} (finished earlier: loaded {path}.pt)")
+        else:
+            self.log(f"stage: {name}")
+            partial = path + ".partial.pt" if path else None
+            ckpt = StageCheckpoint(partial, self.cfg.train.checkpoint_every)
+            result = fn(ckpt)
+            self.seconds[name] = round(ckpt.elapsed(), 2)  # the time before an interruption included
+            if path:
+                packed = self._pack(kind, result)  # every rank joins an FSDP gather
+                if self.rank == 0:
+                    save_atomic({"result": packed, "rng": self.g.get_state(), "torch_rng": torch.get_rng_state(),
+                                 "seconds": self.seconds[name], "config": self.cfg.to_dict()}, path + ".pt")
+                    if os.path.exists(partial):
+                        os.remove(partial)
+            self.log(f"  {name}: {self.seconds[name]:.1f} s")
+        if kind in _MODEL_KINDS:
+            self.losses[name] = result[1]
+            return result[0]
         return result
 
-    def _unpack(self, kind, saved):
-        cfg = self.cfg
-        if kind in ("bidirectional", "causal"):
-            model = CausalDiT(cfg.model, causal=kind == "causal").to(cfg.device)
+    def _finished(self, name: str, path: str) -> Optional[dict]:
+        """The saved result of a finished stage, or None: none saved, or a late stage made with other
+        LATE_FIELDS (to redo). A stage made by another config is refused."""
+        if not os.path.exists(path):
+            return None
+        saved = _load_saved(path)
+        diff = _config_differences(saved["config"], self.cfg.to_dict())
+        early = [k for k in diff if k not in LATE_FIELDS]  # LATE_FIELDS: see _check_run_folder
+        if early:
+            raise ValueError(f"{path!r} was made by another config (differs in {', '.join(early)}); delete it "
+                             "(or use another --out folder) to redo that stage")
+        if diff and name in LATE_STAGES:
+            self.log(f"stage: {name} was made with another {', '.join(diff)}: redoing it")
+            return None
+        return saved
+
+    def _pack(self, kind: str, result):
+        """A stage's result as its file keeps it (a model as its whole state dict)."""
+        if kind in _MODEL_KINDS:
+            return {"model": full_state_dict(result[0]), "losses": result[1]}
+        return result
+
+    def _unpack(self, kind: str, saved):
+        if kind in _MODEL_KINDS:
+            model = _empty_model(self.cfg, kind).to(self.cfg.device)
             model.load_state_dict(saved["model"])
+            if kind == "classifier":
+                model.eval().requires_grad_(False)
             return model, saved["losses"]
-        if kind == "classifier":
-            model = DigitClassifier(cfg.data.canvas).to(cfg.device)
-            model.load_state_dict(saved["model"])
-            return model.eval().requires_grad_(False), saved["losses"]
-        if kind == "tensors":
-            return {k: v.to(cfg.device) for k, v in saved.items()}
+        if kind == "tensors":  # loaded on the CPU: back to the device they were made on
+            return {k: v.to(self.cfg.device) for k, v in saved.items()}
         return saved
 
     # --- what some stages need ------------------------------------------------------------------
     def classifier_accuracy(self) -> float:
-        """How well the digit classifier reads the held-out videos' own frames (computed once)."""
-        if self._accuracy is None:
-            pred = read_frames(self.classifier, self.data.test)[1]
-            self._accuracy = float((pred == self.data.test_labels[:, :1]).double().mean())
-        return self._accuracy
+        """How well the digit classifier reads the held-out videos' own frames."""
+        pred = read_frames(self.classifier, self.data.test)[1]
+        return float((pred == self.data.test_labels[:, :1]).double().mean())
 
     def prompts(self, batch, rng):
         """DMD's conditions on moving digits: uniformly drawn digit labels."""
@@ -3198,88 +3105,96 @@ class PipelineRun:
         return {"bidirectional": lambda eps: exact_bidirectional_flow(toy, eps, sig),
                 "ar": lambda eps: exact_ar_flow(toy, eps, sig, cfg.model.chunk_frames)}
 
-    def injectivity_floors(self):
+    def injectivity_floors(self) -> dict:
         """The frame-level floors of ODE regression from the exact teachers, and how far off the data
-        the bidirectional teacher's conditional means lie, per frame."""
-        cfg, toy, flows = self.cfg, self.data.toy, self.exact_flows()
-        e, F, c = cfg.eval, cfg.data.frames, cfg.model.chunk_frames
-        bi, cond_mean = injectivity_floor(flows["bidirectional"], F, c, e.floor_outer, e.floor_inner, self.g, return_mean=True)
-        ar = injectivity_floor(flows["ar"], F, c, e.floor_outer, e.floor_inner, self.g)
-        dist = torch.cdist(rearrange(cond_mean, "b f c h w -> b f (c h w)"), toy.frame_points().expand(len(cond_mean), -1, -1))
+        the bidirectional teacher's conditional means lie, per frame (toy runs)."""
+        toy, flows, e = self.data.toy, self.exact_flows(), self.cfg.eval
+        args = (self.cfg.data.frames, self.cfg.model.chunk_frames, e.floor_outer, e.floor_inner, self.g)
+        bi, cond_mean = injectivity_floor(flows["bidirectional"], *args, return_mean=True)
+        ar = injectivity_floor(flows["ar"], *args)
+        points = rearrange(cond_mean, "b f c h w -> b f (c h w)")
+        dist = torch.cdist(points, toy.frame_points().expand(len(cond_mean), -1, -1))
         off = (dist.min(-1).values > 3 * toy.std).double().mean(0)  # (F,) per frame
-        return bi, ar, off
+        return {"bidirectional": float(bi.mean()), "ar": float(ar.mean()),
+                "per_frame": {"bidirectional": bi.tolist(), "ar": ar.tolist()},
+                "conditional_mean_off_manifold": off.tolist()}
 
+    # --- evaluation, results and files ----------------------------------------------------------
     def evaluate(self) -> tuple[dict, dict, dict]:
-        """Samples every row's model (teachers with their many-step samplers and guidance, students
-        by streaming) and measures the samples, the NFE and the wall time per frame. Then the
-        STEP_ROWS students again, streamed with 1, 2 and 4 steps (the first chunk always 4), from
-        the same seed for every step count. Returns (rows, samples, {row: {steps: metrics}})."""
-        cfg, g, d = self.cfg, self.g, self.data
-        n, F = cfg.eval.eval_samples, cfg.data.frames
+        """Samples every row's model with its sampler (sample_row) and measures the samples, the NFE and
+        the wall time per frame; then the STEP_ROWS students streamed with 1, 2 and 4 steps (the first
+        chunk always 4), from the same seed each time. Returns (rows, {row: {steps: metrics}}, samples),
+        samples as {"samples": {row: videos}, "steps": {"row (k steps)": videos}}."""
+        cfg, n = self.cfg, self.cfg.eval.eval_samples
         labels = torch.arange(n)[:, None].repeat(1, cfg.data.num_digits) % 10  # every digit alike
-        c = label_cond(labels).to(cfg.device) if d.cond is not None else None
-
-        def measure(sample, model):
-            t0 = time.perf_counter()
-            with count_frame_evaluations(model) as nfe:
-                x = sample()
-            wall = time.perf_counter() - t0
-            metrics = (digit_metrics(x.cpu(), labels if c is not None else None, d.test, self.classifier,
-                                     cfg.model.chunk_frames) if self.digits
-                       else toy_metrics(x.cpu(), d.toy, d.test, cfg.eval.transition_tol_degrees))
-            return x.cpu(), {**metrics, "nfe_per_frame": nfe["sample_frames"] / (n * F), "ms_per_frame": 1000 * wall / (n * F)}
-        rows, samples, by_steps = {}, {}, {}
+        cond = label_cond(labels).to(cfg.device) if self.data.cond is not None else None
+        asked = labels if cond is not None else None  # what the metrics check the samples' digits against
+        rows, by_steps, samples = {}, {}, {"samples": {}, "steps": {}}
         for row in [r for r in (DIGIT_ROWS if self.digits else ROWS) if r in self.models]:
             model = self.models[row].eval()
-            samples[row], rows[row] = measure(lambda: sample_row(row, model, cfg, n, c, rng=g), model)
+            sample = lambda: sample_row(row, model, cfg, n, cond, rng=self.g)  # noqa: E731
+            samples["samples"][row], rows[row] = self._measure(sample, model, asked)
         for row in [r for r in STEP_ROWS if r in self.models]:
             model, by_steps[row] = self.models[row], {}
-            for k in (1, 2, 4):  # the same seed for every step count and row (and g is left as it was)
-                sample = lambda: sample_student(model, num_frames=F, batch_size=n, cond=c,  # noqa: E731
-                                                rng=torch.Generator().manual_seed(cfg.seed), context_noise=cfg.sample.context_noise,
-                                                **streaming_steps(cfg.sample, k))
-                samples[f"{row} ({k} step{'s' if k > 1 else ''})"], by_steps[row][str(k)] = measure(sample, model)
-        return rows, samples, by_steps
+            for k in (1, 2, 4):  # the same seed for every step count and row (self.g is left as it was)
+                steps = dict(streaming_steps(cfg.sample, k), context_noise=cfg.sample.context_noise)
+                sample = lambda: sample_student(  # noqa: E731
+                    model, num_frames=cfg.data.frames, batch_size=n, cond=cond,
+                    rng=torch.Generator().manual_seed(cfg.seed), **steps)
+                name = f"{row} ({k} step{'s' if k > 1 else ''})"
+                samples["steps"][name], by_steps[row][str(k)] = self._measure(sample, model, asked)
+        return rows, by_steps, samples
 
-    # --- results and files ----------------------------------------------------------------------
-    def results(self, rows: dict) -> dict:
+    def _measure(self, sample: Callable, model: CausalDiT, labels) -> tuple[torch.Tensor, dict]:
+        """Runs sample() and measures its videos, the network evaluations and the wall time per frame."""
+        cfg, d = self.cfg, self.data
+        t0 = time.perf_counter()
+        with count_frame_evaluations(model) as nfe:
+            x = sample()
+        wall = time.perf_counter() - t0
+        x = x.cpu()
+        if self.digits:
+            metrics = digit_metrics(x, labels, d.test, self.classifier, cfg.model.chunk_frames)
+        else:
+            metrics = toy_metrics(x, d.toy, d.test, cfg.eval.transition_tol_degrees)
+        frames = cfg.eval.eval_samples * cfg.data.frames
+        return x, {**metrics, "nfe_per_frame": nfe["sample_frames"] / frames, "ms_per_frame": 1000 * wall / frames}
+
+    def results(self, rows: dict, by_steps: dict) -> dict:
         """The results dict: every row, each stage's time and training throughput, and the data's own
         metrics; toy runs add the exact teachers, the injectivity floors and the held-out ODE losses."""
-        cfg, g, d = self.cfg, self.g, self.data
+        cfg, g, d, t = self.cfg, self.g, self.data, self.cfg.train
         results = {"config": cfg.to_dict(), "rows": rows, "stage_seconds": self.seconds, "world_size": self.world}
-        t = cfg.train  # training throughput: clips through each stage's optimizer per second (DMD: the critic's)
-        steps = {"bidirectional_base": t.base_steps, "ar_teacher": t.teacher_steps,
-                 "ar_teacher_diffusion_forcing": t.teacher_steps, "ode_student_bidirectional": t.ode_steps,
-                 "ode_student_ar": t.ode_steps, "dmd_self_forcing": t.dmd_steps, "dmd_causal_forcing": t.dmd_steps,
-                 "consistency_student_ar": t.cd_steps, "dmd_causal_forcing_pp": t.dmd_steps}
-        batch = {k: (t.dmd_batch_size or t.batch_size) if k.startswith("dmd_") else t.batch_size for k in steps}
-        batch["consistency_student_ar"] = t.cd_batch_size or t.batch_size
-        results["train_clips_per_second"] = {k: round(n * batch[k] / self.seconds[k], 1) for k, n in steps.items()
-                                             if self.seconds.get(k)}
+        # training throughput: clips through each stage's optimizer per second (DMD: the critic's)
+        plain, dmd, cd = t.batch_size, t.dmd_batch_size or t.batch_size, t.cd_batch_size or t.batch_size
+        work = {"bidirectional_base": (t.base_steps, plain), "ar_teacher": (t.teacher_steps, plain),
+                "ar_teacher_diffusion_forcing": (t.teacher_steps, plain),
+                "ode_student_bidirectional": (t.ode_steps, plain), "ode_student_ar": (t.ode_steps, plain),
+                "dmd_self_forcing": (t.dmd_steps, dmd), "dmd_causal_forcing": (t.dmd_steps, dmd),
+                "consistency_student_ar": (t.cd_steps, cd), "dmd_causal_forcing_pp": (t.dmd_steps, dmd)}
+        results["train_clips_per_second"] = {k: round(steps * batch / self.seconds[k], 1)
+                                             for k, (steps, batch) in work.items() if self.seconds.get(k)}
+        n, tol = cfg.eval.eval_samples, cfg.eval.transition_tol_degrees
         if self.digits:
-            data_video, data_labels = digit_videos(cfg.data, cfg.eval.eval_samples, d.split["test"], g)
-            results["data"] = digit_metrics(data_video, data_labels, d.test, self.classifier, cfg.model.chunk_frames)
+            videos, labels = digit_videos(cfg.data, n, d.split["test"], g)
+            results["data"] = digit_metrics(videos, labels, d.test, self.classifier, cfg.model.chunk_frames)
             results["digits"] = d.split["source"]
-            results["classifier_accuracy"] = self.classifier_accuracy()
-            return results
-        tol = cfg.eval.transition_tol_degrees
-        results["data"] = toy_metrics(d.toy.sample(cfg.eval.eval_samples, g), d.toy, d.test, tol)
-        # the exact teachers through the same sampler: what a perfect network would give
-        results["exact_teachers"] = {
-            name: toy_metrics(phi(torch.randn(cfg.eval.eval_samples, cfg.data.frames, 2, 1, 1, generator=g, dtype=torch.float64)),
-                              d.toy, d.test, tol)
-            for name, phi in self.exact_flows().items()}
-        floor_bi, floor_ar, cond_off = self.floors
-        results["injectivity_floor"] = {"bidirectional": float(floor_bi.mean()), "ar": float(floor_ar.mean()),
-                                        "per_frame": {"bidirectional": floor_bi.tolist(), "ar": floor_ar.tolist()},
-                                        "conditional_mean_off_manifold": cond_off.tolist()}
-        results["ode_loss_at_sigma_1"] = self.extra
+            results["classifier_accuracy"] = self.accuracy
+        else:
+            results["data"] = toy_metrics(d.toy.sample(n, g), d.toy, d.test, tol)
+            results["exact_teachers"] = {}  # the exact teachers through the same sampler: a perfect network
+            for name, flow in self.exact_flows().items():
+                eps = torch.randn(n, cfg.data.frames, 2, 1, 1, generator=g, dtype=torch.float64)
+                results["exact_teachers"][name] = toy_metrics(flow(eps), d.toy, d.test, tol)
+            results["injectivity_floor"] = self.floors
+            results["ode_loss_at_sigma_1"] = self.extra
+        if by_steps:
+            results["steps"] = by_steps
         return results
 
-    def save(self, results: dict, samples: dict) -> None:
-        """With `out`: results.json, losses.json (every trained stage's loss per step; DMD: the
-        generator's and the critic's), models.pt and the samples figure (toy) or GIF (digits), and
-        the same for the STEP_ROWS students streamed with 1, 2 and 4 steps (steps.png or steps.gif)."""
+    def save(self, results: dict) -> None:
+        """With `out`: results.json, losses.json (every trained stage's losses per step; DMD's without the
+        rollouts it keeps in its stage file) and models.pt."""
         if not self.out:
             return
         states = {k: full_state_dict(m) for k, m in self.models.items()}  # every rank joins the gather
@@ -3287,170 +3202,47 @@ class PipelineRun:
             states["digit_classifier"] = self.classifier.state_dict()
         if self.rank != 0:
             return
+        losses = {stage: rec if isinstance(rec, list) else {k: v for k, v in rec.items() if k != "snapshots"}
+                  for stage, rec in self.losses.items()}
         save_atomic(results, os.path.join(self.out, "results.json"))
-        save_atomic({stage: rec if isinstance(rec, list) else {k: v for k, v in rec.items() if k != "snapshots"}
-                     for stage, rec in self.losses.items()}, os.path.join(self.out, "losses.json"))
+        save_atomic(losses, os.path.join(self.out, "losses.json"))
         save_atomic(states, os.path.join(self.out, "models.pt"))
-        plot_training_health(self.losses, os.path.join(self.out, "training_health.png"))
-        d = self.data
-        by_rows = {r: v for r, v in samples.items() if r in results["rows"]}
-        by_steps = {r: v for r, v in samples.items() if r not in results["rows"]}  # "causal_forcing (2 steps)", ...
-        if self.digits:  # a held-out video of each digit (any video if none has it), for the GIFs' data column
-            first = [int((torch.nonzero(d.test_labels[:, 0] == k).flatten().tolist() or [k % len(d.test)])[0])
-                     for k in range(10)]
-        for name, group in (("samples", by_rows), ("steps", by_steps)):
-            if not group:
-                continue
-            if self.digits:  # a column per row; row i of the grid asks for digit i % 10; the data column shows that digit too
-                save_gif({"data": d.test[first], **{r: v[:10] for r, v in group.items()}}, os.path.join(self.out, f"{name}.gif"))
-            else:
-                plot_samples(group, d.test, os.path.join(self.out, f"{name}.png"))
+        self.log(f"figures: python examples/figures.py {self.out}")
 
 
 def format_table(results: dict) -> str:
-    if "classifier_accuracy" in results:
-        return _format_digit_table(results)
-    cols = ("energy_distance", "off_manifold", "motion", "transition_accuracy", "nfe_per_frame")
-    lines = [f"{'row':40s}" + "".join(f"{c:>21s}" for c in cols)]
-    nan = {"nfe_per_frame": float("nan")}
-    ref = [("data (held-out vs fresh)", {**results["data"], **nan})]
-    ref += [(f"exact {k} teacher (reference)", {**v, "nfe_per_frame": results["rows"]["bidirectional_teacher"]["nfe_per_frame"]})
-            for k, v in results.get("exact_teachers", {}).items()]
-    for row, m in [*ref, *results["rows"].items()]:
-        lines.append(f"{row:40s}" + "".join(f"{m[c]:21.3f}" for c in cols))
-    fl = results["injectivity_floor"]["per_frame"]
-    lines.append("")
-    lines.append("injectivity floor E[Var(phi(eps)^i | eps^<=i)] per frame (exact teachers):")
-    lines.append("  bidirectional: " + "  ".join(f"{v:.3f}" for v in fl["bidirectional"]))
-    lines.append("  ar:            " + "  ".join(f"{v:.3f}" for v in fl["ar"]))
-    lines.append("  off-manifold fraction of E[phi_Bi(eps)^i | eps^<=i], the best causal student's frame: "
-                 + "  ".join(f"{v:.3f}" for v in results["injectivity_floor"]["conditional_mean_off_manifold"]))
-    for kind, v in results.get("ode_loss_at_sigma_1", {}).items():
-        lines.append(f"  ode student from {kind:13s} held-out loss at sigma=1: " + "  ".join(f"{x:.3f}" for x in v))
-    lines.append("")
-    lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["stage_seconds"].items()))
-    return "\n".join(lines)
-
-
-def _format_digit_table(results: dict) -> str:
-    cols = ("frechet_distance", "sharpness", "dynamic_degree", "instruction_following", "temporal_consistency",
-            "chunk_boundary_jump", "nfe_per_frame", "ms_per_frame")
-    short = ("FD", "sharpness", "dynamic", "instruction", "consistency", "block jump", "NFE/frame", "ms/frame")
-    lines = [f"{'row':32s}" + "".join(f"{c:>12s}" for c in short)]
-    for row, m in [("data (held-out vs fresh)", results["data"]), *results["rows"].items()]:
-        lines.append(f"{row:32s}" + "".join(f"{m.get(c, float('nan')):12.3f}" for c in cols))
-    lines.append("")
-    lines.append(f"digits: {results['digits']}; the classifier reads {results['classifier_accuracy']:.3f} of held-out frames")
-    lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["stage_seconds"].items())
-                 + f"; total {sum(results['stage_seconds'].values()):.0f}")
-    return "\n".join(lines)
-
-
-def plot_samples(samples: dict, data: torch.Tensor, path: str, max_points: int = 600) -> None:
-    """A scatter panel per row: its frames (colour = frame index) over the data (grey)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = -(-len(samples) // 2)
-    fig, axes = plt.subplots(2, cols, figsize=(4.4 * cols, 8.6), sharex=True, sharey=True, squeeze=False)
-    ref = rearrange(data[:max_points], "b f c h w -> (b f) (c h w)")
-    for ax, (row, x) in zip(axes.flat, samples.items()):
-        pts = rearrange(x[:max_points], "b f c h w -> b f (c h w)")
-        ax.scatter(ref[:, 0], ref[:, 1], s=3, c="0.8", label="data")
-        for f in range(pts.shape[1]):
-            ax.scatter(pts[:, f, 0], pts[:, f, 1], s=3, label=f"frame {f}")
-        ax.set_title(row.replace("_pp", "++").replace("_", " "))
-        ax.set_aspect("equal")
-        ax.set_xlabel("x1")
-        ax.set_ylabel("x2")
-    for ax in axes.flat[len(samples):]:
-        ax.axis("off")
-    axes.flat[0].legend(loc="upper right", fontsize=7, markerscale=3)
-    fig.suptitle("Generated frames (colour = frame index) against the data (grey)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_training_health(losses: dict, path: str) -> None:
-    """What a reader checks to tell healthy training from broken: every stage's loss per step (log
-    scale; flow matching should fall and level off), DMD's critic loss (should stay bounded, not
-    climb), the generator's DMD loss and gradient norm at each update (no blow-up), and, for image
-    frames, the generator's fixed rollouts every few updates from its ODE init (stable digits that
-    sharpen, no drift or collapse)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    smooth = lambda v: torch.tensor(v, dtype=torch.float64).reshape(1, 1, -1)  # noqa: E731
-    dmd = {k: v for k, v in losses.items() if k.startswith("dmd_")}
-    snaps = {k: v["snapshots"] for k, v in dmd.items() if "snapshots" in v and v["snapshots"]["videos"].numel()
-             and v["snapshots"]["videos"].shape[-1] > 1}  # image frames only
-    fig = plt.figure(figsize=(16, 8 + 2.6 * len(snaps)))
-    grid = fig.add_gridspec(2 + len(snaps), 4)
-    ax = fig.add_subplot(grid[0, :2])
-    for name, rec in losses.items():
-        if isinstance(rec, list) and rec:  # a stage with one loss: flow matching, ODE regression, the classifier's
-            v = smooth(rec)
-            k = max(1, v.shape[-1] // 50)  # a running mean over ~2% of the steps
-            ax.plot(F_.avg_pool1d(v, k, stride=1).flatten().tolist(), label=name)
-    ax.set(yscale="log", xlabel="step", ylabel="loss (running mean)", title="every stage before DMD")
-    ax.legend(fontsize=7)
-    for col, key, title in ((2, "critic", "DMD critic (fake score) loss"), (3, "generator", "DMD generator loss")):
-        ax = fig.add_subplot(grid[0, col])
-        for name, rec in dmd.items():
-            ax.plot(rec.get(key, []), label=name.replace("dmd_", ""))
-        ax.set(yscale="log", xlabel="step" if key == "critic" else "generator update", title=title)
-        ax.legend(fontsize=7)
-    ax = fig.add_subplot(grid[1, :2])
-    for name, rec in dmd.items():
-        ax.plot(rec.get("generator_grad_norm", []), label=name.replace("dmd_", ""))
-    ax.set(yscale="log", xlabel="generator update", ylabel="gradient norm (before clipping)", title="DMD generator gradient norm")
-    ax.legend(fontsize=7)
-    for r, (name, snap) in enumerate(snaps.items()):
-        v = snap["videos"]  # (S, 4, F, 1, H, W)
-        S, F = v.shape[0], v.shape[2]
-        strip = rearrange(v[:, :2, :, 0].clamp(-1, 1), "s b f h w -> (s h) (b f w)")  # two videos per row
-        ax = fig.add_subplot(grid[2 + r, :])
-        ax.imshow(strip.numpy(), cmap="gray", vmin=-1, vmax=1, aspect="equal")
-        ax.set_yticks([(i + 0.5) * v.shape[-2] for i in range(S)], [f"update {u}" for u in snap["updates"]], fontsize=7)
-        ax.set_xticks([])
-        ax.set_title(f"{name.replace('dmd_', '')}: two fixed rollouts ({F} frames each) as DMD trains", fontsize=9)
-    fig.tight_layout()
-    with _atomic_file(path) as f:
-        fig.savefig(f, format="png", dpi=80)
-    plt.close(fig)
-
-
-def save_gif(columns: dict, path: str, scale: int = 3, ms_per_frame: int = 250) -> None:
-    """An animated GIF of moving-digit videos: one column per entry of `columns` (name -> (N, F, 1,
-    H, W) in [-1, 1], the same N and F for all), one row per video, the name above each column.
-    Written atomically with Pillow, which matplotlib already depends on."""
-    from PIL import Image, ImageDraw
-
-    vids = [to_pixels(v[:, :, 0]) for v in columns.values()]  # (N, F, H, W) uint8
-    N, F, H, W = vids[0].shape
-    pad, header = 2, 26
-    cell_w = W * scale + pad
-    sheet_w, sheet_h = len(vids) * cell_w + pad, header + N * (H * scale + pad) + pad
-    frames = []
-    for f in range(F):
-        img = Image.new("L", (sheet_w, sheet_h), 96)
-        draw = ImageDraw.Draw(img)
-        for j, (name, v) in enumerate(zip(columns, vids)):
-            x = pad + j * cell_w
-            for k, word in enumerate(name.replace("ode_student_from_", "ode_").replace("diffusion_forcing", "df")
-                                     .replace("bidirectional", "bidir").split("_")[:3]):
-                draw.text((x, 1 + 7 * k), word[:cell_w // 6], fill=255)
-            for i in range(N):
-                tile = Image.fromarray(v[i, f].numpy()).resize((W * scale, H * scale), Image.NEAREST)
-                img.paste(tile, (x, header + pad + i * (H * scale + pad)))
-        frames.append(img)
-    with _atomic_file(path) as f:
-        frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
+    """The table the command line prints: a line per row after the data's own metrics; then on the
+    toy the injectivity floors and the held-out ODE losses, on moving digits the classifier's accuracy;
+    then each stage's time."""
+    seconds = "stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["stage_seconds"].items())
+    named = [("data (held-out vs fresh)", results["data"])]
+    if "classifier_accuracy" in results:  # moving digits
+        cols = ("frechet_distance", "sharpness", "dynamic_degree", "instruction_following", "temporal_consistency",
+                "chunk_boundary_jump", "nfe_per_frame", "ms_per_frame")
+        heads = ("FD", "sharpness", "dynamic", "instruction", "consistency", "block jump", "NFE/frame", "ms/frame")
+        width, col = 32, 12
+        notes = [f"digits: {results['digits']}; the classifier reads {results['classifier_accuracy']:.3f} of "
+                 "held-out frames", seconds + f"; total {sum(results['stage_seconds'].values()):.0f}"]
+    else:
+        cols = heads = ("energy_distance", "off_manifold", "motion", "transition_accuracy", "nfe_per_frame")
+        width, col = 40, 21
+        nfe = results["rows"]["bidirectional_teacher"]["nfe_per_frame"]  # the exact teachers use its sampler
+        named += [(f"exact {k} teacher (reference)", {**v, "nfe_per_frame": nfe})
+                  for k, v in results.get("exact_teachers", {}).items()]
+        floor = results["injectivity_floor"]
+        numbers = lambda values: "  ".join(f"{v:.3f}" for v in values)  # noqa: E731
+        notes = ["injectivity floor E[Var(phi(eps)^i | eps^<=i)] per frame (exact teachers):",
+                 "  bidirectional: " + numbers(floor["per_frame"]["bidirectional"]),
+                 "  ar:            " + numbers(floor["per_frame"]["ar"]),
+                 "  off-manifold fraction of E[phi_Bi(eps)^i | eps^<=i], the best causal student's frame: "
+                 + numbers(floor["conditional_mean_off_manifold"])]
+        notes += [f"  ode student from {kind:13s} held-out loss at sigma=1: " + numbers(v)
+                  for kind, v in results.get("ode_loss_at_sigma_1", {}).items()]
+        notes += ["", seconds]
+    lines = [f"{'row':{width}s}" + "".join(f"{h:>{col}s}" for h in heads)]
+    for row, m in [*named, *results["rows"].items()]:
+        lines.append(f"{row:{width}s}" + "".join(f"{m.get(c, float('nan')):{col}.3f}" for c in cols))
+    return "\n".join(lines + [""] + notes)
 
 
 # =================================================================================================

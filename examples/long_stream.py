@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
+from examples.figures import save_gif  # noqa: E402
 
 
 def windowed(generator: cf.CausalDiT, window_frames: int, sink_frames: int = 0,
@@ -217,7 +218,7 @@ def main(argv) -> int:
                               cond=conds[0], switches={16: conds[1], 32: conds[2]}, recache=recache,
                               rng=torch.Generator().manual_seed(0)).cpu()
            for name, recache in (("keep_cache", False), ("re_cache", True))}
-    cf.save_gif(gif, os.path.join(args.out, "prompt_switch.gif"))
+    save_gif(gif, os.path.join(args.out, "prompt_switch.gif"))
     print(f"wrote {args.out}/long_stream.json, long_stream.png, prompt_switch.gif")
     return 0
 

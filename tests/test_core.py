@@ -11,6 +11,7 @@ import torch
 
 import causal_forcing as cf
 from examples import bench
+from examples import figures
 from examples import long_stream
 
 
@@ -699,6 +700,7 @@ TINY = dict(frames=3, train_size=256, test_size=128, batch_size=32, base_steps=3
 def test_pipeline_end_to_end_writes_results(tmp_path):
     cfg = cf.get_config("toy2d", **TINY)
     results = cf.run_pipeline(cfg, str(tmp_path), log=None)
+    figures.write_figures(str(tmp_path))  # the figures of the run folder: samples, steps, training health
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved) >= {"config", "rows", "injectivity_floor", "stage_seconds"}
     assert tuple(saved["rows"]) == cf.ROWS
@@ -731,6 +733,7 @@ def test_pipeline_writes_loss_histories_and_its_models_load_back(tmp_path):
     updates = -(-cfg.train.dmd_steps // cfg.train.gen_update_ratio)
     assert len(losses["dmd_causal_forcing"]["generator"]) == updates
     assert len(losses["dmd_causal_forcing"]["generator_grad_norm"]) == updates
+    assert figures.main([str(tmp_path)]) == 0
     assert (tmp_path / "training_health.png").stat().st_size > 10_000
     models = cf.load_models(str(tmp_path), cfg)
     assert set(models) == set(cf.ROWS) and not models["bidirectional_teacher"].causal and models["causal_forcing"].causal
@@ -1236,26 +1239,6 @@ def test_a_stream_never_switches_gradients_off_for_its_caller():
         break
     gc.collect()
     assert torch.is_grad_enabled()
-
-
-def test_run_config_reads_fields_newer_than_the_run_at_their_defaults(tmp_path):
-    """A run saved before a field existed ran with the field's default behaviour, so run_config gives
-    it the default, not the value today's preset sets (the toy preset sets cd_grid_steps=16), and the
-    folder then refuses today's preset as another config."""
-    saved = cf.get_config("toy2d").to_dict()
-    del saved["sample"]["cd_grid_steps"], saved["train"]["cd_batch_size"]
-    saved["train"]["base_steps"] = 7
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    cfg = cf.run_config(str(tmp_path))
-    assert cfg.sample.cd_grid_steps is None and cfg.train.cd_batch_size is None and cfg.train.base_steps == 7
-    assert cfg.train.cd_lr == cf.get_config("toy2d").train.cd_lr  # saved fields keep their values
-    assert cf._config_differences(saved, cfg.to_dict()) == []
-    with pytest.raises(ValueError, match=r"differs in train\.base_steps\)"):  # the late fields are not the problem
-        cf._check_run_folder(cf.get_config("toy2d", device="cpu"), str(tmp_path))
-    del saved["train"]["cd_steps"]  # code before Causal Forcing++ trained none of its stages
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert cf.run_config(str(tmp_path)).train.cd_steps == 0
-    assert "train.cd_steps" in cf._config_differences(saved, cf.get_config("toy2d", base_steps=7).to_dict())
 
 
 def test_a_finished_run_takes_on_causal_forcing_pp_and_keeps_its_earlier_stages(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import causal_forcing as cf
+from examples import figures
 from examples import long_stream
 
 # every stage runs a few steps on a 1-layer model: the whole pipeline in seconds
@@ -176,6 +177,8 @@ def test_tiny_end_to_end_run_and_interrupted_runs_resume_to_the_same_result(tmp_
     assert full["rows"]["causal_forcing"]["nfe_per_frame"] == pytest.approx(4 + 3 / 4)  # 4 steps + 3 refreshes of 4 chunks
     assert full["rows"]["bidirectional_teacher"]["nfe_per_frame"] == 2 * 4  # 4 guided steps
     assert full["rows"]["causal_forcing_pp"]["nfe_per_frame"] == pytest.approx(13 / 4)  # 4 + 1, 2 + 1, 2 + 1, 2 chunk calls
+    figures.write_figures(str(tmp_path / "full"))  # the figures of the run folder: samples, steps, training health
+    assert os.path.getsize(tmp_path / "full" / "training_health.png") > 10_000  # with the DMD rollouts
     assert os.path.getsize(tmp_path / "full" / "steps.gif") > 1000
     assert os.path.getsize(tmp_path / "full" / "samples.gif") > 1000
     models = cf.load_models(str(tmp_path / "full"), cfg)  # every row, and the digit reader behind the metrics
