@@ -31,7 +31,7 @@ Part I is the method, in the order the data flows: I.1 config, I.2 toy data and 
 I.3 flow matching, I.4 attention masks, I.5 the network and its KV cache, I.6 samplers, I.7 losses,
 I.8 training stages, I.9 the injectivity floor. Part II is engineering that does not change the
 method: II.1 checks, II.2 Wan checkpoints, II.3 fast attention, II.4 the training loop, II.5 data
-loaders, II.6 metrics, II.7 the pipeline, II.11 the command line.
+loaders, II.6 metrics, II.7 the pipeline, II.8 the command line.
 
 Shapes: B batch, F frames, C channels, H W height width, S tokens per frame, N tokens, D width,
 h heads, d head dim. Videos are (B, F, C, H, W); noise levels t are sigmas (B, F) in [0, 1], 1 = noise.
@@ -3246,7 +3246,7 @@ def format_table(results: dict) -> str:
 
 
 # =================================================================================================
-# II.11 command line
+# II.8 command line
 # =================================================================================================
 
 
