@@ -2427,7 +2427,7 @@ class Diverged(RuntimeError):
     weights non-finite; nothing of it is saved as finished, and its last checkpoint is kept."""
 
 
-def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Optional[StageCheckpoint] = None,
+def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Optional["StageCheckpoint"] = None,
                log=print, state: Optional[dict] = None, hint: str = "", **objs) -> dict:
     """The loop every stage runs. `step(i)` does step i and returns its losses by name; the loop
     restores `objs` (models, optimizers, random generators, Batches) and `state` (the stage's own
@@ -2435,8 +2435,7 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
     or gradient with a Diverged error naming the stage, the step and `hint` (what to change); prints
     the progress about ten times (the first loss, speed, time left) and checkpoints every `ckpt.every`
     steps. Returns the history {loss name: [one value per step that produced it]}."""
-    ckpt = ckpt or StageCheckpoint()
-    start, saved = ckpt.restore(**objs)
+    start, saved = ckpt.restore(**objs) if ckpt else (0, {})  # without a checkpoint: no files at all
     history = saved.get("history", {})
     if state is not None:
         state.update(saved.get("state", {}))
@@ -2458,7 +2457,8 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
             rate = (i + 1 - start) / max(time.perf_counter() - t0, 1e-9)
             log(f"  [{stage}] step {i + 1:5d}/{steps}  loss {next(iter(losses.values())):.4f}  "
                 f"{rate:6.2f} it/s  {(steps - i - 1) / rate:5.0f} s left")
-        ckpt.save(i + 1, steps, {"history": history, "state": state or {}}, **objs)
+        if ckpt:
+            ckpt.save(i + 1, steps, {"history": history, "state": state or {}}, **objs)
     return history
 
 
