@@ -25,7 +25,8 @@ conditioned on their label; "wan-1.3b" is Wan2.1-T2V-1.3B's DiT, whose checkpoin
     python causal_forcing.py --config mnist   # the same on moving digits (about 30 min on 2 CPU cores)
     torchrun --nproc_per_node=2 causal_forcing.py   # data parallel
     python -m pytest                          # the tests
-Beside it, examples/: long_stream.py, bench.py, generate.py (real Wan2.1 text to video), cd_probe.py.
+Beside it, examples/: figures.py (a run's figures), long_stream.py, bench.py, generate.py (real Wan2.1
+text to video), cd_probe.py.
 
 Part I is the method, in the order the data flows: I.1 config, I.2 toy data and its exact teachers,
 I.3 flow matching, I.4 attention masks, I.5 the network and its KV cache, I.6 samplers, I.7 losses,
@@ -179,7 +180,7 @@ class TrainConfig:
     # --- the run (engineering and evaluation: none changes what a stage computes) ---
     classifier_steps: int = 600  # the digit classifier behind the moving-digit metrics
     checkpoint_every: int = 100  # steps between resumable checkpoints of a stage (with --out)
-    dmd_snapshots: int = 8  # fixed rollouts of 4 videos recorded as DMD trains (training_health.png); 0 = none
+    dmd_snapshots: int = 8  # fixed rollouts of 4 videos recorded as DMD trains (examples/figures.py draws them); 0 = none
     data_parallel: str = "auto"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded); auto = fsdp if dim >= 1024
 
 
@@ -1534,8 +1535,8 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
 
 # #################################################################################################
 # END OF PART I.  PART II: ENGINEERING. Checked configs, Wan checkpoints, fast attention, the one
-# training loop (data parallel, resume, divergence guard), data loaders, metrics, the pipeline,
-# benchmarks, the command line. None of it changes the method.
+# training loop (data parallel, resume, divergence guard), data loaders, metrics, the pipeline, the
+# command line. None of it changes the method.
 # #################################################################################################
 
 # =================================================================================================
@@ -3299,11 +3300,11 @@ def main(argv=None) -> int:
         print(f"error: run python examples/{argv[0].replace('-', '_')}.py {' '.join(argv[1:])}", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage (bidirectional base, AR "
-                                     "teacher, ODE students, DMD) on toy 2-D videos or moving digits (--config "
+                                     "teacher, ODE students, Causal Forcing++'s consistency student, DMD) on toy 2-D videos or moving digits (--config "
                                      "mnist) and prints the table; the same command again resumes from the stages "
                                      "saved in --out. Streaming speed: examples/bench.py.")
     parser.add_argument("--config", default="toy2d", choices=sorted(_PRESETS), help="named preset (default toy2d)")
-    parser.add_argument("--out", help="run folder: stages, results.json, models.pt, samples (default runs/<config>)")
+    parser.add_argument("--out", help="run folder: stages/, results.json, losses.json, models.pt (default runs/<config>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by name, e.g. --set frames=6 --set chunk_frames=2 (repeatable)")
