@@ -211,7 +211,7 @@ def _memory_bytes(device) -> int:
 
 
 # --- the GPU suite: fast paths against the readable ones, then the speed of a Wan-sized model ----
-# `python causal_forcing.py bench --suite gpu --out docs/gpu_bench.json`. Every check also runs on a
+# `python examples/bench.py --suite gpu --out docs/gpu_bench.json`. Every check also runs on a
 # CPU (eager FlexAttention, CPU bf16 autocast), which is how the tests keep the suite itself honest.
 
 

@@ -1,7 +1,8 @@
 """Retrains only Causal Forcing++'s two stages (consistency distillation, then DMD streamed with 2
 steps) from a finished toy run's teachers, with config overrides, and prints the transition accuracy
 and off-manifold fraction of the consistency student and of the CF++ generator at 1, 2 and 4 steps
-(the same 2,000 noise draws for every setting). The consistency-stage probes of docs/results.md came from it:
+(the same 2,000 noise draws for every setting). The consistency-stage probes in docs/results.md
+(the table under "Reading the toy results against the paper") were made with it.
 
     python causal_forcing.py                                   # the seed-0 toy run, once
     python examples/cd_probe.py                                    # the preset
@@ -22,14 +23,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import causal_forcing as cf  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="examples/cd_probe.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default=os.path.join("runs", "toy2d"), help="a finished toy run (default runs/toy2d)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    args = parser.parse_args()
-    overrides = dict(cf._parse_override(kv, cf._field_types()) for kv in args.set)
-    cfg = cf.run_config(args.run, device="cpu", **overrides)
-    models = cf.load_models(args.run, cf.run_config(args.run, device="cpu"))
+    args = parser.parse_args(argv)
+    try:  # a misspelt key, a bad value or a folder that is not a finished toy run: a usage error, no traceback
+        overrides = dict(cf._parse_override(kv, cf._field_types()) for kv in args.set)
+        saved = cf.run_config(args.run, device="cpu")
+        cfg = cf.run_config(args.run, device="cpu", **overrides)
+        if saved.data.dataset != "toy2d":
+            parser.error(f"{args.run!r} is a {saved.data.dataset} run; the probe retrains a toy2d run's CF++ stages")
+        models = cf.load_models(args.run, saved)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
     run = cf.PipelineRun(cfg, None, lambda *a: None)
     base, teacher = models["bidirectional_teacher"], models["ar_teacher"]
     t0 = time.perf_counter()
@@ -46,7 +54,8 @@ def main() -> None:
             out[f"{name}_{k}_steps"] = {"transition_accuracy": round(m["transition_accuracy"], 3),
                                         "off_manifold": round(m["off_manifold"], 3)}
     print(json.dumps(out, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
