@@ -1878,6 +1878,15 @@ def check_uncond(model, uncond, cond) -> None:
                          "in the batch")
 
 
+def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> CausalDiT:
+    """Random noise on every parameter (tests, checks): zero-initialised gates make every comparison vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * std)
+    return model
+
+
 # =================================================================================================
 # II.2 checkpoints in Wan's formats (Wan2.1, Causal Forcing, Self Forcing)
 # =================================================================================================
@@ -2066,15 +2075,6 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, ver
     model.load_state_dict(state, strict=True, assign=on_meta)
     if log is not None:
         log(f"loaded {path}" + (f" (its {entry!r} weights)" if entry else ""))
-    return model
-
-
-def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> CausalDiT:
-    """Random noise on every parameter (tests, checks): zero-initialised gates make every comparison vacuous."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * std)
     return model
 
 
