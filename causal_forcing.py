@@ -1144,10 +1144,11 @@ def ode_regression_loss(student: CausalDiT, x_t: torch.Tensor, t: torch.Tensor, 
     return (x0 - target).pow(2).sum(dim=(2, 3, 4))
 
 
-def ode_pair_batch(pairs: dict, idx, k, sigmas: list[float]) -> tuple:
+def ode_pair_batch(pairs: dict, idx, k, sigmas: list[float], kind: str = "ar") -> tuple:
     """The inputs of `ode_regression_loss` for ODE pairs `idx` (make_ode_pairs), every frame at the
     student step k: an int for the whole batch, or (B, F) (`ode_step_index`). Returns x_t, t, the
-    teacher's endpoints, the conditions (or None) and the ground-truth clips."""
+    teacher's endpoints, the conditions (or None) and, for kind="ar", the ground-truth clips as clean
+    context (None for "bidirectional": that student sees its noisy earlier frames)."""
     xt = pairs["xt"][idx]  # (B, K, F, C, H, W): the teacher's states at every student sigma
     B, K, F = xt.shape[:3]
     k = torch.full((B, F), int(k)) if not torch.is_tensor(k) or k.dim() == 0 else k
@@ -1155,7 +1156,7 @@ def ode_pair_batch(pairs: dict, idx, k, sigmas: list[float]) -> tuple:
     x = xt.gather(1, k[:, None, :, None, None, None].expand(B, 1, F, *xt.shape[3:]))[:, 0]  # (B, F, C, H, W)
     t = torch.tensor(sigmas, dtype=torch.float64)[k.cpu()].to(x.dtype).to(x.device)
     cond = pairs["cond"][idx] if "cond" in pairs else None
-    return x, t, pairs["x0"][idx], cond, pairs["clean"][idx]
+    return x, t, pairs["x0"][idx], cond, pairs["clean"][idx] if kind == "ar" else None
 
 
 def consistency_distillation_loss(student: CausalDiT, ema: CausalDiT, teacher: CausalDiT, x0: torch.Tensor,
@@ -1383,8 +1384,8 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
     def step(i):
         idx = torch.randint(n, (tr.batch_size,), generator=rng)
         k = ode_step_index(tr.batch_size, F, chunk, K, per, rng)  # the whole batch's, then this rank's share
-        x, sigma, target, cond, clean = ode_pair_batch(pairs, _shard(idx), _shard(k), sigmas)
-        loss = ode_regression_loss(student, x, sigma, target, cond, clean if kind == "ar" else None).mean() / per_coordinate
+        loss = ode_regression_loss(student, *ode_pair_batch(pairs, _shard(idx), _shard(k), sigmas, kind))
+        loss = loss.mean() / per_coordinate
         _step(opt, student, loss, tr.grad_clip)
         return {"ode_regression": loss}
     history = train_loop(f"ode student from {kind}", tr.ode_steps, step, ckpt, log,
@@ -3096,8 +3097,8 @@ class PipelineRun:
         units of the injectivity floor)."""
         with torch.no_grad():
             held = make_ode_pairs(self.cfg, teacher, self.data.test[:512], kind, rng=self.g)
-            x, t, target, cond, clean = ode_pair_batch(held, slice(None), 0, student_sigmas(self.cfg.sample))
-            self.extra[kind] = ode_regression_loss(student, x, t, target, cond, clean if kind == "ar" else None).mean(0).tolist()
+            batch = ode_pair_batch(held, slice(None), 0, student_sigmas(self.cfg.sample), kind)
+            self.extra[kind] = ode_regression_loss(student, *batch).mean(0).tolist()
 
     def exact_flows(self) -> dict:
         """The exact teachers' flow maps through the teachers' Euler sampler (toy runs)."""
