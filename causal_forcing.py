@@ -1545,88 +1545,33 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
 # =================================================================================================
 
 
-# Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832
-# pixels), patch 2 -> 1560 tokens per latent frame, chunks of 3 latent frames, umT5 text 512 x 4096.
-_WAN_1_3B = dict(dataset="none", dmd_snapshots=0, frames=21, in_channels=16, height=60, width=104, patch_size=2, dim=1536, ffn_dim=8960,
-                 num_heads=12, num_layers=30, freq_dim=256, cond_dim=4096, text_len=512, chunk_frames=3)
-
-
-# Moving digits on a 2-core CPU: 8 frames of 16x16 pixels (12-pixel digits), patch 4 -> 16 tokens per
-# frame, chunks of 2 frames, the digit's label as a one-token condition (one-hot, 10 wide), and a
-# milder noise shift for these small frames. Sized so that every stage together, Causal Forcing++'s
-# two included, runs in under 30 minutes on a 2-core CPU. The paper-standard data is one override away
-# (canvas=64, height=64, width=64, digit_size=28, num_digits=2, frames=20, speed=0.1), at a GPU's cost.
-# DMD: 100 generator updates (200 critic steps at ratio 2, upstream 5) on batches of 32; consistency
-# distillation: 250 steps on batches of 32 (its grid: the teachers' 16 steps). Both to fit the budget.
-_MNIST = dict(dataset="moving_digits", frames=8, canvas=16, digit_size=12, num_digits=1, speed=0.25,
-              train_size=10000, test_size=1000, in_channels=1, height=16, width=16, patch_size=4, dim=96,
-              ffn_dim=384, num_heads=4, num_layers=4, freq_dim=64, cond_dim=10, chunk_frames=2,
-              batch_size=64, base_steps=1200, base_lr=4e-3, teacher_steps=300, teacher_lr=1e-3,
-              ode_pairs=320, ode_steps=200, ode_lr=5e-4, dmd_steps=200, dmd_batch_size=32, gen_update_ratio=2,
-              gen_lr=5e-5, critic_lr=4e-4, ema_start_step=50, shift=1.5, teacher_solver_steps=16,
-              teacher_guidance=4.0, real_guidance=4.0, eval_samples=250,
-              cd_steps=250, cd_batch_size=32)
-
-
 _PRESETS: dict[str, dict] = {
-    # Each frame is one token; frame-wise causal blocks, as in the paper's frame-wise models.
-    # Trained from scratch, the base needs the low noise levels where a frame's exact position is
-    # decided: sigmas drawn unshifted and weighted uniformly (upstream: shifted, bump weight).
-    # The AR teacher, adapting the base to the causal mask, needs more steps at a higher lr than a fine-tune.
-    # Consistency distillation: a 16-step grid (upstream 48: each link of the chain is trained 3x as
-    # often in the steps a CPU run can give it), batches of 64 and an EMA target that follows faster.
-    # DMD on batches of 128 keeps the run near three minutes.
+    # One token a frame, frame-wise causal blocks as in the paper's frame-wise models. The base, from scratch, needs
+    # the low noise levels that place a frame: sigmas unshifted, weighted uniformly (upstream: shifted, bump); the AR
+    # teacher, adapting it to the causal mask, more steps at a higher lr than a fine-tune. Consistency distillation:
+    # a 16-step grid (upstream 48: each link trained 3x as often), batches of 64, an EMA target that follows faster.
     "toy2d": dict(fm_shift=1.0, fm_weight="uniform", base_lr=4e-3, base_steps=2000, teacher_lr=2e-3, teacher_steps=1200,
-                  cd_grid_steps=16, cd_batch_size=64, cd_ema_decay=0.95, dmd_batch_size=128),
-    "mnist": _MNIST,
-    "wan-1.3b": _WAN_1_3B,
-    # Wan2.1-T2V-14B shapes: the real score of the official recipe.
-    "wan-14b": {**_WAN_1_3B, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40},
+                  cd_grid_steps=16, cd_batch_size=64, cd_ema_decay=0.95, dmd_batch_size=128),  # DMD: ~3 minutes
+    # Moving digits, sized for every stage (Causal Forcing++'s two too) in under 30 minutes on a 2-core CPU: 8 frames
+    # of 16x16 (12-pixel digits), patch 4 -> 16 tokens a frame, chunks of 2, the label as a one-token condition, a
+    # milder noise shift for small frames, 100 DMD generator updates (ratio 2, upstream 5), 250 consistency steps on
+    # the teachers' 16-step grid. The paper's data, at a GPU's cost: canvas=64, height=64, width=64, digit_size=28,
+    # num_digits=2, frames=20, speed=0.1.
+    "mnist": dict(dataset="moving_digits", frames=8, canvas=16, digit_size=12, num_digits=1, speed=0.25,
+                  train_size=10000, test_size=1000, in_channels=1, height=16, width=16, patch_size=4, dim=96,
+                  ffn_dim=384, num_heads=4, num_layers=4, freq_dim=64, cond_dim=10, chunk_frames=2, batch_size=64,
+                  base_steps=1200, base_lr=4e-3, teacher_steps=300, teacher_lr=1e-3, ode_pairs=320, ode_steps=200,
+                  ode_lr=5e-4, dmd_steps=200, dmd_batch_size=32, gen_update_ratio=2, gen_lr=5e-5, critic_lr=4e-4,
+                  ema_start_step=50, shift=1.5, teacher_solver_steps=16, teacher_guidance=4.0, real_guidance=4.0,
+                  eval_samples=250, cd_steps=250, cd_batch_size=32),
+    # Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832 pixels), patch 2 -> 1560 tokens a
+    # frame, chunks of 3 frames, umT5 text 512 x 4096.
+    "wan-1.3b": dict(dataset="none", dmd_snapshots=0, frames=21, in_channels=16, height=60, width=104, patch_size=2,
+                     dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, freq_dim=256, cond_dim=4096, text_len=512,
+                     chunk_frames=3),
 }
-
-
+_PRESETS["wan-14b"] = {**_PRESETS["wan-1.3b"], "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40}
 _SECTIONS = ("data", "model", "train", "sample", "eval")  # the sub-configs of Config
-
-
-def _field_types() -> dict[str, tuple[str, object]]:
-    """Every overridable field name -> (its section, "" for Config's own fields; its type). Names are unique."""
-    hints = typing.get_type_hints(Config)
-    out = {name: ("", hints[name]) for name in ("name", "seed", "device")}
-    for section in _SECTIONS:
-        for name, typ in typing.get_type_hints(hints[section]).items():
-            assert name not in out, f"config field {name} is defined twice"
-            out[name] = (section, typ)
-    return out
-
-
-def _coerce(key: str, value, typ):
-    """One override, type-checked: an int is accepted where a float is expected, None where the type is Optional."""
-    if typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ):
-        if value is None:
-            return None
-        typ = next(a for a in typing.get_args(typ) if a is not type(None))
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
-          str: isinstance(value, str), tuple: isinstance(value, (tuple, list))}.get(typ, False)
-    if not ok:
-        raise ValueError(f"config override {key}={value!r} has type {type(value).__name__}, expected {typ.__name__}")
-    return float(value) if typ is float else tuple(value) if typ is tuple else value
-
-
-def get_config(name: str = "toy2d", **overrides) -> Config:
-    """A named preset with overrides by field name, wherever the field lives:
-    get_config("toy2d", chunk_frames=2, frames=6). Unknown or ill-typed keys raise ValueError."""
-    if name not in _PRESETS:
-        raise ValueError(f"unknown config {name!r}; available: {sorted(_PRESETS)}")
-    types = _field_types()
-    cfg = Config(name=name)
-    for key, value in {**_PRESETS[name], **overrides}.items():
-        if key not in types:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
-        section, typ = types[key]
-        setattr(getattr(cfg, section) if section else cfg, key, _coerce(key, value, typ))
-    validate_config(cfg)
-    return cfg
 
 
 # Each numeric field's range: (the test, what a value must be, the fields). A None (where allowed) is not tested.
@@ -1643,8 +1588,8 @@ _RANGES = (
     (lambda v: 0 <= v < 1, "must lie in [0, 1)",
      "adam_beta1 adam_beta2 base_beta1 ema_decay cd_ema_decay cond_dropout context_noise"),
     (math.isfinite, "must be finite", "turn_degrees real_guidance teacher_guidance cd_guidance transition_tol_degrees"),
+    (lambda v: 0 <= v < 2**63, "must lie in [0, 2**63 - 1] (torch.Generator's seeds)", "seed"),
 )
-
 _CHOICES = {  # the fields that name one of a few choices
     "dataset": ("toy2d", "moving_digits", "none"), "rope_positions": ROPE_POSITIONS,
     "attention": ("auto", "dense", "flex"), "precision": ("auto", "fp32", "bf16"),
@@ -1653,37 +1598,74 @@ _CHOICES = {  # the fields that name one of a few choices
 }
 
 
-def validate_config(cfg: Config) -> None:
-    """Checks every value before anything is built, written or trained; one ValueError lists the problems: each
-    value's own (_RANGES, _CHOICES), else those of values that must agree. Then resolves the device."""
-    values = dict(vars(cfg))
+def _short(value) -> str:
+    """repr(value) cut to about 80 characters: a huge value must not flood an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}...{text[-16:]} ({len(text)} characters)"
+
+
+def _field_types() -> dict[str, tuple[str, object]]:
+    """Every overridable field name -> (its section, "" for Config's own fields; its type). Names are unique."""
+    hints = typing.get_type_hints(Config)
+    out = {name: ("", hints[name]) for name in ("name", "seed", "device")}
     for section in _SECTIONS:
-        values.update(vars(getattr(cfg, section)))
-    problems = []
-    for ok, rule, keys in _RANGES:
-        problems += [f"{k}={values[k]} {rule}" for k in keys.split() if values[k] is not None and not ok(values[k])]
-    for key, choices in _CHOICES.items():
-        if values[key] not in choices:
-            problems.append(f"{key}={values[key]!r} is not {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}")
-    if not problems:  # values that must agree are compared once each is in range
-        problems = _disagreements(cfg)
+        for name, typ in typing.get_type_hints(hints[section]).items():
+            assert name not in out, f"config field {name} is defined twice"
+            out[name] = (section, typ)
+    return out
+
+
+def _coerce(key: str, value, typ):
+    """One override, type-checked: an int is accepted where a float is expected, None where the type is Optional."""
+    if value is None and type(None) in typing.get_args(typ):
+        return None
+    typ = next((a for a in typing.get_args(typ) if a is not type(None)), typ)  # Optional[int] -> int
+    allowed = {float: (int, float), tuple: (tuple, list)}.get(typ, typ)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and typ is not bool):
+        raise ValueError(f"config override {key}={_short(value)} has type {type(value).__name__}, "
+                         f"expected {typ.__name__}")
+    return float(value) if typ is float else tuple(value) if typ is tuple else value
+
+
+def get_config(name: str = "toy2d", **overrides) -> Config:
+    """A named preset with overrides by field name, wherever the field lives: get_config("toy2d", chunk_frames=2,
+    frames=6). Every value is checked before anything is built, written or trained; one ValueError lists the problems:
+    each value's own (its key, type, _RANGES, _CHOICES), else those of values that must agree (_disagreements)."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown config {_short(name)}; available: {sorted(_PRESETS)}")
+    types, cfg = _field_types(), Config(name=name)
+    for key, value in {**_PRESETS[name], **overrides}.items():
+        if key not in types:
+            raise ValueError(f"unknown config key {_short(key)}; valid keys: {', '.join(sorted(types))}")
+        section, typ = types[key]
+        setattr(getattr(cfg, section) if section else cfg, key, _coerce(key, value, typ))
+    values = {key: getattr(getattr(cfg, section) if section else cfg, key) for key, (section, _) in types.items()}
+    problems = [f"{key}={_short(values[key])} {rule}" for ok, rule, keys in _RANGES for key in keys.split()
+                if values[key] is not None and not ok(values[key])]
+    problems += [f"{key}={_short(values[key])} is not {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}"
+                 for key, choices in _CHOICES.items() if values[key] not in choices]
+    problems = problems or _disagreements(cfg)  # values that must agree are compared once each is in range
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
     cfg.device = resolve_device(cfg.device)
     if cfg.data.dataset == "moving_digits" and not cfg.data.mnist_dir:  # record where the digits will come from
         cfg.data.mnist_dir = os.environ.get(MNIST_ENV) or None
+    return cfg
 
 
 def _disagreements(cfg: Config) -> list[str]:
     """validate_config's problems of values that must fit together, each value in its range."""
     d, m, t, s = cfg.data, cfg.model, cfg.train, cfg.sample
-    head = m.dim // m.num_heads
-    grid_key = "teacher_solver_steps" if s.cd_grid_steps is None else "cd_grid_steps"
+    head, grid_key = m.dim // m.num_heads, "teacher_solver_steps" if s.cd_grid_steps is None else "cd_grid_steps"
+    params = m.dim * (m.num_layers * (8 * m.dim + 2 * m.ffn_dim) + m.cond_dim + m.freq_dim + 2 * m.in_channels
+                      * m.patch_size**2)  # blocks (attention 8 D^2, FFN), embeddings, head: roughly
     rules = [  # (what must hold, what to say if it does not)
         (0 < t.dmd_min_sigma < t.dmd_max_sigma <= 1,
          f"DMD sigmas must satisfy 0 < dmd_min_sigma < dmd_max_sigma <= 1, got {t.dmd_min_sigma}, {t.dmd_max_sigma}"),
         (m.dim % m.num_heads == 0 and head % 2 == 0 and head >= 6,
          f"dim={m.dim} must be num_heads={m.num_heads} times an even head dim >= 6 (for 3-D rotary positions)"),
+        (params <= 50e9, f"dim={m.dim}, ffn_dim={m.ffn_dim}, num_layers={m.num_layers}: about {params:.1e} parameters, "
+                         "more than the 5e10 this code takes (typo? Wan2.1's 14B model has 1.4e10)"),
         (m.height % m.patch_size == 0 and m.width % m.patch_size == 0,
          f"frame {m.height}x{m.width} is not divisible by patch_size={m.patch_size}"),
         (m.window_frames is None or m.window_frames - m.sink_frames >= m.chunk_frames,
@@ -1693,21 +1675,20 @@ def _disagreements(cfg: Config) -> list[str]:
         (not t.cd_steps or getattr(s, grid_key) >= 2,
          f"{grid_key}={getattr(s, grid_key)}: consistency distillation needs a grid of at least 2 steps"),
     ]
-    for key in ("denoising_steps", "pp_denoising_steps"):
+    for key in ("denoising_steps", "pp_denoising_steps"):  # as the samplers take them: strictly descending
         steps = getattr(s, key)
-        rules.append((steps and all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps for k in steps),
-                      f"{key} {steps} must be a non-empty list of numbers in (0, {s.num_train_timesteps}]"))
+        ok = steps and all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps for k in steps)
+        rules.append((ok and all(a > b for a, b in zip(steps, steps[1:])), f"{key}={_short(steps)} must be a "
+                      f"non-empty, strictly descending list of numbers in (0, {s.num_train_timesteps}]"))
     if d.dataset == "moving_digits":
         rules += [
-            ((m.in_channels, m.height, m.width) == (1, d.canvas, d.canvas),
-             f"moving digits are 1x{d.canvas}x{d.canvas} frames (canvas={d.canvas}); the model has "
-             f"in_channels={m.in_channels}, height={m.height}, width={m.width}"),
+            ((m.in_channels, m.height, m.width) == (1, d.canvas, d.canvas), f"moving digits are 1x{d.canvas}x"
+             f"{d.canvas} frames (canvas={d.canvas}): the model needs in_channels=1, height=width={d.canvas}"),
             (d.digit_size <= d.canvas, f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas"),
             (d.num_digits == 1, f"num_digits={d.num_digits}: the pipeline's label conditions and digit metrics read "
              "one digit per video (moving_digits() itself makes any number)"),
             (d.canvas % 8 == 0, f"canvas={d.canvas} must be a multiple of 8 (the digit classifier pools three times)"),
-            (m.cond_dim in (0, 10),
-             f"cond_dim={m.cond_dim} must be 10 (a one-hot label per digit) or 0 (unconditional)"),
+            (m.cond_dim in (0, 10), f"cond_dim={m.cond_dim} must be 10 (a one-hot label) or 0 (unconditional)"),
         ]
     problems = [message for ok, message in rules if not ok]
     if not problems:
@@ -1720,17 +1701,15 @@ def _disagreements(cfg: Config) -> list[str]:
 
 def resolve_device(name: str) -> str:
     """'auto': cuda if a GPU is visible, else mps (Apple), else cpu. Another name must be a device that is here."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        return next(kind for kind, ok in here.items() if ok)
     try:
         kind = torch.device(name).type
     except (RuntimeError, ValueError):
-        raise ValueError(f"device={name!r} is not a device torch knows; use cuda, mps, cpu or auto") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: no CUDA GPU is visible here; use cpu or auto")
-    if kind == "mps" and not mps:
-        raise ValueError(f"device={name!r}: MPS (Apple GPU) is not available here; use cpu or auto")
+        raise ValueError(f"device={_short(name)} is not a device torch knows; use cuda, mps, cpu or auto") from None
+    if not here.get(kind, True):
+        raise ValueError(f"device={_short(name)}: no {kind} device is available here; use cpu or auto")
     return name
 
 

@@ -68,6 +68,36 @@ def test_unknown_and_ill_typed_overrides_are_named():
         cf.get_config("toy2d", chunk_frames=2, window_frames=3, sink_frames=2)
 
 
+@pytest.mark.parametrize("key,steps", [("denoising_steps", (250, 500, 750, 1000)), ("denoising_steps", (1000, 1000)),
+                                       ("pp_denoising_steps", (500, 1000))])
+def test_denoising_steps_must_descend_as_the_samplers_require(key, steps):
+    with pytest.raises(ValueError, match=f"{key}=.* strictly descending"):
+        cf.get_config("toy2d", **{key: steps})
+
+
+@pytest.mark.parametrize("overrides", [dict(dim=1_000_000_000), dict(ffn_dim=10**12), dict(num_layers=10**9)])
+def test_a_model_too_big_for_any_machine_is_refused_before_it_is_built(overrides):
+    with pytest.raises(ValueError, match="parameters"):
+        cf.get_config("toy2d", **overrides)
+    assert cf.get_config("wan-14b", device="cpu").model.dim == 5120  # the largest real model passes
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64])
+def test_seeds_outside_torchs_range_are_refused(seed):
+    with pytest.raises(ValueError, match=r"seed=.* must lie in \[0, 2\*\*63 - 1\]"):
+        cf.get_config("toy2d", seed=seed)
+    assert cf.get_config("toy2d", seed=2**63 - 1).seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("overrides", [dict(dataset="x" * 100_000), dict(frames="x" * 100_000),
+                                       dict(device="x" * 100_000), dict(denoising_steps=(1,) * 100_000),
+                                       {"x" * 100_000: 1}])
+def test_a_huge_value_is_cut_short_in_the_error(overrides):
+    with pytest.raises(ValueError) as e:
+        cf.get_config("toy2d", **overrides)
+    assert len(str(e.value)) < 3000
+
+
 # --- KV cache vs full forward ------------------------------------------------------------------
 
 
