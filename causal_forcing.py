@@ -1875,21 +1875,15 @@ def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> Causal
 # Wan2.1's parameter names against Diffusers' WanTransformer3DModel; "{}" is a block index. The
 # cross-attention's LayerNorm runs second in a block: Wan calls it norm3, Diffusers norm2.
 _DIFFUSERS_NAMES = [
-    ("patch_embedding.", "patch_embedding."),
-    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
-    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
-    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
-    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
-    ("time_projection.1.", "condition_embedder.time_proj."),
-    ("head.head.", "proj_out."),
-    ("head.modulation", "scale_shift_table"),
-    ("blocks.{}.modulation", "blocks.{}.scale_shift_table"),
+    ("patch_embedding.", "patch_embedding."), ("head.head.", "proj_out."), ("head.modulation", "scale_shift_table"),
+    *((f"{x}_embedding.{i}.", f"condition_embedder.{x}_embedder.linear_{j}.") for x in ("text", "time")
+      for i, j in ((0, 1), (2, 2))),
+    ("time_projection.1.", "condition_embedder.time_proj."), ("blocks.{}.modulation", "blocks.{}.scale_shift_table"),
     *((f"blocks.{{}}.{wan}.{a}", f"blocks.{{}}.{dif}.{b}")
       for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2"))
-      for a, b in (("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("o.", "to_out.0."),
-                   ("norm_q.", "norm_q."), ("norm_k.", "norm_k."))),
-    ("blocks.{}.norm3.", "blocks.{}.norm2."),
-    ("blocks.{}.ffn.0.", "blocks.{}.ffn.net.0.proj."),
+      for a, b in (("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("o.", "to_out.0."), ("norm_q.", "norm_q."),
+                   ("norm_k.", "norm_k."))),
+    ("blocks.{}.norm3.", "blocks.{}.norm2."), ("blocks.{}.ffn.0.", "blocks.{}.ffn.net.0.proj."),
     ("blocks.{}.ffn.2.", "blocks.{}.ffn.net.2."),
 ]
 
@@ -1909,8 +1903,7 @@ def rename_wan_parameters(state: dict, to: str) -> dict:
     out, unknown = {}, []
     for name, tensor in state.items():
         for pattern, dst in rules:
-            m = pattern.match(name)
-            if m:
+            if m := pattern.match(name):
                 out[dst.format(*m.groups()) + name[m.end():]] = tensor
                 break
         else:
@@ -1921,60 +1914,29 @@ def rename_wan_parameters(state: dict, to: str) -> dict:
     return out
 
 
-def is_diffusers_layout(state: dict) -> bool:
-    return any(k.startswith("condition_embedder.") or ".attn1." in k for k in state)
-
-
 def checkpoint_entry(state: dict, key: Optional[str] = None) -> Optional[str]:
     """Which top-level entry of a checkpoint holds the weights: `key` if given (it must be there),
     else the first of generator_ema, generator, model; None for a bare state dict of tensors."""
     if key is not None and key not in state:
-        raise KeyError(f"checkpoint has no entry {key!r}; it has {sorted(state)}")
-    if key is not None or all(torch.is_tensor(v) for v in state.values()):
-        return key
-    found = [k for k in ("generator_ema", "generator", "model") if isinstance(state.get(k), dict)]
-    if not found:
-        raise KeyError(f"no state dict in this checkpoint: top-level keys {sorted(state)}")
-    return found[0]
+        raise KeyError(f"checkpoint has no entry {key!r}; it has {_short(sorted(state))}")
+    if key is None and not all(torch.is_tensor(v) for v in state.values()):
+        key = next((k for k in ("generator_ema", "generator", "model") if isinstance(state.get(k), dict)), None)
+        if key is None:
+            raise KeyError(f"no state dict in this checkpoint: top-level keys {_short(sorted(state))}")
+    return key
 
 
 def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
-    """Bare WanModel parameter names from any file the field uses: the official safetensors (bare names), a
-    Causal/Self Forcing checkpoint {"generator_ema" | "generator" | "critic" | "model": {"model." + name: tensor}}
-    (the entry: checkpoint_entry), with the wrappers of FSDP, DDP ("module.") and torch.compile ("_orig_mod.")."""
+    """Wan's bare parameter names from any file the field uses: the official safetensors, a Causal/Self Forcing
+    checkpoint {"generator_ema" | "generator" | "critic" | "model": {"model." + name: tensor}} (checkpoint_entry's),
+    with the wrappers of FSDP, DDP ("module.") and torch.compile ("_orig_mod."), or Diffusers' names."""
     import re
 
-    entry = checkpoint_entry(state, key)
-    out = {}
-    for name, tensor in (state if entry is None else state[entry]).items():  # wrappers nest: model._orig_mod.blocks
-        name = re.sub(r"^((module|model|_fsdp_wrapped_module|_orig_mod|_checkpoint_wrapped_module)\.)+", "", name)
-        for inner in ("._fsdp_wrapped_module", "._orig_mod", "._checkpoint_wrapped_module"):
-            name = name.replace(inner, "")
-        out[name] = tensor
-    return rename_wan_parameters(out, to="wan") if is_diffusers_layout(out) else out
-
-
-def _checksum_failure(path: str) -> Optional[str]:
-    """torch.save writes a zip archive with a CRC-32 of every record, which torch.load does not check:
-    the name of the first record whose bytes no longer match it (a flipped bit), else None."""
-    import zipfile
-
-    if not _is_zip(path):
-        return None
-    try:
-        with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                if info.CRC == 0 and info.file_size:  # written without checksums (torch's set_crc32_options(False))
-                    continue
-                try:
-                    with z.open(info) as f:  # the CRC-32 is checked when the record has been read
-                        while f.read(1 << 24):
-                            pass
-                except zipfile.BadZipFile:
-                    return info.filename
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        return f"unreadable archive ({e})"
-    return None
+    entry, wrappers = checkpoint_entry(state, key), "_fsdp_wrapped_module|_orig_mod|_checkpoint_wrapped_module"
+    out = {re.sub(rf"\.({wrappers})\b", "", re.sub(rf"^((module|model|{wrappers})\.)+", "", name)): tensor
+           for name, tensor in (state if entry is None else state[entry]).items()}  # they nest: model._orig_mod.
+    diffusers = any(k.startswith("condition_embedder.") or ".attn1." in k for k in out)
+    return rename_wan_parameters(out, to="wan") if diffusers else out
 
 
 def _is_zip(path: str) -> bool:
@@ -1983,9 +1945,31 @@ def _is_zip(path: str) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _read_checkpoint(path: str, verify: bool) -> dict:
-    """A checkpoint's tensors: .safetensors, a torch zip file (memory-mapped, after checking its CRC-32
-    checksums if `verify`), or a legacy torch file (before PyTorch 1.6: read whole)."""
+def _archive_problem(path: str, checksums: bool = True) -> Optional[str]:
+    """Why torch.load, which checks nothing, must not read a torch zip file; None if nothing is wrong or it is no zip
+    archive. torch.save stores records as they are: one that is compressed or declares more bytes than the file holds
+    could inflate to any size. One whose bytes fail its CRC-32 (a flipped bit; found by a full read) is corrupt."""
+    import zipfile
+
+    if not _is_zip(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            for r in z.infolist():
+                if r.compress_type != zipfile.ZIP_STORED:
+                    return f"record {r.filename} is compressed, which torch.save never does"
+                if r.header_offset + max(r.file_size, r.compress_size) > os.path.getsize(path):
+                    return f"record {r.filename} declares {r.file_size} bytes, more than the file holds"
+            # all CRCs 0: written without checksums (torch.serialization.set_crc32_options(False))
+            bad = z.testzip() if checksums and any(r.CRC for r in z.infolist()) else None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"it is not a readable zip archive ({e})"
+    return None if bad is None else f"record {bad} fails its CRC-32 checksum"
+
+
+def _read_checkpoint(path: str, verify: bool = True) -> dict:
+    """A checkpoint's tensors: .safetensors, or a torch file read with weights_only=True: a zip archive memory-mapped
+    once _archive_problem finds nothing wrong (checksums only if `verify`), a legacy file (before PyTorch 1.6) whole."""
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -1993,12 +1977,10 @@ def _read_checkpoint(path: str, verify: bool) -> dict:
             raise ImportError("reading .safetensors needs the safetensors package: pip install safetensors") from e
         try:
             return load_file(path)
-        except Exception as e:  # noqa: BLE001 - SafetensorError: header or length wrong
+        except Exception as e:  # noqa: BLE001 - SafetensorError: header or length wrong; a missing shard
             raise ValueError(f"{path!r} is not a readable .safetensors file ({e}); download it again") from None
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"{path!r} is empty; download it again")
-    if verify and (bad := _checksum_failure(path)) is not None:
-        raise ValueError(f"{path!r} is corrupt: record {bad} fails its CRC-32 checksum; download it again")
+    if (problem := _archive_problem(path, checksums=verify)) is not None:
+        raise ValueError(f"{path!r} is corrupt: {problem}; download it again")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
@@ -2007,43 +1989,37 @@ def _read_checkpoint(path: str, verify: bool) -> dict:
 
 
 def _read_transformer_folder(folder: str) -> dict:
-    """The tensors of a Diffusers model folder: diffusion_pytorch_model.safetensors, or the shards
-    its .safetensors.index.json lists (the 14B model comes in several files)."""
+    """The tensors of a Diffusers model folder (transformer/ or the download holding it):
+    diffusion_pytorch_model.safetensors, or the shards its .safetensors.index.json lists (the 14B model's)."""
     if os.path.isdir(os.path.join(folder, "transformer")):
         folder = os.path.join(folder, "transformer")
     index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
     shards = ["diffusion_pytorch_model.safetensors"]
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or no {name: shard} weight_map
+            raise ValueError(f"{index!r} is not a shard index ({type(e).__name__}: {e}); download it again") from None
+        outside = [s for s in shards if not isinstance(s, str) or os.path.basename(s) != s or s in ("", ".", "..")]
+        if outside:
+            raise ValueError(f"{index!r} names shards that are not files in its folder: {_short(outside)}")
     elif not os.path.isfile(os.path.join(folder, shards[0])):
         raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its .index.json) in {folder!r}: give the "
                                 "transformer/ folder of a Wan2.1 Diffusers download")
-    state = {}
-    for shard in shards:
-        path = os.path.join(folder, shard)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{index!r} lists {shard!r}, which is not in {folder!r}; download it again")
-        state.update(_read_checkpoint(path, verify=False))
-    return state
+    return {k: v for shard in shards for k, v in _read_checkpoint(os.path.join(folder, shard)).items()}
 
 
 def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, verify: bool = True,
                      log: Optional[Callable] = None) -> nn.Module:
-    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator) into `model`, strictly: every parameter present
-    with the right shape, and nothing else. `path`: a .safetensors or torch file (read with weights_only=True), or a
-    Diffusers model folder (transformer/ or the download holding it); Wan's names and Diffusers' are both read.
-    verify=False skips the checksum pass over a torch zip file (a full read). `log` is told which entry was loaded."""
-    entry = None
-    if os.path.isdir(path):
-        state = wan_state_dict(_read_transformer_folder(path))
-    elif os.path.isfile(path):
-        raw = _read_checkpoint(path, verify)
-        entry = checkpoint_entry(raw, key)
-        state = wan_state_dict(raw, entry)  # the entry found once, not looked up again
-    else:
+    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator: entry `key`, see checkpoint_entry) into `model`,
+    strictly: every parameter, with its shape, and nothing else. `path`: a .safetensors or torch file, or a Diffusers
+    folder (_read_transformer_folder). verify=False skips the CRC-32 pass (a full read) over a torch zip file."""
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint file or Diffusers folder at {path!r}")
-    own = model.state_dict()
+    raw = _read_transformer_folder(path) if os.path.isdir(path) else _read_checkpoint(path, verify)
+    entry = checkpoint_entry(raw, key)
+    state, own = wan_state_dict(raw, entry), model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
@@ -2051,8 +2027,7 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, ver
         raise ValueError(f"{path!r} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, "
                          f"{len(wrong)} with other shapes).\n  missing: {missing}\n  unexpected: {unexpected}\n"
                          f"  shapes: {wrong}")
-    on_meta = any(p.is_meta for p in model.parameters())  # built on the meta device: take the tensors
-    model.load_state_dict(state, strict=True, assign=on_meta)
+    model.load_state_dict(state, strict=True, assign=any(p.is_meta for p in model.parameters()))  # meta: take them
     if log is not None:
         log(f"loaded {path}" + (f" (its {entry!r} weights)" if entry else ""))
     return model
@@ -2321,9 +2296,9 @@ def _load_saved(path: str, what: str = "stage file") -> dict:
     """torch.load of a file this code saved, after checking its checksums; an empty, truncated or
     corrupt file is a ValueError that names it and what to do."""
     fix = "delete it and run again to redo that stage"
-    bad = _checksum_failure(path)
-    if bad is not None:
-        raise ValueError(f"{what} {path!r} is corrupt: record {bad} fails its CRC-32 checksum; {fix}")
+    problem = _archive_problem(path)
+    if problem is not None:
+        raise ValueError(f"{what} {path!r} is corrupt: {problem}; {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...

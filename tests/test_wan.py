@@ -1,7 +1,9 @@
 """Wan2.1 compatibility: parameter names and shapes, checkpoint loading, the forward maths against an
 independent re-implementation of Wan's, and the speed options that must not change the maths."""
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -158,6 +160,102 @@ def test_a_checkpoint_written_without_checksums_loads(tmp_path):
         torch.serialization.set_crc32_options(True)
     model = cf.load_wan_weights(cf.CausalDiT(cf.get_config("toy2d", **SMALL).model), path)
     torch.testing.assert_close(model.head.head.weight, state["head.head.weight"], rtol=0, atol=0)
+
+
+def rewrite_record(path, name_end, deflate=False, declared=None):
+    """Rewrites a torch zip file so that its record `name_end` is deflated and/or declares `declared` bytes (a zip
+    bomb's ingredients: a few bytes that inflate to GiBs, or a size the file cannot hold)."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        records = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in records:
+            if info.filename.endswith(name_end):
+                info.compress_type = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+            z.writestr(info, data)
+    if declared is not None:  # the record's size in its local header (offset 22) and its central one (offset 24)
+        raw = bytearray(open(path, "rb").read())
+        with zipfile.ZipFile(path) as z:
+            info = next(i for i in z.infolist() if i.filename.endswith(name_end))
+        raw[info.header_offset + 22: info.header_offset + 26] = declared.to_bytes(4, "little")
+        name, at = info.filename.encode(), raw.index(b"PK\x01\x02")
+        while raw[at + 46: at + 46 + len(name)] != name:
+            at = raw.index(b"PK\x01\x02", at + 4)
+        raw[at + 24: at + 28] = declared.to_bytes(4, "little")
+        open(path, "wb").write(bytes(raw))
+
+
+@pytest.mark.parametrize("damage,phrase", [
+    (dict(deflate=True), "record .*data/0 is compressed, which torch.save never does"),
+    (dict(deflate=True, declared=3 << 30), "record .*data/0 is compressed"),  # 3 GiB from a few bytes
+    (dict(declared=3 << 30), "record .*data/0 declares 3221225472 bytes"),
+])
+def test_a_zip_bomb_is_refused_before_torch_reads_it(tmp_path, monkeypatch, damage, phrase):
+    """torch.save stores every record as it is: a compressed record, or one declaring more bytes than the file holds,
+    is refused before torch.load (which would inflate it into memory) reads anything."""
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(synthetic_official(), path)
+    rewrite_record(path, "data/0", **damage)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load read a zip bomb"))
+    with pytest.raises(ValueError, match=phrase + ".*download it again"):
+        cf.load_wan_weights(cf.CausalDiT(cf.get_config("toy2d", **SMALL).model), path)
+    with pytest.raises(ValueError, match=phrase):
+        cf.load_wan_weights(cf.CausalDiT(cf.get_config("toy2d", **SMALL).model), path, verify=False)
+
+
+def test_archive_problem_names_the_failing_record(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(synthetic_official(), path)
+    assert cf._archive_problem(path) is None
+    flip_a_data_byte(path)
+    assert re.fullmatch(r"record \S+/data/\d+ fails its CRC-32 checksum", cf._archive_problem(path))
+
+
+def diffusers_folder(tmp_path, shards=2):
+    """A Diffusers transformer/ folder of synthetic_official's weights in `shards` safetensors files and their index."""
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    state, folder = synthetic_official(), tmp_path / "transformer"
+    folder.mkdir()
+    names = sorted(cf.rename_wan_parameters(state, to="diffusers").items())
+    weight_map = {}
+    for i in range(shards):
+        shard = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = dict(names[i::shards])
+        save_file(part, str(folder / shard))
+        weight_map.update(dict.fromkeys(part, shard))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return state, folder
+
+
+def test_a_sharded_diffusers_folder_loads(tmp_path):
+    state, _ = diffusers_folder(tmp_path)
+    model = cf.load_wan_weights(cf.CausalDiT(cf.get_config("toy2d", **SMALL).model), str(tmp_path))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("index", [{"weight_map": ["a.safetensors"]}, {"metadata": {}}, [], "{not json"])
+def test_a_malformed_shard_index_is_named(tmp_path, index):
+    _, folder = diffusers_folder(tmp_path)
+    text = index if isinstance(index, str) else json.dumps(index)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(text)
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors\.index\.json"):
+        cf.load_wan_weights(cf.CausalDiT(cf.get_config("toy2d", **SMALL).model), str(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder"])
+def test_a_shard_index_cannot_name_files_outside_its_folder(tmp_path, where):
+    _, folder = diffusers_folder(tmp_path, shards=1)
+    shard = folder / "diffusion_pytorch_model-00001-of-00001.safetensors"
+    moved = {"parent": tmp_path / "x.safetensors", "absolute": tmp_path / "x.safetensors",
+             "subfolder": folder / "sub" / "x.safetensors"}[where]
+    moved.parent.mkdir(exist_ok=True)
+    shard.rename(moved)
+    name = {"parent": "../x.safetensors", "absolute": str(moved), "subfolder": "sub/x.safetensors"}[where]
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": dict.fromkeys(json.loads(index.read_text())["weight_map"], name)}))
+    with pytest.raises(ValueError, match="not files in its folder"):
+        cf.load_wan_weights(cf.CausalDiT(cf.get_config("toy2d", **SMALL).model), str(tmp_path))
 
 
 def wan_reference_forward(p, x, t, context, cfg, num_heads):
