@@ -2039,24 +2039,22 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, ver
 
 
 def _flex_block_mask(vis: torch.Tensor, S: int, block: int = 128):
-    """A FlexAttention BlockMask for the token mask vis[q // S, k // S], computed per pair of
-    128-token blocks: a block pair is skipped if no frame pair it touches is visible, computed
-    without a mask if every one is, and masked token by token otherwise. A block's frames are
-    those of its first to last token; 2-D prefix sums count visible frame pairs in each rectangle."""
+    """A FlexAttention BlockMask for the token mask vis[q // S, k // S], per pair of 128-token blocks: skipped if no
+    frame pair it touches is visible, unmasked if every one is, else masked token by token. A block's frames are
+    those of its first to last token; 2-D prefix sums count the visible frame pairs in each rectangle."""
     from torch.nn.attention.flex_attention import BlockMask
 
     Fq, Fk = vis.shape
     Nq, Nk = Fq * S, Fk * S
-    nq, nk = -(-Nq // block), -(-Nk // block)
-    dev = vis.device
-    q0 = torch.arange(nq, device=dev) * block // S  # first and last frame of every block
-    q1 = (torch.clamp(torch.arange(1, nq + 1, device=dev) * block, max=Nq) - 1) // S
-    k0 = torch.arange(nk, device=dev) * block // S
-    k1 = (torch.clamp(torch.arange(1, nk + 1, device=dev) * block, max=Nk) - 1) // S
+
+    def frames(N):  # the first and last frame of every block of N tokens
+        edges = torch.arange(0, N + block, block, device=vis.device).clamp(max=N)
+        return edges[:-1] // S, (edges[1:] - 1) // S
+
+    (q0, q1), (k0, k1) = frames(Nq), frames(Nk)
     csum = F_.pad(vis.long().cumsum(0).cumsum(1), (1, 0, 1, 0))  # (Fq+1, Fk+1) prefix sums
-    seen = (csum[q1 + 1][:, k1 + 1] - csum[q0][:, k1 + 1] - csum[q1 + 1][:, k0] + csum[q0][:, k0])  # (nq, nk)
+    seen = csum[q1 + 1][:, k1 + 1] - csum[q0][:, k1 + 1] - csum[q1 + 1][:, k0] + csum[q0][:, k0]  # (nq, nk)
     area = (q1 - q0 + 1)[:, None] * (k1 - k0 + 1)[None, :]
-    full, partial = seen == area, (seen > 0) & (seen < area)
 
     def lists(m):  # per query block: how many key blocks, and which (padded to nk)
         order = torch.argsort((~m).to(torch.int8), dim=1, stable=True).to(torch.int32)
@@ -2065,17 +2063,15 @@ def _flex_block_mask(vis: torch.Tensor, S: int, block: int = 128):
     def mask_mod(b, h, q, k):
         return vis[torch.clamp(q // S, max=Fq - 1), torch.clamp(k // S, max=Fk - 1)] & (q < Nq) & (k < Nk)
 
-    (n_part, i_part), (n_full, i_full) = lists(partial), lists(full)
-    return BlockMask.from_kv_blocks(n_part, i_part, n_full, i_full, BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(Nq, Nk))
+    return BlockMask.from_kv_blocks(*lists((seen > 0) & (seen < area)), *lists(seen == area), BLOCK_SIZE=block,
+                                    mask_mod=mask_mod, seq_lengths=(Nq, Nk))
 
 
 _compiled_flex = None
 
 
 def flex_attend(q, k, v, block_mask) -> torch.Tensor:
-    """FlexAttention under a block mask: compiled on CUDA, where it is fast; eager elsewhere (a
-    reference, unfused: for tests on a CPU)."""
+    """FlexAttention under a block mask: compiled on CUDA, where it is fast; eager elsewhere (a slow reference)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
