@@ -1945,7 +1945,7 @@ def _is_zip(path: str) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _archive_problem(path: str, checksums: bool = True) -> Optional[str]:
+def _archive_problem(path: str) -> Optional[str]:
     """Why torch.load, which checks nothing, must not read a torch zip file; None if nothing is wrong or it is no zip
     archive. torch.save stores records as they are: one that is compressed or declares more bytes than the file holds
     could inflate to any size. One whose bytes fail its CRC-32 (a flipped bit; found by a full read) is corrupt."""
@@ -1961,15 +1961,15 @@ def _archive_problem(path: str, checksums: bool = True) -> Optional[str]:
                 if r.header_offset + max(r.file_size, r.compress_size) > os.path.getsize(path):
                     return f"record {r.filename} declares {r.file_size} bytes, more than the file holds"
             # all CRCs 0: written without checksums (torch.serialization.set_crc32_options(False))
-            bad = z.testzip() if checksums and any(r.CRC for r in z.infolist()) else None
+            bad = z.testzip() if any(r.CRC for r in z.infolist()) else None
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         return f"it is not a readable zip archive ({e})"
     return None if bad is None else f"record {bad} fails its CRC-32 checksum"
 
 
-def _read_checkpoint(path: str, verify: bool = True) -> dict:
+def _read_checkpoint(path: str) -> dict:
     """A checkpoint's tensors: .safetensors, or a torch file read with weights_only=True: a zip archive memory-mapped
-    once _archive_problem finds nothing wrong (checksums only if `verify`), a legacy file (before PyTorch 1.6) whole."""
+    once _archive_problem finds nothing wrong, a legacy file (before PyTorch 1.6) whole."""
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -1979,7 +1979,7 @@ def _read_checkpoint(path: str, verify: bool = True) -> dict:
             return load_file(path)
         except Exception as e:  # noqa: BLE001 - SafetensorError: header or length wrong; a missing shard
             raise ValueError(f"{path!r} is not a readable .safetensors file ({e}); download it again") from None
-    if (problem := _archive_problem(path, checksums=verify)) is not None:
+    if (problem := _archive_problem(path)) is not None:
         raise ValueError(f"{path!r} is corrupt: {problem}; download it again")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
@@ -2010,14 +2010,14 @@ def _read_transformer_folder(folder: str) -> dict:
     return {k: v for shard in shards for k, v in _read_checkpoint(os.path.join(folder, shard)).items()}
 
 
-def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None, verify: bool = True,
+def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None,
                      log: Optional[Callable] = None) -> nn.Module:
     """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator: entry `key`, see checkpoint_entry) into `model`,
-    strictly: every parameter, with its shape, and nothing else. `path`: a .safetensors or torch file, or a Diffusers
-    folder (_read_transformer_folder). verify=False skips the CRC-32 pass (a full read) over a torch zip file."""
+    strictly: every parameter, with its shape, and nothing else. `path`: a .safetensors or torch file (its checksums
+    checked: a full read), or a Diffusers folder (_read_transformer_folder). `log` is told which entry was loaded."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint file or Diffusers folder at {path!r}")
-    raw = _read_transformer_folder(path) if os.path.isdir(path) else _read_checkpoint(path, verify)
+    raw = _read_transformer_folder(path) if os.path.isdir(path) else _read_checkpoint(path)
     entry = checkpoint_entry(raw, key)
     state, own = wan_state_dict(raw, entry), model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
