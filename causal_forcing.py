@@ -1664,8 +1664,8 @@ def _disagreements(cfg: Config) -> list[str]:
          f"DMD sigmas must satisfy 0 < dmd_min_sigma < dmd_max_sigma <= 1, got {t.dmd_min_sigma}, {t.dmd_max_sigma}"),
         (m.dim % m.num_heads == 0 and head % 2 == 0 and head >= 6,
          f"dim={m.dim} must be num_heads={m.num_heads} times an even head dim >= 6 (for 3-D rotary positions)"),
-        (params <= 50e9, f"dim={m.dim}, ffn_dim={m.ffn_dim}, num_layers={m.num_layers}: about {params:.1e} parameters, "
-                         "more than the 5e10 this code takes (typo? Wan2.1's 14B model has 1.4e10)"),
+        (params <= 50e9, f"dim={m.dim}, ffn_dim={m.ffn_dim}, num_layers={m.num_layers} give about {params:.1e} "
+                         "parameters, over the 5e10 this code accepts (Wan2.1's 14B model: 1.4e10)"),
         (m.height % m.patch_size == 0 and m.width % m.patch_size == 0,
          f"frame {m.height}x{m.width} is not divisible by patch_size={m.patch_size}"),
         (m.window_frames is None or m.window_frames - m.sink_frames >= m.chunk_frames,
