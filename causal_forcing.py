@@ -2850,9 +2850,9 @@ def run_config(out: str, **overrides) -> Config:
 _NOT_RESULTS = ("device", "train.checkpoint_every", "train.dmd_snapshots")  # fields that do not change results
 
 
-def _config_differences(saved: dict, cfg: Config) -> str:
-    """The fields ("seed", "train.dmd_steps", ...) in which a saved config differs from cfg, _NOT_RESULTS
-    aside, comma-separated ("" if none)."""
+def _refuse_another_config(saved: dict, cfg: Config, what: str, fix: str) -> None:
+    """Raises "<what> another config (differs in seed, train.dmd_steps, ...); <fix>" where the saved config
+    differs from cfg in a field other than _NOT_RESULTS."""
     def flat(d):
         d = json.loads(json.dumps(d))  # tuples as lists, as config.json has them
         out = {k: v for k, v in d.items() if not isinstance(v, dict)}
@@ -2860,7 +2860,9 @@ def _config_differences(saved: dict, cfg: Config) -> str:
             out.update({f"{section}.{k}": v for k, v in d.get(section, {}).items()})
         return {k: v for k, v in out.items() if k not in _NOT_RESULTS}
     a, b = flat(saved), flat(cfg.to_dict())
-    return ", ".join(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        raise ValueError(f"{what} another config (differs in {', '.join(diff)}); {fix}")
 
 
 def _check_run_folder(cfg: Config, out: str) -> None:
@@ -2876,10 +2878,8 @@ def _check_run_folder(cfg: Config, out: str) -> None:
         saved = _load_saved(os.path.join(stages, done[0]))["config"]
     else:
         return
-    diff = _config_differences(saved, cfg)
-    if diff:
-        raise ValueError(f"{out!r} holds a run with another config (differs in {diff}); use another --out "
-                         "folder, or delete this one to start over")
+    _refuse_another_config(saved, cfg, f"{out!r} holds a run with", "use another --out folder, or delete this one "
+                           "to start over")
 
 
 def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
@@ -2982,10 +2982,8 @@ class PipelineRun:
         path = os.path.join(self.out, "stages", name) if self.out else None
         if path and os.path.exists(path + ".pt"):
             saved = _load_saved(path + ".pt")
-            diff = _config_differences(saved["config"], self.cfg)
-            if diff:
-                raise ValueError(f"{path + '.pt'!r} was made by another config (differs in {diff}); delete it "
-                                 "(or use another --out folder) to redo that stage")
+            _refuse_another_config(saved["config"], self.cfg, f"{path + '.pt'!r} was made by",
+                                   "delete it (or use another --out folder) to redo that stage")
             result = saved["result"]
             if kind in _MODEL_KINDS:  # built first: building a model draws from the global generator
                 model = _saved_model(self.cfg, kind, result["model"])
@@ -3123,7 +3121,7 @@ class PipelineRun:
             if self.classifier is not None:
                 states["digit_classifier"] = self.classifier.state_dict()
             if self.rank == 0:
-                losses = {k: v if isinstance(v, list) else {n: r for n, r in v.items() if n != "snapshots"}
+                losses = {k: v if isinstance(v, list) else {key: r for key, r in v.items() if key != "snapshots"}
                           for k, v in self.losses.items()}
                 for name, obj in (("results.json", results), ("losses.json", losses), ("models.pt", states)):
                     save_atomic(obj, os.path.join(self.out, name))
@@ -3205,11 +3203,9 @@ def main(argv=None) -> int:
     if argv[:1] and argv[0] in ("bench", "long-stream", "generate"):  # applications live beside the module
         print(f"error: run python examples/{argv[0].replace('-', '_')}.py {' '.join(argv[1:])}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage (bidirectional base, AR "
-                                     "teacher, ODE students, Causal Forcing++'s consistency student, DMD) on toy 2-D "
-                                     "videos or moving digits (--config mnist) and prints the table; the same command "
-                                     "again resumes from the stages saved in --out. Streaming speed: "
-                                     "examples/bench.py.")
+    parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage on toy 2-D videos or moving "
+                                     "digits (--config mnist) and prints the table; the same command again resumes "
+                                     "from the stages saved in --out. Streaming speed: examples/bench.py.")
     parser.add_argument("--config", default="toy2d", choices=sorted(_PRESETS), help="named preset (default toy2d)")
     parser.add_argument("--out", help="run folder: stages/, results.json, losses.json, models.pt "
                         "(default runs/<config>)")
