@@ -2752,42 +2752,35 @@ def streaming_steps(cfg: SampleConfig, steps: int) -> dict:
 def sample_row(row: str, model: CausalDiT, cfg: Config, batch_size: int, cond=None, rng=None) -> torch.Tensor:
     """Samples the model of a row of the table with that row's sampler: the teachers by their many-step
     ODE (guided with teacher_guidance when conditioned), the students by streaming."""
-    s = cfg.sample
+    s, guidance = cfg.sample, cfg.train.teacher_guidance
     size = dict(batch_size=batch_size, num_frames=cfg.data.frames, cond=cond, rng=rng)
     if row == "bidirectional_teacher":
-        sigmas = solver_sigmas(s.teacher_solver_steps, s)
-        return sample_bidirectional(model, sigmas, guidance=cfg.train.teacher_guidance, **size)
+        return sample_bidirectional(model, solver_sigmas(s.teacher_solver_steps, s), guidance=guidance, **size)
     if row.startswith("ar_teacher"):
         sigmas = solver_sigmas(s.teacher_solver_steps, s)
-        return sample_ar_teacher(model, sigmas, guidance=cfg.train.teacher_guidance, context_noise=s.context_noise,
-                                 **size)
+        return sample_ar_teacher(model, sigmas, guidance=guidance, context_noise=s.context_noise, **size)
     if row == "causal_forcing_pp":  # 2 steps, the first chunk 4
         return sample_student(model, context_noise=s.context_noise, **streaming_steps(s, 2), **size)
     return sample_student(model, student_sigmas(s), context_noise=s.context_noise, **size)
 
 
-def _empty_model(cfg: Config, kind: str) -> nn.Module:
-    """A model of a kind in _MODEL_KINDS, on the CPU, for saved weights to load into."""
-    if kind == "classifier":
-        return DigitClassifier(cfg.data.canvas)
-    return CausalDiT(cfg.model, causal=kind == "causal")
+def _saved_model(cfg: Config, kind: str, state: dict) -> nn.Module:
+    """A model of a kind in _MODEL_KINDS with saved weights, on cfg.device."""
+    model = DigitClassifier(cfg.data.canvas) if kind == "classifier" else CausalDiT(cfg.model, causal=kind == "causal")
+    model.load_state_dict(state)
+    return model.to(cfg.device)
 
 
 def load_models(out: str, cfg: Config) -> dict:
-    """The trained models of a finished run in folder `out` (its models.pt), ready to sample: one
-    CausalDiT per row of the table (the bidirectional teacher non-causal, the rest causal), and on
-    moving digits the "digit_classifier" behind the metrics. `cfg` is the run's config."""
+    """The trained models of a finished run in folder `out` (its models.pt; `cfg` its config), ready to
+    sample: a CausalDiT per row of the table and, on moving digits, the "digit_classifier" of the metrics."""
     path = os.path.join(out, "models.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no models.pt in {out!r}: run the pipeline there first "
                                 f"(python causal_forcing.py --out {out})")
-    models = {}
-    for name, state in _load_saved(path, "models file").items():
-        kind = {"digit_classifier": "classifier", "bidirectional_teacher": "bidirectional"}.get(name, "causal")
-        models[name] = _empty_model(cfg, kind)
-        models[name].load_state_dict(state)
-        models[name].to(cfg.device).eval().requires_grad_(False)
-    return models
+    kinds = {"digit_classifier": "classifier", "bidirectional_teacher": "bidirectional"}
+    return {name: _saved_model(cfg, kinds.get(name, "causal"), state).eval().requires_grad_(False)
+            for name, state in _load_saved(path, "models file").items()}
 
 
 def run_config(out: str, **overrides) -> Config:
@@ -2807,80 +2800,52 @@ def run_config(out: str, **overrides) -> Config:
 _NOT_RESULTS = ("device", "train.checkpoint_every", "train.dmd_snapshots")  # fields that do not change results
 
 
-def _config_differences(saved: dict, config: dict) -> list[str]:
-    """The fields ("seed", "train.cd_steps", ...) in which two config dicts differ, _NOT_RESULTS aside."""
+def _refuse_another_config(saved: dict, cfg: Config, what: str, fix: str) -> None:
+    """Raises "<what> another config (differs in seed, train.dmd_steps, ...); <fix>" where the saved config
+    differs from cfg in a field other than _NOT_RESULTS."""
     def flat(d):
-        out = {}
-        for key, value in json.loads(json.dumps(d)).items():  # tuples as lists, as config.json has them
-            if isinstance(value, dict):
-                out.update({f"{key}.{k}": v for k, v in value.items()})
-            else:
-                out[key] = value
+        d = json.loads(json.dumps(d))  # tuples as lists, as config.json has them
+        out = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        for section in _SECTIONS:
+            out.update({f"{section}.{k}": v for k, v in d.get(section, {}).items()})
         return {k: v for k, v in out.items() if k not in _NOT_RESULTS}
-    a, b = flat(saved), flat(config)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    a, b = flat(saved), flat(cfg.to_dict())
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        raise ValueError(f"{what} another config (differs in {', '.join(diff)}); {fix}")
 
 
-# Fields that only Causal Forcing++'s stages and the stages after them read. Those stages come last
-# and draw their random numbers after every other stage's, so a finished run can take on (or change)
-# these fields and keep every earlier stage: e.g. --set cd_steps=600 on a finished digit run retrains the
-# two Causal Forcing++ stages and redoes the evaluation, with the results of a fresh run with that value.
-LATE_FIELDS = ("train.cd_steps", "train.cd_lr", "train.cd_guidance", "train.cd_ema_decay", "train.cd_batch_size",
-               "sample.cd_grid_steps", "sample.pp_denoising_steps")
-LATE_STAGES = ("consistency_student_ar", "dmd_causal_forcing_pp", "injectivity_floor", "evaluation")
-
-
-def _check_run_folder(cfg: Config, out: str, log=print) -> None:
-    """A run folder belongs to one config: the first run writes out/config.json, and a later run there
-    must have the same config, or its stages would be mixed with another's (finished stage files record
-    the config too, for a folder whose config.json is gone). The exception is LATE_FIELDS, on a folder
-    with finished earlier stages: those stages are kept, the results, models and losses made with the
-    old values removed, the checkpoints of unfinished LATE_STAGES dropped and the new config recorded;
-    `PipelineRun.stage` then redoes the finished late stages made with other values."""
+def _check_run_folder(cfg: Config, out: str) -> None:
+    """A run folder belongs to the one config in its config.json (or, where that is gone, in its finished
+    stages' files): a run with another config there would mix their stages, so it is refused."""
     path, stages = os.path.join(out, "config.json"), os.path.join(out, "stages")
-    names = sorted(os.listdir(stages)) if os.path.isdir(stages) else []
-    done = [n for n in names if n.endswith(".pt") and not n.endswith(".partial.pt") and not n.startswith(".tmp-")
-            and n[:-3] not in LATE_STAGES]
+    done = sorted(n for n in (os.listdir(stages) if os.path.isdir(stages) else [])
+                  if n.endswith(".pt") and not n.endswith(".partial.pt") and not n.startswith(".tmp-"))
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-    else:  # the finished stages say which config made them
-        saved = _load_saved(os.path.join(stages, done[0]))["config"] if done else cfg.to_dict()
-    diff = _config_differences(saved, cfg.to_dict())
-    early = [k for k in diff if k not in LATE_FIELDS]
-    if early or (diff and not done):  # late fields alone, with no earlier stages to keep: refused too
-        raise ValueError(f"{out!r} holds a run with another config (differs in {', '.join(early or diff)}); "
-                         "use another --out folder, or delete this one to start over")
-    if os.path.exists(path) and not diff:
+    elif done:
+        saved = _load_saved(os.path.join(stages, done[0]))["config"]
+    else:
         return
-    if diff:
-        log(f"{out}: Causal Forcing++ settings changed ({', '.join(diff)}): the earlier stages are kept; the "
-            "Causal Forcing++ stages and the evaluation are redone, and replace this folder's results")
-    if rank_and_world()[0] != 0:
-        return
-    old = [os.path.join(out, n) for n in ("results.json", "models.pt", "losses.json")] if diff else []
-    old += [os.path.join(stages, f"{n}.partial.pt") for n in LATE_STAGES] if done else []  # their late values unknown
-    for name in old:
-        if os.path.exists(name):
-            os.remove(name)
-    save_atomic(cfg.to_dict(), path)
+    _refuse_another_config(saved, cfg, f"{out!r} holds a run with", "use another --out folder, or delete this one "
+                           "to start over")
 
 
 def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
     """Every stage on the config's videos (toy 2-D, or moving digits), then the table: read it as the
-    recipe's table of stages, in order. Returns the results dict; with `out` it also writes
-    out/results.json, out/losses.json (each trained stage's losses per step) and out/models.pt (the
-    trained models, for `load_models`); `python examples/figures.py OUT` draws the figures. Every
-    finished stage is saved to out/stages/<stage>.pt and a training stage in progress to
-    <stage>.partial.pt every checkpoint_every steps, so running the same command again loads the
-    finished stages and resumes the interrupted one, with the results of an uninterrupted run."""
+    recipe's table of stages, in order. Returns the results dict; with `out` it also writes there
+    results.json, losses.json (each trained stage's losses per step) and models.pt (for `load_models`;
+    `python examples/figures.py OUT` draws the figures). Every finished stage is saved to
+    out/stages/<stage>.pt, and a training stage every checkpoint_every steps to <stage>.partial.pt: the
+    same call again loads the finished stages and resumes the interrupted one, as if never interrupted."""
     with contextlib.closing(PipelineRun(cfg, out, log)) as run:  # data, random generator, stages; holds out/.lock
         d, g, m, say = run.data, run.g, run.models, run.log
         prompts = run.prompts if d.cond is not None else None
         if run.digits:  # the metrics' digit reader first: it is trained on the data alone
             run.classifier = run.stage("digit_classifier", "classifier", lambda ck: train_classifier(
                 cfg, d.train, d.train_labels, say, g, ck))
-            run.accuracy = run.classifier_accuracy()
+            run.accuracy = float((read_frames(run.classifier, d.test)[1] == d.test_labels[:, :1]).double().mean())
             say(f"  digit classifier reads {run.accuracy:.3f} of held-out frames correctly")
         m["bidirectional_teacher"] = run.stage("bidirectional_base", "bidirectional", lambda ck: train_base(
             cfg, d.train, say, g, d.cond, ck))
@@ -2910,37 +2875,48 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
         if not run.digits:  # the injectivity floor, measured with the exact teachers
             run.floors = run.stage("injectivity_floor", "plain", lambda ck: run.injectivity_floors())
         rows, by_steps, _ = run.stage("evaluation", "plain", lambda ck: run.evaluate())  # _: samples, for figures
-        results = run.results(rows, by_steps)
-        run.save(results)
-        return results
+        return run.finish(rows, by_steps)
 
 
 class PipelineRun:
-    """What `run_pipeline` needs besides its table of stages: the data, the shared random generator,
-    resumable stages (`stage`), the evaluation, the results and the files. Stages run in a fixed order
-    and draw from one generator, so the order of calls here is part of the results."""
+    """What `run_pipeline` needs besides its table of stages: the data, resumable stages, the evaluation and
+    the files. Every stage draws from one generator, so the order of the calls is part of the results."""
 
     def __init__(self, cfg: Config, out: Optional[str], log):
         if cfg.data.dataset == "none":
-            raise ValueError(f"config {cfg.name!r} has no training data here (dataset='none'); the pipeline "
-                             "trains toy2d or mnist")
+            raise ValueError(f"the pipeline trains toy2d or mnist; {cfg.name!r} has no training data here (its stage "
+                             "functions take your latents and text embeddings; examples/bench.py measures its speed)")
         self.cfg, self.out, self.digits = cfg, out, cfg.data.dataset == "moving_digits"
         self.rank, self.world = rank_and_world()
         self.log = log if log and self.rank == 0 else (lambda *_: None)  # under torchrun only rank 0 speaks and writes
         self.lock = lock_run_folder(out) if out and self.rank == 0 else None  # one run per folder (rank 0 for all)
-        if out:
-            try:
-                _check_run_folder(cfg, out, self.log)
-            except BaseException:
-                self.close()
-                raise
-            if self.rank == 0:
+        try:  # every check, and the data, before config.json: a refused run leaves nothing to refuse the next
+            if out:
+                _check_run_folder(cfg, out)
+            torch.manual_seed(cfg.seed)
+            self.g = torch.Generator().manual_seed(cfg.seed)
+            self.data = d = types.SimpleNamespace(cond=None, train_labels=None, test_labels=None)
+            if self.digits:
+                d.split = digit_split(cfg.data)
+                self.log(f"data: {cfg.data.train_size} training and {cfg.data.test_size} held-out videos of "
+                         f"{d.split['source']}")
+                d.train, d.train_labels = digit_videos(cfg.data, cfg.data.train_size, d.split["train"], self.g)
+                d.test, d.test_labels = digit_videos(cfg.data, cfg.data.test_size, d.split["test"], self.g)
+                d.cond = label_cond(d.train_labels) if cfg.model.cond_dim else None
+            elif (cfg.model.in_channels, cfg.model.height, cfg.model.width) != (2, 1, 1):
+                raise ValueError("toy2d frames are points in the plane: in_channels=2, height=width=1")
+            else:
+                d.toy = ToyVideos(cfg.data)
+                d.train, d.test = d.toy.sample(cfg.data.train_size, self.g), d.toy.sample(cfg.data.test_size, self.g)
+            if out and self.rank == 0:
                 _remove_stale_temporaries(out)
                 _remove_stale_temporaries(os.path.join(out, "stages"))
-        torch.manual_seed(cfg.seed)
-        self.g = torch.Generator().manual_seed(cfg.seed)
-        self.data = self._load_data()
-        self.models, self.seconds, self.losses, self.extra = {}, {}, {}, {}
+                if not os.path.exists(os.path.join(out, "config.json")):
+                    save_atomic(cfg.to_dict(), os.path.join(out, "config.json"))
+        except BaseException:
+            self.close()
+            raise
+        self.models, self.seconds, self.losses, self.ode_losses = {}, {}, {}, {}
         self.classifier = self.accuracy = self.floors = None
 
     def close(self) -> None:
@@ -2949,33 +2925,21 @@ class PipelineRun:
             self.lock.close()
             self.lock = None
 
-    def _load_data(self) -> types.SimpleNamespace:
-        cfg, g = self.cfg, self.g
-        d = types.SimpleNamespace(cond=None, train_labels=None, test_labels=None)
-        if self.digits:
-            d.split = digit_split(cfg.data)
-            self.log(f"data: {cfg.data.train_size} training and {cfg.data.test_size} held-out videos of "
-                     f"{d.split['source']}")
-            d.train, d.train_labels = digit_videos(cfg.data, cfg.data.train_size, d.split["train"], g)
-            d.test, d.test_labels = digit_videos(cfg.data, cfg.data.test_size, d.split["test"], g)
-            d.cond = label_cond(d.train_labels) if cfg.model.cond_dim else None
-        else:
-            if (cfg.model.in_channels, cfg.model.height, cfg.model.width) != (2, 1, 1):
-                raise ValueError("toy2d frames are points in the plane: in_channels=2, height=width=1")
-            d.toy = ToyVideos(cfg.data)
-            d.train, d.test = d.toy.sample(cfg.data.train_size, g), d.toy.sample(cfg.data.test_size, g)
-        return d
-
-    # --- resumable stages ----------------------------------------------------------------------
     def stage(self, name: str, kind: str, fn: Callable):
-        """Runs fn(checkpoint), or loads its result if an earlier run finished it. A finished stage is
-        saved with the random generators' states, so the stages after it draw the same numbers. `kind`
-        says how to save and load the result: one of _MODEL_KINDS (a trained model, whose losses go to
-        losses.json), "tensors" (a dict of tensors) or "plain"."""
+        """Runs fn(checkpoint), or loads its result if an earlier run finished it, with the random generators'
+        states at its end, so the stages after it draw the same numbers. `kind`: one of _MODEL_KINDS (a trained
+        model, whose losses go to losses.json), "tensors" (a dict of tensors) or "plain"."""
         path = os.path.join(self.out, "stages", name) if self.out else None
-        saved = self._finished(name, path + ".pt") if path else None
-        if saved is not None:
-            result = self._unpack(kind, saved["result"])  # first: building models draws from the global generator
+        if path and os.path.exists(path + ".pt"):
+            saved = _load_saved(path + ".pt")
+            _refuse_another_config(saved["config"], self.cfg, f"{path + '.pt'!r} was made by",
+                                   "delete it (or use another --out folder) to redo that stage")
+            result = saved["result"]
+            if kind in _MODEL_KINDS:  # built first: building a model draws from the global generator
+                model = _saved_model(self.cfg, kind, result["model"])
+                result = (model.eval().requires_grad_(False) if kind == "classifier" else model, result["losses"])
+            elif kind == "tensors":  # loaded on the CPU: back to the device they were made on
+                result = {k: v.to(self.cfg.device) for k, v in result.items()}
             self.g.set_state(saved["rng"])
             torch.set_rng_state(saved["torch_rng"])
             self.seconds[name] = saved["seconds"]
@@ -2986,8 +2950,8 @@ class PipelineRun:
             ckpt = StageCheckpoint(partial, self.cfg.train.checkpoint_every)
             result = fn(ckpt)
             self.seconds[name] = round(ckpt.elapsed(), 2)  # the time before an interruption included
-            if path:
-                packed = self._pack(kind, result)  # every rank joins an FSDP gather
+            if path:  # a model as its whole state dict: every rank joins an FSDP gather
+                packed = {"model": full_state_dict(result[0]), "losses": result[1]} if kind in _MODEL_KINDS else result
                 if self.rank == 0:
                     save_atomic({"result": packed, "rng": self.g.get_state(), "torch_rng": torch.get_rng_state(),
                                  "seconds": self.seconds[name], "config": self.cfg.to_dict()}, path + ".pt")
@@ -2999,45 +2963,6 @@ class PipelineRun:
             return result[0]
         return result
 
-    def _finished(self, name: str, path: str) -> Optional[dict]:
-        """The saved result of a finished stage, or None: none saved, or a late stage made with other
-        LATE_FIELDS (to redo). A stage made by another config is refused."""
-        if not os.path.exists(path):
-            return None
-        saved = _load_saved(path)
-        diff = _config_differences(saved["config"], self.cfg.to_dict())
-        early = [k for k in diff if k not in LATE_FIELDS]  # LATE_FIELDS: see _check_run_folder
-        if early:
-            raise ValueError(f"{path!r} was made by another config (differs in {', '.join(early)}); delete it "
-                             "(or use another --out folder) to redo that stage")
-        if diff and name in LATE_STAGES:
-            self.log(f"stage: {name} was made with another {', '.join(diff)}: redoing it")
-            return None
-        return saved
-
-    def _pack(self, kind: str, result):
-        """A stage's result as its file keeps it (a model as its whole state dict)."""
-        if kind in _MODEL_KINDS:
-            return {"model": full_state_dict(result[0]), "losses": result[1]}
-        return result
-
-    def _unpack(self, kind: str, saved):
-        if kind in _MODEL_KINDS:
-            model = _empty_model(self.cfg, kind).to(self.cfg.device)
-            model.load_state_dict(saved["model"])
-            if kind == "classifier":
-                model.eval().requires_grad_(False)
-            return model, saved["losses"]
-        if kind == "tensors":  # loaded on the CPU: back to the device they were made on
-            return {k: v.to(self.cfg.device) for k, v in saved.items()}
-        return saved
-
-    # --- what some stages need ------------------------------------------------------------------
-    def classifier_accuracy(self) -> float:
-        """How well the digit classifier reads the held-out videos' own frames."""
-        pred = read_frames(self.classifier, self.data.test)[1]
-        return float((pred == self.data.test_labels[:, :1]).double().mean())
-
     def prompts(self, batch, rng):
         """DMD's conditions on moving digits: uniformly drawn digit labels."""
         return label_cond(torch.randint(10, (batch, self.cfg.data.num_digits), generator=rng)).to(self.cfg.device)
@@ -3048,7 +2973,7 @@ class PipelineRun:
         with torch.no_grad():
             held = make_ode_pairs(self.cfg, teacher, self.data.test[:512], kind, rng=self.g)
             batch = ode_pair_batch(held, slice(None), 0, student_sigmas(self.cfg.sample), kind)
-            self.extra[kind] = ode_regression_loss(student, *batch).mean(0).tolist()
+            self.ode_losses[kind] = ode_regression_loss(student, *batch).mean(0).tolist()
 
     def exact_flows(self) -> dict:
         """The exact teachers' flow maps through the teachers' Euler sampler (toy runs)."""
@@ -3071,12 +2996,10 @@ class PipelineRun:
                 "per_frame": {"bidirectional": bi.tolist(), "ar": ar.tolist()},
                 "conditional_mean_off_manifold": off.tolist()}
 
-    # --- evaluation, results and files ----------------------------------------------------------
     def evaluate(self) -> tuple[dict, dict, dict]:
-        """Samples every row's model with its sampler (sample_row) and measures the samples, the NFE and
-        the wall time per frame; then the STEP_ROWS students streamed with 1, 2 and 4 steps (the first
-        chunk always 4), from the same seed each time. Returns (rows, {row: {steps: metrics}}, samples),
-        samples as {"samples": {row: videos}, "steps": {"row (k steps)": videos}}."""
+        """Samples every row's model with its sampler (sample_row), then the STEP_ROWS students streamed
+        with 1, 2 and 4 steps (the first chunk always 4), each from the same seed, and measures them.
+        Returns (rows, {row: {steps: metrics}}, {"samples": {row: videos}, "steps": {"row (k steps)": videos}})."""
         cfg, n = self.cfg, self.cfg.eval.eval_samples
         labels = torch.arange(n)[:, None].repeat(1, cfg.data.num_digits) % 10  # every digit alike
         cond = label_cond(labels).to(cfg.device) if self.data.cond is not None else None
@@ -3112,9 +3035,10 @@ class PipelineRun:
         frames = cfg.eval.eval_samples * cfg.data.frames
         return x, {**metrics, "nfe_per_frame": nfe["sample_frames"] / frames, "ms_per_frame": 1000 * wall / frames}
 
-    def results(self, rows: dict, by_steps: dict) -> dict:
+    def finish(self, rows: dict, by_steps: dict) -> dict:
         """The results dict: every row, each stage's time and training throughput, and the data's own
-        metrics; toy runs add the exact teachers, the injectivity floors and the held-out ODE losses."""
+        metrics; toy runs add the exact teachers, the injectivity floors and the held-out ODE losses.
+        With `out` it writes results.json, losses.json (DMD's without its rollouts) and models.pt."""
         cfg, g, d, t = self.cfg, self.g, self.data, self.cfg.train
         results = {"config": cfg.to_dict(), "rows": rows, "stage_seconds": self.seconds, "world_size": self.world}
         # training throughput: clips through each stage's optimizer per second (DMD: the critic's)
@@ -3139,33 +3063,25 @@ class PipelineRun:
                 eps = torch.randn(n, cfg.data.frames, 2, 1, 1, generator=g, dtype=torch.float64)
                 results["exact_teachers"][name] = toy_metrics(flow(eps), d.toy, d.test, tol)
             results["injectivity_floor"] = self.floors
-            results["ode_loss_at_sigma_1"] = self.extra
+            results["ode_loss_at_sigma_1"] = self.ode_losses
         if by_steps:
             results["steps"] = by_steps
+        if self.out:
+            states = {k: full_state_dict(m) for k, m in self.models.items()}  # every rank joins the gather
+            if self.classifier is not None:
+                states["digit_classifier"] = self.classifier.state_dict()
+            if self.rank == 0:
+                losses = {k: v if isinstance(v, list) else {key: r for key, r in v.items() if key != "snapshots"}
+                          for k, v in self.losses.items()}
+                for name, obj in (("results.json", results), ("losses.json", losses), ("models.pt", states)):
+                    save_atomic(obj, os.path.join(self.out, name))
+                self.log(f"figures: python examples/figures.py {self.out}")
         return results
-
-    def save(self, results: dict) -> None:
-        """With `out`: results.json, losses.json (every trained stage's losses per step; DMD's without the
-        rollouts it keeps in its stage file) and models.pt."""
-        if not self.out:
-            return
-        states = {k: full_state_dict(m) for k, m in self.models.items()}  # every rank joins the gather
-        if self.classifier is not None:
-            states["digit_classifier"] = self.classifier.state_dict()
-        if self.rank != 0:
-            return
-        losses = {stage: rec if isinstance(rec, list) else {k: v for k, v in rec.items() if k != "snapshots"}
-                  for stage, rec in self.losses.items()}
-        save_atomic(results, os.path.join(self.out, "results.json"))
-        save_atomic(losses, os.path.join(self.out, "losses.json"))
-        save_atomic(states, os.path.join(self.out, "models.pt"))
-        self.log(f"figures: python examples/figures.py {self.out}")
 
 
 def format_table(results: dict) -> str:
-    """The table the command line prints: a line per row after the data's own metrics; then on the
-    toy the injectivity floors and the held-out ODE losses, on moving digits the classifier's accuracy;
-    then each stage's time."""
+    """The table the command line prints: a line per row after the data's own metrics; then on the toy the
+    injectivity floors and held-out ODE losses, on moving digits the classifier's accuracy; each stage's time."""
     seconds = "stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["stage_seconds"].items())
     named = [("data (held-out vs fresh)", results["data"])]
     if "classifier_accuracy" in results:  # moving digits
@@ -3203,46 +3119,33 @@ def format_table(results: dict) -> str:
 
 
 def _parse_override(text: str, types: dict) -> tuple[str, object]:
-    """--set KEY=VALUE: the value as JSON where it parses (3, 0.5, true, [1, 2] as a tuple), else as text."""
+    """--set KEY=VALUE: the value as JSON where it parses (3, 0.5, true, [1, 2]), else as text (get_config
+    checks its type). The preset's `name` is --config's, not a setting."""
     key, sep, raw = text.partition("=")
     if not sep:
         raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
-    if key not in types:
-        raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
-    if raw == "None":
-        return key, None
+    if key == "name" or key not in types:
+        raise ValueError(f"{key} is the preset's name: choose the preset with --config" if key == "name" else
+                         f"unknown config key {key!r}; valid keys: {', '.join(sorted(set(types) - {'name'}))}")
     try:
-        value = json.loads(raw)
+        return key, None if raw == "None" else json.loads(raw)
     except json.JSONDecodeError:
-        value = raw
-    if isinstance(value, list):
-        value = tuple(value)
-    if types[key][1] is float and isinstance(value, int):
-        value = float(value)
-    return key, value
+        return key, raw
 
 
-def _config_from_flags(parser, name: str, sets: list, device: Optional[str], **fixed) -> Config:
-    """get_config from --config, --set KEY=VALUE and --device; a bad key or value is a usage error."""
+def _config_from_flags(parser, name: str, sets: list, device: Optional[str], **flags) -> Config:
+    """get_config from --config, --set KEY=VALUE, --device and the other flags given (not None); a bad key
+    or value, or a key given twice (--seed 1 --set seed=2), is a usage error."""
     try:
-        overrides = dict(_parse_override(s, _field_types()) for s in sets)
-        if device:
-            overrides["device"] = device
-        return get_config(name, **{**fixed, **overrides})  # --set seed=3 works like --seed 3
+        given = [_parse_override(s, _field_types()) for s in sets]
+        given += [(k, v) for k, v in {"device": device, **flags}.items() if v is not None]
+        keys = [k for k, _ in given]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} given twice; give each setting once")
+        return get_config(name, **dict(given))
     except ValueError as e:
         parser.error(str(e))
-
-
-def _check_out(parser, out: str) -> None:
-    """A run folder that cannot be written is a usage error now, not a traceback after the first stage."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        parser.error(f"--out {out!r} is a file; give a folder for the run")
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        parser.error(f"--out {out!r} cannot be written: {e.strerror or e}")
 
 
 def main(argv=None) -> int:
@@ -3250,13 +3153,13 @@ def main(argv=None) -> int:
     if argv[:1] and argv[0] in ("bench", "long-stream", "generate"):  # applications live beside the module
         print(f"error: run python examples/{argv[0].replace('-', '_')}.py {' '.join(argv[1:])}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage (bidirectional base, AR "
-                                     "teacher, ODE students, Causal Forcing++'s consistency student, DMD) on toy 2-D videos or moving digits (--config "
-                                     "mnist) and prints the table; the same command again resumes from the stages "
-                                     "saved in --out. Streaming speed: examples/bench.py.")
+    parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage on toy 2-D videos or moving "
+                                     "digits (--config mnist) and prints the table; the same command again resumes "
+                                     "from the stages saved in --out. Streaming speed: examples/bench.py.")
     parser.add_argument("--config", default="toy2d", choices=sorted(_PRESETS), help="named preset (default toy2d)")
-    parser.add_argument("--out", help="run folder: stages/, results.json, losses.json, models.pt (default runs/<config>)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument("--out", help="run folder: stages/, results.json, losses.json, models.pt "
+                        "(default runs/<config>)")
+    parser.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by name, e.g. --set frames=6 --set chunk_frames=2 (repeatable)")
     parser.add_argument("--mnist-dir", help="folder with the MNIST IDX files (raw or .gz) for --config mnist; "
@@ -3266,31 +3169,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fixed = {"seed": args.seed, **({"mnist_dir": args.mnist_dir} if args.mnist_dir else {})}
-    cfg = _config_from_flags(parser, args.config, args.set, args.device, **fixed)
-    if cfg.data.dataset == "none":
-        parser.error(f"the training pipeline runs on toy2d or mnist; {cfg.name!r} has no training data here (its "
-                     "stage functions take your latents and text embeddings; examples/bench.py measures its speed)")
-    if args.mnist_dir and not os.path.isdir(args.mnist_dir):
-        parser.error(f"--mnist-dir {args.mnist_dir!r} is not a folder")
+    cfg = _config_from_flags(parser, args.config, args.set, args.device, seed=args.seed, mnist_dir=args.mnist_dir)
     out = args.out or os.path.join("runs", cfg.name)
-    _check_out(parser, out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {out!r} is a file; give a folder for the run")
     rank, world = init_distributed(cfg.device)
-    try:  # another config in the folder is a usage error; under its lock, as the check may rewrite config.json
-        lock = lock_run_folder(out) if rank == 0 else None
-        try:
-            _check_run_folder(cfg, out, print if rank == 0 else (lambda *_: None))
-        finally:
-            if lock is not None:
-                lock.close()  # run_pipeline takes it again for the run
-    except ValueError as e:
-        parser.error(str(e))
     t0 = time.perf_counter()
     try:
         results = run_pipeline(cfg, out)
-    except (Diverged, ValueError) as e:  # divergence (exit 1) or bad input found on the way: no traceback
+    except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, Diverged) else 2
+        return 1
+    except (ValueError, OSError) as e:  # bad input: another config or run in --out, a missing or unwritable file
+        parser.error(str(e))
     if rank == 0:
         print(f"\n{format_table(results)}")
         print(f"\ntotal {time.perf_counter() - t0:.1f} s on {world} process(es); wrote "

@@ -1054,7 +1054,7 @@ def test_command_line_turns_bad_values_into_usage_errors(capsys):
 def test_seed_can_be_set_like_any_other_field():
     import argparse
 
-    cfg = cf._config_from_flags(argparse.ArgumentParser(), "toy2d", ["seed=3"], None, seed=0)
+    cfg = cf._config_from_flags(argparse.ArgumentParser(), "toy2d", ["seed=3"], None, seed=None)  # no --seed
     assert cfg.seed == 3
 
 
@@ -1115,6 +1115,45 @@ def test_command_line_misuse_is_a_usage_error(argv, message, capsys, tmp_path):
             cf.main(argv + ["--out", str(tmp_path / "run")])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written before the error
+
+
+@pytest.mark.parametrize("argv,key", [
+    (["--set", "frames=4", "--set", "frames=6"], "frames"), (["--seed", "1", "--set", "seed=2"], "seed"),
+    (["--device", "cpu", "--set", "device=cpu"], "device"), (["--set", "name=mnist"], "name"),
+])
+def test_a_setting_given_twice_or_the_preset_name_by_set_is_a_usage_error(argv, key, capsys, tmp_path, monkeypatch):
+    """A key given twice would silently take its last value; the preset's name is --config's."""
+    def ran(*args, **kwargs):
+        raise AssertionError("the flags were accepted")
+    monkeypatch.setattr(cf, "run_pipeline", ran)
+    monkeypatch.setattr(bench, "benchmark_stream", ran)
+    for main in (cf.main, bench.main) if "--seed" not in argv else (cf.main,):  # bench parses --set with cf's helper
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--out", str(tmp_path / "run")] if main is cf.main else argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"error: {key}" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_run_leaves_nothing_that_refuses_the_corrected_command(tmp_path, capsys, monkeypatch):
+    """Bad input found while loading the data (a setting the data refuses, a folder without MNIST) is a
+    clear error that writes no config.json, so the corrected command runs in the same folder."""
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        cf.main(["--out", out, "--device", "cpu", "--set", "in_channels=3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: toy2d frames are points" in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(out, "config.json"))
+    sets = [f"--set={k}={v}" for k, v in {**TINY, "base_steps": 20, "base_lr": 1e4}.items()]
+    assert cf.main(["--out", out, "--device", "cpu", *sets]) == 1  # runs: its first stage diverges
+    assert "stage 'base'" in capsys.readouterr().err
+    monkeypatch.setenv("CAUSAL_FORCING_MNIST", str(tmp_path))  # a folder without the MNIST files
+    for argv in (["--config", "mnist"], ["--config", "mnist", "--mnist-dir", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            cf.main(argv + ["--out", str(tmp_path / "digits"), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "error: no MNIST test images in" in err and "Traceback" not in err
+        assert not os.path.exists(tmp_path / "digits" / "config.json")
 
 
 def test_an_out_that_is_a_file_is_a_usage_error(capsys, tmp_path):
@@ -1269,53 +1308,6 @@ def test_a_stream_never_switches_gradients_off_for_its_caller():
         break
     gc.collect()
     assert torch.is_grad_enabled()
-
-
-def test_a_finished_run_takes_on_causal_forcing_pp_and_keeps_its_earlier_stages(tmp_path):
-    """--set cd_steps=N on a finished run without the Causal Forcing++ rows: the earlier stages load,
-    the two new stages train and the evaluation is redone, with exactly the results and weights of a
-    fresh run with them. A checkpoint of a late stage made with other settings is dropped; any other
-    change of config is still refused."""
-    with_pp = cf.get_config("toy2d", **TINY)
-    fresh = cf.run_pipeline(with_pp, str(tmp_path / "fresh"), log=None)
-    first = cf.run_pipeline(cf.get_config("toy2d", **{**TINY, "cd_steps": 0}), str(tmp_path / "grown"), log=None)
-    assert "causal_forcing_pp" not in first["rows"] and "causal_forcing_pp" in fresh["rows"]
-    stages = tmp_path / "grown" / "stages"
-    kept = {p.name: p.stat().st_mtime_ns for p in stages.iterdir() if p.name[:-3] not in cf.LATE_STAGES}
-    (stages / "consistency_student_ar.partial.pt").write_bytes(b"made with other settings")
-    said = []
-    cf._check_run_folder(with_pp, str(tmp_path / "grown"), log=said.append)  # what the command line does first
-    assert any("Causal Forcing++ settings changed (train.cd_steps)" in s for s in said)
-    assert not any((tmp_path / "grown" / f).exists() for f in ("results.json", "models.pt", "losses.json"))
-    assert cf.run_config(str(tmp_path / "grown")).train.cd_steps == with_pp.train.cd_steps
-    grown = cf.run_pipeline(with_pp, str(tmp_path / "grown"), log=said.append)
-    assert any(s.startswith("stage: evaluation was made with another train.cd_steps") for s in said)
-    assert {p.name: p.stat().st_mtime_ns for p in stages.iterdir() if p.name in kept} == kept  # loaded, not redone
-    assert all(f"stage: {n[:-3]} (finished earlier" in " ".join(said) for n in kept)
-    untimed = lambda r: {k: {m: v for m, v in row.items() if m != "ms_per_frame"} for k, row in r.items()}  # noqa: E731
-    assert untimed(grown["rows"]) == untimed(fresh["rows"])
-    assert {k: untimed(v) for k, v in grown["steps"].items()} == {k: untimed(v) for k, v in fresh["steps"].items()}
-    assert grown["data"] == fresh["data"] and grown["injectivity_floor"] == fresh["injectivity_floor"]
-    a, b = (torch.load(tmp_path / d / "models.pt") for d in ("fresh", "grown"))
-    assert a.keys() == b.keys() and all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
-    with pytest.raises(ValueError, match=r"another config \(differs in train\.base_steps\)"):
-        cf.run_pipeline(cf.get_config("toy2d", **{**TINY, "base_steps": 4}), str(tmp_path / "grown"), log=None)
-    shipped = tmp_path / "shipped"  # results without stages (like docs/mnist_run): nothing to keep, so refused
-    shipped.mkdir()
-    (shipped / "config.json").write_text((tmp_path / "grown" / "config.json").read_text())
-    with pytest.raises(ValueError, match=r"another config \(differs in train\.cd_steps\)"):
-        cf._check_run_folder(cf.get_config("toy2d", **{**TINY, "cd_steps": 5}), str(shipped))
-
-
-def test_a_late_checkpoint_is_dropped_when_config_json_is_gone(tmp_path):
-    """Without config.json nothing says which Causal Forcing++ values a late stage's checkpoint was
-    made with, so it is dropped (the finished stages still say their config)."""
-    cf.run_pipeline(cf.get_config("toy2d", **{**TINY, "cd_steps": 0}), str(tmp_path), log=None)
-    (tmp_path / "config.json").unlink()
-    (tmp_path / "stages" / "consistency_student_ar.partial.pt").write_bytes(b"made with other settings")
-    results = cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)
-    assert "causal_forcing_pp" in results["rows"]
-    assert not (tmp_path / "stages" / "consistency_student_ar.partial.pt").exists()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the run-folder lock uses fcntl")

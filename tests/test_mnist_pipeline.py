@@ -217,7 +217,7 @@ def test_tiny_end_to_end_run_and_interrupted_runs_resume_to_the_same_result(tmp_
 
 def test_a_run_folder_refuses_another_config(tmp_path):
     cfg = cf.get_config("mnist", **TINY)
-    cf._check_run_folder(cfg, str(tmp_path))
+    cf.save_atomic(cfg.to_dict(), str(tmp_path / "config.json"))  # what a run there writes
     cf._check_run_folder(cfg, str(tmp_path))  # the same config again: fine
     cf._check_run_folder(cf.get_config("mnist", **{**TINY, "checkpoint_every": 7}), str(tmp_path))  # no effect on results
     with pytest.raises(ValueError, match=r"another config \(differs in seed, train.base_steps\)"):
@@ -225,7 +225,7 @@ def test_a_run_folder_refuses_another_config(tmp_path):
 
 
 def test_command_line_names_a_run_folder_with_another_config(tmp_path, capsys):
-    cf._check_run_folder(cf.get_config("toy2d", device="cpu"), str(tmp_path))
+    cf.save_atomic(cf.get_config("toy2d", device="cpu").to_dict(), str(tmp_path / "config.json"))
     with pytest.raises(SystemExit):
         cf.main(["--out", str(tmp_path), "--seed", "1", "--device", "cpu"])
     assert "holds a run with another config (differs in seed)" in capsys.readouterr().err
