@@ -76,3 +76,41 @@ def test_check_writable_names_the_flag_and_the_problem(tmp_path):
         figures.check_writable(str(a_file / "x.json"), "--out")  # its folder would be a file
     figures.check_writable(str(tmp_path / "new" / "x.json"), "--out")
     assert os.path.isdir(tmp_path / "new")
+
+
+# --- bench.py ------------------------------------------------------------------------------------------
+
+
+def usage_error(main, argv, capsys) -> str:
+    """Runs a program's main on argv, expecting argparse's usage error (exit 2); returns what it said."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bench_refuses_an_out_it_cannot_write_before_the_benchmark(tmp_path, monkeypatch, capsys):
+    from examples import bench
+
+    def never(*args, **kwargs):
+        raise AssertionError("the benchmark ran before --out was checked")
+
+    monkeypatch.setattr(bench, "benchmark_stream", never)
+    monkeypatch.setattr(bench, "gpu_suite", never)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for suite in ("speed", "gpu"):
+        err = usage_error(bench.main, ["--config", "toy2d", "--device", "cpu", "--suite", suite,
+                                       "--out", str(a_file / "bench.json")], capsys)
+        assert "--out" in err and "cannot be written" in err
+    err = usage_error(bench.main, ["--config", "toy2d", "--device", "cpu", "--out", str(tmp_path)], capsys)
+    assert "is a folder" in err
+
+
+@pytest.mark.xfail(strict=False, reason="bench reads --set through causal_forcing's flag helper, which is fixed "
+                   "there (it raised a TypeError for --set name=...): passes once that fix is merged")
+def test_bench_set_name_is_a_usage_error(capsys):
+    from examples import bench
+
+    err = usage_error(bench.main, ["--config", "toy2d", "--device", "cpu", "--set", "name=x"], capsys)
+    assert "name" in err
