@@ -114,3 +114,70 @@ def test_bench_set_name_is_a_usage_error(capsys):
 
     err = usage_error(bench.main, ["--config", "toy2d", "--device", "cpu", "--set", "name=x"], capsys)
     assert "name" in err
+
+
+# --- long_stream.py ------------------------------------------------------------------------------------
+
+SHIPPED_RUN = os.path.join(ROOT, "docs", "mnist_run")
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fails the test if the models are loaded: every check comes first."""
+    import causal_forcing as cf
+
+    def never(*args, **kwargs):
+        raise AssertionError("models loaded before the flags were checked")
+
+    monkeypatch.setattr(cf, "load_models", never)
+
+
+def test_long_stream_out_an_existing_file_is_a_usage_error(tmp_path, capsys, no_models):
+    from examples import long_stream
+
+    a_file = tmp_path / "results"
+    a_file.write_text("")
+    err = usage_error(long_stream.main, ["--run", SHIPPED_RUN, "--out", str(a_file)], capsys)
+    assert "--out" in err and "is a file; give a folder" in err and "Traceback" not in err
+
+
+def test_long_stream_refuses_a_batch_the_machine_cannot_hold_before_any_work(tmp_path, capsys, no_models):
+    import causal_forcing as cf
+    from examples import long_stream
+
+    out = tmp_path / "out"
+    err = usage_error(long_stream.main, ["--run", SHIPPED_RUN, "--batch-size", "100000000", "--out", str(out)], capsys)
+    assert "--batch-size 100000000" in err and "GiB" in err and "lower --batch-size or --frames" in err
+    assert not out.exists()  # nothing made for a refused run
+    cfg = cf.run_config(SHIPPED_RUN)
+    assert long_stream.stream_memory_bytes(cfg, 1024, 64, cfg.data.frames) < 2**30  # the defaults stay allowed
+
+
+def run_folder(tmp_path, entries, **model_changes) -> str:
+    """A run folder with the shipped run's config.json (model fields changed) and a models.pt of `entries`."""
+    import json
+
+    with open(os.path.join(SHIPPED_RUN, "config.json")) as f:
+        config = json.load(f)
+    config["model"].update(model_changes)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    models = torch.load(os.path.join(SHIPPED_RUN, "models.pt"), weights_only=True)
+    torch.save({k: models[k] for k in entries}, tmp_path / "models.pt")
+    return str(tmp_path)
+
+
+def test_long_stream_names_a_models_file_without_the_generator(tmp_path, capsys):
+    from examples import long_stream
+
+    run = run_folder(tmp_path, ["bidirectional_teacher", "digit_classifier"])
+    err = usage_error(long_stream.main, ["--run", run, "--out", str(tmp_path / "out")], capsys)
+    assert "models.pt has no 'causal_forcing' entry" in err and "python causal_forcing.py --config mnist" in err
+
+
+def test_long_stream_names_a_models_file_of_another_config(tmp_path, capsys):
+    from examples import long_stream
+
+    run = run_folder(tmp_path, ["causal_forcing", "digit_classifier"], ffn_dim=192)
+    err = usage_error(long_stream.main, ["--run", run, "--out", str(tmp_path / "out")], capsys)
+    assert "models.pt does not fit the config in" in err and "config.json" in err and "size mismatch" in err
+    assert "different runs" in err
