@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
-from examples.figures import check_writable  # noqa: E402
+from examples.figures import check_writable, remove_stale_temporaries  # noqa: E402
 
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), for the utilisation figure
@@ -561,6 +561,7 @@ def main(argv) -> int:
             check_writable(args.out, "--out")
         except ValueError as e:
             parser.error(str(e))
+        remove_stale_temporaries(args.out)  # left by a run of this program that was killed
     cfg = cf._config_from_flags(parser, args.config, args.set, args.device)
     if args.suite == "gpu":
         sections = [x.strip() for x in args.sections.split(",") if x.strip()]
