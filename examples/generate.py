@@ -30,7 +30,8 @@ from einops import rearrange
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
-from examples.figures import atomic_file, check_writable, publish, remove_stale_temporaries, temporary_beside  # noqa: E402
+from examples.figures import (atomic_file, check_writable, publish, remove_stale_temporaries,  # noqa: E402
+                              temporary_beside)
 
 
 # A Wan2.1 folder in Diffusers' layout (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) holds tokenizer/,
@@ -257,8 +258,9 @@ def read_prompts(path: str) -> list:
         text = data.decode("utf-8-sig")  # a byte-order mark at the start is not part of the first line
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start} of the file is {data[e.start:e.start + 1]!r}): "
-                         "save the prompts file as UTF-8") from None
+        byte = data[e.start:e.start + 1]
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start} of the file is {byte!r}): save the prompts "
+                         "file as UTF-8") from None
     videos = []
     for n, line in enumerate(io.StringIO(text, newline=None), 1):  # lines as open() splits them
         line = line.strip()
@@ -312,9 +314,9 @@ def _output_files(out: str, count: int) -> list:
     """The .mp4 files of `count` videos: `out`, or for several out's stem with _000, _001, ... Each is
     checked to be writable now, not after its video, and the temporaries that a killed earlier run
     of it left are removed (its .gif's too)."""
-    check_writable(out, "out")
-    if os.path.splitext(out)[1].lower() != ".mp4":
-        raise ValueError(f"out {out!r} must end in .mp4, the video's format (with gif=True, --gif, the .gif is written "
+    if os.path.isdir(out) or os.path.splitext(out)[1].lower() != ".mp4":
+        what = "is a folder" if os.path.isdir(out) else "must end in .mp4, the video's format"
+        raise ValueError(f"out {out!r} {what}: give the .mp4 file to write (with gif=True, --gif, the .gif is written "
                          "beside it as <stem>.gif)")
     files = [out] if count == 1 else [f"{os.path.splitext(out)[0]}_{i:03d}.mp4" for i in range(count)]
     for path in files:
@@ -467,9 +469,9 @@ def main(argv) -> int:
                         "generator_ema weights when present); without it, the bidirectional base of --wan-dir")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", help="the prompt of one video")
-    which.add_argument("--prompts", metavar="FILE", help="a UTF-8 file, one video per line; '| <latent frame>: <prompt>' "
-                       "after a prompt switches to a new one at that frame; \\| is a bar inside a prompt; lines "
-                       "starting with '#' are comments (see read_prompts)")
+    which.add_argument("--prompts", metavar="FILE", help="a UTF-8 file, one video per line; '| <latent frame>: "
+                       "<prompt>' after a prompt switches to a new one at that frame; \\| is a bar inside a prompt; "
+                       "lines starting with '#' are comments (see read_prompts)")
     parser.add_argument("--frames", type=int, default=21, help="latent frames (default 21: 81 video frames, 5 s at 16 fps)")
     parser.add_argument("--out", default="video.mp4", help="the .mp4 (several prompts: <stem>_000.mp4, ...; default video.mp4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
