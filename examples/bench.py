@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
+from examples.figures import check_writable, remove_stale_temporaries  # noqa: E402
 
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), for the utilisation figure
@@ -555,6 +556,12 @@ def main(argv) -> int:
     for flag, value, least in (("--frames", args.frames, 1), ("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 0)):
         if value is not None and value < least:
             parser.error(f"{flag} {value}: must be >= {least}")
+    if args.out:  # a place that cannot be written is said now, not after the benchmark
+        try:
+            check_writable(args.out, "--out")
+        except ValueError as e:
+            parser.error(str(e))
+        remove_stale_temporaries(args.out)  # left by a run of this program that was killed
     cfg = cf._config_from_flags(parser, args.config, args.set, args.device)
     if args.suite == "gpu":
         sections = [x.strip() for x in args.sections.split(",") if x.strip()]

@@ -17,9 +17,12 @@ training-health figure without rollouts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F_
@@ -27,6 +30,85 @@ from einops import rearrange
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
+
+
+# --- files written whole or not at all (used by every program in examples/) ------------------------
+
+
+def temporary_beside(path: str) -> tuple[int, str]:
+    """A new empty file (its descriptor and path) in `path`'s folder, named .tmp-<8 characters>-<name>,
+    to be written and then `publish`ed over `path`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    return tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + name)
+
+
+def publish(tmp: str, path: str) -> None:
+    """Renames the finished temporary `tmp` over `path`: its bytes flushed to disk first, its permissions
+    those open() would give (0o666 less the umask, not mkstemp's owner-only 0600), the folder flushed
+    after, so that neither a kill nor a power loss leaves a truncated or empty file under `path`."""
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # where the system lets a folder be opened
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yields a binary file that replaces `path` when the block ends (see `publish`); the old file
+    survives until the new one is whole, and a write that fails removes its temporary."""
+    fd, tmp = temporary_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        publish(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Deletes the temporaries that writes of `path` killed before they finished left beside it: only
+    files named .tmp-<8 characters>-<path's name> (this file's) or .tmp-<8 characters><path's name>
+    (causal_forcing.save_atomic's), never another program's."""
+    folder, name = os.path.split(os.path.abspath(path))
+    ours = re.compile(r"\.tmp-[a-z0-9_]{8}-?" + re.escape(name))
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        if ours.fullmatch(entry):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, entry))
+
+
+def check_writable(path: str, flag: str, folder: bool = False) -> None:
+    """A ValueError naming `flag` when `path` (a file, or with folder=True a folder) cannot be written,
+    raised before any work is spent: a folder given for a file or the reverse, or a place that cannot
+    be made or written to. Makes the folder."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file; give a folder")
+    if not folder and os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a folder; give a file name")
+    where = path if folder else os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(where, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r} cannot be written ({e.strerror or e}); give a place that can") from None
+
+
+# --- the figures -----------------------------------------------------------------------------------
 
 
 def _pyplot():
@@ -42,7 +124,7 @@ def _pyplot():
 def _save_figure(fig, path: str, dpi: int) -> None:
     """Writes a matplotlib figure as a PNG, atomically, and closes it."""
     fig.tight_layout()
-    with cf._atomic_file(path) as f:
+    with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=dpi)
     _pyplot().close(fig)
 
@@ -128,13 +210,15 @@ def save_gif(columns: dict, path: str, scale: int = 3, ms_per_frame: int = 250) 
                 tile = Image.fromarray(v[i, f].numpy()).resize((W * scale, H * scale), Image.NEAREST)
                 img.paste(tile, (x, header + pad + i * (H * scale + pad)))
         frames.append(img)
-    with cf._atomic_file(path) as f:
+    with atomic_file(path) as f:
         frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
 
 
 def write_figures(out: str) -> list[str]:
     """Draws the figures of the run in folder `out` (see the top of this file); returns their paths."""
     cfg = cf.run_config(out, device="cpu")
+    for name in ("training_health.png", "samples.png", "samples.gif", "steps.png", "steps.gif"):
+        remove_stale_temporaries(os.path.join(out, name))  # of a run of this program that was killed
     with open(os.path.join(out, "losses.json")) as f:
         losses = json.load(f)
     stages = os.path.join(out, "stages")

@@ -16,11 +16,13 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import io
 import json
 import os
+import re
 import sys
-import tempfile
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -28,6 +30,8 @@ from einops import rearrange
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
+from examples.figures import (atomic_file, check_writable, publish, remove_stale_temporaries,  # noqa: E402
+                              temporary_beside)
 
 
 # A Wan2.1 folder in Diffusers' layout (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) holds tokenizer/,
@@ -122,7 +126,9 @@ class WanTextEncoder:
         """(len(prompts), text_len, d_model) float32 on the encoder's device."""
         new = [p for p in dict.fromkeys(prompts) if p not in self.known]
         if new:
-            tokens = self.tokenizer([_clean_prompt(p) for p in new], padding="max_length", max_length=self.text_len,
+            cleaned = [_clean_prompt(p) for p in new]
+            self._warn_if_cut(new, cleaned)
+            tokens = self.tokenizer(cleaned, padding="max_length", max_length=self.text_len,
                                     truncation=True, add_special_tokens=True, return_attention_mask=True,
                                     return_tensors="pt")
             mask = tokens.attention_mask.to(self.device)
@@ -130,6 +136,15 @@ class WanTextEncoder:
             for p, f, n in zip(new, feats, mask.sum(1).tolist()):
                 self.known[p] = torch.cat([f[:n], f.new_zeros(self.text_len - n, f.shape[1])])
         return torch.stack([self.known[p] for p in prompts])
+
+    def _warn_if_cut(self, prompts: list, cleaned: list) -> None:
+        """Warns of each prompt longer than text_len tokens (its end token included): umT5 reads only the
+        first text_len, as Wan does, and the rest would be dropped without a word."""
+        for prompt, ids in zip(prompts, self.tokenizer(cleaned, add_special_tokens=True, verbose=False)["input_ids"]):
+            if len(ids) > self.text_len:
+                shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+                warnings.warn(f"the prompt {shown!r} has {len(ids)} tokens; umT5 reads the first {self.text_len}, so "
+                              f"its last {len(ids) - self.text_len} are dropped: shorten it", stacklevel=3)
 
 
 def load_wan_vae(wan_dir: str, device="cpu", dtype=torch.float32):
@@ -189,16 +204,15 @@ def to_uint8_frames(video: torch.Tensor):
 
 class VideoFile:
     """An .mp4 (H.264, WAN_FPS) written frame by frame as the video is decoded, through imageio-ffmpeg,
-    into a temporary file renamed over `path` only when the video is whole (an interrupted run never
-    leaves half a video under the final name). gif=True also writes the .gif beside it at close."""
+    into a temporary beside it (.tmp-<8 characters>-<name>) renamed over `path` only when the video is
+    whole (an interrupted run never leaves half a video under the final name; `generate` removes the
+    temporaries a killed run leaves). gif=True also writes the .gif beside it at close."""
 
     def __init__(self, path: str, fps: int = WAN_FPS, gif: bool = False):
         _require("imageio", "imageio_ffmpeg", what="writing .mp4 files")
         import imageio
 
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".mp4")
+        fd, self.tmp = temporary_beside(path)
         os.close(fd)
         self.path, self.fps, self.frames, self.gif = path, fps, 0, [] if gif else None
         self.writer = imageio.get_writer(self.tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8,
@@ -214,13 +228,12 @@ class VideoFile:
 
     def close(self) -> None:
         self.writer.close()
-        os.replace(self.tmp, self.path)
-        cf._fsync_folder(os.path.dirname(os.path.abspath(self.path)))
+        publish(self.tmp, self.path)
         if self.gif:
             from PIL import Image
 
             gif_path = os.path.splitext(self.path)[0] + ".gif"
-            with cf._atomic_file(gif_path) as f:
+            with atomic_file(gif_path) as f:
                 images = [Image.fromarray(fr) for fr in self.gif]
                 images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / self.fps), loop=0)
 
@@ -232,25 +245,36 @@ class VideoFile:
 
 
 def read_prompts(path: str) -> list:
-    """A prompts file: one video per line; '#' starts a comment line. A prompt switch inside a video
-    is written after a '|' as "<latent frame>: <prompt>", e.g.
+    r"""A prompts file (UTF-8 text): one video per line; '#' starts a comment line. A prompt switch
+    inside a video is written after a '|' as "<latent frame>: <prompt>"; a '|' that belongs to a
+    prompt is written \|. E.g.
         a red fox runs through deep snow
         a quiet city street at night | 12: the same street in heavy rain | 18: the street at dawn
+        a neon sign reading OPEN \| CLOSED
     Returns, per video, a list of (first latent frame, prompt)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark at the start is not part of the first line
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        byte = data[e.start:e.start + 1]
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start} of the file is {byte!r}): save the prompts "
+                         "file as UTF-8") from None
     videos = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = [p.strip() for p in line.split("|")]
-            schedule = [(0, parts[0])]
-            for part in parts[1:]:
-                frame, sep, text = part.partition(":")
-                if not sep or not frame.strip().isdigit() or not text.strip():
-                    raise ValueError(f"{path}:{n}: a prompt switch is written '| <latent frame>: <prompt>', got {part!r}")
-                schedule.append((int(frame), text.strip()))
-            videos.append(schedule)
+    for n, line in enumerate(io.StringIO(text, newline=None), 1):  # lines as open() splits them
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = [p.replace("\\|", "|").strip() for p in re.split(r"(?<!\\)\|", line)]  # \| is a literal bar
+        schedule = [(0, parts[0])]
+        for part in parts[1:]:
+            frame, sep, prompt = part.partition(":")
+            if not sep or not frame.strip().isdigit() or not prompt.strip():
+                raise ValueError(f"{path}:{n}: a prompt switch is written '| <latent frame>: <prompt>' (a bar inside "
+                                 f"a prompt: \\|), got {part!r}")
+            schedule.append((int(frame), prompt.strip()))
+        videos.append(schedule)
     if not videos:
         raise ValueError(f"{path} holds no prompts (one per line)")
     return videos
@@ -286,13 +310,20 @@ def load_wan_generator(wan_dir: str, checkpoint: Optional[str], height: int, wid
     return model.float().eval().requires_grad_(False)  # fp32 weights, as Wan keeps them; bf16 autocast on CUDA
 
 
-def _check_output(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"out={path!r} is a folder; give the .mp4 file to write")
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):  # a folder we cannot write to: said now, not after the video
-        pass
+def _output_files(out: str, count: int) -> list:
+    """The .mp4 files of `count` videos: `out`, or for several out's stem with _000, _001, ... Each is
+    checked to be writable now, not after its video, and the temporaries that a killed earlier run
+    of it left are removed (its .gif's too)."""
+    if os.path.isdir(out) or os.path.splitext(out)[1].lower() != ".mp4":
+        what = "is a folder" if os.path.isdir(out) else "must end in .mp4, the video's format"
+        raise ValueError(f"out {out!r} {what}: give the .mp4 file to write (with gif=True, --gif, the .gif is written "
+                         "beside it as <stem>.gif)")
+    files = [out] if count == 1 else [f"{os.path.splitext(out)[0]}_{i:03d}.mp4" for i in range(count)]
+    for path in files:
+        check_writable(path, "out")
+        for written in (path, os.path.splitext(path)[0] + ".gif"):
+            remove_stale_temporaries(written)
+    return files
 
 
 def generate(prompts, *, wan_dir: str, checkpoint: Optional[str] = None, frames: int = 21, out: str = "video.mp4",
@@ -340,9 +371,7 @@ def generate(prompts, *, wan_dir: str, checkpoint: Optional[str] = None, frames:
     sample = cf.SampleConfig(shift=shift)
     sigmas = cf.student_sigmas(sample, denoising_steps) if checkpoint else cf.solver_sigmas(steps, sample)
     first_sigmas = cf.student_sigmas(sample, first_chunk_steps) if checkpoint and first_chunk_steps else None
-    files = [out] if len(schedules) == 1 else [f"{os.path.splitext(out)[0]}_{i:03d}.mp4" for i in range(len(schedules))]
-    for f in files:
-        _check_output(f)
+    files = _output_files(out, len(schedules))
 
     # --- 2. the DiT and the VAE on the CPU: a checkpoint that does not fit is said before umT5 loads -
     model = load_wan_generator(wan_dir, checkpoint, height, width, chunk_frames, checkpoint_key, log)
@@ -440,8 +469,9 @@ def main(argv) -> int:
                         "generator_ema weights when present); without it, the bidirectional base of --wan-dir")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", help="the prompt of one video")
-    which.add_argument("--prompts", metavar="FILE", help="one video per line; '| <latent frame>: <prompt>' after a "
-                       "prompt switches to a new one at that frame (see read_prompts)")
+    which.add_argument("--prompts", metavar="FILE", help="a UTF-8 file, one video per line; '| <latent frame>: "
+                       "<prompt>' after a prompt switches to a new one at that frame; \\| is a bar inside a prompt; "
+                       "lines starting with '#' are comments (see read_prompts)")
     parser.add_argument("--frames", type=int, default=21, help="latent frames (default 21: 81 video frames, 5 s at 16 fps)")
     parser.add_argument("--out", default="video.mp4", help="the .mp4 (several prompts: <stem>_000.mp4, ...; default video.mp4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
-from examples.figures import save_gif  # noqa: E402
+from examples.figures import atomic_file, check_writable, remove_stale_temporaries, save_gif  # noqa: E402
 
 
 def windowed(generator: cf.CausalDiT, window_frames: int, sink_frames: int = 0,
@@ -165,9 +165,82 @@ def plot_long_stream(report: dict, path: str, smooth: int = 8) -> None:
     fig.suptitle(f"{report['frames']}-frame streams through a {report['window_frames']}-frame window "
                  f"(grey line: the {report['trained_frames']}-frame training clips)", fontsize=10)
     fig.tight_layout()
-    with cf._atomic_file(path) as f:
+    with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
+
+
+def stream_memory_bytes(cfg: cf.Config, num_frames: int, batch_size: int, window_frames: int) -> int:
+    """About the bytes one long stream holds at once (float32): the video kept whole (its chunks and
+    their concatenation), the rolling window's KV cache, and one chunk's activations (the FFN's and
+    the attention scores over the window)."""
+    m = cfg.model
+    tokens = (m.height // m.patch_size) * (m.width // m.patch_size)  # per frame
+    seen = window_frames + m.chunk_frames  # frames a chunk attends to
+    video = 2 * num_frames * m.in_channels * m.height * m.width
+    cache = m.num_layers * 2 * seen * tokens * m.dim
+    activations = m.chunk_frames * tokens * (m.ffn_dim + 8 * m.dim + m.num_heads * seen * tokens)
+    return 4 * batch_size * (video + cache + activations)
+
+
+def machine_memory_bytes(device: str) -> Optional[int]:
+    """The memory a stream on `device` can have: the GPU's, else the machine's RAM (None where unknown)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return None
+
+
+def load_digit_models(run: str, cfg: cf.Config) -> dict:
+    """The run's models (its models.pt), checked to hold the causal_forcing generator and the
+    digit_classifier and to fit its config.json: otherwise a ValueError naming the file and the fix."""
+    path = os.path.join(run, "models.pt")
+    try:
+        models = cf.load_models(run, cfg)
+    except RuntimeError as e:  # load_state_dict: weights of other shapes than config.json says
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:200]
+        raise ValueError(f"{path} does not fit the config in {os.path.join(run, 'config.json')} ({detail}): the two "
+                         "come from different runs; give --run a whole run folder of 'causal_forcing.py --config "
+                         "mnist'") from None
+    missing = [name for name in ("causal_forcing", "digit_classifier") if name not in models]
+    if missing:
+        raise ValueError(f"{path} has no {' or '.join(map(repr, missing))} entry (it holds {sorted(models)}): long "
+                         f"streams need a finished run: python causal_forcing.py --config mnist --out {run}")
+    return models
+
+
+def _checked_run(parser, args) -> tuple[str, cf.Config]:
+    """The run folder and its config from the flags, every flag checked before any work."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+    run = args.run or next((p for p in (os.path.join("runs", "mnist"), os.path.join(here, "docs", "mnist_run"))
+                            if os.path.isfile(os.path.join(p, "models.pt"))), None)
+    if run is None or not os.path.isfile(os.path.join(run, "models.pt")):
+        parser.error(f"no trained digit models in {run or 'runs/mnist or docs/mnist_run'!r}: run "
+                     "'python causal_forcing.py --config mnist' first, or pass --run")
+    try:
+        cfg = cf.run_config(run, **({"device": args.device} if args.device else {}))
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if cfg.data.dataset != "moving_digits":
+        parser.error(f"{run!r} is a {cfg.data.dataset} run; long streams are measured on moving digits")
+    chunk = cfg.model.chunk_frames
+    too_short = args.window is not None and args.window < 2 * chunk
+    if args.frames < 2 * cfg.data.frames or args.batch_size < 10 or too_short:
+        parser.error(f"--frames must be >= {2 * cfg.data.frames}, --batch-size >= 10 (every digit), "
+                     f"--window >= {2 * chunk}")
+    need = stream_memory_bytes(cfg, args.frames, args.batch_size, args.window or cfg.data.frames)
+    have = machine_memory_bytes(cfg.device)
+    if have is not None and need > have:
+        parser.error(f"--batch-size {args.batch_size} and --frames {args.frames} need about {need / 2**30:,.1f} GiB "
+                     f"(each stream's videos are kept whole), more than the {have / 2**30:,.1f} GiB of this "
+                     f"machine's {cfg.device}: lower --batch-size or --frames")
+    try:
+        check_writable(args.out, "--out", folder=True)  # makes the folder: last, once everything else is right
+    except ValueError as e:
+        parser.error(str(e))
+    return run, cfg
 
 
 def main(argv) -> int:
@@ -184,23 +257,13 @@ def main(argv) -> int:
     parser.add_argument("--out", default=os.path.join("runs", "long_stream"), help="folder for the results (default runs/long_stream)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
     args = parser.parse_args(argv)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-    run = args.run or next((p for p in (os.path.join("runs", "mnist"), os.path.join(here, "docs", "mnist_run"))
-                            if os.path.isfile(os.path.join(p, "models.pt"))), None)
-    if run is None or not os.path.isfile(os.path.join(run, "models.pt")):
-        parser.error(f"no trained digit models in {run or 'runs/mnist or docs/mnist_run'!r}: run "
-                     "'python causal_forcing.py --config mnist' first, or pass --run")
+    run, cfg = _checked_run(parser, args)
+    for name in ("long_stream.json", "long_stream.png", "prompt_switch.gif"):
+        remove_stale_temporaries(os.path.join(args.out, name))  # left by a run of this program that was killed
     try:
-        cfg = cf.run_config(run, **({"device": args.device} if args.device else {}))
-    except (ValueError, FileNotFoundError) as e:
+        models = load_digit_models(run, cfg)
+    except ValueError as e:
         parser.error(str(e))
-    if cfg.data.dataset != "moving_digits":
-        parser.error(f"{run!r} is a {cfg.data.dataset} run; long streams are measured on moving digits")
-    chunk = cfg.model.chunk_frames
-    if args.frames < 2 * cfg.data.frames or args.batch_size < 10 or (args.window is not None and args.window < 2 * chunk):
-        parser.error(f"--frames must be >= {2 * cfg.data.frames}, --batch-size >= 10 (every digit), --window >= {2 * chunk}")
-    os.makedirs(args.out, exist_ok=True)
-    models = cf.load_models(run, cfg)
     held_out = cf.PipelineRun(cfg, None, print).data.test
     print(f"long streams of the causal_forcing generator in {run}:")
     report = long_stream_report(models, cfg, held_out, args.frames, args.batch_size, window_frames=args.window)

@@ -298,6 +298,81 @@ def test_generate_command_line(wan_dir, tmp_path):
     assert e.value.code == 2
 
 
+def cli_args(wan_dir, tmp_path, out):
+    """The command line of a 3-frame video from a tiny generator checkpoint (written to tmp_path/g.pt)."""
+    ckpt = str(tmp_path / "g.pt")
+    generator_checkpoint(wan_dir, ckpt, 3)
+    return ["--wan-dir", wan_dir, "--checkpoint", ckpt, "--prompt", "a fox", "--frames", "3", "--out", out,
+            "--device", "cpu", "--height", str(HEIGHT), "--width", str(WIDTH)]
+
+
+def test_generate_out_must_be_an_mp4(wan_dir, tmp_path, capsys):
+    """--out x.gif --gif wrote the .mp4 to x.gif and then the GIF over it: an --out that is not an .mp4
+    is refused before any work, naming it; the GIF is always <stem>.gif beside the .mp4."""
+    out = str(tmp_path / "x.gif")
+    assert wan.main([*cli_args(wan_dir, tmp_path, out), "--gif"]) == 2
+    err = capsys.readouterr().err
+    assert f"out {out!r} must end in .mp4" in err and "<stem>.gif" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["g.pt"]  # nothing written
+    with pytest.raises(ValueError, match="must end in .mp4"):
+        wan.generate("a fox", wan_dir=wan_dir, out=str(tmp_path / "video"), device="cpu", height=HEIGHT, width=WIDTH)
+
+
+def test_generate_removes_its_stale_temporaries_and_writes_open_permissions(wan_dir, tmp_path):
+    """A run killed while writing leaves .tmp-<8 characters>-<name> beside its video: the next run of the
+    same --out removes those (and only those), and its videos get 0o666 & ~umask, not mkstemp's 0o600."""
+    ours = [".tmp-abcd1234-cli.mp4", ".tmp-abcd1234-cli.gif"]
+    others = [".tmp-abcd1234-other.mp4", ".tmp-x.mp4", "cli.mp4.tmp"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"")
+    old = os.umask(0o022)
+    try:
+        assert wan.main([*cli_args(wan_dir, tmp_path, str(tmp_path / "cli.mp4")), "--gif"]) == 0
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == sorted(others + ["cli.mp4", "cli.gif", "g.pt"])
+    assert [os.stat(tmp_path / n).st_mode & 0o777 for n in ("cli.mp4", "cli.gif")] == [0o644, 0o644]
+
+
+def test_prompts_file_not_utf8_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes("a red fox\n# a comment\na caf\u00e9 \xff at night\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"prompts.txt:3: not UTF-8 text \(byte 27 of the file is b'\\xe9'\)"):
+        wan.read_prompts(str(bad))
+    assert wan.main(["--wan-dir", str(tmp_path), "--prompts", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "prompts.txt:3: not UTF-8" in err and "save the prompts file as UTF-8" in err
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeff# a comment\na caf\u00e9\n".encode("utf-8"))  # a byte-order mark is not part of line 1
+    assert wan.read_prompts(str(bom)) == [[(0, "a caf\u00e9")]]
+
+
+def test_a_bar_inside_a_prompt_is_written_backslash_bar(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a sign reading OPEN \\| CLOSED | 3: a dog \\|\\| a cat\nno \\| switch here\n")
+    assert wan.read_prompts(str(prompts)) == [[(0, "a sign reading OPEN | CLOSED"), (3, "a dog || a cat")],
+                                              [(0, "no | switch here")]]
+    help_text = subprocess.run([sys.executable, os.path.join(HERE, "..", "examples", "generate.py"), "--help"],
+                               capture_output=True, text=True).stdout
+    assert "\\| is a bar inside a prompt" in " ".join(help_text.split())
+
+
+def test_a_prompt_longer_than_the_text_length_is_said(wan_dir):
+    """umT5 reads text_len tokens (512 in Wan); a longer prompt is cut as Wan cuts it, with a warning
+    that names the prompt and how many tokens are dropped."""
+    text = wan.WanTextEncoder(wan_dir, text_len=8)
+    long = "a red fox runs on the snow at night"  # 9 words and the end token: 10 tokens
+    with pytest.warns(UserWarning, match=r"the prompt 'a red fox runs on the snow at night' has 10 tokens; umT5 reads "
+                      r"the first 8, so its last 2 are dropped"):
+        cut = text([long])
+    assert cut.shape == (1, 8, 32)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text(["a red fox runs"])  # 5 tokens: no warning
+
+
 def test_module_imports_and_runs_without_the_optional_packages():
     """`import causal_forcing` and the default pipeline's pieces need only torch, numpy and einops;
     generate, without its packages, says what to install."""
