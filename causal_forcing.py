@@ -515,20 +515,19 @@ def expand_to_tokens(vis: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
     return vis.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
-def dense_attend(q, k, v, mask=None) -> torch.Tensor:
-    """Softmax attention, q (B, h, Nq, d), k v (B, h, Nk, d) -> (B, h, Nq, d); mask (Nq, Nk) bool, None = all
-    visible. PyTorch picks a fused (flash) kernel where it can."""
-    return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 # Attention back-ends: name -> (token mask from a frame mask, the kernel that takes it). "dense" is the
 # readable one; II.3 adds "flex" (FlexAttention block masks, for long sequences on a GPU).
-ATTENTION_BACKENDS: dict = {"dense": (expand_to_tokens, dense_attend)}
+ATTENTION_BACKENDS: dict = {"dense": (expand_to_tokens, F_.scaled_dot_product_attention)}
 _MASKS: dict = {}  # the same few masks recur every step: each is built once
 
 
-def token_mask(vis: torch.Tensor, tokens_per_frame: int, backend: str, device) -> tuple:
-    """A frame-level visibility (Fq, Fk) in the form `backend`'s kernel takes, as (kernel, mask)."""
+def token_mask(vis: Optional[torch.Tensor], tokens_per_frame: int, backend: str, device) -> Optional[tuple]:
+    """A frame visibility (Fq, Fk) as `attend` takes it: (kernel, token-level mask); None where every key is
+    visible. backend: ModelConfig.attention ("auto": flex on CUDA, where II.3 provides it, else dense)."""
+    if vis is None or bool(vis.all()):
+        return None
+    if backend == "auto":
+        backend = "flex" if torch.device(device).type == "cuda" and "flex" in ATTENTION_BACKENDS else "dense"
     key = (tuple(vis.shape), vis.cpu().numpy().tobytes(), tokens_per_frame, backend, str(device))
     if key not in _MASKS:
         if len(_MASKS) >= 32:
@@ -539,11 +538,10 @@ def token_mask(vis: torch.Tensor, tokens_per_frame: int, backend: str, device) -
 
 
 def attend(q, k, v, mask=None) -> torch.Tensor:
-    """Attention under `token_mask`'s (kernel, mask); None: every key visible (the fused kernel runs)."""
+    """Softmax attention, q (B, h, Nq, d), k v (B, h, Nk, d) -> (B, h, Nq, d), under `token_mask`'s mask;
+    None: every key visible, and PyTorch picks a fused (flash) kernel."""
     q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast q, k leave the fp32 norm gains as fp32
-    if mask is None:
-        return dense_attend(q, k, v)
-    kernel, token_level = mask
+    kernel, token_level = mask or (F_.scaled_dot_product_attention, None)
     return kernel(q, k, v, token_level)
 
 
@@ -590,32 +588,25 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of frames already generated, for every layer, so that each new chunk costs
-    attention over the cache instead of a forward pass over the whole prefix.
+    """Keys and values of the frames already generated, for every layer, so that a new chunk costs attention
+    over the cache instead of a forward pass over the whole prefix.
 
-    Buffers are (layers, B, h, slots, S, d): one slot per frame of S tokens. Without a window there is
-    a slot for every frame up to max_frames. With a rolling window of W frames there are W slots: the
-    first Z = `sink_frames` frames keep theirs (an attention sink), later frames share W - Z slots in a ring,
-    so memory stays fixed however long the video runs. Keys are stored after rotary embedding at
-    absolute frame positions (rope_positions "absolute"), or before it ("window": the model rotates
-    them at every read, at their place in the live window). Writing frames [a, a + F) again
-    (re-denoising a chunk, or a re-cache) overwrites the same slots and forgets any frame after them.
-
-    One model call with the cache: `plan` (which slots to read, and the attention mask), then every
-    layer's SelfAttention reads its cached keys and values and writes the new frames' into
-    `slot(frames)`, then `commit`. Slot indices are CPU tensors; the buffers live on the model's device.
-    The cache trusts its caller (the samplers); `check_inputs` (Part II) checks a hand-made call."""
+    Buffers are (layers, B, h, slots, S, d), a slot per frame: max_frames slots; or, with a rolling window
+    of W frames, W slots, of which the first Z = sink_frames frames keep theirs (an attention sink) while
+    later frames share W - Z in a ring, so memory stays fixed however long the video runs. Keys are stored
+    rotated at their absolute frame (rope_positions "absolute") or unrotated ("window": rotated at every
+    read, at their place in the live window). A model call on frames [a, a + F) (`plan`, every layer's
+    `extend`, `commit`) overwrites their slots and forgets later frames: a chunk can be written again."""
 
     def __init__(self, num_layers, batch_size, num_heads, head_dim, tokens_per_frame, chunk_frames,
                  max_frames=None, window_frames=None, sink_frames=0, dtype=torch.float32, device="cpu",
                  rope_positions: str = "absolute"):
-        if window_frames is None and max_frames is None:
-            raise ValueError("a KV cache needs max_frames, or window_frames for a rolling cache")
-        if window_frames is not None and window_frames - sink_frames < chunk_frames:
-            raise ValueError(f"window_frames - sink_frames = {window_frames - sink_frames} must hold a chunk of {chunk_frames}")
+        slots = window_frames if window_frames is not None else max_frames
+        if slots is None or (window_frames is not None and window_frames - sink_frames < chunk_frames):
+            raise ValueError(f"a KV cache needs max_frames, or window_frames - sink_frames >= chunk_frames="
+                             f"{chunk_frames}; got {max_frames}, {window_frames} - {sink_frames}")
         self.batch_size, self.chunk_frames, self.rope_positions = batch_size, chunk_frames, rope_positions
         self.max_frames, self.window_frames, self.sink_frames = max_frames, window_frames, sink_frames
-        slots = window_frames if window_frames is not None else max_frames
         shape = (num_layers, batch_size, num_heads, slots, tokens_per_frame, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -628,19 +619,34 @@ class KVCache:
         ring = self.window_frames - self.sink_frames
         return torch.where(frames < self.sink_frames, frames, self.sink_frames + (frames - self.sink_frames) % ring)
 
-    def plan(self, start_frame: int, num_frames: int):
-        """(read_slots, vis) for a call on frames [start, start + F): the cached slots to read, in frame
-        order (a slice where they are contiguous: a view, no copy), and the (F, Fk) visibility of the
-        keys, cached then new."""
+    def plan(self, start_frame: int, num_frames: int) -> tuple:
+        """(read, write, vis) for a call on frames [start, start + F): the slots of the cached frames, in frame
+        order (a slice where contiguous: a view, no copy), the new frames' slots, and the (F, Fk) visibility
+        of the keys, cached then new."""
         held = (self.slot_frame >= 0) & (self.slot_frame < start_frame)
-        read_slots = torch.nonzero(held).flatten()
-        read_slots = read_slots[self.slot_frame[read_slots].argsort()]
-        cached = self.slot_frame[read_slots]
-        if len(read_slots) and bool((read_slots == torch.arange(int(read_slots[0]), int(read_slots[0]) + len(read_slots))).all()):
-            read_slots = slice(int(read_slots[0]), int(read_slots[0]) + len(read_slots))
+        read = torch.nonzero(held).flatten()
+        read = read[self.slot_frame[read].argsort()]
+        cached = self.slot_frame[read]
+        if len(read) and bool((read.diff() == 1).all()):
+            read = slice(int(read[0]), int(read[-1]) + 1)
         q = torch.arange(start_frame, start_frame + num_frames)
         vis = frame_visibility(q, torch.cat([cached, q]), self.chunk_frames, self.window_frames, self.sink_frames)
-        return read_slots, vis
+        return read, self.slot(q), vis
+
+    def extend(self, layer: int, read, write, key_angles, k, v, raw_k) -> tuple:
+        """One layer's keys and values of the new frames, k v (B, h, N, d) -> those of the cached frames
+        `read`, then the new ones, which are stored in `write`. key_angles None: keys are stored rotated;
+        else raw_k (B, N, h, d) is stored and key_angles rotates the cached keys (window positions)."""
+        old_k, old_v = (rearrange(buf[layer][:, :, read], "b h f s d -> b h (f s) d") for buf in (self.k, self.v))
+        if key_angles is not None:
+            old_k = rearrange(apply_rope(rearrange(old_k, "b h n d -> b n h d"), key_angles), "b n h d -> b h n d")
+        stored = (k if key_angles is None else rearrange(raw_k, "b n h d -> b h n d"), v)
+        k, v = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
+        # Write after reading: `read` may be a view. Store detached copies: the cache carries values, never a
+        # graph, so a later refresh of these slots cannot break a backward pass through this call (DMD rollout).
+        for buf, new in zip((self.k, self.v), stored):
+            buf[layer][:, :, write] = rearrange(new.detach(), "b h (f s) d -> b h f s d", s=buf.shape[-2]).to(buf.dtype)
+        return k, v
 
     def commit(self, start_frame: int, num_frames: int) -> None:
         """Records that every layer wrote frames [start, start + F); later frames are forgotten."""
@@ -658,32 +664,14 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
     def forward(self, x, angles, mask=None, cache: Optional[tuple] = None):
-        """x (B, N, D); angles (N, d/2); mask over (queries, keys), None = all visible;
-        cache = (KVCache, layer, read_slots, write_slots, key_angles): cached frames' keys first,
-        then the new. key_angles None: the cache holds rotated keys (absolute positions); else it
-        holds them unrotated and key_angles rotates the ones read (window positions)."""
+        """x (B, N, D); angles (N, d/2); mask: `attend`'s; cache: (KVCache, and the rest of the arguments
+        of its `extend`) when streaming: the cached frames' keys and values come first."""
         split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.num_heads)  # noqa: E731
-        q = apply_rope(split(self.norm_q(self.q(x))), angles)  # (B, N, h, d)
-        raw_k = split(self.norm_k(self.k(x)))
-        k = apply_rope(raw_k, angles)
-        v = split(self.v(x))
-        q, k, v = (rearrange(t, "b n h d -> b h n d") for t in (q, k, v))
+        q, raw_k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(x))), split(self.v(x))  # (B, N, h, d)
+        q, k, v = (rearrange(t, "b n h d -> b h n d") for t in (apply_rope(q, angles), apply_rope(raw_k, angles), v))
         if cache is not None:
-            kv, layer, read_slots, write_slots, key_angles = cache
-            S = kv.k.shape[-2]
-            if key_angles is None:
-                old_k = rearrange(kv.k[layer][:, :, read_slots], "b h f s d -> b h (f s) d")
-            else:  # rotate the cached keys at their place in the live window
-                old_k = apply_rope(rearrange(kv.k[layer][:, :, read_slots], "b h f s d -> b (f s) h d"), key_angles)
-                old_k = rearrange(old_k, "b n h d -> b h n d")
-            old_v = rearrange(kv.v[layer][:, :, read_slots], "b h f s d -> b h (f s) d")
-            stored_k, stored_v = (k if key_angles is None else rearrange(raw_k, "b n h d -> b h n d")), v
-            k, v = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
-            # Write after reading: the slots read may be views of the buffer. Store detached copies: the
-            # cache carries values, never a graph, so a later in-place refresh of these slots cannot
-            # break a backward pass through this call (DMD rollout).
-            kv.k[layer][:, :, write_slots] = rearrange(stored_k.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.k.dtype)
-            kv.v[layer][:, :, write_slots] = rearrange(stored_v.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.v.dtype)
+            kv, *where = cache
+            k, v = kv.extend(*where, k, v, raw_k)
         out = attend(q, k, v, mask)  # (B, h, N, d)
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -759,11 +747,12 @@ class CausalDiT(nn.Module):
     """A Wan2.1-style video DiT. `causal=False` is the bidirectional model (full attention);
     `causal=True` uses block-causal attention over chunks of `chunk_frames` frames.
 
-    model(x, t, cond=None, kv_cache=None, start_frame=0, clean_context=None) -> velocity
-        x (B, F, C, H, W); t (B, F) sigmas; cond (B, L, cond_dim) or None. Returns eps - x0.
+    model(x, t, cond=None, kv_cache=None, start_frame=0, clean_context=None) -> velocity eps - x0
+        x (B, F, C, H, W); t (B, F) sigmas; cond (B, L, cond_dim) or None.
         clean_context (B, F, C, H, W): teacher forcing, the sequence [clean ; noisy].
         kv_cache: streaming; x holds frames [start_frame, start_frame + F) of the video.
-    The network knows nothing of losses or samplers."""
+    The network knows nothing of losses or samplers; the samplers check their inputs once, and
+    `check_inputs` (Part II) checks a hand-made call."""
 
     def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
@@ -798,7 +787,7 @@ class CausalDiT(nn.Module):
                   self.head.head.bias, self.head.modulation, *(b.modulation for b in self.blocks)):
             nn.init.zeros_(p)
 
-    # --- shapes ----------------------------------------------------------------------------------
+    # --- tokens, positions, conditions ---------------------------------------------------------------
     @property
     def tokens_per_frame(self) -> int:
         return (self.cfg.height // self.cfg.patch_size) * (self.cfg.width // self.cfg.patch_size)
@@ -814,15 +803,12 @@ class CausalDiT(nn.Module):
         return rearrange(y, "b (f h w) (ph pw c) -> b f c (h ph) (w pw)", f=frames,
                          h=c.height // p, w=c.width // p, ph=p, pw=p)
 
-    def positions(self, frames: torch.Tensor) -> torch.Tensor:
-        """(F,) absolute frame indices -> (F*S, 3) token positions (frame, y, x)."""
-        hh, ww = self.cfg.height // self.cfg.patch_size, self.cfg.width // self.cfg.patch_size
-        f, y, x = torch.meshgrid(frames, torch.arange(hh), torch.arange(ww), indexing="ij")
-        return torch.stack([f, y, x], -1).reshape(-1, 3)
-
     def rope(self, frames: torch.Tensor) -> torch.Tensor:
-        """(F,) frame positions -> (F*S, d/2) rotation angles of their tokens."""
-        return rope_angles(self.positions(frames), self.cfg.dim // self.cfg.num_heads, self.cfg.rope_theta)
+        """(F,) frame positions -> (F*S, d/2) rotation angles of their tokens at (frame, y, x)."""
+        c = self.cfg
+        f, y, x = torch.meshgrid(frames, torch.arange(c.height // c.patch_size), torch.arange(c.width // c.patch_size),
+                                 indexing="ij")
+        return rope_angles(torch.stack([f, y, x], -1).reshape(-1, 3), c.dim // c.num_heads, c.rope_theta)
 
     def embed_cond(self, cond, batch, dtype, device):
         if not self.cfg.cond_dim:
@@ -835,98 +821,75 @@ class CausalDiT(nn.Module):
         return self.text_embedding(cond)
 
     # --- forward ---------------------------------------------------------------------------------
-    def attention_backend(self, device) -> str:
-        """ModelConfig.attention; "auto" is FlexAttention on CUDA (where II.3 provides it), else dense masks."""
-        if self.cfg.attention != "auto":
-            return self.cfg.attention
-        return "flex" if torch.device(device).type == "cuda" and "flex" in ATTENTION_BACKENDS else "dense"
+    def forward(self, x, t, cond=None, kv_cache: Optional[KVCache] = None, start_frame: int = 0,
+                clean_context=None):
+        """The velocity eps - x0 of x (B, F, C, H, W) at noise levels t (B, F): see the class docstring."""
+        (B, F), S, w = x.shape[:2], self.tokens_per_frame, self.head.head.weight.dtype
+        if clean_context is not None:
+            t = torch.cat([torch.zeros_like(t), t], 1)  # teacher forcing: the clean frames carry t = 0
+        e = self.time_embedding(timestep_features(t * 1000.0, self.cfg.freq_dim).to(w))  # (B, F', D), as Wan: in
+        e0 = rearrange(self.time_projection(e), "b f (six d) -> b f six d", six=6)  # the weights' dtype (B, F', 6, D)
+        angles, mask, caches = self.attention_layout(start_frame, F, kv_cache, clean_context is not None, x.device)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.uses_bf16(x.device)):
+            tokens = self.patchify(x)  # (B, F*S, D)
+            if clean_context is not None:  # [clean ; noisy]
+                tokens = torch.cat([self.patchify(clean_context), tokens], 1)
+            ctx = self.embed_cond(cond, B, x.dtype, x.device)  # (B, L, D) or None
+            for block, cache in zip(self.blocks, caches):
+                tokens = self.run_block(block, tokens, e0, ctx, angles, mask, cache)
+        if kv_cache is not None:
+            kv_cache.commit(start_frame, F)
+        out = self.head(tokens[:, -F * S:].to(w), e[:, -F:].to(w))  # the new (noisy) frames only, as Wan: in fp32
+        return self.unpatchify(out, F).to(x.dtype)
 
+    def attention_layout(self, start_frame: int, F: int, kv_cache, teacher_forcing: bool, device) -> tuple:
+        """Who attends to whom, at which positions: (the tokens' rotary angles, `attend`'s mask, each block's
+        cache argument) for teacher forcing [clean ; noisy], streaming through a KV cache, or a plain call."""
+        c, frames, caches = self.cfg, torch.arange(start_frame, start_frame + F), [None] * len(self.blocks)
+        positions = frames
+        if teacher_forcing:  # both halves at the same positions
+            positions = torch.cat([frames, frames])
+            vis = teacher_forcing_visibility(frames, c.chunk_frames, c.window_frames, c.sink_frames)
+        elif kv_cache is not None:  # the new frames attend to the cached ones, then to themselves
+            read, write, vis = kv_cache.plan(start_frame, F)
+            key_angles = None  # "absolute": the cached keys were rotated when written
+            if c.rope_positions == "window":  # the keys the queries see, re-indexed 0, 1, ... in frame order
+                live = vis.any(0)
+                place = torch.where(live, live.long().cumsum(0) - 1, 0)  # keys no query sees are masked anyway
+                positions, key_angles = place[-F:], self.rope(place[:-F]).to(device)
+            caches = [(kv_cache, i, read, write, key_angles) for i in range(len(self.blocks))]
+        else:
+            vis = frame_visibility(frames, frames, c.chunk_frames, c.window_frames, c.sink_frames) if self.causal else None
+        return self.rope(positions).to(device), token_mask(vis, self.tokens_per_frame, c.attention, device), caches
+
+    # --- speed: bf16 autocast, gradient checkpointing (flex attention: token_mask; compile: __init__) -----------
     def uses_bf16(self, device) -> bool:
         """precision "bf16", or "auto" on CUDA."""
         return self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and torch.device(device).type == "cuda")
 
-    def autocast(self, device):
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=self.uses_bf16(device))
-
-    def forward(self, x, t, cond=None, kv_cache: Optional[KVCache] = None, start_frame: int = 0,
-                clean_context=None):
-        """The velocity eps - x0 of x (B, F, C, H, W) at noise levels t (B, F). The samplers check
-        their inputs once; a hand-made call can be checked with `check_inputs` (Part II)."""
-        with self.autocast(x.device):  # bf16 on CUDA (ModelConfig.precision); a no-op in fp32
-            out = self._forward(x, t, cond, kv_cache, start_frame, clean_context)
-        return out.to(x.dtype)
-
-    def _forward(self, x, t, cond, kv_cache, start_frame, clean_context):
-        c, (B, F), S = self.cfg, x.shape[:2], self.tokens_per_frame
-        frames = torch.arange(start_frame, start_frame + F)
-        tokens = self.patchify(x)  # (B, F*S, D)
-        ctx = self.embed_cond(cond, B, x.dtype, x.device)  # (B, L, D) or None
-        vis, caches = None, [None] * len(self.blocks)  # vis: which frames see which (None: all see all)
-        if clean_context is not None:  # teacher forcing: [clean ; noisy], shared positions
-            tokens = torch.cat([self.patchify(clean_context), tokens], 1)  # (B, 2*F*S, D)
-            t = torch.cat([torch.zeros_like(t), t], 1)  # clean frames carry t = 0
-            vis = teacher_forcing_visibility(frames, c.chunk_frames, c.window_frames, c.sink_frames)
-            angles = self.rope(torch.cat([frames, frames]))
-        elif kv_cache is not None:  # streaming: the new frames attend to the cached ones, then themselves
-            read_slots, vis = kv_cache.plan(start_frame, F)
-            position, key_angles = frames, None  # the cached keys were rotated when written
-            if c.rope_positions == "window":  # the keys the queries see, re-indexed 0, 1, ... in frame order
-                live = vis.any(0)
-                place = torch.where(live, live.long().cumsum(0) - 1, 0)  # keys no query sees are masked anyway
-                position, key_angles = place[-F:], self.rope(place[:-F]).to(x.device)
-            caches = [(kv_cache, i, read_slots, kv_cache.slot(frames), key_angles) for i in range(len(self.blocks))]
-            angles = self.rope(position)
-        else:
-            vis = frame_visibility(frames, frames, c.chunk_frames, c.window_frames, c.sink_frames) if self.causal else None
-            angles = self.rope(frames)
-        angles = angles.to(x.device)
-        # within a single chunk every key is visible: no mask, so the fused kernel runs
-        mask = None if vis is None or bool(vis.all()) else token_mask(vis, S, self.attention_backend(x.device), x.device)
-
-        with torch.autocast(x.device.type, enabled=False):  # as Wan: time embedding in the weights' dtype
-            wdtype = self.time_embedding[0].weight.dtype
-            e = self.time_embedding(timestep_features(t * 1000.0, c.freq_dim).to(wdtype))  # (B, F', D)
-            e0 = rearrange(self.time_projection(e), "b f (six d) -> b f six d", six=6)  # (B, F', 6, D)
-        for block, cache in zip(self.blocks, caches):
-            tokens = self.run_block(block, tokens, e0, ctx, angles, mask, cache)
-        if kv_cache is not None:
-            kv_cache.commit(start_frame, F)
-        if clean_context is not None:  # only the noisy half is predicted
-            tokens, e = tokens[:, F * S:], e[:, F:]
-        with torch.autocast(x.device.type, enabled=False):  # as Wan: the head in the weights' dtype
-            wdtype = self.head.head.weight.dtype
-            out = self.head(tokens.to(wdtype), e.to(wdtype))
-        return self.unpatchify(out, F)
-
     def run_block(self, block, *args):
         """With grad_checkpointing, only the block's inputs are kept for backward (memory for compute);
         not on cached calls, whose recompute would read cache slots that later chunks may overwrite."""
-        cache = args[-1]
-        if self.cfg.grad_checkpointing and torch.is_grad_enabled() and cache is None:
+        if self.cfg.grad_checkpointing and torch.is_grad_enabled() and args[-1] is None:
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
     def new_kv_cache(self, batch_size: int, max_frames: Optional[int] = None,
                      window_frames: Optional[int] = None, sink_frames: Optional[int] = None) -> KVCache:
-        """An empty cache for streaming. Defaults come from the config: a full cache of
-        max_frames (default 1024) or, with window_frames, a rolling cache with sink_frames."""
+        """An empty cache for streaming: a full cache of max_frames (default 1024) or, with window_frames, a
+        rolling cache with sink_frames. A model with a rolling window gets a cache of its window."""
         c = self.cfg
-        if c.window_frames is not None:  # the model attends within its window: so must its cache
-            if max_frames is not None:
-                raise ValueError(f"max_frames is for a full cache; this model has a rolling window of {c.window_frames} "
-                                 "frames, whose cache holds that many whatever the video's length")
-            asked = (c.window_frames if window_frames is None else window_frames, c.sink_frames if sink_frames is None else sink_frames)
-            if asked != (c.window_frames, c.sink_frames):
-                raise ValueError(f"window_frames={window_frames}, sink_frames={sink_frames} conflict with the model's "
-                                 f"rolling window ({c.window_frames}, sink {c.sink_frames}); leave them out")
         window = c.window_frames if window_frames is None else window_frames
         sink = c.sink_frames if sink_frames is None else sink_frames
-        if window is None and max_frames is None:
-            max_frames = 1024
+        if c.window_frames is not None and (max_frames is not None or (window, sink) != (c.window_frames, c.sink_frames)):
+            raise ValueError(f"max_frames={max_frames}, window_frames={window_frames}, sink_frames={sink_frames} conflict "
+                             f"with the model's rolling window ({c.window_frames}, sink {c.sink_frames}), whose cache "
+                             "holds that many frames (max_frames is for a full cache): leave them out")
         p = next(self.parameters())
         dtype = torch.bfloat16 if self.uses_bf16(p.device) else p.dtype  # keys/values are bf16 under autocast
         return KVCache(len(self.blocks), batch_size, c.num_heads, c.dim // c.num_heads, self.tokens_per_frame,
-                       c.chunk_frames, max_frames, window, sink, dtype, p.device, c.rope_positions)
+                       c.chunk_frames, max_frames or (1024 if window is None else None), window, sink, dtype, p.device,
+                       c.rope_positions)
 
 
 # =================================================================================================
