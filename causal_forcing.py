@@ -551,11 +551,9 @@ def attend(q, k, v, mask=None) -> torch.Tensor:
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """(N, 3) integer (frame, y, x) positions -> (N, d/2) rotation angles in float64.
-    As in Wan, the d/2 complex pairs split into frame / height / width parts of
-    d - 4 (d // 6), 2 (d // 6), 2 (d // 6) real dims; an axis of real size d_a uses the
-    frequencies theta^(-2i / d_a). Angles are computed from positions directly (no table), so
-    positions never overflow however long a video streams."""
+    """(N, 3) integer (frame, y, x) positions -> (N, d/2) rotation angles in float64. As in Wan, the head
+    dim splits into frame / height / width parts of d - 4 (d // 6), 2 (d // 6), 2 (d // 6) dims; an axis of
+    d_a dims turns at frequencies theta^(-2i / d_a). No table: positions never overflow, however long the stream."""
     d_hw = 2 * (head_dim // 6)
     parts = []
     for axis, d_a in enumerate((head_dim - 2 * d_hw, d_hw, d_hw)):
@@ -588,29 +586,34 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the frames already generated, for every layer, so that a new chunk costs attention
-    over the cache instead of a forward pass over the whole prefix.
+    """Keys and values of the frames already generated, per layer: a new chunk attends to them instead of
+    re-running the prefix. Buffers (layers, B, h, slots, S, d), a slot per frame: max_frames (default 1024),
+    or a rolling window of W = window_frames slots (a model with a window gets its own), the first Z =
+    sink_frames for the first frames (an attention sink), the rest a ring: memory stays fixed however long
+    the video. Keys are stored rotated at their frame (rope_positions "absolute") or raw ("window": rotated
+    at each read, at their place in the window). A call on frames [a, a + F) (`plan`, each layer's
+    `extend`, `commit`) overwrites their slots and forgets later frames."""
 
-    Buffers are (layers, B, h, slots, S, d), a slot per frame: max_frames slots; or, with a rolling window
-    of W frames, W slots, of which the first Z = sink_frames frames keep theirs (an attention sink) while
-    later frames share W - Z in a ring, so memory stays fixed however long the video runs. Keys are stored
-    rotated at their absolute frame (rope_positions "absolute") or unrotated ("window": rotated at every
-    read, at their place in the live window). A model call on frames [a, a + F) (`plan`, every layer's
-    `extend`, `commit`) overwrites their slots and forgets later frames: a chunk can be written again."""
-
-    def __init__(self, num_layers, batch_size, num_heads, head_dim, tokens_per_frame, chunk_frames,
-                 max_frames=None, window_frames=None, sink_frames=0, dtype=torch.float32, device="cpu",
-                 rope_positions: str = "absolute"):
-        slots = window_frames if window_frames is not None else max_frames
-        if slots is None or (window_frames is not None and window_frames - sink_frames < chunk_frames):
-            raise ValueError(f"a KV cache needs max_frames, or window_frames - sink_frames >= chunk_frames="
-                             f"{chunk_frames}; got {max_frames}, {window_frames} - {sink_frames}")
-        self.batch_size, self.chunk_frames, self.rope_positions = batch_size, chunk_frames, rope_positions
-        self.max_frames, self.window_frames, self.sink_frames = max_frames, window_frames, sink_frames
-        shape = (num_layers, batch_size, num_heads, slots, tokens_per_frame, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.slot_frame = torch.full((slots,), -1, dtype=torch.long)  # which frame each slot holds
+    def __init__(self, model, batch_size: int, max_frames: Optional[int] = None, window_frames: Optional[int] = None,
+                 sink_frames: Optional[int] = None):
+        c, p = model.cfg, next(model.parameters())
+        window = c.window_frames if window_frames is None else window_frames
+        sink = c.sink_frames if sink_frames is None else sink_frames
+        own = (c.window_frames, c.sink_frames)
+        if c.window_frames is not None and (max_frames is not None or (window, sink) != own):
+            raise ValueError(f"max_frames={max_frames}, window_frames={window_frames}, sink_frames={sink_frames} "
+                             f"conflict with the model's rolling window {own}: leave them out (max_frames is for a "
+                             "full cache)")
+        if window is not None and window - sink < c.chunk_frames:
+            raise ValueError(f"window_frames - sink_frames = {window - sink} must hold a chunk of {c.chunk_frames}")
+        self.batch_size, self.chunk_frames, self.rope_positions = batch_size, c.chunk_frames, c.rope_positions
+        self.max_frames = (max_frames or 1024) if window is None else None
+        self.window_frames, self.sink_frames = window, sink
+        shape = (len(model.blocks), batch_size, c.num_heads, window or self.max_frames, model.tokens_per_frame,
+                 c.dim // c.num_heads)
+        dtype = torch.bfloat16 if model.uses_bf16(p.device) else p.dtype  # keys and values are bf16 under autocast
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=p.device) for _ in range(2))
+        self.slot_frame = torch.full((shape[3],), -1, dtype=torch.long)  # which frame each slot holds
         self.end = 0  # frames [0, end) have been written
 
     def slot(self, frames: torch.Tensor) -> torch.Tensor:
@@ -620,11 +623,9 @@ class KVCache:
         return torch.where(frames < self.sink_frames, frames, self.sink_frames + (frames - self.sink_frames) % ring)
 
     def plan(self, start_frame: int, num_frames: int) -> tuple:
-        """(read, write, vis) for a call on frames [start, start + F): the slots of the cached frames, in frame
-        order (a slice where contiguous: a view, no copy), the new frames' slots, and the (F, Fk) visibility
-        of the keys, cached then new."""
-        held = (self.slot_frame >= 0) & (self.slot_frame < start_frame)
-        read = torch.nonzero(held).flatten()
+        """For frames [start, start + F): the cached frames' slots in frame order (a slice where contiguous:
+        a view, no copy), the new frames' slots, and the (F, Fk) visibility of the keys, cached then new."""
+        read = torch.nonzero((self.slot_frame >= 0) & (self.slot_frame < start_frame)).flatten()
         read = read[self.slot_frame[read].argsort()]
         cached = self.slot_frame[read]
         if len(read) and bool((read.diff() == 1).all()):
@@ -634,16 +635,14 @@ class KVCache:
         return read, self.slot(q), vis
 
     def extend(self, layer: int, read, write, key_angles, k, v, raw_k) -> tuple:
-        """One layer's keys and values of the new frames, k v (B, h, N, d) -> those of the cached frames
-        `read`, then the new ones, which are stored in `write`. key_angles None: keys are stored rotated;
-        else raw_k (B, N, h, d) is stored and key_angles rotates the cached keys (window positions)."""
+        """A layer's new keys and values k v (B, h, N, d) -> the cached frames' (slots `read`), then the new,
+        which go to `write`: k, or with key_angles ("window") raw_k (B, N, h, d), rotated at each read."""
         old_k, old_v = (rearrange(buf[layer][:, :, read], "b h f s d -> b h (f s) d") for buf in (self.k, self.v))
         if key_angles is not None:
             old_k = rearrange(apply_rope(rearrange(old_k, "b h n d -> b n h d"), key_angles), "b n h d -> b h n d")
         stored = (k if key_angles is None else rearrange(raw_k, "b n h d -> b h n d"), v)
         k, v = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
-        # Write after reading: `read` may be a view. Store detached copies: the cache carries values, never a
-        # graph, so a later refresh of these slots cannot break a backward pass through this call (DMD rollout).
+        # after the read (`read` may be a view); detached: a later refresh of the slots must not break DMD's backward
         for buf, new in zip((self.k, self.v), stored):
             buf[layer][:, :, write] = rearrange(new.detach(), "b h (f s) d -> b h f s d", s=buf.shape[-2]).to(buf.dtype)
         return k, v
@@ -693,15 +692,14 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float = 1e-6, cross_attention: bool = False):
         super().__init__()
-        D = dim
-        self.norm1 = nn.LayerNorm(D, eps=eps, elementwise_affine=False)
-        self.self_attn = SelfAttention(D, num_heads, eps)
+        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, num_heads, eps)
         if cross_attention:
-            self.norm3 = nn.LayerNorm(D, eps=eps)
-            self.cross_attn = CrossAttention(D, num_heads, eps)
-        self.norm2 = nn.LayerNorm(D, eps=eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(D, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, D))
-        self.modulation = nn.Parameter(torch.zeros(1, 6, D))  # adaLN-Zero: see CausalDiT.init_weights
+            self.norm3 = nn.LayerNorm(dim, eps=eps)
+            self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))  # adaLN-Zero: see CausalDiT.init_weights
 
     def forward(self, x, e0, ctx, angles, mask=None, cache=None):
         """x (B, N, D) with N = F*S; e0 (B, F, 6, D) per-frame modulation: DiT's adaLN terms
@@ -719,8 +717,7 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    """The output layer: adaLN (shift, scale) from the frame's time embedding, then a linear map of
-    each token to its patch's out_dim = p * p * C values."""
+    """The output layer: adaLN (shift, scale) from the frame's time embedding, then each token to its patch."""
 
     def __init__(self, dim: int, out_dim: int, eps: float = 1e-6):
         super().__init__()
@@ -744,15 +741,12 @@ def timestep_features(timestep: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class CausalDiT(nn.Module):
-    """A Wan2.1-style video DiT. `causal=False` is the bidirectional model (full attention);
-    `causal=True` uses block-causal attention over chunks of `chunk_frames` frames.
-
-    model(x, t, cond=None, kv_cache=None, start_frame=0, clean_context=None) -> velocity eps - x0
-        x (B, F, C, H, W); t (B, F) sigmas; cond (B, L, cond_dim) or None.
-        clean_context (B, F, C, H, W): teacher forcing, the sequence [clean ; noisy].
-        kv_cache: streaming; x holds frames [start_frame, start_frame + F) of the video.
-    The network knows nothing of losses or samplers; the samplers check their inputs once, and
-    `check_inputs` (Part II) checks a hand-made call."""
+    """A Wan2.1-style video DiT: bidirectional (causal=False, full attention) or block-causal over chunks of
+    chunk_frames frames. model(x, t, cond=None, kv_cache=None, start_frame=0, clean_context=None) is the
+    velocity eps - x0 of x (B, F, C, H, W) at noise levels t (B, F) given cond (B, L, cond_dim) or None;
+    with clean_context (B, F, C, H, W) it sees [clean ; noisy] (teacher forcing); with a kv_cache, x holds
+    frames [start_frame, start_frame + F) of a stream. It knows no losses or samplers, and checks nothing:
+    the samplers check their arguments, `check_inputs` (Part II) a hand-made call."""
 
     def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
@@ -760,7 +754,8 @@ class CausalDiT(nn.Module):
         D, p = cfg.dim, cfg.patch_size
         self.patch_embedding = nn.Conv3d(cfg.in_channels, D, kernel_size=(1, p, p), stride=(1, p, p))
         if cfg.cond_dim:
-            self.text_embedding = nn.Sequential(nn.Linear(cfg.cond_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+            self.text_embedding = nn.Sequential(nn.Linear(cfg.cond_dim, D), nn.GELU(approximate="tanh"),
+                                                nn.Linear(D, D))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.blocks = nn.ModuleList(Block(D, cfg.ffn_dim, cfg.num_heads, cfg.eps, cross_attention=bool(cfg.cond_dim))
@@ -780,14 +775,12 @@ class CausalDiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.cfg.dim, -1))
-        for m in self.time_embedding:
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
+        for m in (self.time_embedding[0], self.time_embedding[2]):
+            nn.init.normal_(m.weight, std=0.02)
         for p in (self.time_projection[1].weight, self.time_projection[1].bias, self.head.head.weight,
                   self.head.head.bias, self.head.modulation, *(b.modulation for b in self.blocks)):
             nn.init.zeros_(p)
 
-    # --- tokens, positions, conditions ---------------------------------------------------------------
     @property
     def tokens_per_frame(self) -> int:
         return (self.cfg.height // self.cfg.patch_size) * (self.cfg.width // self.cfg.patch_size)
@@ -811,24 +804,22 @@ class CausalDiT(nn.Module):
         return rope_angles(torch.stack([f, y, x], -1).reshape(-1, 3), c.dim // c.num_heads, c.rope_theta)
 
     def embed_cond(self, cond, batch, dtype, device):
-        if not self.cfg.cond_dim:
+        c = self.cfg
+        if not c.cond_dim:
             return None
-        if cond is None:  # the null condition (classifier-free guidance's "uncond")
-            cond = torch.zeros(batch, 1, self.cfg.cond_dim, dtype=dtype, device=device)
-        L = self.cfg.text_len
-        if L is not None:  # Wan pads every prompt with zero rows to 512 and attends over all of them
-            cond = F_.pad(cond, (0, 0, 0, L - cond.shape[1]))
+        cond = torch.zeros(batch, 1, c.cond_dim, dtype=dtype, device=device) if cond is None else cond  # null: uncond
+        cond = cond if c.text_len is None else F_.pad(cond, (0, 0, 0, c.text_len - cond.shape[1]))  # as Wan: to 512
         return self.text_embedding(cond)
 
-    # --- forward ---------------------------------------------------------------------------------
     def forward(self, x, t, cond=None, kv_cache: Optional[KVCache] = None, start_frame: int = 0,
                 clean_context=None):
         """The velocity eps - x0 of x (B, F, C, H, W) at noise levels t (B, F): see the class docstring."""
         (B, F), S, w = x.shape[:2], self.tokens_per_frame, self.head.head.weight.dtype
         if clean_context is not None:
             t = torch.cat([torch.zeros_like(t), t], 1)  # teacher forcing: the clean frames carry t = 0
-        e = self.time_embedding(timestep_features(t * 1000.0, self.cfg.freq_dim).to(w))  # (B, F', D), as Wan: in
-        e0 = rearrange(self.time_projection(e), "b f (six d) -> b f six d", six=6)  # the weights' dtype (B, F', 6, D)
+        # as in Wan, the time embedding and the head run in the weights' dtype (fp32), outside autocast
+        e = self.time_embedding(timestep_features(t * 1000.0, self.cfg.freq_dim).to(w))  # (B, F', D)
+        e0 = rearrange(self.time_projection(e), "b f (six d) -> b f six d", six=6)  # (B, F', 6, D)
         angles, mask, caches = self.attention_layout(start_frame, F, kv_cache, clean_context is not None, x.device)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.uses_bf16(x.device)):
             tokens = self.patchify(x)  # (B, F*S, D)
@@ -839,14 +830,14 @@ class CausalDiT(nn.Module):
                 tokens = self.run_block(block, tokens, e0, ctx, angles, mask, cache)
         if kv_cache is not None:
             kv_cache.commit(start_frame, F)
-        out = self.head(tokens[:, -F * S:].to(w), e[:, -F:].to(w))  # the new (noisy) frames only, as Wan: in fp32
+        out = self.head(tokens[:, -F * S:].to(w), e[:, -F:].to(w))  # the new (noisy) frames only
         return self.unpatchify(out, F).to(x.dtype)
 
     def attention_layout(self, start_frame: int, F: int, kv_cache, teacher_forcing: bool, device) -> tuple:
         """Who attends to whom, at which positions: (the tokens' rotary angles, `attend`'s mask, each block's
         cache argument) for teacher forcing [clean ; noisy], streaming through a KV cache, or a plain call."""
         c, frames, caches = self.cfg, torch.arange(start_frame, start_frame + F), [None] * len(self.blocks)
-        positions = frames
+        positions, vis = frames, None  # None: all see all (a plain bidirectional call)
         if teacher_forcing:  # both halves at the same positions
             positions = torch.cat([frames, frames])
             vis = teacher_forcing_visibility(frames, c.chunk_frames, c.window_frames, c.sink_frames)
@@ -858,38 +849,24 @@ class CausalDiT(nn.Module):
                 place = torch.where(live, live.long().cumsum(0) - 1, 0)  # keys no query sees are masked anyway
                 positions, key_angles = place[-F:], self.rope(place[:-F]).to(device)
             caches = [(kv_cache, i, read, write, key_angles) for i in range(len(self.blocks))]
-        else:
-            vis = frame_visibility(frames, frames, c.chunk_frames, c.window_frames, c.sink_frames) if self.causal else None
+        elif self.causal:
+            vis = frame_visibility(frames, frames, c.chunk_frames, c.window_frames, c.sink_frames)
         return self.rope(positions).to(device), token_mask(vis, self.tokens_per_frame, c.attention, device), caches
 
-    # --- speed: bf16 autocast, gradient checkpointing (flex attention: token_mask; compile: __init__) -----------
+    # --- speed, plugged in: bf16 autocast, gradient checkpointing (flex attention: token_mask; compile: init)
     def uses_bf16(self, device) -> bool:
-        """precision "bf16", or "auto" on CUDA."""
         return self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and torch.device(device).type == "cuda")
 
     def run_block(self, block, *args):
-        """With grad_checkpointing, only the block's inputs are kept for backward (memory for compute);
-        not on cached calls, whose recompute would read cache slots that later chunks may overwrite."""
-        if self.cfg.grad_checkpointing and torch.is_grad_enabled() and args[-1] is None:
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        """grad_checkpointing keeps only a block's inputs for backward (memory for compute); never on a cached
+        call, whose recompute would read cache slots that later chunks may have overwritten."""
+        checkpointed = self.cfg.grad_checkpointing and torch.is_grad_enabled() and args[-1] is None
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
 
-    def new_kv_cache(self, batch_size: int, max_frames: Optional[int] = None,
-                     window_frames: Optional[int] = None, sink_frames: Optional[int] = None) -> KVCache:
-        """An empty cache for streaming: a full cache of max_frames (default 1024) or, with window_frames, a
-        rolling cache with sink_frames. A model with a rolling window gets a cache of its window."""
-        c = self.cfg
-        window = c.window_frames if window_frames is None else window_frames
-        sink = c.sink_frames if sink_frames is None else sink_frames
-        if c.window_frames is not None and (max_frames is not None or (window, sink) != (c.window_frames, c.sink_frames)):
-            raise ValueError(f"max_frames={max_frames}, window_frames={window_frames}, sink_frames={sink_frames} conflict "
-                             f"with the model's rolling window ({c.window_frames}, sink {c.sink_frames}), whose cache "
-                             "holds that many frames (max_frames is for a full cache): leave them out")
-        p = next(self.parameters())
-        dtype = torch.bfloat16 if self.uses_bf16(p.device) else p.dtype  # keys/values are bf16 under autocast
-        return KVCache(len(self.blocks), batch_size, c.num_heads, c.dim // c.num_heads, self.tokens_per_frame,
-                       c.chunk_frames, max_frames or (1024 if window is None else None), window, sink, dtype, p.device,
-                       c.rope_positions)
+    def new_kv_cache(self, batch_size: int, max_frames: Optional[int] = None, window_frames: Optional[int] = None,
+                     sink_frames: Optional[int] = None) -> KVCache:
+        """An empty KV cache for streaming (see KVCache)."""
+        return KVCache(self, batch_size, max_frames, window_frames, sink_frames)
 
 
 # =================================================================================================
