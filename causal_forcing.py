@@ -875,17 +875,14 @@ class CausalDiT(nn.Module):
 
 
 def uncond_rows(cond: torch.Tensor, uncond=None) -> torch.Tensor:
-    """The unconditional branch's condition for every row of cond: the null condition (zeros) by
-    default, else `uncond` (1 or len(cond) rows) repeated over the batch."""
+    """The unconditional branch's condition for every row of cond: zeros, or `uncond` (1 or len(cond) rows)."""
     return torch.zeros_like(cond) if uncond is None else uncond.expand(len(cond), -1, -1)
 
 
 def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, uncond=None, **kw):
-    """Classifier-free guidance uncond + g (cond - uncond); plain prediction without a condition.
-    One forward pass on the doubled batch [x ; x] with conditions [cond ; uncond]; a KV cache for it
-    holds 2B rows, the conditional streams then the unconditional ones (see sample_ar_teacher).
-    uncond: the null condition by default (zeros, what condition dropout trains); Wan's base uses a
-    negative prompt's text features (one row is repeated for the batch)."""
+    """Classifier-free guidance uncond + g (cond - uncond), one pass on the doubled batch [x ; x] (a KV cache
+    for it holds the 2B rows); without a condition the plain prediction. uncond: the null condition by
+    default (zeros, what condition dropout trains), or e.g. Wan's negative prompt (1 row or B)."""
     if cond is None or guidance == 1.0:
         return model(x, t, cond, **kw)
     uncond = uncond_rows(cond, uncond)
@@ -896,44 +893,40 @@ def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, uncond=None, 
 
 
 def _noise(model, batch_size: int, frames: int, rng=None) -> torch.Tensor:
-    """Standard normal noise for `frames` frames of the model's video shape, drawn on the CPU from
-    rng (so a seed gives the same video on every device), then moved to the model's device."""
+    """Standard normal noise for `frames` frames of the model's video shape (see _randn)."""
     c = model.cfg
     return _randn((batch_size, frames, c.in_channels, c.height, c.width), rng, next(model.parameters()).device)
 
 
 def _randn(shape, rng, device):
+    """Drawn on the CPU from rng, so that a seed gives the same video on every device."""
     return torch.randn(shape, generator=rng).to(device)
 
 
 def new_cache_for(model: CausalDiT, batch_size: int, num_frames: int) -> KVCache:
-    """An empty KV cache for a video of `num_frames`: the model's rolling window if it has one,
-    else a full cache of num_frames."""
+    """An empty KV cache for a video of `num_frames`: the model's rolling window, or a full cache."""
     return model.new_kv_cache(batch_size, max_frames=None if model.cfg.window_frames else num_frames)
 
 
 @torch.no_grad()
 def sample_bidirectional(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
                          guidance: float = 1.0, uncond=None, rng=None, noise=None) -> torch.Tensor:
-    """The bidirectional teacher: Euler along `sigmas` (the grid from 1 to 0, e.g.
-    solver_sigmas(48, cfg.sample)), one timestep for the whole clip; guidance against `uncond`
-    (default the null condition, see guided_velocity)."""
+    """The bidirectional teacher: Euler along `sigmas` (from 1 to 0, e.g. solver_sigmas(48, cfg.sample)), one
+    timestep for the whole clip; guided against `uncond` (see guided_velocity)."""
     sigmas = check_sigmas(sigmas)
     check_sampling(model, batch_size, num_frames, cond, uncond)
     x = noise if noise is not None else _noise(model, batch_size, num_frames, rng)
-    vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance,  # noqa: E731
-                                        uncond)
+    vel = lambda x_, s: guided_velocity(  # noqa: E731
+        model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance, uncond)
     return euler_ode(vel, x, sigmas)[0]
 
 
 @torch.no_grad()
 def sample_ar_teacher(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
                       guidance: float = 1.0, uncond=None, context_noise: float = 0.0, rng=None) -> torch.Tensor:
-    """The AR teacher: chunk by chunk, a full Euler ODE along `sigmas` per chunk with the KV cache
-    holding the clean earlier chunks; each finished chunk is written to the cache at t = context_noise.
-    With guidance, the conditional and the unconditional predictions each keep their own context
-    (a cache of 2B rows), and the finished chunk is written to both, each under its own condition
-    (uncond: the null condition by default, see guided_velocity)."""
+    """The AR teacher: chunk by chunk, a full Euler ODE along `sigmas` with the KV cache holding the clean
+    earlier chunks, each written at t = context_noise. Guided, the conditional and unconditional predictions
+    keep their own context (2B rows), and a finished chunk is written to both, each under its condition."""
     sigmas = check_sigmas(sigmas)
     check_sampling(model, batch_size, num_frames, cond, uncond, context_noise)
     guided = cond is not None and guidance != 1.0
@@ -941,22 +934,19 @@ def sample_ar_teacher(model: CausalDiT, sigmas, *, batch_size: int, num_frames: 
     chunk, chunks = model.cfg.chunk_frames, []
     for start in range(0, num_frames, chunk):
         n = min(chunk, num_frames - start)
-        vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond,  # noqa: E731
-                                            guidance, uncond, kv_cache=cache, start_frame=start)
+        vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device),  # noqa: E731
+                                            cond, guidance, uncond, kv_cache=cache, start_frame=start)
         x0 = euler_ode(vel, _noise(model, batch_size, n, rng), sigmas)[0]
         chunks.append(x0)
-        if start + n < num_frames:
-            if guided:  # the rows of guided_velocity's doubled batch: [cond ; uncond]
-                write_context(model, x0, torch.cat([cond, uncond_rows(cond, uncond)]), cache, start, context_noise, rng, copies=2)
-            else:
-                write_context(model, x0, cond, cache, start, context_noise, rng)
+        if start + n < num_frames:  # guided: to both halves of the doubled batch, [cond ; uncond]
+            rows = torch.cat([cond, uncond_rows(cond, uncond)]) if guided else cond
+            write_context(model, x0, rows, cache, start, context_noise, rng, copies=2 if guided else 1)
     return torch.cat(chunks, 1)
 
 
 def write_context(model, x0, cond, cache, start, context_noise: float = 0.0, rng=None, copies: int = 1) -> None:
-    """Re-run a finished chunk at sigma = context_noise to overwrite its cache slots with the
-    keys/values of (nearly) clean frames, which is what later chunks should attend to. copies=2
-    writes the same noised chunk to both halves of a guided cache (cond holds 2B rows then)."""
+    """Re-runs a finished chunk at sigma = context_noise, so that its cache slots hold the keys and values of
+    (nearly) clean frames for later chunks; copies=2: to both halves of a guided cache (cond has 2B rows)."""
     x = add_noise(x0, _randn(x0.shape, rng, x0.device), context_noise) if context_noise > 0 else x0
     x = torch.cat([x] * copies) if copies > 1 else x
     with torch.no_grad():
@@ -980,58 +970,52 @@ def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None
 def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
            kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None,
            first_chunk_sigmas=None, context_noise: float = 0.0, recache: bool = False) -> Iterator[torch.Tensor]:
-    """Streams the few-step causal student (Self Forcing's inference loop): a generator that yields each
-    chunk (B, f, C, H, W) as soon as it is denoised, then writes it to the KV cache at t = context_noise
-    for the chunks after it.
-
-    sigmas: the student's noise levels, student_sigmas(cfg.sample) (Wan's 4 steps warped:
-      1, .9375, .8333, .625), or student_sigmas(cfg.sample, (1000, 500)) for a 2-step student;
-      first_chunk_sigmas (default: the same) for the first chunk, which has no context to lean
-      on (Causal Forcing++ keeps 4 steps there).
-    kv_cache: default a fresh one (new_cache_for), full or the model's rolling window.
-    A new prompt mid-stream: `chunks.send(new_cond)` returns the next chunk, made under the new
-    condition. The finished chunks stay in the cache as they were written, under the old prompt (the
-    official code's behaviour); with recache=True they are first re-run under the new prompt (LongLive's
-    re-cache: one forward pass per chunk the cache still holds). A condition the model cannot take
-    ends the stream with a ValueError before any work on the next chunk."""
-    sigmas = check_sigmas(sigmas).tolist()  # every argument is checked here, before the first chunk is asked for
-    first = check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist() if first_chunk_sigmas is not None else sigmas
+    """Streams the few-step causal student (Self Forcing's inference loop): yields each chunk (B, f, C, H, W)
+    as soon as it is denoised, then writes it to the KV cache (default a fresh one, new_cache_for) at
+    t = context_noise. sigmas: student_sigmas(cfg.sample) (Wan's 4 steps) or e.g. for 2 steps
+    student_sigmas(cfg.sample, (1000, 500)); first_chunk_sigmas (default the same) for the first chunk,
+    which has no context (Causal Forcing++ keeps 4 steps there). A new prompt: chunks.send(new_cond) in
+    place of next(chunks), from the first chunk on, returns the next chunk under it; the cached chunks stay
+    as written (the official code's behaviour), or with recache=True are re-run under it first (LongLive).
+    Every argument, and a new prompt, is checked before any work."""
+    sigmas = check_sigmas(sigmas).tolist()
+    first = sigmas if first_chunk_sigmas is None else check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist()
     check_sampling(generator, batch_size, num_frames, cond, context_noise=context_noise)
     if kv_cache is not None:
         check_cache(generator, kv_cache, batch_size)
     cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, num_frames)
-    return _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache)
+    chunks = _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache)
+    next(chunks)  # to its first `yield`, before any work: so a send(cond) may ask for the first chunk too
+    return chunks
 
 
 def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache):
-    kept = []  # (start, x0) of the finished chunks the cache still holds, for a re-cache
-    for start in range(0, num_frames, generator.cfg.chunk_frames):
-        n = min(generator.cfg.chunk_frames, num_frames - start)
-        # no_grad never spans a yield: the caller's code between chunks runs in its own grad mode, and a
-        # stream left unfinished cannot switch gradients off for whatever runs after it
-        with torch.no_grad():
-            x0 = denoise_chunk(generator, _noise(generator, batch_size, n, rng),
-                               first if start == 0 else sigmas, cond, cache, start, rng=rng)
-        new_cond = yield x0
+    chunk, kept = generator.cfg.chunk_frames, []  # kept: (start, x0) of the finished chunks the cache holds
+    new_cond = yield
+    for start in range(0, num_frames, chunk):
         if new_cond is not None:
             check_cond(generator, new_cond, batch_size)
+        # no_grad never spans a yield: the caller's code between chunks runs in its own grad mode
         with torch.no_grad():
-            if start + n < num_frames:  # the finished chunk becomes context, under the prompt it was made with
-                write_context(generator, x0, cond, cache, start, context_noise, rng)
-                kept = [(a, c) for a, c in kept if bool((cache.slot_frame == a).any())] + [(start, x0)]
+            if start > 0:  # the chunk before becomes context, under the prompt it was made with
+                write_context(generator, x0, cond, cache, start - chunk, context_noise, rng)
+                kept = [(a, c) for a, c in kept if bool((cache.slot_frame == a).any())] + [(start - chunk, x0)]
             if new_cond is not None:
                 cond = new_cond
                 for a, c in kept if recache else []:  # every kept chunk's keys and values again, in frame order
                     write_context(generator, c, cond, cache, a, context_noise, rng)
+            noise = _noise(generator, batch_size, min(chunk, num_frames - start), rng)
+            x0 = denoise_chunk(generator, noise, first if start == 0 else sigmas, cond, cache, start, rng=rng)
+        new_cond = yield x0
 
 
 def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
                      rng: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
-    """`stream` without a KV cache: every denoising step runs the model on [the clean frames made so
-    far, at t = 0 ; the noisy chunk], so chunk k costs a forward pass over k chunks. The same
-    samples as `stream` (context_noise 0, same rng; with a rolling window only under absolute RoPE
-    positions, as frames keep their indices here); the baseline the cache is measured against."""
+    """`stream` without a KV cache, the baseline it is measured against: every step runs the model on [the
+    frames made so far at t = 0 ; the noisy chunk]. The same samples as `stream` (context_noise 0, same rng;
+    with a rolling window only under absolute RoPE positions, as frames keep their indices here)."""
     sigmas, done = check_sigmas(sigmas).tolist(), []
+    check_sampling(generator, batch_size, num_frames, cond)
 
     def on_prefix(x, t, cond, kv_cache, start_frame):  # the model on [clean prefix at t = 0 ; chunk]
         prefix = torch.cat(done, 1) if done else x[:, :0]  # a rolling window is the config's banded mask
@@ -1039,9 +1023,9 @@ def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_siz
         return generator(torch.cat([prefix, x], 1), t_all, cond)[:, prefix.shape[1]:]
 
     for start in range(0, num_frames, generator.cfg.chunk_frames):
-        n = min(generator.cfg.chunk_frames, num_frames - start)
         with torch.no_grad():  # not across the yield (see _stream)
-            done.append(denoise_chunk(on_prefix, _noise(generator, batch_size, n, rng), sigmas, cond, None, start, rng=rng))
+            noise = _noise(generator, batch_size, min(generator.cfg.chunk_frames, num_frames - start), rng)
+            done.append(denoise_chunk(on_prefix, noise, sigmas, cond, None, start, rng=rng))
         yield done[-1]
 
 
@@ -1055,13 +1039,14 @@ def sample_student(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int
 
 def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: int, exit_step: Optional[int] = None,
                  cond=None, context_noise: float = 0.0, rng=None) -> torch.Tensor:
-    """Self Forcing's training rollout: the generator produces the whole video chunk by chunk from
-    its own outputs through the KV cache (a fresh cache each time). The steps before `exit_step`
-    run without gradient; the exit step keeps its graph; the cache refresh has no gradient."""
+    """Self Forcing's training rollout: the whole video chunk by chunk from the generator's own outputs
+    through a fresh KV cache; only the exit step keeps its graph (not the steps before, nor the refresh)."""
+    _check_sizes(batch_size, num_frames)
     cache, chunks = new_cache_for(generator, batch_size, num_frames), []
     for start in range(0, num_frames, generator.cfg.chunk_frames):
         n = min(generator.cfg.chunk_frames, num_frames - start)
-        chunks.append(denoise_chunk(generator, _noise(generator, batch_size, n, rng), sigmas, cond, cache, start, exit_step, rng))
+        noise = _noise(generator, batch_size, n, rng)
+        chunks.append(denoise_chunk(generator, noise, sigmas, cond, cache, start, exit_step, rng))
         if start + n < num_frames:
             write_context(generator, chunks[-1].detach(), cond, cache, start, context_noise, rng)
     return torch.cat(chunks, 1)
@@ -1674,149 +1659,127 @@ def resolve_device(name: str) -> str:
     return name
 
 
-# --- the network's inputs: clear errors before any work (the samplers check theirs; check_inputs a hand-made call)
+# --- the network's inputs: clear errors before any work (samplers check theirs; check_inputs a hand-made call)
 
 
-def check_video(model, x: torch.Tensor, name: str = "x") -> None:
-    """x must be a (B, F, C, H, W) float video of the model's frame shape and dtype, finite."""
-    want = (model.cfg.in_channels, model.cfg.height, model.cfg.width)
-    if not torch.is_tensor(x) or x.dim() != 5 or tuple(x.shape[2:]) != want or x.shape[1] == 0:
-        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"{name} must have shape (B, F, {', '.join(map(str, want))}) with F >= 1, got {got}")
-    _check_dtype(model, x, name)
+def _check_tensor(model, x, name: str, fits: Callable, shape: str) -> None:
+    """x must be a tensor that `fits` (its shape, which `shape` names) of the model's float dtype, and finite."""
+    if not torch.is_tensor(x) or not fits(x):
+        raise ValueError(f"{name} must have {shape}, got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    w = model.patch_embedding.weight
+    if not x.is_floating_point() or (x.dtype != w.dtype and not model.uses_bf16(w.device)):
+        raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: use {name}.to({w.dtype})")
     if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
         raise FloatingPointError(f"{name} holds NaN or infinite values")
 
 
-def _check_dtype(model, x: torch.Tensor, name: str) -> None:
-    w = model.patch_embedding.weight
-    if not x.is_floating_point() or (x.dtype != w.dtype and not model.uses_bf16(w.device)):
-        raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: convert it, e.g. "
-                        f"{name}.to({w.dtype})")
-
-
 def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, clean_context=None) -> None:
     """Clear errors, before any work, for a hand-made call model(x, t, cond, kv_cache=, start_frame=, clean_context=)
-    whose inputs would fail deep inside torch or quietly give wrong numbers (samplers check their own arguments)."""
-    check_video(model, x)
+    whose inputs would fail deep inside torch or quietly give wrong numbers."""
+    c = model.cfg
+    frame = (c.in_channels, c.height, c.width)
+    _check_tensor(model, x, "x", lambda v: v.dim() == 5 and v.shape[1] >= 1 and tuple(v.shape[2:]) == frame,
+                  f"shape (B, F, {', '.join(map(str, frame))}) with F >= 1")
     B, F = x.shape[:2]
     if not torch.is_tensor(t) or t.shape != (B, F):
         raise ValueError(f"t must have shape (B, F) = ({B}, {F}), got {tuple(t.shape) if torch.is_tensor(t) else t!r}")
     if not bool(((t >= 0) & (t <= 1)).all()):  # also false for NaN
-        raise ValueError(f"t holds noise levels outside [0, 1] (min {float(t.min())}, max {float(t.max())}); "
-                         "t is sigma = timestep / 1000")
+        raise ValueError(f"t holds noise levels outside [0, 1]; t is sigma = timestep / 1000, got {t.tolist()}")
     if cond is not None:
         check_cond(model, cond, B)
     if isinstance(start_frame, bool) or not isinstance(start_frame, int):
         raise TypeError(f"start_frame must be an int, got {start_frame!r}")
-    chunk = model.cfg.chunk_frames
-    if model.causal and start_frame % chunk:
-        raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={chunk})")
+    if model.causal and start_frame % c.chunk_frames:
+        raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={c.chunk_frames})")
     if (kv_cache is not None or clean_context is not None) and not model.causal:
         raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
     if kv_cache is not None and clean_context is not None:
         raise ValueError("pass either kv_cache or clean_context, not both")
     if clean_context is not None:
-        check_video(model, clean_context, "clean_context")
-        if clean_context.shape != x.shape:
-            raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got "
-                             f"{tuple(clean_context.shape)}")
+        _check_tensor(model, clean_context, "clean_context", lambda v: v.shape == x.shape,
+                      f"the shape of x {tuple(x.shape)}")
     if kv_cache is not None:
         check_cache(model, kv_cache, B)
         _check_cache_call(kv_cache, start_frame, F)
 
 
-def check_cache(model, kv_cache, batch: int) -> None:
-    """A KV cache must be one `model.new_kv_cache(batch)` would make (shapes, positions, window)."""
-    c, shape = model.cfg, kv_cache.k.shape  # (layers, B, heads, slots, tokens per frame, head dim)
-    made_for = [("layers", shape[0], len(model.blocks)), ("heads", shape[2], c.num_heads),
-                ("tokens per frame", shape[4], model.tokens_per_frame), ("head dim", shape[5], c.dim // c.num_heads),
-                ("chunk_frames", kv_cache.chunk_frames, c.chunk_frames),
-                ("rope_positions", kv_cache.rope_positions, c.rope_positions)]
-    if c.window_frames is not None:  # a full-attention model may stream through any window
-        made_for.append(("(window_frames, sink_frames)", (kv_cache.window_frames, kv_cache.sink_frames),
-                         (c.window_frames, c.sink_frames)))
-    wrong = [f"{name}={cache!r} is not the model's {own!r}" for name, cache, own in made_for if cache != own]
-    if wrong:
-        raise ValueError(f"this KV cache was made for another model: {'; '.join(wrong)}; make it with "
-                         "model.new_kv_cache")
-    if batch != kv_cache.batch_size:
-        raise ValueError(f"batch size {batch} does not match the KV cache's {kv_cache.batch_size}")
-
-
 def _check_cache_call(cache, start_frame: int, num_frames: int) -> None:
-    """Frames [start, start + F) through `cache`: the next frames, or a chunk written again."""
+    """Frames [start, start + F) through the cache: the next ones, or ones written again that it still holds."""
     end, window, sink = start_frame + num_frames, cache.window_frames, cache.sink_frames
-    if start_frame < 0 or start_frame > cache.end:
-        raise ValueError(f"start_frame={start_frame} is beyond the KV cache: frames [0, {cache.end}) are cached, "
-                         f"so the next call may start at any frame up to {cache.end}")
-    if window is None and end > cache.max_frames:
-        raise ValueError(f"frames [{start_frame}, {end}) do not fit a KV cache of max_frames={cache.max_frames}; "
-                         "make a larger cache or use window_frames")
-    if window is not None and num_frames > window - sink:
-        raise ValueError(f"{num_frames} frames at once do not fit the rolling window's {window - sink} non-sink slots")
-    q = torch.arange(start_frame, end)
-    needed = frame_visibility(q, torch.arange(start_frame), cache.chunk_frames, window, sink).any(0)
+    if not 0 <= start_frame <= cache.end:
+        raise ValueError(f"start_frame={start_frame} is beyond the KV cache: start at frame {cache.end} at most")
+    if end > (cache.max_frames if window is None else start_frame + window - sink):
+        raise ValueError(f"frames [{start_frame}, {end}) do not fit a KV cache of " + (
+            f"max_frames={cache.max_frames}" if window is None else f"{window - sink} rolling non-sink slots"))
+    needed = frame_visibility(torch.arange(start_frame, end), torch.arange(start_frame), cache.chunk_frames, window,
+                              sink).any(0)  # (start,): which earlier frames the call attends to
     missing = sorted(set(torch.nonzero(needed).flatten().tolist()) - set(cache.slot_frame.tolist()))
     if missing:
-        raise ValueError(f"frames {missing} are needed but no longer in the rolling KV cache "
-                         f"(written up to frame {cache.end}); re-denoise only the latest chunk")
+        raise ValueError(f"frames {missing} are no longer in the rolling KV cache: re-denoise only the latest chunk")
 
 
-def check_cond(model, cond, batch: int) -> None:
-    """cond must be (batch, L, cond_dim) floats, L <= text_len; a model without conditioning takes none."""
+def check_cache(model, cache, batch: int) -> None:
+    """The cache must be one model.new_kv_cache(batch) makes (a full-attention model may use any window)."""
+    c, (layers, _, heads, _, tokens, head_dim) = model.cfg, cache.k.shape
+    window = (cache.window_frames, cache.sink_frames)
+    own_window = window if c.window_frames is None else (c.window_frames, c.sink_frames)
+    made_for = [("layers", layers, len(model.blocks)), ("heads", heads, c.num_heads),
+                ("head dim", head_dim, c.dim // c.num_heads), ("tokens per frame", tokens, model.tokens_per_frame),
+                ("chunk_frames", cache.chunk_frames, c.chunk_frames),
+                ("rope_positions", cache.rope_positions, c.rope_positions),
+                ("(window_frames, sink_frames)", window, own_window)]
+    wrong = [f"{name}={got!r} is not the model's {own!r}" for name, got, own in made_for if got != own]
+    if wrong:
+        raise ValueError(f"this KV cache was made for another model ({'; '.join(wrong)}): use model.new_kv_cache")
+    if batch != cache.batch_size:
+        raise ValueError(f"batch size {batch} does not match the KV cache's {cache.batch_size}")
+
+
+def check_cond(model, cond, batch: int, name: str = "cond", like=None) -> None:
+    """cond must be (batch, L, cond_dim) floats, L <= text_len, finite; a guidance uncond (like=cond) may also
+    have 1 row for the whole batch, and has cond's L."""
     c = model.cfg
     if not c.cond_dim:
-        raise ValueError("this model has no conditioning (cond_dim=0) but cond was given")
-    if not torch.is_tensor(cond) or cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != c.cond_dim:
-        got = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
-        raise ValueError(f"cond must have shape ({batch}, L, {c.cond_dim}), got {got}")
+        raise ValueError(f"this model has no conditioning (cond_dim=0) but {name} was given")
+    batches, L = ((batch,), "L") if like is None else ((1, batch), like.shape[1])
+    _check_tensor(model, cond, name, lambda v: v.dim() == 3 and v.shape[0] in batches and v.shape[2] == c.cond_dim
+                  and (like is None or v.shape[1] == L), f"shape ({' or '.join(map(str, batches))}, {L}, {c.cond_dim})")
     if c.text_len is not None and cond.shape[1] > c.text_len:
-        raise ValueError(f"cond has {cond.shape[1]} rows, more than text_len={c.text_len}")
-    _check_dtype(model, cond, "cond")
+        raise ValueError(f"{name} has {cond.shape[1]} rows, more than text_len={c.text_len}")
 
 
 def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
-    """A sampler's noise levels as a float64 tensor, after checking that they are a non-empty,
-    strictly descending list in [0, 1]: the teachers' Euler grid (solver_sigmas) or the student's
-    denoising sigmas (student_sigmas)."""
+    """A sampler's noise levels as a float64 tensor, checked: a non-empty, strictly descending list in [0, 1]."""
     try:
         s = torch.as_tensor(sigmas, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a list of noise levels such as student_sigmas(cfg.sample) or "
-                        f"solver_sigmas(48, cfg.sample), got {type(sigmas).__name__}") from None
+        raise TypeError(f"{name} must be a list of noise levels such as student_sigmas(cfg.sample)") from None
     if s.dim() != 1 or len(s) == 0 or not bool(((s >= 0) & (s <= 1)).all()) or not bool((s[1:] < s[:-1]).all()):
-        raise ValueError(f"{name} must be a non-empty, strictly descending list of noise levels in [0, 1], got {s.tolist()}")
+        raise ValueError(f"{name} must be a non-empty, strictly descending list of noise levels in [0, 1]: "
+                         f"{s.tolist()}")
     return s
 
 
 def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=None, context_noise: float = 0.0) -> None:
-    """A sampler's arguments: sizes, conditions, context_noise, and a model whose dtype the noise it
-    draws will have."""
-    for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not 0 <= context_noise < 1:
-        raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level at which finished chunks "
-                         "are written to the KV cache (0 = clean)")
-    if cond is not None:
-        check_cond(model, cond, batch_size)
-    check_uncond(model, uncond, cond)
+    """A sampler's arguments: the model's dtype (the noise it draws has torch's default dtype), the sizes,
+    context_noise, the condition and the guidance's uncond."""
     w, default = next(model.parameters()), torch.get_default_dtype()
     if w.dtype != default and not model.uses_bf16(w.device):
         raise TypeError(f"the model's weights are {w.dtype}, but samplers draw noise in torch's default dtype "
                         f"{default}: use model.to({default}) or torch.set_default_dtype({w.dtype})")
+    _check_sizes(batch_size, num_frames)
+    if not 0 <= context_noise < 1:
+        raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level of the cached chunks")
+    if cond is not None:
+        check_cond(model, cond, batch_size)
+    if cond is not None and uncond is not None:
+        check_cond(model, uncond, batch_size, "uncond", like=cond)
 
 
-def check_uncond(model, uncond, cond) -> None:
-    """A guidance `uncond` (a negative prompt) must be a condition with cond's rows, for 1 or all of
-    cond's batch (one row is repeated). None is the null condition and always fits."""
-    if uncond is None or cond is None:
-        return
-    check_cond(model, uncond, len(uncond))
-    if len(uncond) not in (1, len(cond)) or uncond.shape[1] != cond.shape[1]:
-        raise ValueError(f"uncond {tuple(uncond.shape)} must have cond's rows ({cond.shape[1]}) and 1 or {len(cond)} "
-                         "in the batch")
+def _check_sizes(batch_size: int, num_frames: int) -> None:
+    for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> CausalDiT:
