@@ -25,14 +25,13 @@ conditioned on their label; "wan-1.3b" is Wan2.1-T2V-1.3B's DiT, whose checkpoin
     python causal_forcing.py --config mnist   # the same on moving digits (about 30 min on 2 CPU cores)
     torchrun --nproc_per_node=2 causal_forcing.py   # data parallel
     python -m pytest                          # the tests
-Beside it, examples/: figures.py (a run's figures), long_stream.py, bench.py, generate.py (real Wan2.1
-text to video), cd_probe.py.
+Beside it, examples/ (figures, long streams, benchmarks, Wan2.1 text to video).
 
-Part I is the method, in the order the data flows: I.1 config, I.2 toy data and its exact teachers,
-I.3 flow matching, I.4 attention masks, I.5 the network and its KV cache, I.6 samplers, I.7 losses,
-I.8 training stages, I.9 the injectivity floor. Part II is engineering that does not change the
-method: II.1 checks, II.2 Wan checkpoints, II.3 fast attention, II.4 the training loop, II.5 data
-loaders, II.6 metrics, II.7 the pipeline, II.8 the command line.
+Part I is the method, in the order the data flows: I.1 config, I.2 toy data and its exact teachers, I.3 flow
+matching, I.4 attention masks, I.5 the network and its KV cache, I.6 samplers, I.7 losses, I.8 training
+stages, I.9 the injectivity floor. Part II is engineering that does not change the method: II.1 checks,
+II.2 Wan checkpoints, II.3 fast attention, II.4 the training loop, II.5 data, II.6 metrics, II.7 the
+pipeline, II.8 the command line.
 
 Shapes: B batch, F frames, C channels, H W height width, S tokens per frame, N tokens, D width,
 h heads, d head dim. Videos are (B, F, C, H, W); noise levels t are sigmas (B, F) in [0, 1], 1 = noise.
@@ -61,9 +60,7 @@ from einops import rearrange
 
 
 # #################################################################################################
-# PART I: THE METHOD, in the order the data flows: config values, toy data and its exact teachers,
-# flow matching, attention masks, the network and its KV cache, the samplers, the losses, the
-# training stages, the injectivity floor. The stages run the one training loop of Part II.
+# PART I: THE METHOD, in the order the data flows. The stages run the one training loop of Part II.
 # #################################################################################################
 
 # =================================================================================================
@@ -115,11 +112,10 @@ class ModelConfig:
     chunk_frames: int = 1  # causal block size: 1 = frame-wise, 3 = chunk-wise (Wan latents)
     window_frames: Optional[int] = None  # rolling attention window in frames (None = full)
     sink_frames: int = 0  # first frames always attended inside a rolling window
-    # RoPE's frame positions in a rolling cache: "absolute" (frame index, the official code's) or
-    # "window" (the live window, sink included, re-indexed to [0, W) at every chunk, keys cached before
-    # rotation: a long stream never meets distances unseen in training)
-    rope_positions: str = "absolute"  # one of ROPE_POSITIONS
-    # --- speed (off the teaching path; none changes the method, bf16 only the rounding) ---
+    # RoPE frame positions in a rolling cache: "absolute" (the official code's) or "window" (re-indexed at
+    # every chunk: a long stream never meets distances unseen in training)
+    rope_positions: str = "absolute"
+    # speed, off the teaching path: none changes the method, bf16 only the rounding
     attention: str = "auto"  # "dense" masks (readable, CPU) or "flex" block masks; auto = flex on CUDA
     precision: str = "auto"  # "fp32" or "bf16" autocast; auto = bf16 on CUDA, fp32 elsewhere
     grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
@@ -137,8 +133,7 @@ class TrainConfig:
     adam_beta1: float = 0.0  # upstream betas (0, 0.999) for teacher, ODE and DMD stages
     adam_beta2: float = 0.999
     grad_clip: float = 10.0  # upstream 10
-    # stage 0: the bidirectional base (upstream: the pretrained Wan model, not trained here), trained
-    # from scratch, so with the usual Adam momentum; the later stages fine-tune with beta1 0, as upstream
+    # stage 0: the bidirectional base (upstream: pretrained Wan), from scratch with the usual Adam momentum
     base_steps: int = 1200
     base_lr: float = 2e-3
     base_beta1: float = 0.9
@@ -148,24 +143,21 @@ class TrainConfig:
     teacher_mode: str = "teacher_forcing"  # or "diffusion_forcing" (the paper's ablation)
     teacher_guidance: float = 6.0  # CFG of the ODE-pair teacher (upstream 6); unused when unconditional
     cond_dropout: float = 0.1  # base and AR teacher: drop the condition so that CFG has an "uncond"
-    # base and AR teacher: where their flow-matching sigmas are drawn and how they are weighted. Upstream
-    # fine-tunes a pretrained Wan on the sampler's shifted schedule with the bump weight; a model trained
-    # from scratch needs the low noise levels, where a frame's details are decided.
+    # base and AR teacher's sigma draw and weight (from scratch, a model also needs the low noise levels)
     fm_shift: Optional[float] = None  # shift of the sigma draw; None = the sampler's `shift` (upstream)
     fm_weight: str = "bump"  # "bump" (upstream, zero at both ends) or "uniform"
     # stage 2: ODE pairs and ODE distillation (upstream lr 2e-6, ~1K steps)
     ode_pairs: int = 2048
     ode_steps: int = 400
     ode_lr: float = 5e-4
-    ode_step_draw: str = "upstream"  # each frame's student step: "upstream" (see train_ode_student), "batch", "sample", "chunk"
-    # stage 2, Causal Forcing++: causal consistency distillation from the AR teacher, no ODE pairs
-    # (upstream lr 2e-6, >= 3K steps at batch 64, teacher CFG 3, EMA 0.99), then the same DMD, streamed
-    # with pp_denoising_steps. cd_steps=0 leaves the two Causal Forcing++ rows out.
+    ode_step_draw: str = "upstream"  # each frame's student step: "upstream", "batch", "sample" or "chunk"
+    # stage 2, Causal Forcing++: consistency distillation from the AR teacher, then DMD with pp_denoising_steps
+    # (upstream lr 2e-6, >= 3K steps at batch 64, teacher CFG 3, EMA 0.99); cd_steps=0 leaves it out
     cd_steps: int = 600
     cd_lr: float = 5e-4
     cd_guidance: float = 3.0  # CFG of the teacher's Euler step; unused when unconditional
     cd_ema_decay: float = 0.99  # the EMA student that gives the consistency target
-    cd_batch_size: Optional[int] = None  # consistency distillation's clips per step (upstream 64); None = batch_size
+    cd_batch_size: Optional[int] = None  # clips per step (upstream 64); None = batch_size
     # stage 3: DMD (upstream gen lr 2e-6, critic lr 4e-7, ratio 5, EMA 0.99 from step 200)
     dmd_steps: int = 300  # critic updates; the generator updates every `gen_update_ratio` steps
     gen_lr: float = 5e-5  # 4x below this the generator barely moves; 4x above it degrades frame 0
@@ -177,11 +169,11 @@ class TrainConfig:
     dmd_min_sigma: float = 0.02  # DMD/critic timesteps are clamped to [0.02, 0.98] (upstream)
     dmd_max_sigma: float = 0.98
     real_guidance: float = 4.0  # CFG scale uncond + g (cond - uncond); upstream "cond + 3 (cond - uncond)"
-    # --- the run (engineering and evaluation: none changes what a stage computes) ---
+    # the run: engineering and evaluation, none changes what a stage computes
     classifier_steps: int = 600  # the digit classifier behind the moving-digit metrics
     checkpoint_every: int = 100  # steps between resumable checkpoints of a stage (with --out)
-    dmd_snapshots: int = 8  # fixed rollouts of 4 videos recorded as DMD trains (examples/figures.py draws them); 0 = none
-    data_parallel: str = "auto"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded); auto = fsdp if dim >= 1024
+    dmd_snapshots: int = 8  # fixed rollouts of 4 videos recorded as DMD trains (for examples/figures.py)
+    data_parallel: str = "auto"  # under torchrun: "ddp" or "fsdp" (sharded); auto = fsdp if dim >= 1024
 
 
 @dataclass
@@ -191,7 +183,7 @@ class SampleConfig:
     shift: float = 5.0  # s' = k s / (1 + (k - 1) s); upstream generator k = 5
     num_train_timesteps: int = 1000
     teacher_solver_steps: int = 48  # Euler steps of the teachers (upstream 48 for ODE pairs)
-    cd_grid_steps: Optional[int] = None  # consistency grid (upstream discrete_cd_N = 48); None = teacher_solver_steps
+    cd_grid_steps: Optional[int] = None  # consistency grid (upstream 48); None = teacher_solver_steps
     denoising_steps: tuple = (1000, 750, 500, 250)  # the student's steps before warping
     pp_denoising_steps: tuple = (1000, 500)  # Causal Forcing++: 2 steps (the first chunk at denoising_steps)
     warp_denoising_steps: bool = True  # map them through the shifted schedule: 1000, 937.5, 833.3, 625
@@ -227,14 +219,11 @@ class Config:
 
 
 class ToyVideos:
-    """Videos of F frames, each a point in R^2 (a frame of shape C=2, H=W=1).
-
-    A video starts at one of K points on a circle and turns by +turn or -turn every frame; every
-    coordinate has Gaussian noise. So the data is a mixture of 2K isotropic Gaussians in R^(2F)
-    with means mu_m (one path each) and std sigma_d, and the flow-matching teachers have closed
-    forms: under x_s = (1 - s) x0 + s eps, component m gives x_s ~ N((1 - s) mu_m, v_s I) with
-    v_s = (1 - s)^2 sigma_d^2 + s^2, and E[x0 | x_s] mixes the per-component posterior means.
-    """
+    """Videos of F frames, each a point in R^2 (C=2, H=W=1) that starts at one of K points on a circle and
+    turns by +turn or -turn every frame, with Gaussian noise on every coordinate: a mixture of 2K isotropic
+    Gaussians in R^(2F) with means mu_m (one path each) and std sigma_d. So the flow-matching teachers have
+    closed forms: under x_s = (1 - s) x0 + s eps, component m gives x_s ~ N((1 - s) mu_m, v_s I) with
+    v_s = (1 - s)^2 sigma_d^2 + s^2, and E[x0 | x_s] mixes the per-component posterior means."""
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
@@ -290,9 +279,8 @@ class ToyVideos:
 
 
 def label_cond(labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
-    """Digit labels (B,) or (B, num_digits) -> the conditioning sequence (B, num_digits, num_classes): one
-    one-hot row per digit, fed through the cross-attention path that carries text in Wan. The null
-    condition of classifier-free guidance is all zeros (what `cond=None` gives the model)."""
+    """Digit labels (B,) or (B, num_digits) -> the condition (B, num_digits, num_classes): a one-hot row per
+    digit, through the cross-attention that carries text in Wan. The null condition is zeros (cond=None)."""
     labels = labels.reshape(len(labels), -1)
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
@@ -342,9 +330,8 @@ def velocity_from_x0(x_s, x0, sigma):
 
 def flow_matching_loss(model, x0, sigma, noise, cond=None, weight=None, **kw) -> torch.Tensor:
     """Flow matching (Wan's objective, rectified flow): the MSE between the model's velocity at
-    x_s = (1 - s) x0 + s eps and the true velocity eps - x0, per frame, averaged with `weight`
-    (B, F) if given (the recipe's bump weight, `bump_weight`), else uniformly. `kw` go to the
-    model (clean_context: teacher forcing)."""
+    x_s = (1 - s) x0 + s eps and the true velocity eps - x0, per frame, averaged with `weight` (B, F)
+    if given (`bump_weight`), else uniformly. `kw` go to the model (clean_context: teacher forcing)."""
     x_s = add_noise(x0, noise, sigma)
     err = (model(x_s, sigma, cond, **kw) - (noise - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, F)
     return (err * weight).mean() if weight is not None else err.mean()
@@ -387,9 +374,8 @@ def solver_sigmas(steps: int, cfg: SampleConfig) -> torch.Tensor:
 
 
 def student_sigmas(cfg: SampleConfig, steps: Optional[tuple] = None) -> list[float]:
-    """The few-step student's sigmas for `steps` (default cfg.denoising_steps). Warped through the
-    shifted schedule (Self Forcing's warp_denoising_step), [1000, 750, 500, 250] becomes
-    [1000, 937.5, 833.3, 625] / 1000; the 2-step [1000, 500] becomes [1000, 833.3] / 1000."""
+    """The few-step student's sigmas for `steps` (default cfg.denoising_steps), warped through the shifted
+    schedule (Self Forcing's warp_denoising_step): [1000, 750, 500, 250] -> [1000, 937.5, 833.3, 625] / 1000."""
     T = cfg.num_train_timesteps
     steps = cfg.denoising_steps if steps is None else steps
     if not steps or not all(0 < k <= T for k in steps):
@@ -410,10 +396,8 @@ def ode_pair_sigmas(cfg: SampleConfig) -> tuple[list[float], torch.Tensor]:
 
 
 def consistency_sigmas(cfg: SampleConfig) -> list[float]:
-    """The grid of consistency distillation (Causal Forcing++): an Euler grid of N = cd_grid_steps
-    steps on the shifted schedule (default the teachers' teacher_solver_steps; upstream 48 at shift 5)
-    without its final 0, so N sigmas descending from 1. A training step pairs grid[n] with
-    grid[n + 1], n uniform below N - 1."""
+    """Causal Forcing++'s grid: N = cd_grid_steps (default teacher_solver_steps) Euler steps on the shifted
+    schedule without the final 0, N sigmas from 1 down. A step pairs grid[n] with grid[n + 1], n < N - 1."""
     steps = cfg.teacher_solver_steps if cfg.cd_grid_steps is None else cfg.cd_grid_steps
     return solver_sigmas(steps, cfg)[:-1].tolist()
 
@@ -443,9 +427,8 @@ def exact_bidirectional_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.T
 
 def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chunk_frames: int,
                   context: Optional[torch.Tensor] = None, keep=None):
-    """phi_AR: chunk by chunk, the exact AR teacher's ODE given clean earlier frames. The context
-    is its own earlier outputs, or `context` (ground truth, as when ODE pairs are made). With
-    `keep`, also the states at those sigmas: (x0, {sigma: x})."""
+    """phi_AR: chunk by chunk, the exact AR teacher's ODE given clean earlier frames: its own outputs, or
+    `context` (ground truth, as for ODE pairs). With `keep`, also the states there: (x0, {sigma: x})."""
     out, kept = [], {k: [] for k in keep or []}
     for start in range(0, eps.shape[1], chunk_frames):
         fr = slice(start, min(start + chunk_frames, eps.shape[1]))
@@ -460,9 +443,8 @@ def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chun
 
 
 def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str, rng=None) -> dict:
-    """ODE pairs in the format of make_ode_pairs (I.8), from the *exact* teachers (toy data only): "ar" runs every
-    chunk given the ground-truth clean earlier frames, "bidirectional" the whole clip from noise.
-    They isolate the injectivity argument from any error of a learned teacher."""
+    """make_ode_pairs (I.8) with the *exact* teachers (toy data only), which isolate the injectivity argument
+    from any error of a learned teacher: "ar" given the ground-truth earlier frames, "bidirectional"."""
     keep, sig = ode_pair_sigmas(cfg.sample)
     eps = torch.randn(clean.shape, generator=rng, dtype=torch.float64)
     if kind == "ar":
@@ -471,9 +453,8 @@ def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str
         x0, kept = exact_bidirectional_flow(data, eps, sig, keep=keep)
     else:
         raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
-    dev = cfg.device
-    return {"xt": torch.stack([kept[k] for k in keep], 1).float().to(dev), "x0": x0.float().to(dev), "clean": clean.to(dev)}
-
+    xt = torch.stack([kept[k] for k in keep], 1)
+    return {"xt": xt.float().to(cfg.device), "x0": x0.float().to(cfg.device), "clean": clean.to(cfg.device)}
 
 
 # =================================================================================================
@@ -515,8 +496,7 @@ def expand_to_tokens(vis: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
     return vis.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
-# Attention back-ends: name -> (token mask from a frame mask, the kernel that takes it). "dense" is the
-# readable one; II.3 adds "flex" (FlexAttention block masks, for long sequences on a GPU).
+# Attention back-ends: name -> (a frame mask to the kernel's mask, the kernel); II.3 adds "flex" for GPUs.
 ATTENTION_BACKENDS: dict = {"dense": (expand_to_tokens, F_.scaled_dot_product_attention)}
 _MASKS: dict = {}  # the same few masks recur every step: each is built once
 
@@ -1070,10 +1050,9 @@ def ode_regression_loss(student: CausalDiT, x_t: torch.Tensor, t: torch.Tensor, 
 
 
 def ode_pair_batch(pairs: dict, idx, k, sigmas: list[float], kind: str = "ar") -> tuple:
-    """The inputs of `ode_regression_loss` for ODE pairs `idx` (make_ode_pairs), every frame at the
-    student step k: an int for the whole batch, or (B, F) (`ode_step_index`). Returns x_t, t, the
-    teacher's endpoints, the conditions (or None) and, for kind="ar", the ground-truth clips as clean
-    context (None for "bidirectional": that student sees its noisy earlier frames)."""
+    """`ode_regression_loss`'s inputs for ODE pairs `idx`, each frame at student step k (an int, or (B, F)
+    from `ode_step_index`): x_t, t, the teacher's endpoints, the conditions or None, and the ground-truth
+    clips as clean context for kind="ar" (None for "bidirectional": its student sees noisy frames)."""
     xt = pairs["xt"][idx]  # (B, K, F, C, H, W): the teacher's states at every student sigma
     B, K, F = xt.shape[:3]
     k = torch.full((B, F), int(k)) if not torch.is_tensor(k) or k.dim() == 0 else k
@@ -1096,9 +1075,8 @@ def consistency_distillation_loss(student: CausalDiT, ema: CausalDiT, teacher: C
     chunk b's target depends only on what the student sees for chunk b, its own noisy chunk and the
     clean chunks before it: the frame-level injectivity of the AR teacher's ODE pairs, with no ODE
     pairs to make. Returns the squared error per frame, averaged over a frame's coordinates: (B, F).
-    Shapes and contract: x0, noise (B, F, C, H, W); t, t_next floats; cond (B, L, cond_dim) or None.
-    The three networks are called as net(x, t (B, F), cond, clean_context=x0) and return velocities
-    eps - x0. Moving the EMA towards the student after the step is the caller's (`train_consistency`)."""
+    x0, noise (B, F, C, H, W); t, t_next floats; each net(x, t (B, F), cond, clean_context=x0) -> eps - x0.
+    The caller moves the EMA towards the student after the step (`train_consistency`)."""
     tt, tn = (torch.full(x0.shape[:2], float(s), device=x0.device, dtype=x0.dtype) for s in (t, t_next))
     x_t = add_noise(x0, noise, tt)
     with torch.no_grad():
@@ -1132,10 +1110,8 @@ def dmd_generator_loss(x: torch.Tensor, real_score: nn.Module, fake_score: nn.Mo
         loss = 0.5 * mean((x - sg(x - grad))^2)
     with x0_real from the frozen real score (guided) and x0_fake from the fake score, both without
     gradient (`dmd_gradient`, `dmd_loss`). Only x carries a gradient, back into the generator.
-    Shapes: x, noise (B, F, C, H, W); sigma (B, F), one value per clip repeated over its frames
-    (`_dmd_sigma`); both scores are called as net(x_s, sigma, cond) and return velocities eps - x0;
-    the guidance's unconditional branch uses `uncond` (default the null condition, zeros; upstream
-    Wan's negative prompt: see `guided_velocity`)."""
+    x, noise (B, F, C, H, W); sigma (B, F), one per clip (`_dmd_sigma`); each score(x_s, sigma, cond) ->
+    eps - x0; the guidance's unconditional branch uses `uncond` (see `guided_velocity`)."""
     with torch.no_grad():
         x_s = add_noise(x, noise, sigma)
         x0_real = x0_from_velocity(x_s, guided_velocity(real_score, x_s, sigma, cond, guidance, uncond), sigma)
@@ -1144,19 +1120,18 @@ def dmd_generator_loss(x: torch.Tensor, real_score: nn.Module, fake_score: nn.Mo
     return dmd_loss(x, grad)
 
 
-def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond=None) -> torch.Tensor:
-    """The fake score's loss (upstream `DMD.critic_loss`): flow matching on the generator's samples x
-    (no gradient into the generator), unweighted, so that the fake score tracks the distribution
-    the generator produces now."""
+def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                cond=None) -> torch.Tensor:
+    """The fake score's loss (upstream `DMD.critic_loss`): unweighted flow matching on the generator's samples
+    x (no gradient into the generator), so that the fake score tracks what the generator produces now."""
     return flow_matching_loss(fake_score, x.detach(), sigma, noise, cond)
 
 
 # =================================================================================================
 # I.8 stages: base, AR teacher, ODE pairs, ODE student, consistency student, DMD (each runs the loop of II.4)
 # =================================================================================================
-# Each stage is its loss (I.7) in a step function. The plumbing comes from II.4 and can be read past:
-# train_loop (steps, checkpoints, the divergence guard), _adamw and _step (optimizer, clipping),
-# Batches (shuffled minibatches), and for several processes parallelize, _shard, _reshard, _rank_rng.
+# Each stage is its loss (I.7) in a step function; the plumbing (train_loop, _adamw, _step, Batches, and for
+# several processes parallelize, _shard, _reshard, _rank_rng) comes from II.4 and can be read past.
 
 
 def _fm_schedule(cfg: Config) -> SampleConfig:
@@ -1170,10 +1145,9 @@ def _fm_weight(sigma, cfg: Config):
 
 
 def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_frames: int, rng):
-    """This rank's share of the next minibatch of a flow-matching stage, on the device: clean clips,
-    one sigma per chunk of `chunk_frames`, noise, and the conditions (dropped at cond_dropout, so
-    that guidance has an "uncond"; None when unconditional). Every rank draws the whole global batch
-    from the shared generator, in this order, and keeps its slice."""
+    """This rank's share of a flow-matching minibatch, on the device: clean clips, one sigma per chunk, noise,
+    and the conditions (dropped at cond_dropout, so that guidance has an "uncond"); every rank draws the
+    whole global batch from the shared generator and keeps its slice."""
     idx = next(batches)
     x0 = data[idx]
     sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, _fm_schedule(cfg), rng)
@@ -1183,9 +1157,8 @@ def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_fram
 
 
 def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None, ckpt=None) -> tuple[CausalDiT, list]:
-    """Stage 0: the bidirectional base model, flow matching with one timestep per clip. Upstream
-    this is the pretrained Wan2.1 model; here we train it so the pipeline starts from data.
-    cond (N, L, cond_dim), if given, holds each training video's condition (dropped at cond_dropout)."""
+    """Stage 0: the bidirectional base, flow matching with one timestep per clip (upstream: the pretrained
+    Wan2.1); cond (N, L, cond_dim): each training video's condition (dropped at cond_dropout)."""
     tr = cfg.train
     model = parallelize(CausalDiT(cfg.model, causal=False).to(cfg.device), cfg)
     opt = _adamw(model.parameters(), tr.base_lr, tr, beta1=tr.base_beta1, cosine_steps=tr.base_steps)
@@ -1235,23 +1208,20 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
         loss = flow_matching_loss(model, x0, sigma, noise, c, weight=_fm_weight(sigma, cfg), **kw)
         _step(opt, model, loss, tr.grad_clip)
         return {"flow_matching": loss}
-    history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", tr.teacher_steps, step, ckpt, log,
-                         hint=f"lower teacher_lr (now {tr.teacher_lr:g})", model=model, opt=opt, rng=rng, batches=batches)
+    history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", tr.teacher_steps, step, ckpt, log, model=model,
+                         hint=f"lower teacher_lr (now {tr.teacher_lr:g})", opt=opt, rng=rng, batches=batches)
     return model, history.get("flow_matching", [])
 
 
 @torch.no_grad()
 def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: str, cond=None,
                    rng=None, batch: int = 1024) -> dict:
-    """ODE pairs for the few-step student: the teacher's Euler trajectory (teacher_solver_steps on
-    the shifted grid, which contains the student's warped sigmas) is kept at the student's sigmas.
-      kind="ar": the AR teacher integrates every chunk given the *ground-truth* clean earlier
-        chunks (the teacher-forcing mask does all chunks in one pass).
-      kind="bidirectional": the bidirectional teacher integrates the whole clip from noise.
-    cond (N, L, cond_dim), aligned with data: each clip's condition; the teacher is guided with
-    teacher_guidance, and the pairs keep the condition for the student.
-    Returns {"xt": (n, K, F, C, H, W) states at the K student sigmas, "x0": teacher endpoints,
-    "clean": the ground-truth clips, and "cond" when conditioned}."""
+    """ODE pairs for the few-step student: the teacher's Euler trajectory (teacher_solver_steps on the shifted
+    grid, which holds the student's warped sigmas), kept at the student's sigmas. kind="ar": the AR teacher
+    integrates every chunk given the *ground-truth* clean earlier chunks (one teacher-forcing pass does all
+    chunks); kind="bidirectional": the bidirectional teacher the whole clip. cond (N, L, cond_dim): each
+    clip's condition, which guides the teacher (teacher_guidance) and is kept for the student. Returns
+    {"xt": (n, K, F, C, H, W) states at the K student sigmas, "x0": endpoints, "clean": clips, "cond"}."""
     if kind not in ("ar", "bidirectional"):
         raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
     if cond is not None and len(cond) != len(data):
@@ -1266,11 +1236,9 @@ def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: st
         vel = lambda x_, s: guided_velocity(teacher, x_, torch.full(x_.shape[:2], s, device=x_.device),  # noqa: E731
                                             c, cfg.train.teacher_guidance, **kw)
         x0, kept = euler_ode(vel, torch.randn(clean.shape, generator=rng).to(cfg.device), sig, keep)
-        out["xt"].append(torch.stack([kept[s] for s in keep], 1))
-        out["x0"].append(x0)
-        out["clean"].append(clean)
-        if c is not None:
-            out["cond"].append(c)
+        for key, value in (("xt", torch.stack([kept[s] for s in keep], 1)), ("x0", x0), ("clean", clean), ("cond", c)):
+            if value is not None:
+                out[key].append(value)
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
@@ -1294,10 +1262,9 @@ UPSTREAM_ODE_STEP_DRAW = {"bidirectional": "chunk", "ar": "sample"}  # Self Forc
 
 def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=print,
                       rng=None, ckpt=None) -> tuple[CausalDiT, list]:
-    """Stage 2: few-step causal student by ODE regression, initialised from `init` (the AR teacher
-    for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). Each frame
-    regresses from one of the student's sigmas, drawn per `ode_step_draw` ("upstream": per chunk on
-    bidirectional pairs as Self Forcing, per sample on AR pairs as Causal Forcing)."""
+    """Stage 2: the few-step causal student by ODE regression, from `init` (the AR teacher for kind="ar", the
+    base made causal for "bidirectional"). Each frame regresses from a student sigma drawn per ode_step_draw
+    ("upstream": per chunk on bidirectional pairs as Self Forcing, per sample on AR pairs as Causal Forcing)."""
     tr = cfg.train
     student = parallelize(copy_model(init, causal=True), cfg)
     opt = _adamw(student.parameters(), tr.ode_lr, tr, cosine_steps=tr.ode_steps)
@@ -1318,12 +1285,12 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
     return student, history.get("ode_regression", [])
 
 
-def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=print, rng=None, cond=None, ckpt=None) -> tuple[CausalDiT, list]:
-    """Stage 2, Causal Forcing++ (upstream model/naive_consistency.py): the student and an EMA copy
-    start from the AR teacher, which stays frozen. Each step takes ground-truth clips (their
-    conditions as they are, no dropout), one grid index n for the whole batch (`consistency_sigmas`)
-    and fresh noise, makes a `consistency_distillation_loss` step, then moves the EMA towards the
-    student (decay cd_ema_decay). No ODE pairs. Returns the student; the EMA only gives targets."""
+def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=print, rng=None, cond=None,
+                      ckpt=None) -> tuple[CausalDiT, list]:
+    """Stage 2, Causal Forcing++ (upstream model/naive_consistency.py): the student and an EMA copy start
+    from the frozen AR teacher. Each step: ground-truth clips (conditions without dropout), one grid index
+    for the batch (`consistency_sigmas`), fresh noise, a `consistency_distillation_loss` step, then the EMA
+    moves towards the student (cd_ema_decay). Returns the student; the EMA only gives targets."""
     tr = cfg.train
     student = parallelize(copy_model(teacher, causal=True).train(), cfg)
     ema = parallelize(copy_model(teacher, causal=True).eval().requires_grad_(False), cfg)
@@ -1338,22 +1305,21 @@ def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=p
         x0, noise = data[idx], torch.randn(data[idx].shape, generator=rng)
         c = None if cond is None else cond[idx]
         x0, noise, c = (None if v is None else _shard(v).to(cfg.device) for v in (x0, noise, c))
-        loss = consistency_distillation_loss(student, ema, frozen, x0, noise, grid[n], grid[n + 1], c, tr.cd_guidance).mean()
+        loss = consistency_distillation_loss(student, ema, frozen, x0, noise, grid[n], grid[n + 1], c, tr.cd_guidance)
+        loss = loss.mean()
         _step(opt, student, loss, tr.grad_clip)
         _reshard(student)
         _reshard(ema)
         ema_update(ema.parameters(), student.parameters(), tr.cd_ema_decay)
         return {"consistency": loss}
-    history = train_loop("consistency distillation", tr.cd_steps, step, ckpt, log, hint=f"lower cd_lr (now {tr.cd_lr:g})",
-                         model=student, ema=ema, opt=opt, rng=rng, batches=batches)
+    history = train_loop("consistency distillation", tr.cd_steps, step, ckpt, log, model=student, ema=ema, opt=opt,
+                         hint=f"lower cd_lr (now {tr.cd_lr:g})", rng=rng, batches=batches)
     return student.eval(), history.get("consistency", [])
 
 
 def _dmd_sigma(cfg: Config, batch, rng, device):
-    """One sigma per clip for the DMD and critic losses, drawn as upstream (Self Forcing's DMD): an
-    unshifted timestep t uniform in {0, ..., T - 1}, shifted (`shift_sigma`), then clamped to
-    [dmd_min_sigma, dmd_max_sigma] = [0.02, 0.98]. At shift 5 the clamp moves 92 of the 1,000
-    values down to 0.98 and 5 up to 0.02, so about 9% of the draws sit exactly at 0.98."""
+    """One sigma per clip for the DMD and critic losses, as upstream: t uniform in {0, ..., T - 1}, shifted,
+    clamped to [dmd_min_sigma, dmd_max_sigma] = [0.02, 0.98] (at shift 5, about 9% of draws sit at 0.98)."""
     tr, T = cfg.train, cfg.sample.num_train_timesteps
     raw = torch.randint(0, T, (batch, 1), generator=rng).double() / T
     s = shift_sigma(raw, cfg.sample.shift).clamp(tr.dmd_min_sigma, tr.dmd_max_sigma).float()
@@ -1363,21 +1329,19 @@ def _dmd_sigma(cfg: Config, batch, rng, device):
 def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_init: CausalDiT,
               cond_sampler: Optional[Callable] = None, log=print, rng=None, ckpt=None,
               steps: Optional[tuple] = None) -> tuple[CausalDiT, dict]:
-    """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (a
-    bidirectional model, initialised from the base) with `critic_loss` on a fresh rollout; every
-    `gen_update_ratio` steps the generator takes a `dmd_generator_loss` step on its own rollout,
-    stopped at a random denoising step. The real score is frozen (guided when conditioned);
-    cond_sampler(batch, rng), if given, draws a batch's conditions (e.g. prompt embeddings).
-    steps: the rollouts' denoising steps (default denoising_steps; Causal Forcing++: pp_denoising_steps).
-    Returns the EMA generator (the raw one before EMA starts) and its record: the loss histories, the
-    generator's gradient norm per update, and "snapshots": four fixed rollouts (same noise and
-    conditions), `dmd_snapshots` times as it trains, from the ODE init on."""
+    """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (bidirectional, from
+    the base) with `critic_loss` on a fresh rollout; every `gen_update_ratio` steps the generator takes a
+    `dmd_generator_loss` step on its own rollout, stopped at a random denoising step. The real score is
+    frozen (guided when conditioned); cond_sampler(batch, rng) draws a batch's conditions. steps: the
+    rollouts' denoising steps (default denoising_steps). Returns the EMA generator (the raw one before EMA
+    starts) and its record: loss histories, gradient norms, and `dmd_snapshots` fixed rollouts of 4 videos."""
     tr = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
     real = real_score.eval()  # frozen: only ever called under no_grad
     opt_g, opt_f = _adamw(gen.parameters(), tr.gen_lr, tr), _adamw(fake.parameters(), tr.critic_lr, tr)
-    sigmas, batch = student_sigmas(cfg.sample, steps), len(_shard(torch.empty(tr.dmd_batch_size or tr.batch_size)))  # this rank's
+    sigmas = student_sigmas(cfg.sample, steps)
+    batch = len(_shard(torch.empty(tr.dmd_batch_size or tr.batch_size)))  # this rank's share
     state = {"ema": None, "gen_updates": 0, "snapshots": []}  # EMA: a copy of each (local shard of a) parameter
     rollout = lambda exit_step, cond, own, n=batch: self_rollout(  # noqa: E731
         gen, sigmas, batch_size=n, num_frames=cfg.data.frames, exit_step=exit_step, cond=cond,
@@ -1416,8 +1380,8 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
             for pe, pg in zip(state["ema"], gen.parameters()):
                 pg.copy_(pe.to(pg.device))
     record = {name: history.get(name, []) for name in ("generator", "critic", "generator_grad_norm")}
-    record["snapshots"] = {"updates": [u for u, _ in state["snapshots"]],
-                           "videos": torch.stack([v for _, v in state["snapshots"]]) if state["snapshots"] else torch.empty(0)}
+    updates, videos = zip(*state["snapshots"]) if state["snapshots"] else ((), ())
+    record["snapshots"] = {"updates": list(updates), "videos": torch.stack(videos) if videos else torch.empty(0)}
     return gen.eval().requires_grad_(False), record
 
 
@@ -1451,7 +1415,8 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
     mean = torch.zeros(outer, frames, *shape, dtype=torch.float64)
     for i in range(frames):
         seen = min((i // chunk_frames + 1) * chunk_frames, frames)
-        eps = torch.randn(outer, 1, frames, *shape, generator=rng, dtype=torch.float64).expand(-1, inner, -1, *shape).clone()
+        eps = torch.randn(outer, 1, frames, *shape, generator=rng, dtype=torch.float64)
+        eps = eps.expand(-1, inner, -1, *shape).clone()
         eps[:, :, seen:] = torch.randn(outer, inner, frames - seen, *shape, generator=rng, dtype=torch.float64)
         x = flow_map(eps.reshape(outer * inner, frames, *shape)).reshape(outer, inner, frames, -1)
         floor[i] = x[:, :, i].var(dim=1).sum(-1).mean()
@@ -1460,9 +1425,7 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
 
 
 # #################################################################################################
-# END OF PART I.  PART II: ENGINEERING. Checked configs, Wan checkpoints, fast attention, the one
-# training loop (data parallel, resume, divergence guard), data loaders, metrics, the pipeline, the
-# command line. None of it changes the method.
+# PART II: ENGINEERING, none of which changes the method (II.1-II.8, listed at the top of the file).
 # #################################################################################################
 
 # =================================================================================================
@@ -1753,7 +1716,8 @@ def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
     try:
         s = torch.as_tensor(sigmas, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a list of noise levels such as student_sigmas(cfg.sample)") from None
+        raise TypeError(f"{name} must be a list of noise levels such as student_sigmas(cfg.sample), got "
+                        f"{type(sigmas).__name__}") from None
     if s.dim() != 1 or len(s) == 0 or not bool(((s >= 0) & (s <= 1)).all()) or not bool((s[1:] < s[:-1]).all()):
         raise ValueError(f"{name} must be a non-empty, strictly descending list of noise levels in [0, 1]: "
                          f"{s.tolist()}")
