@@ -112,11 +112,8 @@ class ModelConfig:
     chunk_frames: int = 1  # causal block size: 1 = frame-wise, 3 = chunk-wise (Wan latents)
     window_frames: Optional[int] = None  # rolling attention window in frames (None = full)
     sink_frames: int = 0  # first frames always attended inside a rolling window
-    # RoPE frame positions in a rolling cache: "absolute" (the official code's) or "window" (re-indexed at
-    # every chunk: a long stream never meets distances unseen in training)
-    rope_positions: str = "absolute"
-    # speed, off the teaching path: none changes the method, bf16 only the rounding
-    attention: str = "auto"  # "dense" masks (readable, CPU) or "flex" block masks; auto = flex on CUDA
+    rope_positions: str = "absolute"  # in a rolling cache (official) or "window": re-indexed at every chunk
+    attention: str = "auto"  # speed (no change to the method): "dense" masks or "flex"; auto = flex on CUDA
     precision: str = "auto"  # "fp32" or "bf16" autocast; auto = bf16 on CUDA, fp32 elsewhere
     grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
     compile: bool = False  # torch.compile each block in place (state-dict keys stay unchanged)
@@ -568,11 +565,10 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Keys and values of the frames already generated, per layer: a new chunk attends to them instead of
     re-running the prefix. Buffers (layers, B, h, slots, S, d), a slot per frame: max_frames (default 1024),
-    or a rolling window of W = window_frames slots (a model with a window gets its own), the first Z =
-    sink_frames for the first frames (an attention sink), the rest a ring: memory stays fixed however long
-    the video. Keys are stored rotated at their frame (rope_positions "absolute") or raw ("window": rotated
-    at each read, at their place in the window). A call on frames [a, a + F) (`plan`, each layer's
-    `extend`, `commit`) overwrites their slots and forgets later frames."""
+    or W = window_frames (a model with a window gets its own): Z = sink_frames for the first frames, a ring
+    for the rest. Keys are stored rotated ("absolute" positions) or raw ("window": rotated at each read).
+    A call on frames [a, a + F) (`plan`, each layer's `extend`, `commit`) overwrites their slots and
+    forgets later frames."""
 
     def __init__(self, model, batch_size: int, max_frames: Optional[int] = None, window_frames: Optional[int] = None,
                  sink_frames: Optional[int] = None):
@@ -747,9 +743,8 @@ class CausalDiT(nn.Module):
                 block.compile()
 
     def init_weights(self):
-        """Xavier-uniform linears with zero bias (as Wan); then adaLN-Zero (as DiT): the modulation
-        offsets, the time projection and the output layer start at zero, so every block starts as
-        the identity and the model's first output is 0. Training moves the gates off zero."""
+        """Xavier-uniform linears with zero bias (as Wan), then adaLN-Zero (as DiT): the modulation offsets,
+        the time projection and the output layer start at zero, so every block starts as the identity."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -951,13 +946,11 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
            kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None,
            first_chunk_sigmas=None, context_noise: float = 0.0, recache: bool = False) -> Iterator[torch.Tensor]:
     """Streams the few-step causal student (Self Forcing's inference loop): yields each chunk (B, f, C, H, W)
-    as soon as it is denoised, then writes it to the KV cache (default a fresh one, new_cache_for) at
-    t = context_noise. sigmas: student_sigmas(cfg.sample) (Wan's 4 steps) or e.g. for 2 steps
-    student_sigmas(cfg.sample, (1000, 500)); first_chunk_sigmas (default the same) for the first chunk,
-    which has no context (Causal Forcing++ keeps 4 steps there). A new prompt: chunks.send(new_cond) in
-    place of next(chunks), from the first chunk on, returns the next chunk under it; the cached chunks stay
-    as written (the official code's behaviour), or with recache=True are re-run under it first (LongLive).
-    Every argument, and a new prompt, is checked before any work."""
+    as soon as it is denoised, then writes it to the KV cache (default new_cache_for) at t = context_noise.
+    sigmas: e.g. student_sigmas(cfg.sample); first_chunk_sigmas (default the same) for the first chunk,
+    which has no context. chunks.send(new_cond) in place of next(chunks), from the first chunk on, returns
+    the next chunk under a new prompt; the cached chunks stay as written (as upstream) or, with recache=True,
+    are re-run under it first (LongLive). Every argument, and a new prompt, is checked before any work."""
     sigmas = check_sigmas(sigmas).tolist()
     first = sigmas if first_chunk_sigmas is None else check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist()
     check_sampling(generator, batch_size, num_frames, cond, context_noise=context_noise)
