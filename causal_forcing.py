@@ -25,14 +25,13 @@ conditioned on their label; "wan-1.3b" is Wan2.1-T2V-1.3B's DiT, whose checkpoin
     python causal_forcing.py --config mnist   # the same on moving digits (about 30 min on 2 CPU cores)
     torchrun --nproc_per_node=2 causal_forcing.py   # data parallel
     python -m pytest                          # the tests
-Beside it, examples/: figures.py (a run's figures), long_stream.py, bench.py, generate.py (real Wan2.1
-text to video), cd_probe.py.
+Beside it, examples/ (figures, long streams, benchmarks, Wan2.1 text to video).
 
-Part I is the method, in the order the data flows: I.1 config, I.2 toy data and its exact teachers,
-I.3 flow matching, I.4 attention masks, I.5 the network and its KV cache, I.6 samplers, I.7 losses,
-I.8 training stages, I.9 the injectivity floor. Part II is engineering that does not change the
-method: II.1 checks, II.2 Wan checkpoints, II.3 fast attention, II.4 the training loop, II.5 data
-loaders, II.6 metrics, II.7 the pipeline, II.8 the command line.
+Part I is the method, in the order the data flows: I.1 config, I.2 toy data and its exact teachers, I.3 flow
+matching, I.4 attention masks, I.5 the network and its KV cache, I.6 samplers, I.7 losses, I.8 training
+stages, I.9 the injectivity floor. Part II is engineering that does not change the method: II.1 checks,
+II.2 Wan checkpoints, II.3 fast attention, II.4 the training loop, II.5 data, II.6 metrics, II.7 the
+pipeline, II.8 the command line.
 
 Shapes: B batch, F frames, C channels, H W height width, S tokens per frame, N tokens, D width,
 h heads, d head dim. Videos are (B, F, C, H, W); noise levels t are sigmas (B, F) in [0, 1], 1 = noise.
@@ -61,9 +60,7 @@ from einops import rearrange
 
 
 # #################################################################################################
-# PART I: THE METHOD, in the order the data flows: config values, toy data and its exact teachers,
-# flow matching, attention masks, the network and its KV cache, the samplers, the losses, the
-# training stages, the injectivity floor. The stages run the one training loop of Part II.
+# PART I: THE METHOD, in the order the data flows. The stages run the one training loop of Part II.
 # #################################################################################################
 
 # =================================================================================================
@@ -115,12 +112,8 @@ class ModelConfig:
     chunk_frames: int = 1  # causal block size: 1 = frame-wise, 3 = chunk-wise (Wan latents)
     window_frames: Optional[int] = None  # rolling attention window in frames (None = full)
     sink_frames: int = 0  # first frames always attended inside a rolling window
-    # RoPE's frame positions in a rolling cache: "absolute" (frame index, the official code's) or
-    # "window" (the live window, sink included, re-indexed to [0, W) at every chunk, keys cached before
-    # rotation: a long stream never meets distances unseen in training)
-    rope_positions: str = "absolute"  # one of ROPE_POSITIONS
-    # --- speed (off the teaching path; none changes the method, bf16 only the rounding) ---
-    attention: str = "auto"  # "dense" masks (readable, CPU) or "flex" block masks; auto = flex on CUDA
+    rope_positions: str = "absolute"  # in a rolling cache (official) or "window": re-indexed at every chunk
+    attention: str = "auto"  # speed (no change to the method): "dense" masks or "flex"; auto = flex on CUDA
     precision: str = "auto"  # "fp32" or "bf16" autocast; auto = bf16 on CUDA, fp32 elsewhere
     grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
     compile: bool = False  # torch.compile each block in place (state-dict keys stay unchanged)
@@ -137,8 +130,7 @@ class TrainConfig:
     adam_beta1: float = 0.0  # upstream betas (0, 0.999) for teacher, ODE and DMD stages
     adam_beta2: float = 0.999
     grad_clip: float = 10.0  # upstream 10
-    # stage 0: the bidirectional base (upstream: the pretrained Wan model, not trained here), trained
-    # from scratch, so with the usual Adam momentum; the later stages fine-tune with beta1 0, as upstream
+    # stage 0: the bidirectional base (upstream: pretrained Wan), from scratch with the usual Adam momentum
     base_steps: int = 1200
     base_lr: float = 2e-3
     base_beta1: float = 0.9
@@ -148,24 +140,21 @@ class TrainConfig:
     teacher_mode: str = "teacher_forcing"  # or "diffusion_forcing" (the paper's ablation)
     teacher_guidance: float = 6.0  # CFG of the ODE-pair teacher (upstream 6); unused when unconditional
     cond_dropout: float = 0.1  # base and AR teacher: drop the condition so that CFG has an "uncond"
-    # base and AR teacher: where their flow-matching sigmas are drawn and how they are weighted. Upstream
-    # fine-tunes a pretrained Wan on the sampler's shifted schedule with the bump weight; a model trained
-    # from scratch needs the low noise levels, where a frame's details are decided.
+    # base and AR teacher's sigma draw and weight (from scratch, a model also needs the low noise levels)
     fm_shift: Optional[float] = None  # shift of the sigma draw; None = the sampler's `shift` (upstream)
     fm_weight: str = "bump"  # "bump" (upstream, zero at both ends) or "uniform"
     # stage 2: ODE pairs and ODE distillation (upstream lr 2e-6, ~1K steps)
     ode_pairs: int = 2048
     ode_steps: int = 400
     ode_lr: float = 5e-4
-    ode_step_draw: str = "upstream"  # each frame's student step: "upstream" (see train_ode_student), "batch", "sample", "chunk"
-    # stage 2, Causal Forcing++: causal consistency distillation from the AR teacher, no ODE pairs
-    # (upstream lr 2e-6, >= 3K steps at batch 64, teacher CFG 3, EMA 0.99), then the same DMD, streamed
-    # with pp_denoising_steps. cd_steps=0 leaves the two Causal Forcing++ rows out.
+    ode_step_draw: str = "upstream"  # each frame's student step: "upstream", "batch", "sample" or "chunk"
+    # stage 2, Causal Forcing++: consistency distillation from the AR teacher, then DMD with pp_denoising_steps
+    # (upstream lr 2e-6, >= 3K steps at batch 64, teacher CFG 3, EMA 0.99); cd_steps=0 leaves it out
     cd_steps: int = 600
     cd_lr: float = 5e-4
     cd_guidance: float = 3.0  # CFG of the teacher's Euler step; unused when unconditional
     cd_ema_decay: float = 0.99  # the EMA student that gives the consistency target
-    cd_batch_size: Optional[int] = None  # consistency distillation's clips per step (upstream 64); None = batch_size
+    cd_batch_size: Optional[int] = None  # clips per step (upstream 64); None = batch_size
     # stage 3: DMD (upstream gen lr 2e-6, critic lr 4e-7, ratio 5, EMA 0.99 from step 200)
     dmd_steps: int = 300  # critic updates; the generator updates every `gen_update_ratio` steps
     gen_lr: float = 5e-5  # 4x below this the generator barely moves; 4x above it degrades frame 0
@@ -177,11 +166,11 @@ class TrainConfig:
     dmd_min_sigma: float = 0.02  # DMD/critic timesteps are clamped to [0.02, 0.98] (upstream)
     dmd_max_sigma: float = 0.98
     real_guidance: float = 4.0  # CFG scale uncond + g (cond - uncond); upstream "cond + 3 (cond - uncond)"
-    # --- the run (engineering and evaluation: none changes what a stage computes) ---
+    # the run: engineering and evaluation, none changes what a stage computes
     classifier_steps: int = 600  # the digit classifier behind the moving-digit metrics
     checkpoint_every: int = 100  # steps between resumable checkpoints of a stage (with --out)
-    dmd_snapshots: int = 8  # fixed rollouts of 4 videos recorded as DMD trains (examples/figures.py draws them); 0 = none
-    data_parallel: str = "auto"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded); auto = fsdp if dim >= 1024
+    dmd_snapshots: int = 8  # fixed rollouts of 4 videos recorded as DMD trains (for examples/figures.py)
+    data_parallel: str = "auto"  # under torchrun: "ddp" or "fsdp" (sharded); auto = fsdp if dim >= 1024
 
 
 @dataclass
@@ -191,7 +180,7 @@ class SampleConfig:
     shift: float = 5.0  # s' = k s / (1 + (k - 1) s); upstream generator k = 5
     num_train_timesteps: int = 1000
     teacher_solver_steps: int = 48  # Euler steps of the teachers (upstream 48 for ODE pairs)
-    cd_grid_steps: Optional[int] = None  # consistency grid (upstream discrete_cd_N = 48); None = teacher_solver_steps
+    cd_grid_steps: Optional[int] = None  # consistency grid (upstream 48); None = teacher_solver_steps
     denoising_steps: tuple = (1000, 750, 500, 250)  # the student's steps before warping
     pp_denoising_steps: tuple = (1000, 500)  # Causal Forcing++: 2 steps (the first chunk at denoising_steps)
     warp_denoising_steps: bool = True  # map them through the shifted schedule: 1000, 937.5, 833.3, 625
@@ -227,14 +216,11 @@ class Config:
 
 
 class ToyVideos:
-    """Videos of F frames, each a point in R^2 (a frame of shape C=2, H=W=1).
-
-    A video starts at one of K points on a circle and turns by +turn or -turn every frame; every
-    coordinate has Gaussian noise. So the data is a mixture of 2K isotropic Gaussians in R^(2F)
-    with means mu_m (one path each) and std sigma_d, and the flow-matching teachers have closed
-    forms: under x_s = (1 - s) x0 + s eps, component m gives x_s ~ N((1 - s) mu_m, v_s I) with
-    v_s = (1 - s)^2 sigma_d^2 + s^2, and E[x0 | x_s] mixes the per-component posterior means.
-    """
+    """Videos of F frames, each a point in R^2 (C=2, H=W=1) that starts at one of K points on a circle and
+    turns by +turn or -turn every frame, with Gaussian noise on every coordinate: a mixture of 2K isotropic
+    Gaussians in R^(2F) with means mu_m (one path each) and std sigma_d. So the flow-matching teachers have
+    closed forms: under x_s = (1 - s) x0 + s eps, component m gives x_s ~ N((1 - s) mu_m, v_s I) with
+    v_s = (1 - s)^2 sigma_d^2 + s^2, and E[x0 | x_s] mixes the per-component posterior means."""
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
@@ -290,9 +276,8 @@ class ToyVideos:
 
 
 def label_cond(labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
-    """Digit labels (B,) or (B, num_digits) -> the conditioning sequence (B, num_digits, num_classes): one
-    one-hot row per digit, fed through the cross-attention path that carries text in Wan. The null
-    condition of classifier-free guidance is all zeros (what `cond=None` gives the model)."""
+    """Digit labels (B,) or (B, num_digits) -> the condition (B, num_digits, num_classes): a one-hot row per
+    digit, through the cross-attention that carries text in Wan. The null condition is zeros (cond=None)."""
     labels = labels.reshape(len(labels), -1)
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
@@ -342,9 +327,8 @@ def velocity_from_x0(x_s, x0, sigma):
 
 def flow_matching_loss(model, x0, sigma, noise, cond=None, weight=None, **kw) -> torch.Tensor:
     """Flow matching (Wan's objective, rectified flow): the MSE between the model's velocity at
-    x_s = (1 - s) x0 + s eps and the true velocity eps - x0, per frame, averaged with `weight`
-    (B, F) if given (the recipe's bump weight, `bump_weight`), else uniformly. `kw` go to the
-    model (clean_context: teacher forcing)."""
+    x_s = (1 - s) x0 + s eps and the true velocity eps - x0, per frame, averaged with `weight` (B, F)
+    if given (`bump_weight`), else uniformly. `kw` go to the model (clean_context: teacher forcing)."""
     x_s = add_noise(x0, noise, sigma)
     err = (model(x_s, sigma, cond, **kw) - (noise - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, F)
     return (err * weight).mean() if weight is not None else err.mean()
@@ -387,9 +371,8 @@ def solver_sigmas(steps: int, cfg: SampleConfig) -> torch.Tensor:
 
 
 def student_sigmas(cfg: SampleConfig, steps: Optional[tuple] = None) -> list[float]:
-    """The few-step student's sigmas for `steps` (default cfg.denoising_steps). Warped through the
-    shifted schedule (Self Forcing's warp_denoising_step), [1000, 750, 500, 250] becomes
-    [1000, 937.5, 833.3, 625] / 1000; the 2-step [1000, 500] becomes [1000, 833.3] / 1000."""
+    """The few-step student's sigmas for `steps` (default cfg.denoising_steps), warped through the shifted
+    schedule (Self Forcing's warp_denoising_step): [1000, 750, 500, 250] -> [1000, 937.5, 833.3, 625] / 1000."""
     T = cfg.num_train_timesteps
     steps = cfg.denoising_steps if steps is None else steps
     if not steps or not all(0 < k <= T for k in steps):
@@ -410,10 +393,8 @@ def ode_pair_sigmas(cfg: SampleConfig) -> tuple[list[float], torch.Tensor]:
 
 
 def consistency_sigmas(cfg: SampleConfig) -> list[float]:
-    """The grid of consistency distillation (Causal Forcing++): an Euler grid of N = cd_grid_steps
-    steps on the shifted schedule (default the teachers' teacher_solver_steps; upstream 48 at shift 5)
-    without its final 0, so N sigmas descending from 1. A training step pairs grid[n] with
-    grid[n + 1], n uniform below N - 1."""
+    """Causal Forcing++'s grid: N = cd_grid_steps (default teacher_solver_steps) Euler steps on the shifted
+    schedule without the final 0, N sigmas from 1 down. A step pairs grid[n] with grid[n + 1], n < N - 1."""
     steps = cfg.teacher_solver_steps if cfg.cd_grid_steps is None else cfg.cd_grid_steps
     return solver_sigmas(steps, cfg)[:-1].tolist()
 
@@ -443,9 +424,8 @@ def exact_bidirectional_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.T
 
 def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chunk_frames: int,
                   context: Optional[torch.Tensor] = None, keep=None):
-    """phi_AR: chunk by chunk, the exact AR teacher's ODE given clean earlier frames. The context
-    is its own earlier outputs, or `context` (ground truth, as when ODE pairs are made). With
-    `keep`, also the states at those sigmas: (x0, {sigma: x})."""
+    """phi_AR: chunk by chunk, the exact AR teacher's ODE given clean earlier frames: its own outputs, or
+    `context` (ground truth, as for ODE pairs). With `keep`, also the states there: (x0, {sigma: x})."""
     out, kept = [], {k: [] for k in keep or []}
     for start in range(0, eps.shape[1], chunk_frames):
         fr = slice(start, min(start + chunk_frames, eps.shape[1]))
@@ -460,9 +440,8 @@ def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chun
 
 
 def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str, rng=None) -> dict:
-    """ODE pairs in the format of make_ode_pairs (I.8), from the *exact* teachers (toy data only): "ar" runs every
-    chunk given the ground-truth clean earlier frames, "bidirectional" the whole clip from noise.
-    They isolate the injectivity argument from any error of a learned teacher."""
+    """make_ode_pairs (I.8) with the *exact* teachers (toy data only), which isolate the injectivity argument
+    from any error of a learned teacher: "ar" given the ground-truth earlier frames, "bidirectional"."""
     keep, sig = ode_pair_sigmas(cfg.sample)
     eps = torch.randn(clean.shape, generator=rng, dtype=torch.float64)
     if kind == "ar":
@@ -471,9 +450,8 @@ def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str
         x0, kept = exact_bidirectional_flow(data, eps, sig, keep=keep)
     else:
         raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
-    dev = cfg.device
-    return {"xt": torch.stack([kept[k] for k in keep], 1).float().to(dev), "x0": x0.float().to(dev), "clean": clean.to(dev)}
-
+    xt = torch.stack([kept[k] for k in keep], 1)
+    return {"xt": xt.float().to(cfg.device), "x0": x0.float().to(cfg.device), "clean": clean.to(cfg.device)}
 
 
 # =================================================================================================
@@ -515,20 +493,18 @@ def expand_to_tokens(vis: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
     return vis.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
-def dense_attend(q, k, v, mask=None) -> torch.Tensor:
-    """Softmax attention, q (B, h, Nq, d), k v (B, h, Nk, d) -> (B, h, Nq, d); mask (Nq, Nk) bool, None = all
-    visible. PyTorch picks a fused (flash) kernel where it can."""
-    return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-# Attention back-ends: name -> (token mask from a frame mask, the kernel that takes it). "dense" is the
-# readable one; II.3 adds "flex" (FlexAttention block masks, for long sequences on a GPU).
-ATTENTION_BACKENDS: dict = {"dense": (expand_to_tokens, dense_attend)}
+# Attention back-ends: name -> (a frame mask to the kernel's mask, the kernel); II.3 adds "flex" for GPUs.
+ATTENTION_BACKENDS: dict = {"dense": (expand_to_tokens, F_.scaled_dot_product_attention)}
 _MASKS: dict = {}  # the same few masks recur every step: each is built once
 
 
-def token_mask(vis: torch.Tensor, tokens_per_frame: int, backend: str, device) -> tuple:
-    """A frame-level visibility (Fq, Fk) in the form `backend`'s kernel takes, as (kernel, mask)."""
+def token_mask(vis: Optional[torch.Tensor], tokens_per_frame: int, backend: str, device) -> Optional[tuple]:
+    """A frame visibility (Fq, Fk) as `attend` takes it: (kernel, token-level mask); None where every key is
+    visible. backend: ModelConfig.attention ("auto": flex on CUDA, where II.3 provides it, else dense)."""
+    if vis is None or bool(vis.all()):
+        return None
+    if backend == "auto":
+        backend = "flex" if torch.device(device).type == "cuda" and "flex" in ATTENTION_BACKENDS else "dense"
     key = (tuple(vis.shape), vis.cpu().numpy().tobytes(), tokens_per_frame, backend, str(device))
     if key not in _MASKS:
         if len(_MASKS) >= 32:
@@ -539,11 +515,10 @@ def token_mask(vis: torch.Tensor, tokens_per_frame: int, backend: str, device) -
 
 
 def attend(q, k, v, mask=None) -> torch.Tensor:
-    """Attention under `token_mask`'s (kernel, mask); None: every key visible (the fused kernel runs)."""
+    """Softmax attention, q (B, h, Nq, d), k v (B, h, Nk, d) -> (B, h, Nq, d), under `token_mask`'s mask;
+    None: every key visible, and PyTorch picks a fused (flash) kernel."""
     q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast q, k leave the fp32 norm gains as fp32
-    if mask is None:
-        return dense_attend(q, k, v)
-    kernel, token_level = mask
+    kernel, token_level = mask or (F_.scaled_dot_product_attention, None)
     return kernel(q, k, v, token_level)
 
 
@@ -553,11 +528,9 @@ def attend(q, k, v, mask=None) -> torch.Tensor:
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """(N, 3) integer (frame, y, x) positions -> (N, d/2) rotation angles in float64.
-    As in Wan, the d/2 complex pairs split into frame / height / width parts of
-    d - 4 (d // 6), 2 (d // 6), 2 (d // 6) real dims; an axis of real size d_a uses the
-    frequencies theta^(-2i / d_a). Angles are computed from positions directly (no table), so
-    positions never overflow however long a video streams."""
+    """(N, 3) integer (frame, y, x) positions -> (N, d/2) rotation angles in float64. As in Wan, the head
+    dim splits into frame / height / width parts of d - 4 (d // 6), 2 (d // 6), 2 (d // 6) dims; an axis of
+    d_a dims turns at frequencies theta^(-2i / d_a). No table: positions never overflow, however long the stream."""
     d_hw = 2 * (head_dim // 6)
     parts = []
     for axis, d_a in enumerate((head_dim - 2 * d_hw, d_hw, d_hw)):
@@ -590,36 +563,33 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of frames already generated, for every layer, so that each new chunk costs
-    attention over the cache instead of a forward pass over the whole prefix.
+    """Keys and values of the frames already generated, per layer: a new chunk attends to them instead of
+    re-running the prefix. Buffers (layers, B, h, slots, S, d), a slot per frame: max_frames (default 1024),
+    or W = window_frames (a model with a window gets its own): Z = sink_frames for the first frames, a ring
+    for the rest. Keys are stored rotated ("absolute" positions) or raw ("window": rotated at each read).
+    A call on frames [a, a + F) (`plan`, each layer's `extend`, `commit`) overwrites their slots and
+    forgets later frames."""
 
-    Buffers are (layers, B, h, slots, S, d): one slot per frame of S tokens. Without a window there is
-    a slot for every frame up to max_frames. With a rolling window of W frames there are W slots: the
-    first Z = `sink_frames` frames keep theirs (an attention sink), later frames share W - Z slots in a ring,
-    so memory stays fixed however long the video runs. Keys are stored after rotary embedding at
-    absolute frame positions (rope_positions "absolute"), or before it ("window": the model rotates
-    them at every read, at their place in the live window). Writing frames [a, a + F) again
-    (re-denoising a chunk, or a re-cache) overwrites the same slots and forgets any frame after them.
-
-    One model call with the cache: `plan` (which slots to read, and the attention mask), then every
-    layer's SelfAttention reads its cached keys and values and writes the new frames' into
-    `slot(frames)`, then `commit`. Slot indices are CPU tensors; the buffers live on the model's device.
-    The cache trusts its caller (the samplers); `check_inputs` (Part II) checks a hand-made call."""
-
-    def __init__(self, num_layers, batch_size, num_heads, head_dim, tokens_per_frame, chunk_frames,
-                 max_frames=None, window_frames=None, sink_frames=0, dtype=torch.float32, device="cpu",
-                 rope_positions: str = "absolute"):
-        if window_frames is None and max_frames is None:
-            raise ValueError("a KV cache needs max_frames, or window_frames for a rolling cache")
-        if window_frames is not None and window_frames - sink_frames < chunk_frames:
-            raise ValueError(f"window_frames - sink_frames = {window_frames - sink_frames} must hold a chunk of {chunk_frames}")
-        self.batch_size, self.chunk_frames, self.rope_positions = batch_size, chunk_frames, rope_positions
-        self.max_frames, self.window_frames, self.sink_frames = max_frames, window_frames, sink_frames
-        slots = window_frames if window_frames is not None else max_frames
-        shape = (num_layers, batch_size, num_heads, slots, tokens_per_frame, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.slot_frame = torch.full((slots,), -1, dtype=torch.long)  # which frame each slot holds
+    def __init__(self, model, batch_size: int, max_frames: Optional[int] = None, window_frames: Optional[int] = None,
+                 sink_frames: Optional[int] = None):
+        c, p = model.cfg, next(model.parameters())
+        window = c.window_frames if window_frames is None else window_frames
+        sink = c.sink_frames if sink_frames is None else sink_frames
+        own = (c.window_frames, c.sink_frames)
+        if c.window_frames is not None and (max_frames is not None or (window, sink) != own):
+            raise ValueError(f"max_frames={max_frames}, window_frames={window_frames}, sink_frames={sink_frames} "
+                             f"conflict with the model's rolling window {own}: leave them out (max_frames is for a "
+                             "full cache)")
+        if window is not None and window - sink < c.chunk_frames:
+            raise ValueError(f"window_frames - sink_frames = {window - sink} must hold a chunk of {c.chunk_frames}")
+        self.batch_size, self.chunk_frames, self.rope_positions = batch_size, c.chunk_frames, c.rope_positions
+        self.max_frames = (max_frames or 1024) if window is None else None
+        self.window_frames, self.sink_frames = window, sink
+        shape = (len(model.blocks), batch_size, c.num_heads, window or self.max_frames, model.tokens_per_frame,
+                 c.dim // c.num_heads)
+        dtype = torch.bfloat16 if model.uses_bf16(p.device) else p.dtype  # keys and values are bf16 under autocast
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=p.device) for _ in range(2))
+        self.slot_frame = torch.full((shape[3],), -1, dtype=torch.long)  # which frame each slot holds
         self.end = 0  # frames [0, end) have been written
 
     def slot(self, frames: torch.Tensor) -> torch.Tensor:
@@ -628,19 +598,30 @@ class KVCache:
         ring = self.window_frames - self.sink_frames
         return torch.where(frames < self.sink_frames, frames, self.sink_frames + (frames - self.sink_frames) % ring)
 
-    def plan(self, start_frame: int, num_frames: int):
-        """(read_slots, vis) for a call on frames [start, start + F): the cached slots to read, in frame
-        order (a slice where they are contiguous: a view, no copy), and the (F, Fk) visibility of the
-        keys, cached then new."""
-        held = (self.slot_frame >= 0) & (self.slot_frame < start_frame)
-        read_slots = torch.nonzero(held).flatten()
-        read_slots = read_slots[self.slot_frame[read_slots].argsort()]
-        cached = self.slot_frame[read_slots]
-        if len(read_slots) and bool((read_slots == torch.arange(int(read_slots[0]), int(read_slots[0]) + len(read_slots))).all()):
-            read_slots = slice(int(read_slots[0]), int(read_slots[0]) + len(read_slots))
+    def plan(self, start_frame: int, num_frames: int) -> tuple:
+        """For frames [start, start + F): the cached frames' slots in frame order (a slice where contiguous:
+        a view, no copy), the new frames' slots, and the (F, Fk) visibility of the keys, cached then new."""
+        read = torch.nonzero((self.slot_frame >= 0) & (self.slot_frame < start_frame)).flatten()
+        read = read[self.slot_frame[read].argsort()]
+        cached = self.slot_frame[read]
+        if len(read) and bool((read.diff() == 1).all()):
+            read = slice(int(read[0]), int(read[-1]) + 1)
         q = torch.arange(start_frame, start_frame + num_frames)
         vis = frame_visibility(q, torch.cat([cached, q]), self.chunk_frames, self.window_frames, self.sink_frames)
-        return read_slots, vis
+        return read, self.slot(q), vis
+
+    def extend(self, layer: int, read, write, key_angles, k, v, raw_k) -> tuple:
+        """A layer's new keys and values k v (B, h, N, d) -> the cached frames' (slots `read`), then the new,
+        which go to `write`: k, or with key_angles ("window") raw_k (B, N, h, d), rotated at each read."""
+        old_k, old_v = (rearrange(buf[layer][:, :, read], "b h f s d -> b h (f s) d") for buf in (self.k, self.v))
+        if key_angles is not None:
+            old_k = rearrange(apply_rope(rearrange(old_k, "b h n d -> b n h d"), key_angles), "b n h d -> b h n d")
+        stored = (k if key_angles is None else rearrange(raw_k, "b n h d -> b h n d"), v)
+        k, v = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
+        # after the read (`read` may be a view); detached: a later refresh of the slots must not break DMD's backward
+        for buf, new in zip((self.k, self.v), stored):
+            buf[layer][:, :, write] = rearrange(new.detach(), "b h (f s) d -> b h f s d", s=buf.shape[-2]).to(buf.dtype)
+        return k, v
 
     def commit(self, start_frame: int, num_frames: int) -> None:
         """Records that every layer wrote frames [start, start + F); later frames are forgotten."""
@@ -658,32 +639,14 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
     def forward(self, x, angles, mask=None, cache: Optional[tuple] = None):
-        """x (B, N, D); angles (N, d/2); mask over (queries, keys), None = all visible;
-        cache = (KVCache, layer, read_slots, write_slots, key_angles): cached frames' keys first,
-        then the new. key_angles None: the cache holds rotated keys (absolute positions); else it
-        holds them unrotated and key_angles rotates the ones read (window positions)."""
+        """x (B, N, D); angles (N, d/2); mask: `attend`'s; cache: (KVCache, and the rest of the arguments
+        of its `extend`) when streaming: the cached frames' keys and values come first."""
         split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=self.num_heads)  # noqa: E731
-        q = apply_rope(split(self.norm_q(self.q(x))), angles)  # (B, N, h, d)
-        raw_k = split(self.norm_k(self.k(x)))
-        k = apply_rope(raw_k, angles)
-        v = split(self.v(x))
-        q, k, v = (rearrange(t, "b n h d -> b h n d") for t in (q, k, v))
+        q, raw_k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(x))), split(self.v(x))  # (B, N, h, d)
+        q, k, v = (rearrange(t, "b n h d -> b h n d") for t in (apply_rope(q, angles), apply_rope(raw_k, angles), v))
         if cache is not None:
-            kv, layer, read_slots, write_slots, key_angles = cache
-            S = kv.k.shape[-2]
-            if key_angles is None:
-                old_k = rearrange(kv.k[layer][:, :, read_slots], "b h f s d -> b h (f s) d")
-            else:  # rotate the cached keys at their place in the live window
-                old_k = apply_rope(rearrange(kv.k[layer][:, :, read_slots], "b h f s d -> b (f s) h d"), key_angles)
-                old_k = rearrange(old_k, "b n h d -> b h n d")
-            old_v = rearrange(kv.v[layer][:, :, read_slots], "b h f s d -> b h (f s) d")
-            stored_k, stored_v = (k if key_angles is None else rearrange(raw_k, "b n h d -> b h n d")), v
-            k, v = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
-            # Write after reading: the slots read may be views of the buffer. Store detached copies: the
-            # cache carries values, never a graph, so a later in-place refresh of these slots cannot
-            # break a backward pass through this call (DMD rollout).
-            kv.k[layer][:, :, write_slots] = rearrange(stored_k.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.k.dtype)
-            kv.v[layer][:, :, write_slots] = rearrange(stored_v.detach(), "b h (f s) d -> b h f s d", s=S).to(kv.v.dtype)
+            kv, *where = cache
+            k, v = kv.extend(*where, k, v, raw_k)
         out = attend(q, k, v, mask)  # (B, h, N, d)
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -705,15 +668,14 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float = 1e-6, cross_attention: bool = False):
         super().__init__()
-        D = dim
-        self.norm1 = nn.LayerNorm(D, eps=eps, elementwise_affine=False)
-        self.self_attn = SelfAttention(D, num_heads, eps)
+        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, num_heads, eps)
         if cross_attention:
-            self.norm3 = nn.LayerNorm(D, eps=eps)
-            self.cross_attn = CrossAttention(D, num_heads, eps)
-        self.norm2 = nn.LayerNorm(D, eps=eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(D, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, D))
-        self.modulation = nn.Parameter(torch.zeros(1, 6, D))  # adaLN-Zero: see CausalDiT.init_weights
+            self.norm3 = nn.LayerNorm(dim, eps=eps)
+            self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))  # adaLN-Zero: see CausalDiT.init_weights
 
     def forward(self, x, e0, ctx, angles, mask=None, cache=None):
         """x (B, N, D) with N = F*S; e0 (B, F, 6, D) per-frame modulation: DiT's adaLN terms
@@ -731,8 +693,7 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    """The output layer: adaLN (shift, scale) from the frame's time embedding, then a linear map of
-    each token to its patch's out_dim = p * p * C values."""
+    """The output layer: adaLN (shift, scale) from the frame's time embedding, then each token to its patch."""
 
     def __init__(self, dim: int, out_dim: int, eps: float = 1e-6):
         super().__init__()
@@ -756,14 +717,12 @@ def timestep_features(timestep: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class CausalDiT(nn.Module):
-    """A Wan2.1-style video DiT. `causal=False` is the bidirectional model (full attention);
-    `causal=True` uses block-causal attention over chunks of `chunk_frames` frames.
-
-    model(x, t, cond=None, kv_cache=None, start_frame=0, clean_context=None) -> velocity
-        x (B, F, C, H, W); t (B, F) sigmas; cond (B, L, cond_dim) or None. Returns eps - x0.
-        clean_context (B, F, C, H, W): teacher forcing, the sequence [clean ; noisy].
-        kv_cache: streaming; x holds frames [start_frame, start_frame + F) of the video.
-    The network knows nothing of losses or samplers."""
+    """A Wan2.1-style video DiT: bidirectional (causal=False, full attention) or block-causal over chunks of
+    chunk_frames frames. model(x, t, cond=None, kv_cache=None, start_frame=0, clean_context=None) is the
+    velocity eps - x0 of x (B, F, C, H, W) at noise levels t (B, F) given cond (B, L, cond_dim) or None;
+    with clean_context (B, F, C, H, W) it sees [clean ; noisy] (teacher forcing); with a kv_cache, x holds
+    frames [start_frame, start_frame + F) of a stream. It knows no losses or samplers, and checks nothing:
+    the samplers check their arguments, `check_inputs` (Part II) a hand-made call."""
 
     def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
@@ -771,7 +730,8 @@ class CausalDiT(nn.Module):
         D, p = cfg.dim, cfg.patch_size
         self.patch_embedding = nn.Conv3d(cfg.in_channels, D, kernel_size=(1, p, p), stride=(1, p, p))
         if cfg.cond_dim:
-            self.text_embedding = nn.Sequential(nn.Linear(cfg.cond_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+            self.text_embedding = nn.Sequential(nn.Linear(cfg.cond_dim, D), nn.GELU(approximate="tanh"),
+                                                nn.Linear(D, D))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.blocks = nn.ModuleList(Block(D, cfg.ffn_dim, cfg.num_heads, cfg.eps, cross_attention=bool(cfg.cond_dim))
@@ -783,22 +743,19 @@ class CausalDiT(nn.Module):
                 block.compile()
 
     def init_weights(self):
-        """Xavier-uniform linears with zero bias (as Wan); then adaLN-Zero (as DiT): the modulation
-        offsets, the time projection and the output layer start at zero, so every block starts as
-        the identity and the model's first output is 0. Training moves the gates off zero."""
+        """Xavier-uniform linears with zero bias (as Wan), then adaLN-Zero (as DiT): the modulation offsets,
+        the time projection and the output layer start at zero, so every block starts as the identity."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.cfg.dim, -1))
-        for m in self.time_embedding:
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
+        for m in (self.time_embedding[0], self.time_embedding[2]):
+            nn.init.normal_(m.weight, std=0.02)
         for p in (self.time_projection[1].weight, self.time_projection[1].bias, self.head.head.weight,
                   self.head.head.bias, self.head.modulation, *(b.modulation for b in self.blocks)):
             nn.init.zeros_(p)
 
-    # --- shapes ----------------------------------------------------------------------------------
     @property
     def tokens_per_frame(self) -> int:
         return (self.cfg.height // self.cfg.patch_size) * (self.cfg.width // self.cfg.patch_size)
@@ -814,119 +771,77 @@ class CausalDiT(nn.Module):
         return rearrange(y, "b (f h w) (ph pw c) -> b f c (h ph) (w pw)", f=frames,
                          h=c.height // p, w=c.width // p, ph=p, pw=p)
 
-    def positions(self, frames: torch.Tensor) -> torch.Tensor:
-        """(F,) absolute frame indices -> (F*S, 3) token positions (frame, y, x)."""
-        hh, ww = self.cfg.height // self.cfg.patch_size, self.cfg.width // self.cfg.patch_size
-        f, y, x = torch.meshgrid(frames, torch.arange(hh), torch.arange(ww), indexing="ij")
-        return torch.stack([f, y, x], -1).reshape(-1, 3)
-
     def rope(self, frames: torch.Tensor) -> torch.Tensor:
-        """(F,) frame positions -> (F*S, d/2) rotation angles of their tokens."""
-        return rope_angles(self.positions(frames), self.cfg.dim // self.cfg.num_heads, self.cfg.rope_theta)
+        """(F,) frame positions -> (F*S, d/2) rotation angles of their tokens at (frame, y, x)."""
+        c = self.cfg
+        f, y, x = torch.meshgrid(frames, torch.arange(c.height // c.patch_size), torch.arange(c.width // c.patch_size),
+                                 indexing="ij")
+        return rope_angles(torch.stack([f, y, x], -1).reshape(-1, 3), c.dim // c.num_heads, c.rope_theta)
 
     def embed_cond(self, cond, batch, dtype, device):
-        if not self.cfg.cond_dim:
+        c = self.cfg
+        if not c.cond_dim:
             return None
-        if cond is None:  # the null condition (classifier-free guidance's "uncond")
-            cond = torch.zeros(batch, 1, self.cfg.cond_dim, dtype=dtype, device=device)
-        L = self.cfg.text_len
-        if L is not None:  # Wan pads every prompt with zero rows to 512 and attends over all of them
-            cond = F_.pad(cond, (0, 0, 0, L - cond.shape[1]))
+        cond = torch.zeros(batch, 1, c.cond_dim, dtype=dtype, device=device) if cond is None else cond  # null: uncond
+        cond = cond if c.text_len is None else F_.pad(cond, (0, 0, 0, c.text_len - cond.shape[1]))  # as Wan: to 512
         return self.text_embedding(cond)
-
-    # --- forward ---------------------------------------------------------------------------------
-    def attention_backend(self, device) -> str:
-        """ModelConfig.attention; "auto" is FlexAttention on CUDA (where II.3 provides it), else dense masks."""
-        if self.cfg.attention != "auto":
-            return self.cfg.attention
-        return "flex" if torch.device(device).type == "cuda" and "flex" in ATTENTION_BACKENDS else "dense"
-
-    def uses_bf16(self, device) -> bool:
-        """precision "bf16", or "auto" on CUDA."""
-        return self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and torch.device(device).type == "cuda")
-
-    def autocast(self, device):
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=self.uses_bf16(device))
 
     def forward(self, x, t, cond=None, kv_cache: Optional[KVCache] = None, start_frame: int = 0,
                 clean_context=None):
-        """The velocity eps - x0 of x (B, F, C, H, W) at noise levels t (B, F). The samplers check
-        their inputs once; a hand-made call can be checked with `check_inputs` (Part II)."""
-        with self.autocast(x.device):  # bf16 on CUDA (ModelConfig.precision); a no-op in fp32
-            out = self._forward(x, t, cond, kv_cache, start_frame, clean_context)
-        return out.to(x.dtype)
+        """The velocity eps - x0 of x (B, F, C, H, W) at noise levels t (B, F): see the class docstring."""
+        (B, F), S, w = x.shape[:2], self.tokens_per_frame, self.head.head.weight.dtype
+        if clean_context is not None:
+            t = torch.cat([torch.zeros_like(t), t], 1)  # teacher forcing: the clean frames carry t = 0
+        # as in Wan, the time embedding and the head run in the weights' dtype (fp32), outside autocast
+        e = self.time_embedding(timestep_features(t * 1000.0, self.cfg.freq_dim).to(w))  # (B, F', D)
+        e0 = rearrange(self.time_projection(e), "b f (six d) -> b f six d", six=6)  # (B, F', 6, D)
+        angles, mask, caches = self.attention_layout(start_frame, F, kv_cache, clean_context is not None, x.device)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.uses_bf16(x.device)):
+            tokens = self.patchify(x)  # (B, F*S, D)
+            if clean_context is not None:  # [clean ; noisy]
+                tokens = torch.cat([self.patchify(clean_context), tokens], 1)
+            ctx = self.embed_cond(cond, B, x.dtype, x.device)  # (B, L, D) or None
+            for block, cache in zip(self.blocks, caches):
+                tokens = self.run_block(block, tokens, e0, ctx, angles, mask, cache)
+        if kv_cache is not None:
+            kv_cache.commit(start_frame, F)
+        out = self.head(tokens[:, -F * S:].to(w), e[:, -F:].to(w))  # the new (noisy) frames only
+        return self.unpatchify(out, F).to(x.dtype)
 
-    def _forward(self, x, t, cond, kv_cache, start_frame, clean_context):
-        c, (B, F), S = self.cfg, x.shape[:2], self.tokens_per_frame
-        frames = torch.arange(start_frame, start_frame + F)
-        tokens = self.patchify(x)  # (B, F*S, D)
-        ctx = self.embed_cond(cond, B, x.dtype, x.device)  # (B, L, D) or None
-        vis, caches = None, [None] * len(self.blocks)  # vis: which frames see which (None: all see all)
-        if clean_context is not None:  # teacher forcing: [clean ; noisy], shared positions
-            tokens = torch.cat([self.patchify(clean_context), tokens], 1)  # (B, 2*F*S, D)
-            t = torch.cat([torch.zeros_like(t), t], 1)  # clean frames carry t = 0
+    def attention_layout(self, start_frame: int, F: int, kv_cache, teacher_forcing: bool, device) -> tuple:
+        """Who attends to whom, at which positions: (the tokens' rotary angles, `attend`'s mask, each block's
+        cache argument) for teacher forcing [clean ; noisy], streaming through a KV cache, or a plain call."""
+        c, frames, caches = self.cfg, torch.arange(start_frame, start_frame + F), [None] * len(self.blocks)
+        positions, vis = frames, None  # None: all see all (a plain bidirectional call)
+        if teacher_forcing:  # both halves at the same positions
+            positions = torch.cat([frames, frames])
             vis = teacher_forcing_visibility(frames, c.chunk_frames, c.window_frames, c.sink_frames)
-            angles = self.rope(torch.cat([frames, frames]))
-        elif kv_cache is not None:  # streaming: the new frames attend to the cached ones, then themselves
-            read_slots, vis = kv_cache.plan(start_frame, F)
-            position, key_angles = frames, None  # the cached keys were rotated when written
+        elif kv_cache is not None:  # the new frames attend to the cached ones, then to themselves
+            read, write, vis = kv_cache.plan(start_frame, F)
+            key_angles = None  # "absolute": the cached keys were rotated when written
             if c.rope_positions == "window":  # the keys the queries see, re-indexed 0, 1, ... in frame order
                 live = vis.any(0)
                 place = torch.where(live, live.long().cumsum(0) - 1, 0)  # keys no query sees are masked anyway
-                position, key_angles = place[-F:], self.rope(place[:-F]).to(x.device)
-            caches = [(kv_cache, i, read_slots, kv_cache.slot(frames), key_angles) for i in range(len(self.blocks))]
-            angles = self.rope(position)
-        else:
-            vis = frame_visibility(frames, frames, c.chunk_frames, c.window_frames, c.sink_frames) if self.causal else None
-            angles = self.rope(frames)
-        angles = angles.to(x.device)
-        # within a single chunk every key is visible: no mask, so the fused kernel runs
-        mask = None if vis is None or bool(vis.all()) else token_mask(vis, S, self.attention_backend(x.device), x.device)
+                positions, key_angles = place[-F:], self.rope(place[:-F]).to(device)
+            caches = [(kv_cache, i, read, write, key_angles) for i in range(len(self.blocks))]
+        elif self.causal:
+            vis = frame_visibility(frames, frames, c.chunk_frames, c.window_frames, c.sink_frames)
+        return self.rope(positions).to(device), token_mask(vis, self.tokens_per_frame, c.attention, device), caches
 
-        with torch.autocast(x.device.type, enabled=False):  # as Wan: time embedding in the weights' dtype
-            wdtype = self.time_embedding[0].weight.dtype
-            e = self.time_embedding(timestep_features(t * 1000.0, c.freq_dim).to(wdtype))  # (B, F', D)
-            e0 = rearrange(self.time_projection(e), "b f (six d) -> b f six d", six=6)  # (B, F', 6, D)
-        for block, cache in zip(self.blocks, caches):
-            tokens = self.run_block(block, tokens, e0, ctx, angles, mask, cache)
-        if kv_cache is not None:
-            kv_cache.commit(start_frame, F)
-        if clean_context is not None:  # only the noisy half is predicted
-            tokens, e = tokens[:, F * S:], e[:, F:]
-        with torch.autocast(x.device.type, enabled=False):  # as Wan: the head in the weights' dtype
-            wdtype = self.head.head.weight.dtype
-            out = self.head(tokens.to(wdtype), e.to(wdtype))
-        return self.unpatchify(out, F)
+    # --- speed, plugged in: bf16 autocast, gradient checkpointing (flex attention: token_mask; compile: init)
+    def uses_bf16(self, device) -> bool:
+        return self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and torch.device(device).type == "cuda")
 
     def run_block(self, block, *args):
-        """With grad_checkpointing, only the block's inputs are kept for backward (memory for compute);
-        not on cached calls, whose recompute would read cache slots that later chunks may overwrite."""
-        cache = args[-1]
-        if self.cfg.grad_checkpointing and torch.is_grad_enabled() and cache is None:
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        """grad_checkpointing keeps only a block's inputs for backward (memory for compute); never on a cached
+        call, whose recompute would read cache slots that later chunks may have overwritten."""
+        checkpointed = self.cfg.grad_checkpointing and torch.is_grad_enabled() and args[-1] is None
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
 
-    def new_kv_cache(self, batch_size: int, max_frames: Optional[int] = None,
-                     window_frames: Optional[int] = None, sink_frames: Optional[int] = None) -> KVCache:
-        """An empty cache for streaming. Defaults come from the config: a full cache of
-        max_frames (default 1024) or, with window_frames, a rolling cache with sink_frames."""
-        c = self.cfg
-        if c.window_frames is not None:  # the model attends within its window: so must its cache
-            if max_frames is not None:
-                raise ValueError(f"max_frames is for a full cache; this model has a rolling window of {c.window_frames} "
-                                 "frames, whose cache holds that many whatever the video's length")
-            asked = (c.window_frames if window_frames is None else window_frames, c.sink_frames if sink_frames is None else sink_frames)
-            if asked != (c.window_frames, c.sink_frames):
-                raise ValueError(f"window_frames={window_frames}, sink_frames={sink_frames} conflict with the model's "
-                                 f"rolling window ({c.window_frames}, sink {c.sink_frames}); leave them out")
-        window = c.window_frames if window_frames is None else window_frames
-        sink = c.sink_frames if sink_frames is None else sink_frames
-        if window is None and max_frames is None:
-            max_frames = 1024
-        p = next(self.parameters())
-        dtype = torch.bfloat16 if self.uses_bf16(p.device) else p.dtype  # keys/values are bf16 under autocast
-        return KVCache(len(self.blocks), batch_size, c.num_heads, c.dim // c.num_heads, self.tokens_per_frame,
-                       c.chunk_frames, max_frames, window, sink, dtype, p.device, c.rope_positions)
+    def new_kv_cache(self, batch_size: int, max_frames: Optional[int] = None, window_frames: Optional[int] = None,
+                     sink_frames: Optional[int] = None) -> KVCache:
+        """An empty KV cache for streaming (see KVCache)."""
+        return KVCache(self, batch_size, max_frames, window_frames, sink_frames)
 
 
 # =================================================================================================
@@ -935,17 +850,14 @@ class CausalDiT(nn.Module):
 
 
 def uncond_rows(cond: torch.Tensor, uncond=None) -> torch.Tensor:
-    """The unconditional branch's condition for every row of cond: the null condition (zeros) by
-    default, else `uncond` (1 or len(cond) rows) repeated over the batch."""
+    """The unconditional branch's condition for every row of cond: zeros, or `uncond` (1 or len(cond) rows)."""
     return torch.zeros_like(cond) if uncond is None else uncond.expand(len(cond), -1, -1)
 
 
 def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, uncond=None, **kw):
-    """Classifier-free guidance uncond + g (cond - uncond); plain prediction without a condition.
-    One forward pass on the doubled batch [x ; x] with conditions [cond ; uncond]; a KV cache for it
-    holds 2B rows, the conditional streams then the unconditional ones (see sample_ar_teacher).
-    uncond: the null condition by default (zeros, what condition dropout trains); Wan's base uses a
-    negative prompt's text features (one row is repeated for the batch)."""
+    """Classifier-free guidance uncond + g (cond - uncond), one pass on the doubled batch [x ; x] (a KV cache
+    for it holds the 2B rows); without a condition the plain prediction. uncond: the null condition by
+    default (zeros, what condition dropout trains), or e.g. Wan's negative prompt (1 row or B)."""
     if cond is None or guidance == 1.0:
         return model(x, t, cond, **kw)
     uncond = uncond_rows(cond, uncond)
@@ -956,44 +868,40 @@ def guided_velocity(model, x, t, cond=None, guidance: float = 1.0, uncond=None, 
 
 
 def _noise(model, batch_size: int, frames: int, rng=None) -> torch.Tensor:
-    """Standard normal noise for `frames` frames of the model's video shape, drawn on the CPU from
-    rng (so a seed gives the same video on every device), then moved to the model's device."""
+    """Standard normal noise for `frames` frames of the model's video shape (see _randn)."""
     c = model.cfg
     return _randn((batch_size, frames, c.in_channels, c.height, c.width), rng, next(model.parameters()).device)
 
 
 def _randn(shape, rng, device):
+    """Drawn on the CPU from rng, so that a seed gives the same video on every device."""
     return torch.randn(shape, generator=rng).to(device)
 
 
 def new_cache_for(model: CausalDiT, batch_size: int, num_frames: int) -> KVCache:
-    """An empty KV cache for a video of `num_frames`: the model's rolling window if it has one,
-    else a full cache of num_frames."""
+    """An empty KV cache for a video of `num_frames`: the model's rolling window, or a full cache."""
     return model.new_kv_cache(batch_size, max_frames=None if model.cfg.window_frames else num_frames)
 
 
 @torch.no_grad()
 def sample_bidirectional(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
                          guidance: float = 1.0, uncond=None, rng=None, noise=None) -> torch.Tensor:
-    """The bidirectional teacher: Euler along `sigmas` (the grid from 1 to 0, e.g.
-    solver_sigmas(48, cfg.sample)), one timestep for the whole clip; guidance against `uncond`
-    (default the null condition, see guided_velocity)."""
+    """The bidirectional teacher: Euler along `sigmas` (from 1 to 0, e.g. solver_sigmas(48, cfg.sample)), one
+    timestep for the whole clip; guided against `uncond` (see guided_velocity)."""
     sigmas = check_sigmas(sigmas)
     check_sampling(model, batch_size, num_frames, cond, uncond)
     x = noise if noise is not None else _noise(model, batch_size, num_frames, rng)
-    vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance,  # noqa: E731
-                                        uncond)
+    vel = lambda x_, s: guided_velocity(  # noqa: E731
+        model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance, uncond)
     return euler_ode(vel, x, sigmas)[0]
 
 
 @torch.no_grad()
 def sample_ar_teacher(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
                       guidance: float = 1.0, uncond=None, context_noise: float = 0.0, rng=None) -> torch.Tensor:
-    """The AR teacher: chunk by chunk, a full Euler ODE along `sigmas` per chunk with the KV cache
-    holding the clean earlier chunks; each finished chunk is written to the cache at t = context_noise.
-    With guidance, the conditional and the unconditional predictions each keep their own context
-    (a cache of 2B rows), and the finished chunk is written to both, each under its own condition
-    (uncond: the null condition by default, see guided_velocity)."""
+    """The AR teacher: chunk by chunk, a full Euler ODE along `sigmas` with the KV cache holding the clean
+    earlier chunks, each written at t = context_noise. Guided, the conditional and unconditional predictions
+    keep their own context (2B rows), and a finished chunk is written to both, each under its condition."""
     sigmas = check_sigmas(sigmas)
     check_sampling(model, batch_size, num_frames, cond, uncond, context_noise)
     guided = cond is not None and guidance != 1.0
@@ -1001,22 +909,19 @@ def sample_ar_teacher(model: CausalDiT, sigmas, *, batch_size: int, num_frames: 
     chunk, chunks = model.cfg.chunk_frames, []
     for start in range(0, num_frames, chunk):
         n = min(chunk, num_frames - start)
-        vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond,  # noqa: E731
-                                            guidance, uncond, kv_cache=cache, start_frame=start)
+        vel = lambda x_, s: guided_velocity(model, x_, torch.full(x_.shape[:2], s, device=x_.device),  # noqa: E731
+                                            cond, guidance, uncond, kv_cache=cache, start_frame=start)
         x0 = euler_ode(vel, _noise(model, batch_size, n, rng), sigmas)[0]
         chunks.append(x0)
-        if start + n < num_frames:
-            if guided:  # the rows of guided_velocity's doubled batch: [cond ; uncond]
-                write_context(model, x0, torch.cat([cond, uncond_rows(cond, uncond)]), cache, start, context_noise, rng, copies=2)
-            else:
-                write_context(model, x0, cond, cache, start, context_noise, rng)
+        if start + n < num_frames:  # guided: to both halves of the doubled batch, [cond ; uncond]
+            rows = torch.cat([cond, uncond_rows(cond, uncond)]) if guided else cond
+            write_context(model, x0, rows, cache, start, context_noise, rng, copies=2 if guided else 1)
     return torch.cat(chunks, 1)
 
 
 def write_context(model, x0, cond, cache, start, context_noise: float = 0.0, rng=None, copies: int = 1) -> None:
-    """Re-run a finished chunk at sigma = context_noise to overwrite its cache slots with the
-    keys/values of (nearly) clean frames, which is what later chunks should attend to. copies=2
-    writes the same noised chunk to both halves of a guided cache (cond holds 2B rows then)."""
+    """Re-runs a finished chunk at sigma = context_noise, so that its cache slots hold the keys and values of
+    (nearly) clean frames for later chunks; copies=2: to both halves of a guided cache (cond has 2B rows)."""
     x = add_noise(x0, _randn(x0.shape, rng, x0.device), context_noise) if context_noise > 0 else x0
     x = torch.cat([x] * copies) if copies > 1 else x
     with torch.no_grad():
@@ -1040,58 +945,50 @@ def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None
 def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
            kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None,
            first_chunk_sigmas=None, context_noise: float = 0.0, recache: bool = False) -> Iterator[torch.Tensor]:
-    """Streams the few-step causal student (Self Forcing's inference loop): a generator that yields each
-    chunk (B, f, C, H, W) as soon as it is denoised, then writes it to the KV cache at t = context_noise
-    for the chunks after it.
-
-    sigmas: the student's noise levels, student_sigmas(cfg.sample) (Wan's 4 steps warped:
-      1, .9375, .8333, .625), or student_sigmas(cfg.sample, (1000, 500)) for a 2-step student;
-      first_chunk_sigmas (default: the same) for the first chunk, which has no context to lean
-      on (Causal Forcing++ keeps 4 steps there).
-    kv_cache: default a fresh one (new_cache_for), full or the model's rolling window.
-    A new prompt mid-stream: `chunks.send(new_cond)` returns the next chunk, made under the new
-    condition. The finished chunks stay in the cache as they were written, under the old prompt (the
-    official code's behaviour); with recache=True they are first re-run under the new prompt (LongLive's
-    re-cache: one forward pass per chunk the cache still holds). A condition the model cannot take
-    ends the stream with a ValueError before any work on the next chunk."""
-    sigmas = check_sigmas(sigmas).tolist()  # every argument is checked here, before the first chunk is asked for
-    first = check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist() if first_chunk_sigmas is not None else sigmas
+    """Streams the few-step causal student (Self Forcing's inference loop): yields each chunk (B, f, C, H, W)
+    as soon as it is denoised, then writes it to the KV cache (default new_cache_for) at t = context_noise.
+    sigmas: e.g. student_sigmas(cfg.sample); first_chunk_sigmas (default the same) for the first chunk,
+    which has no context. chunks.send(new_cond) in place of next(chunks), from the first chunk on, returns
+    the next chunk under a new prompt; the cached chunks stay as written (as upstream) or, with recache=True,
+    are re-run under it first (LongLive). Every argument, and a new prompt, is checked before any work."""
+    sigmas = check_sigmas(sigmas).tolist()
+    first = sigmas if first_chunk_sigmas is None else check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist()
     check_sampling(generator, batch_size, num_frames, cond, context_noise=context_noise)
     if kv_cache is not None:
         check_cache(generator, kv_cache, batch_size)
     cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, num_frames)
-    return _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache)
+    chunks = _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache)
+    next(chunks)  # to its first `yield`, before any work: so a send(cond) may ask for the first chunk too
+    return chunks
 
 
 def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache):
-    kept = []  # (start, x0) of the finished chunks the cache still holds, for a re-cache
-    for start in range(0, num_frames, generator.cfg.chunk_frames):
-        n = min(generator.cfg.chunk_frames, num_frames - start)
-        # no_grad never spans a yield: the caller's code between chunks runs in its own grad mode, and a
-        # stream left unfinished cannot switch gradients off for whatever runs after it
-        with torch.no_grad():
-            x0 = denoise_chunk(generator, _noise(generator, batch_size, n, rng),
-                               first if start == 0 else sigmas, cond, cache, start, rng=rng)
-        new_cond = yield x0
+    chunk, kept = generator.cfg.chunk_frames, []  # kept: (start, x0) of the finished chunks the cache holds
+    new_cond = yield
+    for start in range(0, num_frames, chunk):
         if new_cond is not None:
             check_cond(generator, new_cond, batch_size)
+        # no_grad never spans a yield: the caller's code between chunks runs in its own grad mode
         with torch.no_grad():
-            if start + n < num_frames:  # the finished chunk becomes context, under the prompt it was made with
-                write_context(generator, x0, cond, cache, start, context_noise, rng)
-                kept = [(a, c) for a, c in kept if bool((cache.slot_frame == a).any())] + [(start, x0)]
+            if start > 0:  # the chunk before becomes context, under the prompt it was made with
+                write_context(generator, x0, cond, cache, start - chunk, context_noise, rng)
+                kept = [(a, c) for a, c in kept if bool((cache.slot_frame == a).any())] + [(start - chunk, x0)]
             if new_cond is not None:
                 cond = new_cond
                 for a, c in kept if recache else []:  # every kept chunk's keys and values again, in frame order
                     write_context(generator, c, cond, cache, a, context_noise, rng)
+            noise = _noise(generator, batch_size, min(chunk, num_frames - start), rng)
+            x0 = denoise_chunk(generator, noise, first if start == 0 else sigmas, cond, cache, start, rng=rng)
+        new_cond = yield x0
 
 
 def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
                      rng: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
-    """`stream` without a KV cache: every denoising step runs the model on [the clean frames made so
-    far, at t = 0 ; the noisy chunk], so chunk k costs a forward pass over k chunks. The same
-    samples as `stream` (context_noise 0, same rng; with a rolling window only under absolute RoPE
-    positions, as frames keep their indices here); the baseline the cache is measured against."""
+    """`stream` without a KV cache, the baseline it is measured against: every step runs the model on [the
+    frames made so far at t = 0 ; the noisy chunk]. The same samples as `stream` (context_noise 0, same rng;
+    with a rolling window only under absolute RoPE positions, as frames keep their indices here)."""
     sigmas, done = check_sigmas(sigmas).tolist(), []
+    check_sampling(generator, batch_size, num_frames, cond)
 
     def on_prefix(x, t, cond, kv_cache, start_frame):  # the model on [clean prefix at t = 0 ; chunk]
         prefix = torch.cat(done, 1) if done else x[:, :0]  # a rolling window is the config's banded mask
@@ -1099,9 +996,9 @@ def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_siz
         return generator(torch.cat([prefix, x], 1), t_all, cond)[:, prefix.shape[1]:]
 
     for start in range(0, num_frames, generator.cfg.chunk_frames):
-        n = min(generator.cfg.chunk_frames, num_frames - start)
         with torch.no_grad():  # not across the yield (see _stream)
-            done.append(denoise_chunk(on_prefix, _noise(generator, batch_size, n, rng), sigmas, cond, None, start, rng=rng))
+            noise = _noise(generator, batch_size, min(generator.cfg.chunk_frames, num_frames - start), rng)
+            done.append(denoise_chunk(on_prefix, noise, sigmas, cond, None, start, rng=rng))
         yield done[-1]
 
 
@@ -1115,13 +1012,14 @@ def sample_student(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int
 
 def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: int, exit_step: Optional[int] = None,
                  cond=None, context_noise: float = 0.0, rng=None) -> torch.Tensor:
-    """Self Forcing's training rollout: the generator produces the whole video chunk by chunk from
-    its own outputs through the KV cache (a fresh cache each time). The steps before `exit_step`
-    run without gradient; the exit step keeps its graph; the cache refresh has no gradient."""
+    """Self Forcing's training rollout: the whole video chunk by chunk from the generator's own outputs
+    through a fresh KV cache; only the exit step keeps its graph (not the steps before, nor the refresh)."""
+    _check_sizes(batch_size, num_frames)
     cache, chunks = new_cache_for(generator, batch_size, num_frames), []
     for start in range(0, num_frames, generator.cfg.chunk_frames):
         n = min(generator.cfg.chunk_frames, num_frames - start)
-        chunks.append(denoise_chunk(generator, _noise(generator, batch_size, n, rng), sigmas, cond, cache, start, exit_step, rng))
+        noise = _noise(generator, batch_size, n, rng)
+        chunks.append(denoise_chunk(generator, noise, sigmas, cond, cache, start, exit_step, rng))
         if start + n < num_frames:
             write_context(generator, chunks[-1].detach(), cond, cache, start, context_noise, rng)
     return torch.cat(chunks, 1)
@@ -1145,10 +1043,9 @@ def ode_regression_loss(student: CausalDiT, x_t: torch.Tensor, t: torch.Tensor, 
 
 
 def ode_pair_batch(pairs: dict, idx, k, sigmas: list[float], kind: str = "ar") -> tuple:
-    """The inputs of `ode_regression_loss` for ODE pairs `idx` (make_ode_pairs), every frame at the
-    student step k: an int for the whole batch, or (B, F) (`ode_step_index`). Returns x_t, t, the
-    teacher's endpoints, the conditions (or None) and, for kind="ar", the ground-truth clips as clean
-    context (None for "bidirectional": that student sees its noisy earlier frames)."""
+    """`ode_regression_loss`'s inputs for ODE pairs `idx`, each frame at student step k (an int, or (B, F)
+    from `ode_step_index`): x_t, t, the teacher's endpoints, the conditions or None, and the ground-truth
+    clips as clean context for kind="ar" (None for "bidirectional": its student sees noisy frames)."""
     xt = pairs["xt"][idx]  # (B, K, F, C, H, W): the teacher's states at every student sigma
     B, K, F = xt.shape[:3]
     k = torch.full((B, F), int(k)) if not torch.is_tensor(k) or k.dim() == 0 else k
@@ -1171,9 +1068,8 @@ def consistency_distillation_loss(student: CausalDiT, ema: CausalDiT, teacher: C
     chunk b's target depends only on what the student sees for chunk b, its own noisy chunk and the
     clean chunks before it: the frame-level injectivity of the AR teacher's ODE pairs, with no ODE
     pairs to make. Returns the squared error per frame, averaged over a frame's coordinates: (B, F).
-    Shapes and contract: x0, noise (B, F, C, H, W); t, t_next floats; cond (B, L, cond_dim) or None.
-    The three networks are called as net(x, t (B, F), cond, clean_context=x0) and return velocities
-    eps - x0. Moving the EMA towards the student after the step is the caller's (`train_consistency`)."""
+    x0, noise (B, F, C, H, W); t, t_next floats; each net(x, t (B, F), cond, clean_context=x0) -> eps - x0.
+    The caller moves the EMA towards the student after the step (`train_consistency`)."""
     tt, tn = (torch.full(x0.shape[:2], float(s), device=x0.device, dtype=x0.dtype) for s in (t, t_next))
     x_t = add_noise(x0, noise, tt)
     with torch.no_grad():
@@ -1207,10 +1103,8 @@ def dmd_generator_loss(x: torch.Tensor, real_score: nn.Module, fake_score: nn.Mo
         loss = 0.5 * mean((x - sg(x - grad))^2)
     with x0_real from the frozen real score (guided) and x0_fake from the fake score, both without
     gradient (`dmd_gradient`, `dmd_loss`). Only x carries a gradient, back into the generator.
-    Shapes: x, noise (B, F, C, H, W); sigma (B, F), one value per clip repeated over its frames
-    (`_dmd_sigma`); both scores are called as net(x_s, sigma, cond) and return velocities eps - x0;
-    the guidance's unconditional branch uses `uncond` (default the null condition, zeros; upstream
-    Wan's negative prompt: see `guided_velocity`)."""
+    x, noise (B, F, C, H, W); sigma (B, F), one per clip (`_dmd_sigma`); each score(x_s, sigma, cond) ->
+    eps - x0; the guidance's unconditional branch uses `uncond` (see `guided_velocity`)."""
     with torch.no_grad():
         x_s = add_noise(x, noise, sigma)
         x0_real = x0_from_velocity(x_s, guided_velocity(real_score, x_s, sigma, cond, guidance, uncond), sigma)
@@ -1219,19 +1113,18 @@ def dmd_generator_loss(x: torch.Tensor, real_score: nn.Module, fake_score: nn.Mo
     return dmd_loss(x, grad)
 
 
-def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond=None) -> torch.Tensor:
-    """The fake score's loss (upstream `DMD.critic_loss`): flow matching on the generator's samples x
-    (no gradient into the generator), unweighted, so that the fake score tracks the distribution
-    the generator produces now."""
+def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                cond=None) -> torch.Tensor:
+    """The fake score's loss (upstream `DMD.critic_loss`): unweighted flow matching on the generator's samples
+    x (no gradient into the generator), so that the fake score tracks what the generator produces now."""
     return flow_matching_loss(fake_score, x.detach(), sigma, noise, cond)
 
 
 # =================================================================================================
 # I.8 stages: base, AR teacher, ODE pairs, ODE student, consistency student, DMD (each runs the loop of II.4)
 # =================================================================================================
-# Each stage is its loss (I.7) in a step function. The plumbing comes from II.4 and can be read past:
-# train_loop (steps, checkpoints, the divergence guard), _adamw and _step (optimizer, clipping),
-# Batches (shuffled minibatches), and for several processes parallelize, _shard, _reshard, _rank_rng.
+# Each stage is its loss (I.7) in a step function; the plumbing (train_loop, _adamw, _step, Batches, and for
+# several processes parallelize, _shard, _reshard, _rank_rng) comes from II.4 and can be read past.
 
 
 def _fm_schedule(cfg: Config) -> SampleConfig:
@@ -1245,10 +1138,9 @@ def _fm_weight(sigma, cfg: Config):
 
 
 def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_frames: int, rng):
-    """This rank's share of the next minibatch of a flow-matching stage, on the device: clean clips,
-    one sigma per chunk of `chunk_frames`, noise, and the conditions (dropped at cond_dropout, so
-    that guidance has an "uncond"; None when unconditional). Every rank draws the whole global batch
-    from the shared generator, in this order, and keeps its slice."""
+    """This rank's share of a flow-matching minibatch, on the device: clean clips, one sigma per chunk, noise,
+    and the conditions (dropped at cond_dropout, so that guidance has an "uncond"); every rank draws the
+    whole global batch from the shared generator and keeps its slice."""
     idx = next(batches)
     x0 = data[idx]
     sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, _fm_schedule(cfg), rng)
@@ -1258,9 +1150,8 @@ def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_fram
 
 
 def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None, ckpt=None) -> tuple[CausalDiT, list]:
-    """Stage 0: the bidirectional base model, flow matching with one timestep per clip. Upstream
-    this is the pretrained Wan2.1 model; here we train it so the pipeline starts from data.
-    cond (N, L, cond_dim), if given, holds each training video's condition (dropped at cond_dropout)."""
+    """Stage 0: the bidirectional base, flow matching with one timestep per clip (upstream: the pretrained
+    Wan2.1); cond (N, L, cond_dim): each training video's condition (dropped at cond_dropout)."""
     tr = cfg.train
     model = parallelize(CausalDiT(cfg.model, causal=False).to(cfg.device), cfg)
     opt = _adamw(model.parameters(), tr.base_lr, tr, beta1=tr.base_beta1, cosine_steps=tr.base_steps)
@@ -1310,23 +1201,20 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
         loss = flow_matching_loss(model, x0, sigma, noise, c, weight=_fm_weight(sigma, cfg), **kw)
         _step(opt, model, loss, tr.grad_clip)
         return {"flow_matching": loss}
-    history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", tr.teacher_steps, step, ckpt, log,
-                         hint=f"lower teacher_lr (now {tr.teacher_lr:g})", model=model, opt=opt, rng=rng, batches=batches)
+    history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", tr.teacher_steps, step, ckpt, log, model=model,
+                         hint=f"lower teacher_lr (now {tr.teacher_lr:g})", opt=opt, rng=rng, batches=batches)
     return model, history.get("flow_matching", [])
 
 
 @torch.no_grad()
 def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: str, cond=None,
                    rng=None, batch: int = 1024) -> dict:
-    """ODE pairs for the few-step student: the teacher's Euler trajectory (teacher_solver_steps on
-    the shifted grid, which contains the student's warped sigmas) is kept at the student's sigmas.
-      kind="ar": the AR teacher integrates every chunk given the *ground-truth* clean earlier
-        chunks (the teacher-forcing mask does all chunks in one pass).
-      kind="bidirectional": the bidirectional teacher integrates the whole clip from noise.
-    cond (N, L, cond_dim), aligned with data: each clip's condition; the teacher is guided with
-    teacher_guidance, and the pairs keep the condition for the student.
-    Returns {"xt": (n, K, F, C, H, W) states at the K student sigmas, "x0": teacher endpoints,
-    "clean": the ground-truth clips, and "cond" when conditioned}."""
+    """ODE pairs for the few-step student: the teacher's Euler trajectory (teacher_solver_steps on the shifted
+    grid, which holds the student's warped sigmas), kept at the student's sigmas. kind="ar": the AR teacher
+    integrates every chunk given the *ground-truth* clean earlier chunks (one teacher-forcing pass does all
+    chunks); kind="bidirectional": the bidirectional teacher the whole clip. cond (N, L, cond_dim): each
+    clip's condition, which guides the teacher (teacher_guidance) and is kept for the student. Returns
+    {"xt": (n, K, F, C, H, W) states at the K student sigmas, "x0": endpoints, "clean": clips, "cond"}."""
     if kind not in ("ar", "bidirectional"):
         raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
     if cond is not None and len(cond) != len(data):
@@ -1341,11 +1229,9 @@ def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: st
         vel = lambda x_, s: guided_velocity(teacher, x_, torch.full(x_.shape[:2], s, device=x_.device),  # noqa: E731
                                             c, cfg.train.teacher_guidance, **kw)
         x0, kept = euler_ode(vel, torch.randn(clean.shape, generator=rng).to(cfg.device), sig, keep)
-        out["xt"].append(torch.stack([kept[s] for s in keep], 1))
-        out["x0"].append(x0)
-        out["clean"].append(clean)
-        if c is not None:
-            out["cond"].append(c)
+        for key, value in (("xt", torch.stack([kept[s] for s in keep], 1)), ("x0", x0), ("clean", clean), ("cond", c)):
+            if value is not None:
+                out[key].append(value)
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
@@ -1369,10 +1255,9 @@ UPSTREAM_ODE_STEP_DRAW = {"bidirectional": "chunk", "ar": "sample"}  # Self Forc
 
 def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=print,
                       rng=None, ckpt=None) -> tuple[CausalDiT, list]:
-    """Stage 2: few-step causal student by ODE regression, initialised from `init` (the AR teacher
-    for kind="ar"; the bidirectional base, made causal, for kind="bidirectional"). Each frame
-    regresses from one of the student's sigmas, drawn per `ode_step_draw` ("upstream": per chunk on
-    bidirectional pairs as Self Forcing, per sample on AR pairs as Causal Forcing)."""
+    """Stage 2: the few-step causal student by ODE regression, from `init` (the AR teacher for kind="ar", the
+    base made causal for "bidirectional"). Each frame regresses from a student sigma drawn per ode_step_draw
+    ("upstream": per chunk on bidirectional pairs as Self Forcing, per sample on AR pairs as Causal Forcing)."""
     tr = cfg.train
     student = parallelize(copy_model(init, causal=True), cfg)
     opt = _adamw(student.parameters(), tr.ode_lr, tr, cosine_steps=tr.ode_steps)
@@ -1393,12 +1278,12 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
     return student, history.get("ode_regression", [])
 
 
-def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=print, rng=None, cond=None, ckpt=None) -> tuple[CausalDiT, list]:
-    """Stage 2, Causal Forcing++ (upstream model/naive_consistency.py): the student and an EMA copy
-    start from the AR teacher, which stays frozen. Each step takes ground-truth clips (their
-    conditions as they are, no dropout), one grid index n for the whole batch (`consistency_sigmas`)
-    and fresh noise, makes a `consistency_distillation_loss` step, then moves the EMA towards the
-    student (decay cd_ema_decay). No ODE pairs. Returns the student; the EMA only gives targets."""
+def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=print, rng=None, cond=None,
+                      ckpt=None) -> tuple[CausalDiT, list]:
+    """Stage 2, Causal Forcing++ (upstream model/naive_consistency.py): the student and an EMA copy start
+    from the frozen AR teacher. Each step: ground-truth clips (conditions without dropout), one grid index
+    for the batch (`consistency_sigmas`), fresh noise, a `consistency_distillation_loss` step, then the EMA
+    moves towards the student (cd_ema_decay). Returns the student; the EMA only gives targets."""
     tr = cfg.train
     student = parallelize(copy_model(teacher, causal=True).train(), cfg)
     ema = parallelize(copy_model(teacher, causal=True).eval().requires_grad_(False), cfg)
@@ -1413,22 +1298,21 @@ def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=p
         x0, noise = data[idx], torch.randn(data[idx].shape, generator=rng)
         c = None if cond is None else cond[idx]
         x0, noise, c = (None if v is None else _shard(v).to(cfg.device) for v in (x0, noise, c))
-        loss = consistency_distillation_loss(student, ema, frozen, x0, noise, grid[n], grid[n + 1], c, tr.cd_guidance).mean()
+        loss = consistency_distillation_loss(student, ema, frozen, x0, noise, grid[n], grid[n + 1], c, tr.cd_guidance)
+        loss = loss.mean()
         _step(opt, student, loss, tr.grad_clip)
         _reshard(student)
         _reshard(ema)
         ema_update(ema.parameters(), student.parameters(), tr.cd_ema_decay)
         return {"consistency": loss}
-    history = train_loop("consistency distillation", tr.cd_steps, step, ckpt, log, hint=f"lower cd_lr (now {tr.cd_lr:g})",
-                         model=student, ema=ema, opt=opt, rng=rng, batches=batches)
+    history = train_loop("consistency distillation", tr.cd_steps, step, ckpt, log, model=student, ema=ema, opt=opt,
+                         hint=f"lower cd_lr (now {tr.cd_lr:g})", rng=rng, batches=batches)
     return student.eval(), history.get("consistency", [])
 
 
 def _dmd_sigma(cfg: Config, batch, rng, device):
-    """One sigma per clip for the DMD and critic losses, drawn as upstream (Self Forcing's DMD): an
-    unshifted timestep t uniform in {0, ..., T - 1}, shifted (`shift_sigma`), then clamped to
-    [dmd_min_sigma, dmd_max_sigma] = [0.02, 0.98]. At shift 5 the clamp moves 92 of the 1,000
-    values down to 0.98 and 5 up to 0.02, so about 9% of the draws sit exactly at 0.98."""
+    """One sigma per clip for the DMD and critic losses, as upstream: t uniform in {0, ..., T - 1}, shifted,
+    clamped to [dmd_min_sigma, dmd_max_sigma] = [0.02, 0.98] (at shift 5, about 9% of draws sit at 0.98)."""
     tr, T = cfg.train, cfg.sample.num_train_timesteps
     raw = torch.randint(0, T, (batch, 1), generator=rng).double() / T
     s = shift_sigma(raw, cfg.sample.shift).clamp(tr.dmd_min_sigma, tr.dmd_max_sigma).float()
@@ -1438,21 +1322,19 @@ def _dmd_sigma(cfg: Config, batch, rng, device):
 def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_init: CausalDiT,
               cond_sampler: Optional[Callable] = None, log=print, rng=None, ckpt=None,
               steps: Optional[tuple] = None) -> tuple[CausalDiT, dict]:
-    """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (a
-    bidirectional model, initialised from the base) with `critic_loss` on a fresh rollout; every
-    `gen_update_ratio` steps the generator takes a `dmd_generator_loss` step on its own rollout,
-    stopped at a random denoising step. The real score is frozen (guided when conditioned);
-    cond_sampler(batch, rng), if given, draws a batch's conditions (e.g. prompt embeddings).
-    steps: the rollouts' denoising steps (default denoising_steps; Causal Forcing++: pp_denoising_steps).
-    Returns the EMA generator (the raw one before EMA starts) and its record: the loss histories, the
-    generator's gradient norm per update, and "snapshots": four fixed rollouts (same noise and
-    conditions), `dmd_snapshots` times as it trains, from the ODE init on."""
+    """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (bidirectional, from
+    the base) with `critic_loss` on a fresh rollout; every `gen_update_ratio` steps the generator takes a
+    `dmd_generator_loss` step on its own rollout, stopped at a random denoising step. The real score is
+    frozen (guided when conditioned); cond_sampler(batch, rng) draws a batch's conditions. steps: the
+    rollouts' denoising steps (default denoising_steps). Returns the EMA generator (the raw one before EMA
+    starts) and its record: loss histories, gradient norms, and `dmd_snapshots` fixed rollouts of 4 videos."""
     tr = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
     real = real_score.eval()  # frozen: only ever called under no_grad
     opt_g, opt_f = _adamw(gen.parameters(), tr.gen_lr, tr), _adamw(fake.parameters(), tr.critic_lr, tr)
-    sigmas, batch = student_sigmas(cfg.sample, steps), len(_shard(torch.empty(tr.dmd_batch_size or tr.batch_size)))  # this rank's
+    sigmas = student_sigmas(cfg.sample, steps)
+    batch = len(_shard(torch.empty(tr.dmd_batch_size or tr.batch_size)))  # this rank's share
     state = {"ema": None, "gen_updates": 0, "snapshots": []}  # EMA: a copy of each (local shard of a) parameter
     rollout = lambda exit_step, cond, own, n=batch: self_rollout(  # noqa: E731
         gen, sigmas, batch_size=n, num_frames=cfg.data.frames, exit_step=exit_step, cond=cond,
@@ -1491,8 +1373,8 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
             for pe, pg in zip(state["ema"], gen.parameters()):
                 pg.copy_(pe.to(pg.device))
     record = {name: history.get(name, []) for name in ("generator", "critic", "generator_grad_norm")}
-    record["snapshots"] = {"updates": [u for u, _ in state["snapshots"]],
-                           "videos": torch.stack([v for _, v in state["snapshots"]]) if state["snapshots"] else torch.empty(0)}
+    updates, videos = zip(*state["snapshots"]) if state["snapshots"] else ((), ())
+    record["snapshots"] = {"updates": list(updates), "videos": torch.stack(videos) if videos else torch.empty(0)}
     return gen.eval().requires_grad_(False), record
 
 
@@ -1526,7 +1408,8 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
     mean = torch.zeros(outer, frames, *shape, dtype=torch.float64)
     for i in range(frames):
         seen = min((i // chunk_frames + 1) * chunk_frames, frames)
-        eps = torch.randn(outer, 1, frames, *shape, generator=rng, dtype=torch.float64).expand(-1, inner, -1, *shape).clone()
+        eps = torch.randn(outer, 1, frames, *shape, generator=rng, dtype=torch.float64)
+        eps = eps.expand(-1, inner, -1, *shape).clone()
         eps[:, :, seen:] = torch.randn(outer, inner, frames - seen, *shape, generator=rng, dtype=torch.float64)
         x = flow_map(eps.reshape(outer * inner, frames, *shape)).reshape(outer, inner, frames, -1)
         floor[i] = x[:, :, i].var(dim=1).sum(-1).mean()
@@ -1535,9 +1418,7 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
 
 
 # #################################################################################################
-# END OF PART I.  PART II: ENGINEERING. Checked configs, Wan checkpoints, fast attention, the one
-# training loop (data parallel, resume, divergence guard), data loaders, metrics, the pipeline, the
-# command line. None of it changes the method.
+# PART II: ENGINEERING, none of which changes the method (II.1-II.8, listed at the top of the file).
 # #################################################################################################
 
 # =================================================================================================
@@ -1713,149 +1594,128 @@ def resolve_device(name: str) -> str:
     return name
 
 
-# --- the network's inputs: clear errors before any work (the samplers check theirs; check_inputs a hand-made call)
+# --- the network's inputs: clear errors before any work (samplers check theirs; check_inputs a hand-made call)
 
 
-def check_video(model, x: torch.Tensor, name: str = "x") -> None:
-    """x must be a (B, F, C, H, W) float video of the model's frame shape and dtype, finite."""
-    want = (model.cfg.in_channels, model.cfg.height, model.cfg.width)
-    if not torch.is_tensor(x) or x.dim() != 5 or tuple(x.shape[2:]) != want or x.shape[1] == 0:
-        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"{name} must have shape (B, F, {', '.join(map(str, want))}) with F >= 1, got {got}")
-    _check_dtype(model, x, name)
+def _check_tensor(model, x, name: str, fits: Callable, shape: str) -> None:
+    """x must be a tensor that `fits` (its shape, which `shape` names) of the model's float dtype, and finite."""
+    if not torch.is_tensor(x) or not fits(x):
+        raise ValueError(f"{name} must have {shape}, got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    w = model.patch_embedding.weight
+    if not x.is_floating_point() or (x.dtype != w.dtype and not model.uses_bf16(w.device)):
+        raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: use {name}.to({w.dtype})")
     if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
         raise FloatingPointError(f"{name} holds NaN or infinite values")
 
 
-def _check_dtype(model, x: torch.Tensor, name: str) -> None:
-    w = model.patch_embedding.weight
-    if not x.is_floating_point() or (x.dtype != w.dtype and not model.uses_bf16(w.device)):
-        raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: convert it, e.g. "
-                        f"{name}.to({w.dtype})")
-
-
 def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, clean_context=None) -> None:
     """Clear errors, before any work, for a hand-made call model(x, t, cond, kv_cache=, start_frame=, clean_context=)
-    whose inputs would fail deep inside torch or quietly give wrong numbers (samplers check their own arguments)."""
-    check_video(model, x)
+    whose inputs would fail deep inside torch or quietly give wrong numbers."""
+    c = model.cfg
+    frame = (c.in_channels, c.height, c.width)
+    _check_tensor(model, x, "x", lambda v: v.dim() == 5 and v.shape[1] >= 1 and tuple(v.shape[2:]) == frame,
+                  f"shape (B, F, {', '.join(map(str, frame))}) with F >= 1")
     B, F = x.shape[:2]
     if not torch.is_tensor(t) or t.shape != (B, F):
         raise ValueError(f"t must have shape (B, F) = ({B}, {F}), got {tuple(t.shape) if torch.is_tensor(t) else t!r}")
     if not bool(((t >= 0) & (t <= 1)).all()):  # also false for NaN
-        raise ValueError(f"t holds noise levels outside [0, 1] (min {float(t.min())}, max {float(t.max())}); "
-                         "t is sigma = timestep / 1000")
+        raise ValueError(f"t holds noise levels outside [0, 1]; t is sigma = timestep / 1000, got {t.tolist()}")
     if cond is not None:
         check_cond(model, cond, B)
     if isinstance(start_frame, bool) or not isinstance(start_frame, int):
         raise TypeError(f"start_frame must be an int, got {start_frame!r}")
-    chunk = model.cfg.chunk_frames
-    if model.causal and start_frame % chunk:
-        raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={chunk})")
+    if model.causal and start_frame % c.chunk_frames:
+        raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={c.chunk_frames})")
     if (kv_cache is not None or clean_context is not None) and not model.causal:
         raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
     if kv_cache is not None and clean_context is not None:
         raise ValueError("pass either kv_cache or clean_context, not both")
     if clean_context is not None:
-        check_video(model, clean_context, "clean_context")
-        if clean_context.shape != x.shape:
-            raise ValueError(f"clean_context must have the shape of x {tuple(x.shape)}, got "
-                             f"{tuple(clean_context.shape)}")
+        _check_tensor(model, clean_context, "clean_context", lambda v: v.shape == x.shape,
+                      f"the shape of x {tuple(x.shape)}")
     if kv_cache is not None:
         check_cache(model, kv_cache, B)
         _check_cache_call(kv_cache, start_frame, F)
 
 
-def check_cache(model, kv_cache, batch: int) -> None:
-    """A KV cache must be one `model.new_kv_cache(batch)` would make (shapes, positions, window)."""
-    c, shape = model.cfg, kv_cache.k.shape  # (layers, B, heads, slots, tokens per frame, head dim)
-    made_for = [("layers", shape[0], len(model.blocks)), ("heads", shape[2], c.num_heads),
-                ("tokens per frame", shape[4], model.tokens_per_frame), ("head dim", shape[5], c.dim // c.num_heads),
-                ("chunk_frames", kv_cache.chunk_frames, c.chunk_frames),
-                ("rope_positions", kv_cache.rope_positions, c.rope_positions)]
-    if c.window_frames is not None:  # a full-attention model may stream through any window
-        made_for.append(("(window_frames, sink_frames)", (kv_cache.window_frames, kv_cache.sink_frames),
-                         (c.window_frames, c.sink_frames)))
-    wrong = [f"{name}={cache!r} is not the model's {own!r}" for name, cache, own in made_for if cache != own]
-    if wrong:
-        raise ValueError(f"this KV cache was made for another model: {'; '.join(wrong)}; make it with "
-                         "model.new_kv_cache")
-    if batch != kv_cache.batch_size:
-        raise ValueError(f"batch size {batch} does not match the KV cache's {kv_cache.batch_size}")
-
-
 def _check_cache_call(cache, start_frame: int, num_frames: int) -> None:
-    """Frames [start, start + F) through `cache`: the next frames, or a chunk written again."""
+    """Frames [start, start + F) through the cache: the next ones, or ones written again that it still holds."""
     end, window, sink = start_frame + num_frames, cache.window_frames, cache.sink_frames
-    if start_frame < 0 or start_frame > cache.end:
-        raise ValueError(f"start_frame={start_frame} is beyond the KV cache: frames [0, {cache.end}) are cached, "
-                         f"so the next call may start at any frame up to {cache.end}")
-    if window is None and end > cache.max_frames:
-        raise ValueError(f"frames [{start_frame}, {end}) do not fit a KV cache of max_frames={cache.max_frames}; "
-                         "make a larger cache or use window_frames")
-    if window is not None and num_frames > window - sink:
-        raise ValueError(f"{num_frames} frames at once do not fit the rolling window's {window - sink} non-sink slots")
-    q = torch.arange(start_frame, end)
-    needed = frame_visibility(q, torch.arange(start_frame), cache.chunk_frames, window, sink).any(0)
+    if not 0 <= start_frame <= cache.end:
+        raise ValueError(f"start_frame={start_frame} is beyond the KV cache: start at frame {cache.end} at most")
+    if end > (cache.max_frames if window is None else start_frame + window - sink):
+        raise ValueError(f"frames [{start_frame}, {end}) do not fit a KV cache of " + (
+            f"max_frames={cache.max_frames}" if window is None else f"{window - sink} rolling non-sink slots"))
+    needed = frame_visibility(torch.arange(start_frame, end), torch.arange(start_frame), cache.chunk_frames, window,
+                              sink).any(0)  # (start,): which earlier frames the call attends to
     missing = sorted(set(torch.nonzero(needed).flatten().tolist()) - set(cache.slot_frame.tolist()))
     if missing:
-        raise ValueError(f"frames {missing} are needed but no longer in the rolling KV cache "
-                         f"(written up to frame {cache.end}); re-denoise only the latest chunk")
+        raise ValueError(f"frames {missing} are no longer in the rolling KV cache: re-denoise only the latest chunk")
 
 
-def check_cond(model, cond, batch: int) -> None:
-    """cond must be (batch, L, cond_dim) floats, L <= text_len; a model without conditioning takes none."""
+def check_cache(model, cache, batch: int) -> None:
+    """The cache must be one model.new_kv_cache(batch) makes (a full-attention model may use any window)."""
+    c, (layers, _, heads, _, tokens, head_dim) = model.cfg, cache.k.shape
+    window = (cache.window_frames, cache.sink_frames)
+    own_window = window if c.window_frames is None else (c.window_frames, c.sink_frames)
+    made_for = [("layers", layers, len(model.blocks)), ("heads", heads, c.num_heads),
+                ("head dim", head_dim, c.dim // c.num_heads), ("tokens per frame", tokens, model.tokens_per_frame),
+                ("chunk_frames", cache.chunk_frames, c.chunk_frames),
+                ("rope_positions", cache.rope_positions, c.rope_positions),
+                ("(window_frames, sink_frames)", window, own_window)]
+    wrong = [f"{name}={got!r} is not the model's {own!r}" for name, got, own in made_for if got != own]
+    if wrong:
+        raise ValueError(f"this KV cache was made for another model ({'; '.join(wrong)}): use model.new_kv_cache")
+    if batch != cache.batch_size:
+        raise ValueError(f"batch size {batch} does not match the KV cache's {cache.batch_size}")
+
+
+def check_cond(model, cond, batch: int, name: str = "cond", like=None) -> None:
+    """cond must be (batch, L, cond_dim) floats, L <= text_len, finite; a guidance uncond (like=cond) may also
+    have 1 row for the whole batch, and has cond's L."""
     c = model.cfg
     if not c.cond_dim:
-        raise ValueError("this model has no conditioning (cond_dim=0) but cond was given")
-    if not torch.is_tensor(cond) or cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != c.cond_dim:
-        got = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
-        raise ValueError(f"cond must have shape ({batch}, L, {c.cond_dim}), got {got}")
+        raise ValueError(f"this model has no conditioning (cond_dim=0) but {name} was given")
+    batches, L = ((batch,), "L") if like is None else ((1, batch), like.shape[1])
+    _check_tensor(model, cond, name, lambda v: v.dim() == 3 and v.shape[0] in batches and v.shape[2] == c.cond_dim
+                  and (like is None or v.shape[1] == L), f"shape ({' or '.join(map(str, batches))}, {L}, {c.cond_dim})")
     if c.text_len is not None and cond.shape[1] > c.text_len:
-        raise ValueError(f"cond has {cond.shape[1]} rows, more than text_len={c.text_len}")
-    _check_dtype(model, cond, "cond")
+        raise ValueError(f"{name} has {cond.shape[1]} rows, more than text_len={c.text_len}")
 
 
 def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
-    """A sampler's noise levels as a float64 tensor, after checking that they are a non-empty,
-    strictly descending list in [0, 1]: the teachers' Euler grid (solver_sigmas) or the student's
-    denoising sigmas (student_sigmas)."""
+    """A sampler's noise levels as a float64 tensor, checked: a non-empty, strictly descending list in [0, 1]."""
     try:
         s = torch.as_tensor(sigmas, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a list of noise levels such as student_sigmas(cfg.sample) or "
-                        f"solver_sigmas(48, cfg.sample), got {type(sigmas).__name__}") from None
+        raise TypeError(f"{name} must be a list of noise levels such as student_sigmas(cfg.sample), got "
+                        f"{type(sigmas).__name__}") from None
     if s.dim() != 1 or len(s) == 0 or not bool(((s >= 0) & (s <= 1)).all()) or not bool((s[1:] < s[:-1]).all()):
-        raise ValueError(f"{name} must be a non-empty, strictly descending list of noise levels in [0, 1], got {s.tolist()}")
+        raise ValueError(f"{name} must be a non-empty, strictly descending list of noise levels in [0, 1]: "
+                         f"{s.tolist()}")
     return s
 
 
 def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=None, context_noise: float = 0.0) -> None:
-    """A sampler's arguments: sizes, conditions, context_noise, and a model whose dtype the noise it
-    draws will have."""
-    for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not 0 <= context_noise < 1:
-        raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level at which finished chunks "
-                         "are written to the KV cache (0 = clean)")
-    if cond is not None:
-        check_cond(model, cond, batch_size)
-    check_uncond(model, uncond, cond)
+    """A sampler's arguments: the model's dtype (the noise it draws has torch's default dtype), the sizes,
+    context_noise, the condition and the guidance's uncond."""
     w, default = next(model.parameters()), torch.get_default_dtype()
     if w.dtype != default and not model.uses_bf16(w.device):
         raise TypeError(f"the model's weights are {w.dtype}, but samplers draw noise in torch's default dtype "
                         f"{default}: use model.to({default}) or torch.set_default_dtype({w.dtype})")
+    _check_sizes(batch_size, num_frames)
+    if not 0 <= context_noise < 1:
+        raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level of the cached chunks")
+    if cond is not None:
+        check_cond(model, cond, batch_size)
+    if cond is not None and uncond is not None:
+        check_cond(model, uncond, batch_size, "uncond", like=cond)
 
 
-def check_uncond(model, uncond, cond) -> None:
-    """A guidance `uncond` (a negative prompt) must be a condition with cond's rows, for 1 or all of
-    cond's batch (one row is repeated). None is the null condition and always fits."""
-    if uncond is None or cond is None:
-        return
-    check_cond(model, uncond, len(uncond))
-    if len(uncond) not in (1, len(cond)) or uncond.shape[1] != cond.shape[1]:
-        raise ValueError(f"uncond {tuple(uncond.shape)} must have cond's rows ({cond.shape[1]}) and 1 or {len(cond)} "
-                         "in the batch")
+def _check_sizes(batch_size: int, num_frames: int) -> None:
+    for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> CausalDiT:

@@ -705,6 +705,62 @@ def test_a_refused_prompt_switch_is_named_before_any_work():
     assert nfe["frames"] == 0  # refused before the finished chunk was written or the next one begun
 
 
+def test_a_fresh_stream_takes_a_prompt_by_send_before_its_first_chunk():
+    """send(cond) in place of the first next(): the first chunk comes under cond, as from a stream made
+    with it (not Python's "can't send non-None value to a just-started generator")."""
+    model, cfg = random_model(chunk_frames=1, cond_dim=3, dtype=torch.float32)
+    cond_a, cond_b, sig = torch.randn(2, 1, 3), torch.randn(2, 1, 3), cf.student_sigmas(cfg.sample)
+    chunks = cf.stream(model, sig, num_frames=3, batch_size=2, cond=cond_a, rng=torch.Generator().manual_seed(0))
+    switched = torch.cat([chunks.send(cond_b), *chunks], 1)
+    plain = cf.sample_student(model, sig, num_frames=3, batch_size=2, cond=cond_b, rng=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(switched, plain, rtol=0, atol=0)
+
+
+SAMPLERS = {  # each sampler, run to its first chunk
+    "sample_student": cf.sample_student, "sample_bidirectional": cf.sample_bidirectional,
+    "sample_ar_teacher": cf.sample_ar_teacher, "self_rollout": cf.self_rollout,
+    "stream": lambda *a, **kw: next(cf.stream(*a, **kw)),
+    "stream_recompute": lambda *a, **kw: next(cf.stream_recompute(*a, **kw)),
+}
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_refuses_a_bad_batch_size_or_frame_count_by_name(sampler):
+    model, cfg = random_model(chunk_frames=1, dtype=torch.float32)
+    for key, bad in (("batch_size", 0), ("num_frames", 0), ("num_frames", -2), ("num_frames", 2.0)):
+        size = {"batch_size": 2, "num_frames": 4, key: bad}
+        message = f"{key} must be an int >= 1, got {bad}"
+        with cf.count_frame_evaluations(model) as nfe, pytest.raises(ValueError, match=message):
+            SAMPLERS[sampler](model, cf.student_sigmas(cfg.sample), **size)
+        assert nfe["frames"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_told_to_convert_itself_not_its_inputs(dtype):
+    """The samplers draw noise in torch's default dtype: the fix is the model's dtype (or the default),
+    even when the condition passed along is float32 too."""
+    model, cfg = random_model(chunk_frames=1, cond_dim=3, dtype=dtype)
+    sig, cond = cf.student_sigmas(cfg.sample), torch.randn(2, 1, 3)
+    for sampler in ("sample_student", "sample_bidirectional", "sample_ar_teacher", "stream", "stream_recompute"):
+        with pytest.raises(TypeError, match=rf"use model\.to\(torch\.float32\) or torch\.set_default_dtype\({dtype}\)"):
+            SAMPLERS[sampler](model, sig, num_frames=2, batch_size=2, cond=cond)
+
+
+def test_a_nan_in_the_condition_is_named_as_such():
+    model, cfg = random_model(chunk_frames=1, cond_dim=3, dtype=torch.float32)
+    sig, cond = cf.student_sigmas(cfg.sample), torch.randn(2, 1, 3)
+    cond[1, 0, 2] = float("nan")
+    for sampler in ("sample_student", "sample_bidirectional", "sample_ar_teacher", "stream", "stream_recompute"):
+        with pytest.raises(FloatingPointError, match="cond holds NaN"):
+            SAMPLERS[sampler](model, sig, num_frames=2, batch_size=2, cond=cond)
+    with pytest.raises(FloatingPointError, match="cond holds NaN"):
+        checked(model)(torch.randn(2, 2, 2, 1, 1), torch.rand(2, 2), cond)
+    chunks = cf.stream(model, sig, num_frames=2, batch_size=2, cond=cond.nan_to_num())
+    next(chunks)
+    with pytest.raises(FloatingPointError, match="cond holds NaN"):
+        chunks.send(cond)
+
+
 # --- files and the command line -----------------------------------------------------------------
 
 

@@ -77,13 +77,13 @@ def test_guided_ar_teacher_through_the_cache_matches_recomputing_the_prefix(nega
                 return model(torch.cat([prefix, x_], 1), t_all, c_)[:, prefix.shape[1]:]
             vel = lambda x_, s: cf.guided_velocity(on_prefix, x_, torch.full(x_.shape[:2], s), cond, 3.0, uncond)  # noqa: E731
             done.append(cf.euler_ode(vel, x, sig)[0])
+        with pytest.raises(ValueError, match="uncond"):  # (under the model's dtype: else that is the first error)
+            cf.sample_ar_teacher(model, cf.solver_sigmas(4, cfg.sample), batch_size=3, num_frames=6, cond=cond,
+                                 guidance=3.0, uncond=torch.zeros(2, 1, 10, dtype=torch.float64))
     finally:
         torch.set_default_dtype(torch.float32)
     assert torch.allclose(got, torch.cat(done, 1), atol=1e-10)
     assert torch.equal(got, plain) != negative  # the negative prompt matters; None is the null condition
-    with pytest.raises(ValueError, match="uncond"):
-        cf.sample_ar_teacher(model, cf.solver_sigmas(4, cfg.sample), batch_size=3, num_frames=6, cond=cond,
-                             guidance=3.0, uncond=torch.zeros(2, 1, 10, dtype=torch.float64))
 
 
 def test_frechet_distance_closed_form():
