@@ -107,8 +107,6 @@ def test_bench_refuses_an_out_it_cannot_write_before_the_benchmark(tmp_path, mon
     assert "is a folder" in err
 
 
-@pytest.mark.xfail(strict=False, reason="bench reads --set through causal_forcing's flag helper, which is fixed "
-                   "there (it raised a TypeError for --set name=...): passes once that fix is merged")
 def test_bench_set_name_is_a_usage_error(capsys):
     from examples import bench
 
