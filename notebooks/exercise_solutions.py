@@ -1,7 +1,8 @@
 """Reference solutions to notebooks/05_exercises.ipynb. Try the exercises before reading on.
 
 Each function has the stub's name and signature; the notebook's last section runs every check on
-these, and the test suite checks that they pass.
+these, and the test suite checks that they pass. The answers to the notebook's "why" questions
+(Exercises 3 and 4) are the docstrings of the functions they are about.
 """
 
 import torch
@@ -30,11 +31,22 @@ def x0_from_velocity(x_s: torch.Tensor, v: torch.Tensor, s: float) -> torch.Tens
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float) -> torch.Tensor:
+    """Why one step is exact in the check: along the straight path x_s = (1 - s) x0 + s eps the
+    velocity dx_s/ds = eps - x0 is the same at every s, and an Euler step follows a constant velocity
+    exactly. A trained teacher predicts E[eps - x0 | x_s], the average over every (x0, eps) that could
+    have produced x_s; that average changes as s moves (the teacher's trajectories bend), so one step
+    misses, by less the smaller the step: hence the teachers' 16 to 48 Euler steps."""
     return x + v * (s_next - s)
 
 
 # Exercise 4
 def forward_chunk_by_chunk(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Why the cache needs start_frame: it says where the chunk sits in the video. The cache reads the
+    keys and values of the frames before start_frame and writes the chunk's into the slots of frames
+    [start_frame, start_frame + c); the rotary embeddings rotate queries and keys by their absolute
+    frame index, so attention knows how far apart two frames are. Without it every chunk is placed at
+    frame 0: it reads nothing (no frame comes before 0), overwrites the first chunk's slots, and carries
+    frame 0's positions, so no chunk ever sees the ones before it."""
     B, F = x.shape[:2]
     c = model.cfg.chunk_frames
     cache = model.new_kv_cache(B, max_frames=F)

@@ -1,7 +1,10 @@
-"""The course exercises (notebooks/05_exercises.ipynb) can be passed and can be failed: every check
-passes on the reference solution, and fails on the untouched stub and on a planted, plausible
-mistake. The notebook itself also runs with the solutions and with the mistakes filled in."""
+"""The course exercises (notebooks/05_exercises.ipynb) can be graded: every check passes on the
+reference solution, reports TO DO on the untouched stub, fails on a planted, plausible mistake with a
+message that names it, and refuses a solution that calls causal_forcing's own answer. The notebook
+itself runs with the stubs, the solutions, the mistakes and the module's answers filled in, from
+another folder than notebooks/ too."""
 
+import inspect
 import os
 import sys
 
@@ -65,7 +68,7 @@ def ar_pairs_own_context(toy, eps, sigmas, chunk_frames, clean):  # the teacher'
     return torch.cat(out, 1)
 
 
-def floor_sees_up_to_frame(flow_map, frames, chunk_frames, outer, inner, rng=None):  # the rest of i's chunk counted unseen
+def floor_sees_up_to_frame(flow_map, frames, chunk_frames, outer, inner, rng=None):  # rest of i's chunk unseen
     floor = torch.zeros(frames, dtype=torch.float64)
     for i in range(frames):
         seen = i + 1
@@ -76,97 +79,270 @@ def floor_sees_up_to_frame(flow_map, frames, chunk_frames, outer, inner, rng=Non
     return floor
 
 
-# (check, solution, planted mistake): the stub fails every check too
+# --- one solution per exercise that calls the module's own answer ----------------------------------
+
+
+def module_block_causal_mask(num_frames, chunk_frames):
+    import causal_forcing as cf
+
+    f = torch.arange(num_frames)
+    return cf.frame_visibility(f, f, chunk_frames)
+
+
+def module_teacher_forcing_mask(num_frames, chunk_frames):
+    import causal_forcing as cf
+
+    return cf.teacher_forcing_visibility(torch.arange(num_frames), chunk_frames)
+
+
+def module_x0_from_velocity(x_s, v, s):
+    import causal_forcing as cf
+
+    return cf.x0_from_velocity(x_s, v, s)
+
+
+def module_euler_step(x, v, s, s_next):
+    import causal_forcing as cf
+
+    return cf.euler_ode(lambda x_, s_: v, x, torch.tensor([s, s_next]))[0]
+
+
+def module_forward_chunk_by_chunk(model, x, t):  # the full forward: what the check compares with
+    return model(x, t)
+
+
+def module_dmd_gradient(x, x0_real, x0_fake):
+    from causal_forcing import dmd_gradient as answer  # an alias is seen too
+
+    return answer(x, x0_real, x0_fake)
+
+
+def module_dmd_surrogate_loss(x, grad):
+    import causal_forcing as cf
+
+    return cf.dmd_loss(x, grad)
+
+
+def module_ar_ode_pairs(toy, eps, sigmas, chunk_frames, clean):
+    import causal_forcing as cf
+
+    return cf.exact_ar_flow(toy, eps, sigmas, chunk_frames, context=clean)
+
+
+def module_injectivity_floor(flow_map, frames, chunk_frames, outer, inner, rng=None):
+    import causal_forcing as cf
+
+    return cf.injectivity_floor(flow_map, frames, chunk_frames, outer, inner, rng)
+
+
+# exercise: (check, the stubs' names, solution, planted mistake, the module's answer)
+SOLUTION, MISTAKE, ANSWER = 2, 3, 4
 EXERCISES = {
-    1: (check.block_causal_mask, (sol.block_causal_mask,), (frame_causal_mask,)),
-    2: (check.teacher_forcing_mask, (sol.teacher_forcing_mask,), (tf_mask_sees_own_clean,)),
-    3: (check.flow_matching, (sol.x0_from_velocity, sol.euler_step), (x0_sign_flipped, sol.euler_step)),
-    4: (check.kv_cache_streaming, (sol.forward_chunk_by_chunk,), (forward_without_start_frame,)),
-    5: (check.dmd_gradient, (sol.dmd_gradient,), (dmd_gradient_batch_norm,)),
-    6: (check.dmd_surrogate_loss, (sol.dmd_surrogate_loss,), (dmd_loss_not_detached,)),
-    7: (check.ar_ode_pairs, (sol.ar_ode_pairs,), (ar_pairs_own_context,)),
-    8: (check.injectivity_floor, (sol.injectivity_floor,), (floor_sees_up_to_frame,)),
+    1: (check.block_causal_mask, ("block_causal_mask",), (sol.block_causal_mask,), (frame_causal_mask,),
+        (module_block_causal_mask,)),
+    2: (check.teacher_forcing_mask, ("teacher_forcing_mask",), (sol.teacher_forcing_mask,), (tf_mask_sees_own_clean,),
+        (module_teacher_forcing_mask,)),
+    3: (check.flow_matching, ("x0_from_velocity", "euler_step"), (sol.x0_from_velocity, sol.euler_step),
+        (x0_sign_flipped, sol.euler_step), (module_x0_from_velocity, module_euler_step)),
+    4: (check.kv_cache_streaming, ("forward_chunk_by_chunk",), (sol.forward_chunk_by_chunk,),
+        (forward_without_start_frame,), (module_forward_chunk_by_chunk,)),
+    5: (check.dmd_gradient, ("dmd_gradient",), (sol.dmd_gradient,), (dmd_gradient_batch_norm,), (module_dmd_gradient,)),
+    6: (check.dmd_surrogate_loss, ("dmd_surrogate_loss",), (sol.dmd_surrogate_loss,), (dmd_loss_not_detached,),
+        (module_dmd_surrogate_loss,)),
+    7: (check.ar_ode_pairs, ("ar_ode_pairs",), (sol.ar_ode_pairs,), (ar_pairs_own_context,), (module_ar_ode_pairs,)),
+    8: (check.injectivity_floor, ("injectivity_floor",), (sol.injectivity_floor,), (floor_sees_up_to_frame,),
+        (module_injectivity_floor,)),
 }
 
 
 @pytest.mark.parametrize("n", EXERCISES)
-def test_check_passes_on_the_solution(n):
-    fn, solution, _ = EXERCISES[n]
+def test_check_passes_on_the_solution_and_leaves_the_global_generator_alone(n):
+    fn, solution = EXERCISES[n][0], EXERCISES[n][SOLUTION]
+    before = torch.get_rng_state()
     result = fn(*solution)
     assert result.passed, result
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("n", EXERCISES)
-def test_check_fails_on_the_stub(n):
-    fn, solution, _ = EXERCISES[n]
-    result = fn(*[stub] * len(solution))
+def test_check_says_to_do_on_the_stub(n):
+    fn, names, _, _, _ = EXERCISES[n]
+    result = fn(*[stub] * len(names))
     assert result.status == "to do" and "NotImplementedError" in result.message
 
 
 @pytest.mark.parametrize("n", EXERCISES)
 def test_check_fails_on_a_planted_mistake_and_says_why(n):
-    fn, _, mistake = EXERCISES[n]
-    result = fn(*mistake)
+    result = EXERCISES[n][0](*EXERCISES[n][MISTAKE])
     assert result.status == "failed" and "raised" not in result.message, result
 
 
-def test_the_usual_mistakes_are_named():
-    assert "wrong sign" in check.dmd_gradient(lambda x, real, fake: -sol.dmd_gradient(x, real, fake)).message
-    assert "normalise each sample by its own" in check.dmd_gradient(dmd_gradient_batch_norm).message
-    assert "copy the answer" in check.teacher_forcing_mask(tf_mask_sees_own_clean).message
+@pytest.mark.parametrize("n", EXERCISES)
+def test_check_refuses_the_modules_own_answer(n):
+    result = EXERCISES[n][0](*EXERCISES[n][ANSWER])
+    assert result.status == "refused" and not result.passed, result
+    assert ("causal_forcing." in result.message or "in one call" in result.message), result
+
+
+# --- the usual mistakes, each named for what it is ----------------------------------------------------
+
+
+def _variant(fn, old: str, new: str):
+    """fn with one piece of its source replaced: a mistake made from a reference solution."""
+    src = inspect.getsource(fn)
+    assert old in src, (old, fn.__name__)
+    space = {"torch": torch}
+    exec(src.replace(old, new), space)
+    return space[fn.__name__]
+
+
+def test_the_mask_mistakes_are_named():
     assert "of its own chunk" in check.block_causal_mask(frame_causal_mask).message
+    assert "transposed" in check.block_causal_mask(lambda F, c: sol.block_causal_mask(F, c).T.contiguous()).message
+    assert "copy the answer" in check.teacher_forcing_mask(tf_mask_sees_own_clean).message
+
+    def interleaved(F, c):
+        order = torch.stack([torch.arange(F), torch.arange(F) + F], 1).flatten()
+        return sol.teacher_forcing_mask(F, c)[order][:, order]
+    assert "interleave clean and noisy" in check.teacher_forcing_mask(interleaved).message
+
+
+def test_the_flow_and_streaming_mistakes_are_named():
     assert "sign of the velocity term" in check.flow_matching(x0_sign_flipped, sol.euler_step).message
-    assert "should be exactly 0" in check.injectivity_floor(floor_sees_up_to_frame).message
+    assert "did not see the earlier chunks" in check.kv_cache_streaming(forward_without_start_frame).message
+    two = _variant(sol.forward_chunk_by_chunk, "c = model.cfg.chunk_frames", "c = 2")  # a hard-coded chunk size
+    assert "model.cfg.chunk_frames" in check.kv_cache_streaming(two).message
+    assert check.kv_cache_streaming(lambda model, x, t: model.forward(x, t)).status == "refused"
+
+
+def test_the_dmd_mistakes_are_named():
+    assert "wrong sign" in check.dmd_gradient(lambda x, real, fake: -sol.dmd_gradient(x, real, fake)).message
+    assert "whole batch" in check.dmd_gradient(dmd_gradient_batch_norm).message
+    per_frame = _variant(sol.dmd_gradient, "range(1, x.dim())", "range(2, x.dim())")
+    assert "per frame" in check.dmd_gradient(per_frame).message
+    fake_norm = _variant(sol.dmd_gradient, "(x - x0_real).abs()", "(x - x0_fake).abs()")
+    assert "|x - x0_fake|" in check.dmd_gradient(fake_norm).message
+    assert check.dmd_gradient(lambda x, real, fake: (fake - real) / ((x - real).abs().mean(
+        dim=(1, 2, 3, 4), keepdim=True) + 1e-8)).passed  # an epsilon in the normaliser is the same answer
     assert "detach" in check.dmd_surrogate_loss(dmd_loss_not_detached).message
     assert "times grad / numel" in check.dmd_surrogate_loss(lambda x, g: ((x - (x - g).detach()) ** 2).mean()).message
-    assert "did not see the earlier chunks" in check.kv_cache_streaming(forward_without_start_frame).message
+    flipped = check.dmd_surrogate_loss(lambda x, g: 0.5 * ((x - (x + g).detach()) ** 2).mean()).message
+    assert "sign is flipped" in flipped and "right way" not in flipped
+
+    def on_a_copy(x, grad):
+        y = x.detach().requires_grad_()
+        return 0.5 * ((y - (y - grad).detach()) ** 2).mean()
+    assert "does not depend on x" in check.dmd_surrogate_loss(on_a_copy).message
+
+    def modified_in_place(x, grad):
+        loss = 0.5 * (x.pow(2) - (x.pow(2) - grad).detach()).pow(2).mean()
+        with torch.no_grad():
+            x.add_(0.0)  # autograd finds out only when the check differentiates
+        return loss
+    message = check.dmd_surrogate_loss(modified_in_place).message
+    assert "autograd could not differentiate" in message and "raised" not in message
+
+
+def test_the_ode_pair_mistakes_are_named():
     assert "free-running" in check.ar_ode_pairs(ar_pairs_own_context).message
-    assert "one chunk" in check.kv_cache_streaming(lambda model, x, t: model(x, t)).message
+    leaked = _variant(sol.ar_ode_pairs, "clean[:, :start]", "clean[:, :frames.stop]")
+    assert "own clean frames" in check.ar_ode_pairs(leaked).message
+
+    def whole_clip(toy, eps, sigmas, chunk_frames, clean):  # the bidirectional teacher
+        x = eps.double()
+        for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            x = x + toy.exact_velocity(x, s) * (s_next - s)
+        return x
+    assert "bidirectional" in check.ar_ode_pairs(whole_clip).message
+    low = _variant(sol.ar_ode_pairs, "eps[:, frames].double()", "eps[:, frames].float()")
+    assert "float32 precision" in check.ar_ode_pairs(low).message
+
+
+def test_the_floor_mistakes_are_named():
+    assert "should be exactly 0" in check.injectivity_floor(floor_sees_up_to_frame).message
+    std = _variant(sol.injectivity_floor, ".var(dim=1)", ".std(dim=1)")
+    assert "standard deviation" in check.injectivity_floor(std).message
+    biased = _variant(sol.injectivity_floor, ".var(dim=1)", ".var(dim=1, correction=0)")
+    assert "inner - 1" in check.injectivity_floor(biased).message
+    no_rng = _variant(sol.injectivity_floor, "generator=rng", "generator=None")
+    assert "never drew from the generator" in check.injectivity_floor(no_rng).message
+
+    def chunk_averaged(flow_map, frames, chunk_frames, outer, inner, rng=None):
+        floor = sol.injectivity_floor(flow_map, frames, chunk_frames, outer, inner, rng)
+        return floor.reshape(-1, chunk_frames).mean(1).repeat_interleave(chunk_frames)
+    assert "same for every frame of a chunk" in check.injectivity_floor(chunk_averaged).message
+
+
+def test_a_crash_in_the_students_function_is_named_as_its_own():
+    result = check.dmd_gradient(lambda x, real, fake: x.reshape(7, -1))
+    assert result.status == "failed" and result.message.startswith("dmd_gradient raised RuntimeError")
 
 
 # --- the notebook, with the stubs filled in ---------------------------------------------------------
 
 
-def _run_notebook(fill: dict) -> list:
-    """Executes the notebook with each exercise's stub cell (tagged "exercise-N") replaced by
-    `fill[N]` (source code), and returns the Result lines its check cells displayed."""
-    nbformat = pytest.importorskip("nbformat")
+def _execute(nb, cwd: str) -> None:
     nbclient = pytest.importorskip("nbclient")
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": cwd}})
+    client.execute()
+
+
+def _run_notebook(fill: dict, cwd: str = os.path.dirname(NOTEBOOK)) -> tuple[list, str]:
+    """Executes the notebook in folder `cwd` with each exercise's stub cell (tagged "exercise-N") replaced
+    by `fill[N]` (source code). Returns the Result lines its check cells displayed and the output of
+    its last cell (every check on the reference solutions)."""
+    nbformat = pytest.importorskip("nbformat")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     for cell in nb.cells:
         tags = [t for t in cell.metadata.get("tags", []) if t.startswith("exercise-")]
         if tags and int(tags[0].split("-")[1]) in fill:
             cell.source = fill[int(tags[0].split("-")[1])]
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
-    client.execute()
+    _execute(nb, cwd)
     lines = []
     for cell in nb.cells:
         if "check" in cell.metadata.get("tags", []):
             text = "".join(o.get("data", {}).get("text/plain", "") for o in cell.get("outputs", []))
             lines.append(text.strip("'\""))
-    return lines
+    return lines, "".join(o.get("text", "") for o in nb.cells[-1].get("outputs", []))
 
 
-def _source_of(*fns) -> str:
-    import inspect
+def _filled(column: int) -> dict:
+    """Source for every exercise cell: the SOLUTION, MISTAKE or ANSWER column of EXERCISES, each
+    function under the stub's name."""
+    def renamed(fn, name):
+        return inspect.getsource(fn).replace(f"def {fn.__name__}(", f"def {name}(", 1)
+    return {n: "import torch\n\n" + "\n\n".join(renamed(fn, name) for fn, name in zip(row[column], row[1]))
+            for n, row in EXERCISES.items()}
 
-    return "\n\n".join(inspect.getsource(f) for f in fns)
+
+@pytest.mark.slow
+def test_notebook_as_committed_says_to_do_and_shows_the_solutions_passing():
+    lines, last = _run_notebook({}, cwd=os.path.join(ROOT, "docs"))  # started from another folder of the repository
+    assert len(lines) == len(EXERCISES) and all("TO DO" in line for line in lines), lines
+    assert last.count("PASSED") == len(EXERCISES), last
 
 
 @pytest.mark.slow
 def test_notebook_checks_pass_with_the_solutions_and_fail_with_the_mistakes():
-    nb_names = {1: ("block_causal_mask",), 2: ("teacher_forcing_mask",), 3: ("x0_from_velocity", "euler_step"),
-                4: ("forward_chunk_by_chunk",), 5: ("dmd_gradient",), 6: ("dmd_surrogate_loss",), 7: ("ar_ode_pairs",),
-                8: ("injectivity_floor",)}
-    solved = {n: "import torch\n\n" + _source_of(*(getattr(sol, name) for name in names)) for n, names in nb_names.items()}
-    lines = _run_notebook(solved)
+    lines, _ = _run_notebook(_filled(SOLUTION))
     assert len(lines) == len(EXERCISES) and all("PASSED" in line for line in lines), lines
-
-    def renamed(fn, name):  # a planted mistake under the stub's name
-        return _source_of(fn).replace(f"def {fn.__name__}(", f"def {name}(", 1)
-
-    wrong = {n: "import torch\n\n" + "\n\n".join(renamed(m, name) for m, name in zip(EXERCISES[n][2], names))
-             for n, names in nb_names.items()}
-    lines = _run_notebook(wrong)
+    lines, _ = _run_notebook(_filled(MISTAKE))
     assert len(lines) == len(EXERCISES) and all("FAILED" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_notebook_refuses_the_modules_answers_started_outside_the_repository(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", ROOT)  # the repository is found where causal_forcing is imported from
+    lines, _ = _run_notebook(_filled(ANSWER), cwd=str(tmp_path))
+    assert len(lines) == len(EXERCISES) and all("REFUSED" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_notebook_outside_the_repository_says_where_it_looked(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells = [next(c for c in nb.cells if c.cell_type == "code")]  # the cell that finds the repository
+    with pytest.raises(Exception, match="causal_forcing.py"):
+        _execute(nb, str(tmp_path))

@@ -6,7 +6,9 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
+# 05_exercises runs in tests/test_exercises.py, as committed and with its exercises filled in
+NOTEBOOKS = sorted(p for p in glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb"))
+                   if not p.endswith("05_exercises.ipynb"))
 
 
 @pytest.mark.slow
