@@ -2473,30 +2473,30 @@ MNIST_ENV = "CAUSAL_FORCING_MNIST"  # a folder with the MNIST IDX files, if the 
 _SPRITES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_data", "digit_sprites.npz")
 
 
+class DataNotFound(FileNotFoundError, ValueError):
+    """A data file that is not there; also a ValueError, which the command line reports as an error."""
+
+
 def read_idx(path: str) -> torch.Tensor:
     """An IDX file (MNIST's format, raw or .gz) as a uint8 tensor: two zero bytes, the type 0x08 (uint8),
     the number of dimensions, each dimension as a big-endian uint32, then exactly that much data."""
     import gzip
-    import struct
     import zlib
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no IDX file at {path!r}")
+        raise DataNotFound(f"no IDX file at {path!r}")
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:  # gzip: bad header, CRC, truncated, bad deflate data
         raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is corrupt or truncated: "
                          "download it again") from e
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
         raise ValueError(f"{path} is not a uint8 IDX file (header {raw[:4].hex()}, expected 0000 08 <ndim>)")
     header = 4 + 4 * raw[3]
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated header ({len(raw)} bytes)")
-    dims = struct.unpack(f">{raw[3]}I", raw[4:header])
-    expected = header + math.prod(dims)
-    if len(raw) != expected:
-        raise ValueError(f"{path}: expected {expected} bytes for shape {dims}, found {len(raw)}; "
+    dims = tuple(int.from_bytes(raw[i: i + 4], "big") for i in range(4, header, 4))
+    if len(raw) != header + math.prod(dims):  # a header cut short counts dimensions of 0
+        raise ValueError(f"{path}: expected {header + math.prod(dims)} bytes for shape {dims}, found {len(raw)}; "
                          "the file is truncated or corrupt")
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
@@ -2507,21 +2507,20 @@ def load_digits(mnist_dir: Optional[str] = None, split: str = "test") -> tuple[t
     mnist_dir = mnist_dir or os.environ.get(MNIST_ENV)
     if not mnist_dir:
         if not os.path.isfile(_SPRITES):
-            raise FileNotFoundError(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
-                                    f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
+            raise DataNotFound(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
+                               f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
         import numpy as np
 
         with np.load(_SPRITES) as d:
             return torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long(), "digit sprites (toy_data)"
-    prefix = {"test": "t10k", "train": "train"}[split]
-    found = {}
+    prefix, found = {"test": "t10k", "train": "train"}[split], []
     for kind, rank in (("images", 3), ("labels", 1)):
         names = [f"{prefix}-{kind}{sep}idx{rank}-ubyte{ext}" for sep in "-." for ext in ("", ".gz")]
         paths = [os.path.join(mnist_dir, n) for n in names if os.path.isfile(os.path.join(mnist_dir, n))]
         if not paths:
-            raise FileNotFoundError(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
-        found[kind] = read_idx(paths[0])
-    images, labels = found["images"], found["labels"]
+            raise DataNotFound(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
+        found.append(read_idx(paths[0]))
+    images, labels = found
     if images.dim() != 3 or len(images) != len(labels):
         raise ValueError(f"MNIST files in {mnist_dir!r} disagree: images {tuple(images.shape)}, "
                          f"labels {tuple(labels.shape)}")
@@ -2549,8 +2548,7 @@ def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits:
     vel = speed * torch.stack([angle.sin(), angle.cos()], -1)  # (N, D, 2)
     video = torch.zeros(N, frames, size, size, dtype=torch.uint8)
     tops = torch.zeros(N, frames, D, 2, dtype=torch.long)
-    grid = torch.arange(digit_size)
-    n = torch.arange(N)[:, None, None]
+    grid, n = torch.arange(digit_size), torch.arange(N)[:, None, None]
     for f in range(frames):
         tops[:, f] = (pos * span).round().long()
         for d in range(D):
@@ -2561,22 +2559,7 @@ def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits:
         pos = pos + vel
         out = (pos < 0) | (pos > 1)
         pos, vel = pos.clamp(0, 1), torch.where(out, -vel, vel)
-    if return_positions:
-        return video, labels[pick], tops
-    return video, labels[pick]
-
-
-def load_moving_mnist(path: str) -> torch.Tensor:
-    """The released Moving MNIST test set (mnist_test_seq.npy: uint8, time first, (20, 10000, 64, 64))
-    as videos (N, T, H, W) uint8."""
-    import numpy as np
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no Moving MNIST file at {path!r}")
-    arr = np.load(path)
-    if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise ValueError(f"{path}: expected uint8 of shape (T, N, H, W), time first; got {arr.dtype} {arr.shape}")
-    return torch.from_numpy(arr).permute(1, 0, 2, 3).contiguous()
+    return (video, labels[pick], tops) if return_positions else (video, labels[pick])
 
 
 def digit_split(cfg: DataConfig) -> dict:
@@ -2641,8 +2624,8 @@ def toy_metrics(videos: torch.Tensor, data: ToyVideos, held_out: torch.Tensor, t
 
 
 class DigitClassifier(nn.Module):
-    """A small CNN that reads the digit in a frame (B, 1, H, W) in [-1, 1]. Its 128 penultimate activations
-    are the features of the Frechet distance (the role Inception or I3D features play for FID / FVD)."""
+    """A small CNN that reads the digit in frames (B, 1, H, W) in [-1, 1]; returns (features (B, 128),
+    logits (B, 10)). The features are the Frechet distance's (the role Inception features play for FID)."""
 
     def __init__(self, size: int):
         super().__init__()
@@ -2654,7 +2637,6 @@ class DigitClassifier(nn.Module):
         self.out = nn.Linear(128, 10)
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, H, W) -> (features (B, 128), logits (B, 10))."""
         f = self.body(frames)
         return f, self.out(f)
 
