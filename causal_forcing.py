@@ -2137,17 +2137,13 @@ ATTENTION_BACKENDS["flex"] = (_flex_block_mask, flex_attend)  # ModelConfig.atte
 # =================================================================================================
 # II.4 the training loop: data parallel, optimizer steps, resumable checkpoints, divergence guard
 # =================================================================================================
-
-
-# --- data parallel under torchrun ----------------------------------------------------------------
-# Every rank draws the same *global* batch from the same seed and trains on its own slice; gradients
-# are averaged over ranks before each optimizer step. So N processes take exactly the steps one
-# process takes with the whole batch, and parameters stay identical on every rank.
+# Data parallel under torchrun: every rank draws the same *global* batch from the same seed and trains
+# on its own slice; gradients are averaged over ranks before each optimizer step. So N processes take
+# exactly the steps one process takes with the whole batch, and parameters stay identical on every rank.
 
 
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
-    """Joins the process group when torchrun started several processes (NCCL for CUDA, else gloo);
-    each process uses the GPU of its LOCAL_RANK. Returns (rank, world size)."""
+    """Joins torchrun's process group (NCCL on CUDA, one GPU per LOCAL_RANK; else gloo): (rank, world size)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         cuda = torch.device(device).type == "cuda"
         if cuda:
@@ -2165,16 +2161,13 @@ def rank_and_world() -> tuple[int, int]:
 def _shard(x: torch.Tensor) -> torch.Tensor:
     """This rank's slice of a global batch."""
     rank, world = rank_and_world()
-    if world == 1:
-        return x
     if len(x) % world:
         raise ValueError(f"batch of {len(x)} does not split over {world} processes")
-    return x.chunk(world)[rank]
+    return x.chunk(world)[rank] if world > 1 else x
 
 
 def _rank_rng(rng: Optional[torch.Generator]) -> Optional[torch.Generator]:
-    """A generator of this rank's own, seeded from the shared one (which every rank advances alike),
-    for draws that must differ between ranks (the noise of each rank's rollouts)."""
+    """This rank's own generator, seeded from the shared one: for draws that differ between ranks (rollouts)."""
     rank, world = rank_and_world()
     if world == 1:
         return rng
@@ -2182,22 +2175,21 @@ def _rank_rng(rng: Optional[torch.Generator]) -> Optional[torch.Generator]:
 
 
 def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
-    """Under torchrun, in place: shards a large model with FSDP (each block, then the root), or keeps
-    a replica per rank (DDP's scheme: _step averages the gradients)."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return model
+    """Under torchrun, in place: shards a large model with FSDP (each block, then the root; FSDP averages
+    the gradients itself), or makes identical replicas (DDP's scheme: _step averages the gradients)."""
     mode = cfg.train.data_parallel
+    if rank_and_world()[1] == 1:
+        return model
     if mode == "fsdp" or (mode == "auto" and cfg.model.dim >= 1024):
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks:
             fully_shard(block)
-        fully_shard(model)  # FSDP reduce-scatters averaged gradients itself
+        fully_shard(model)
         model.fsdp = True
     else:
         for p in model.parameters():
-            torch.distributed.broadcast(p.data, src=0)  # identical replicas, whatever each rank initialised
+            torch.distributed.broadcast(p.data, src=0)  # rank 0's initial weights on every rank
     return model
 
 
@@ -2217,16 +2209,6 @@ def _reshard(model: nn.Module) -> None:
         model.reshard()
 
 
-def _global_mean(x: torch.Tensor) -> float:
-    """A loss averaged over ranks (each rank's is the mean over its slice), for logging."""
-    rank, world = rank_and_world()
-    x = x.detach().float()
-    if world > 1:
-        torch.distributed.all_reduce(x)
-        x = x / world
-    return float(x)
-
-
 def _adamw(params, lr, cfg: TrainConfig, beta1=None, cosine_steps: Optional[int] = None):
     """AdamW with the recipe's betas; with cosine_steps, the lr decays to 0 over that many steps."""
     beta1 = cfg.adam_beta1 if beta1 is None else beta1
@@ -2242,8 +2224,8 @@ def _step(opt, model, loss, clip) -> float:
     norm; refuses a non-finite loss or gradient before the step, so the weights stay finite."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    rank, world = rank_and_world()
-    if world > 1 and not getattr(model, "fsdp", False):  # average gradients over the replicas
+    world = rank_and_world()[1]
+    if world > 1 and not getattr(model, "fsdp", False):
         for p in model.parameters():
             if p.requires_grad:
                 if p.grad is None:
@@ -2260,9 +2242,8 @@ def _step(opt, model, loss, clip) -> float:
 
 
 class Batches:
-    """Endless shuffled minibatches (index tensors) of a dataset of n samples: a new permutation from
-    rng each epoch, incomplete last batches dropped. A stage's checkpoint saves its state, so a
-    resumed stage sees the same batches."""
+    """Endless shuffled minibatches (index tensors) of n samples: a new permutation from rng each epoch,
+    incomplete last batches dropped. A stage's checkpoint keeps its state."""
 
     def __init__(self, n: int, batch: int, rng):
         if batch > n:
@@ -2283,15 +2264,61 @@ class Batches:
         self.perm, self.pos = state["perm"], state["pos"]
 
 
+class Diverged(RuntimeError):
+    """A training stage met a non-finite loss or gradient. It stops before the step that would make its
+    weights non-finite; nothing of it is saved as finished, and its last checkpoint is kept."""
+
+
+def _global_mean(x: torch.Tensor) -> float:
+    """A loss averaged over ranks (each rank's is the mean over its slice), for logging."""
+    x, world = x.detach().float(), rank_and_world()[1]
+    if world > 1:
+        torch.distributed.all_reduce(x)
+    return float(x / world)
+
+
+def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Optional["StageCheckpoint"] = None,
+               log=print, state: Optional[dict] = None, hint: str = "", **objs) -> dict:
+    """The loop every stage runs: step(i) does step i and returns its losses by name. Restores `objs`
+    (models, optimizers, random generators, Batches) and `state` (the stage's own values, e.g. DMD's
+    EMA) from `ckpt`, goes on from its step and checkpoints every ckpt.every steps; prints the progress
+    ten times; stops at a non-finite loss or gradient with a Diverged error naming the stage, the step
+    and `hint` (what to change). Returns the history {loss name: [one value per step giving it]}."""
+    start, saved = ckpt.restore(**objs) if ckpt else (0, {})  # without a checkpoint: no files at all
+    history = saved.get("history", {})
+    if state is not None:
+        state.update(saved.get("state", {}))
+    every, t0 = max(steps // 10, 1), time.perf_counter()
+    for i in range(start, steps):
+        try:
+            losses = {name: _global_mean(v) if torch.is_tensor(v) else float(v) for name, v in step(i).items()}
+            bad = [f"{name} loss {v}" for name, v in losses.items() if not math.isfinite(v)]
+            if bad:
+                raise FloatingPointError(", ".join(bad))
+        except FloatingPointError as e:
+            raise Diverged(f"training diverged in stage '{stage}' at step {i + 1} of {steps} ({e}). Nothing of "
+                           f"this stage was saved as finished. The usual cause is a learning rate too high for "
+                           f"this model{': ' + hint if hint else ''} (from the command line, in a new --out "
+                           f"folder: a run folder keeps the config it was started with).") from None
+        for name, v in losses.items():
+            history.setdefault(name, []).append(v)
+        if log and (i % every == 0 or i == steps - 1):
+            rate = (i + 1 - start) / max(time.perf_counter() - t0, 1e-9)
+            log(f"  [{stage}] step {i + 1:5d}/{steps}  loss {next(iter(losses.values())):.4f}  "
+                f"{rate:6.2f} it/s  {(steps - i - 1) / rate:5.0f} s left")
+        if ckpt:
+            ckpt.save(i + 1, steps, {"history": history, "state": state or {}}, **objs)
+    return history
+
+
 # --- files written atomically, the run folder's lock, and the state a stage checkpoints ----------
 
 
 @contextlib.contextmanager
 def _atomic_file(path: str):
-    """Yields a binary file beside `path` that replaces `path` when the block ends: an interrupted
-    write never leaves a truncated file, and the old one survives until the new one is whole. The
-    file is flushed to disk before the rename and the folder after it, so that a power loss cannot
-    leave an empty file under the final name."""
+    """Yields a binary file that replaces `path` when the block ends, flushed to disk before the rename
+    (and the folder after it): a kill, a power loss or a full disk never leaves an empty or truncated
+    file, and the old file stays until the new one is whole. A failed write is an OSError naming `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
@@ -2304,11 +2331,15 @@ def _atomic_file(path: str):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's owner-only 0600
         os.replace(tmp, path)
-        _fsync_folder(folder)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        cause = e.__context__ if isinstance(e, RuntimeError) else e  # torch.save reports a failed write as
+        if isinstance(cause, OSError):  # a RuntimeError ("unexpected pos"), a full disk among them
+            raise OSError(cause.errno, f"cannot write {path!r}: {cause.strerror or cause}; the previous file "
+                          "there, if any, is kept") from e
         raise
+    _fsync_folder(folder)
 
 
 def _fsync_folder(folder: str) -> None:
@@ -2329,9 +2360,9 @@ def _remove_stale_temporaries(folder: str) -> None:
 
 
 def save_atomic(obj, path: str) -> None:
-    """torch.save, or JSON for a .json path, written atomically (see _atomic_file)."""
+    """torch.save, or strict JSON for a .json path (NaN and infinities as null), written atomically."""
     with _atomic_file(path) as f:
-        if path.endswith(".json"):  # strict JSON: NaN and infinities (which json reads back as constants) as null
+        if path.endswith(".json"):
             strict = json.loads(json.dumps(obj), parse_constant=lambda _: None)
             f.write(json.dumps(strict, indent=2, allow_nan=False).encode())
         else:
@@ -2339,8 +2370,7 @@ def save_atomic(obj, path: str) -> None:
 
 
 def _load_saved(path: str, what: str = "stage file") -> dict:
-    """torch.load of a file this code saved, after checking its checksums; an empty, truncated or
-    corrupt file is a ValueError that names it and what to do."""
+    """torch.load of a file this code saved, after its checksums; a bad file is a ValueError naming it and the fix."""
     fix = "delete it and run again to redo that stage"
     bad = _checksum_failure(path)
     if bad is not None:
@@ -2422,46 +2452,6 @@ class StageCheckpoint:
                 states[name] = full_state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict()
         save_atomic({"step": step, "objs": states, "extra": extra, "torch_rng": torch.get_rng_state(),
                      "seconds": self.elapsed()}, self.path)
-
-
-class Diverged(RuntimeError):
-    """A training stage met a non-finite loss or gradient. It stops before the step that would make its
-    weights non-finite; nothing of it is saved as finished, and its last checkpoint is kept."""
-
-
-def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Optional["StageCheckpoint"] = None,
-               log=print, state: Optional[dict] = None, hint: str = "", **objs) -> dict:
-    """The loop every stage runs. `step(i)` does step i and returns its losses by name; the loop
-    restores `objs` (models, optimizers, random generators, Batches) and `state` (the stage's own
-    values, e.g. DMD's EMA weights) from `ckpt` and goes on from its step; stops at a non-finite loss
-    or gradient with a Diverged error naming the stage, the step and `hint` (what to change); prints
-    the progress about ten times (the first loss, speed, time left) and checkpoints every `ckpt.every`
-    steps. Returns the history {loss name: [one value per step that produced it]}."""
-    start, saved = ckpt.restore(**objs) if ckpt else (0, {})  # without a checkpoint: no files at all
-    history = saved.get("history", {})
-    if state is not None:
-        state.update(saved.get("state", {}))
-    every, t0 = max(steps // 10, 1), time.perf_counter()
-    for i in range(start, steps):
-        try:
-            losses = {name: _global_mean(v) if torch.is_tensor(v) else float(v) for name, v in step(i).items()}
-            bad = [f"{name} loss {v}" for name, v in losses.items() if not math.isfinite(v)]
-            if bad:
-                raise FloatingPointError(", ".join(bad))
-        except FloatingPointError as e:
-            raise Diverged(f"training diverged in stage '{stage}' at step {i + 1} of {steps} ({e}). Nothing of "
-                           f"this stage was saved as finished. The usual cause is a learning rate too high for "
-                           f"this model{': ' + hint if hint else ''} (from the command line, in a new --out "
-                           f"folder: a run folder keeps the config it was started with).") from None
-        for name, v in losses.items():
-            history.setdefault(name, []).append(v)
-        if log and (i % every == 0 or i == steps - 1):
-            rate = (i + 1 - start) / max(time.perf_counter() - t0, 1e-9)
-            log(f"  [{stage}] step {i + 1:5d}/{steps}  loss {next(iter(losses.values())):.4f}  "
-                f"{rate:6.2f} it/s  {(steps - i - 1) / rate:5.0f} s left")
-        if ckpt:
-            ckpt.save(i + 1, steps, {"history": history, "state": state or {}}, **objs)
-    return history
 
 
 # =================================================================================================

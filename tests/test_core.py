@@ -1307,3 +1307,32 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(tmp
     with pytest.raises(ValueError, match="another config"):  # a failed start releases the lock too
         cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)
     cf.lock_run_folder(str(tmp_path)).close()  # free again
+
+
+def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    path = str(tmp_path / "stage.pt")
+    cf.save_atomic({"w": torch.ones(2)}, path)
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(cf.os, "fdopen", lambda fd, mode: io.BufferedWriter(FullDisk(fd, "wb")))
+    for obj, name in (({"w": torch.zeros(10**6)}, "stage.pt"), ({"a": 1}, "r.json")):  # torch.save, JSON
+        with pytest.raises(OSError, match=rf"cannot write .*{name}'.*No space left on device.*previous file"):
+            cf.save_atomic(obj, str(tmp_path / name))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["w"].sum() == 2 and os.listdir(tmp_path) == ["stage.pt"]
+
+
+def test_every_file_a_run_writes_arrives_whole_by_a_rename(tmp_path, monkeypatch):
+    """No file of a run folder is written in place (an interrupted write would leave it empty or cut):
+    each is written to a temporary file, flushed to disk, then renamed over its name."""
+    renamed = []
+    replace = os.replace
+    monkeypatch.setattr(cf.os, "replace", lambda a, b: (renamed.append(os.path.abspath(b)), replace(a, b)))
+    cf.run_pipeline(cf.get_config("toy2d", **TINY, checkpoint_every=1), str(tmp_path), log=None)
+    written = {os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files if f != ".lock"}
+    assert written and written <= set(renamed)
