@@ -2381,35 +2381,42 @@ def _load_saved(path: str, what: str = "stage file") -> dict:
         raise ValueError(f"{what} {path!r} is empty or corrupt ({type(e).__name__}: {e}); {fix}") from None
 
 
+def _holds(lock) -> bool:
+    """Whether a locked file is still the one at its path (deleted or replaced, it locks nothing)."""
+    with contextlib.suppress(OSError):
+        return os.path.samestat(os.fstat(lock.fileno()), os.stat(lock.name))
+    return False
+
+
 def lock_run_folder(out: str):
-    """Takes out/.lock for one run and returns its open file; the lock lasts until the file is closed
-    or the process ends (a killed run leaves none behind). A second run on the same folder would delete
-    the first one's temporary files and write over its stages: it gets a ValueError instead. Without
-    fcntl (Windows) there is no lock."""
+    """Takes out/.lock for one run and returns its open file: a second run on the folder (which would
+    delete the first one's temporary files and write over its stages) gets a ValueError instead. The
+    lock lasts until the file is closed or the process ends. Without fcntl (Windows) there is none."""
     try:
         import fcntl
     except ImportError:
         return None
     os.makedirs(out, exist_ok=True)
     f = open(os.path.join(out, ".lock"), "a")
-    try:
+    with contextlib.suppress(OSError):
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise ValueError(f"another run is using {out!r} (it holds {os.path.join(out, '.lock')}): let it finish, "
-                         "or stop it, or use another --out folder") from None
-    return f
+        if _holds(f):  # not deleted or replaced while we took it
+            return f
+    f.close()
+    raise ValueError(f"another run is using {out!r} (it holds {f.name}): let it finish, or stop it, or use another "
+                     "--out folder")
 
 
 class StageCheckpoint:
     """The resumable state of one training stage in one file, written atomically every `every` steps:
     models, optimizers (with their lr schedules), random generators, Batches, the step and the stage's
-    own values, so that a resumed stage takes exactly the steps an uninterrupted one would. path=None
-    (or torchrun, whose sharded optimizer states are not gathered here) turns it off."""
+    own values, so that a resumed stage takes exactly the steps an uninterrupted one would. Each save
+    first checks `lock` (lock_run_folder's). path=None (or torchrun, whose sharded optimizer states are
+    not gathered here) turns it off."""
 
-    def __init__(self, path: Optional[str] = None, every: int = 100):
+    def __init__(self, path: Optional[str] = None, every: int = 100, lock=None):
         self.path = path if rank_and_world()[1] == 1 else None
-        self.every = every
+        self.every, self.lock = every, lock
         self.t0, self.earlier = time.perf_counter(), 0.0  # seconds spent before a resume
 
     def elapsed(self) -> float:
@@ -2441,6 +2448,10 @@ class StageCheckpoint:
         result is saved then)."""
         if not self.path or step % self.every or step == total:
             return
+        if self.lock is not None and not _holds(self.lock):
+            raise ValueError(f"{self.lock.name!r}, this run's lock on its folder, was deleted or replaced, so "
+                             "another run could be writing there too: this run stops (its saved stages are kept); "
+                             "run again once no other run uses the folder")
         states = {}
         for name, obj in objs.items():
             if isinstance(obj, torch.Generator):
@@ -3005,7 +3016,7 @@ class PipelineRun:
         else:
             self.log(f"stage: {name}")
             partial = path + ".partial.pt" if path else None
-            ckpt = StageCheckpoint(partial, self.cfg.train.checkpoint_every)
+            ckpt = StageCheckpoint(partial, self.cfg.train.checkpoint_every, lock=self.lock)
             result = fn(ckpt)
             self.seconds[name] = round(ckpt.elapsed(), 2)  # the time before an interruption included
             if path:

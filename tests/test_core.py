@@ -1309,6 +1309,22 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(tmp
     cf.lock_run_folder(str(tmp_path)).close()  # free again
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the run-folder lock uses fcntl")
+def test_a_run_whose_lock_file_is_deleted_stops_before_its_next_save(tmp_path, monkeypatch):
+    """Deleting out/.lock while a run holds it would let a second run lock the folder too: the run
+    stops at its next checkpoint; and a .lock deleted while a run takes it locks nothing."""
+    def log(message):
+        if "[base] step" in message:
+            (tmp_path / ".lock").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"\.lock', this run's lock on its folder, was deleted or replaced"):
+        cf.run_pipeline(cf.get_config("toy2d", **TINY, checkpoint_every=1), str(tmp_path), log=log)
+    import fcntl
+    flock = fcntl.flock
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (flock(fd, op), os.remove(tmp_path / ".lock")))
+    with pytest.raises(ValueError, match="another run is using"):
+        cf.lock_run_folder(str(tmp_path))
+
+
 def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
     import errno
     import io
