@@ -2409,14 +2409,14 @@ def lock_run_folder(out: str):
 
 class StageCheckpoint:
     """The resumable state of one training stage in one file, written atomically every `every` steps:
-    models, optimizers (with their lr schedules), random generators, Batches, the step and the stage's
-    own values, so that a resumed stage takes exactly the steps an uninterrupted one would. Each save
-    first checks `lock` (lock_run_folder's). path=None (or torchrun, whose sharded optimizer states are
-    not gathered here) turns it off."""
+    models, optimizers (with their lr schedules), random generators, Batches, the step, the stage's own
+    values and the `config`, so that a resumed stage takes exactly the steps an uninterrupted one would;
+    a checkpoint of another config is refused. Each save first checks `lock` (lock_run_folder's).
+    path=None (or torchrun, whose sharded optimizer states are not gathered here) turns it off."""
 
-    def __init__(self, path: Optional[str] = None, every: int = 100, lock=None):
+    def __init__(self, path: Optional[str] = None, every: int = 100, config: Optional[dict] = None, lock=None):
         self.path = path if rank_and_world()[1] == 1 else None
-        self.every, self.lock = every, lock
+        self.every, self.config, self.lock = every, config, lock
         self.t0, self.earlier = time.perf_counter(), 0.0  # seconds spent before a resume
 
     def elapsed(self) -> float:
@@ -2424,28 +2424,34 @@ class StageCheckpoint:
         return self.earlier + time.perf_counter() - self.t0
 
     def restore(self, **objs) -> tuple[int, dict]:
-        """Loads the saved state into `objs`; returns the step to go on from (0 without a checkpoint)
-        and the extras saved with it."""
+        """Loads the saved state into `objs`: the step to go on from (0 without a checkpoint) and the extras."""
         if not self.path or not os.path.exists(self.path):
             return 0, {}
-        state = _load_saved(self.path, "checkpoint")
-        for name, obj in objs.items():
-            saved = state["objs"].get(name)
-            if isinstance(obj, torch.Generator):
-                obj.set_state(saved)
-            elif isinstance(obj, torch.optim.Optimizer):
-                obj.load_state_dict(saved["opt"])
-                if saved["schedule"] is not None:
-                    obj.schedule.load_state_dict(saved["schedule"])
-            elif obj is not None:  # a model or Batches
-                obj.load_state_dict(saved)
+        state, fix = _load_saved(self.path, "checkpoint"), "delete it, or use another --out folder"
+        diff = _config_differences(state.get("config") or self.config, self.config) if self.config else []
+        diff = [k for k in diff if k not in LATE_FIELDS]  # _check_run_folder deals with those
+        if diff:
+            raise ValueError(f"checkpoint {self.path!r} is of another config (differs in {', '.join(diff)}); {fix}")
+        try:
+            for name, obj in objs.items():
+                saved = state["objs"][name]
+                if isinstance(obj, torch.Generator):
+                    obj.set_state(saved)
+                elif isinstance(obj, torch.optim.Optimizer):
+                    obj.load_state_dict(saved["opt"])
+                    if saved["schedule"] is not None:
+                        obj.schedule.load_state_dict(saved["schedule"])
+                elif obj is not None:  # a model or Batches
+                    obj.load_state_dict(saved)
+        except (KeyError, RuntimeError, ValueError) as e:  # e.g. a model of another size
+            raise ValueError(f"checkpoint {self.path!r} does not fit this stage ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[-1].strip()}); {fix}") from None
         torch.set_rng_state(state["torch_rng"])
         self.earlier = state["seconds"]
         return state["step"], state["extra"]
 
     def save(self, step: int, total: int, extra: dict, **objs) -> None:
-        """After `step` finished steps: saves every `every` steps, not after the last (the stage's
-        result is saved then)."""
+        """After `step` steps: saves every `every` steps, not after the last (the stage's result is saved then)."""
         if not self.path or step % self.every or step == total:
             return
         if self.lock is not None and not _holds(self.lock):
@@ -2462,7 +2468,7 @@ class StageCheckpoint:
             elif obj is not None:  # a model (whole, if sharded) or Batches
                 states[name] = full_state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict()
         save_atomic({"step": step, "objs": states, "extra": extra, "torch_rng": torch.get_rng_state(),
-                     "seconds": self.elapsed()}, self.path)
+                     "seconds": self.elapsed(), "config": self.config}, self.path)
 
 
 # =================================================================================================
@@ -3016,7 +3022,7 @@ class PipelineRun:
         else:
             self.log(f"stage: {name}")
             partial = path + ".partial.pt" if path else None
-            ckpt = StageCheckpoint(partial, self.cfg.train.checkpoint_every, lock=self.lock)
+            ckpt = StageCheckpoint(partial, self.cfg.train.checkpoint_every, config=self.cfg.to_dict(), lock=self.lock)
             result = fn(ckpt)
             self.seconds[name] = round(ckpt.elapsed(), 2)  # the time before an interruption included
             if path:

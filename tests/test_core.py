@@ -1325,6 +1325,40 @@ def test_a_run_whose_lock_file_is_deleted_stops_before_its_next_save(tmp_path, m
         cf.lock_run_folder(str(tmp_path))
 
 
+class _Stop(Exception):
+    pass
+
+
+def _interrupt(cfg, out, at="[base] step     2/"):
+    """Runs the pipeline until the log says `at` (a checkpoint of the stage is saved before it)."""
+    def log(message):
+        if message.strip().startswith(at):
+            raise _Stop
+    with pytest.raises(_Stop):
+        cf.run_pipeline(cfg, out, log=log)
+
+
+@pytest.mark.parametrize("change", [{"seed": 7}, {"num_layers": 2}])
+def test_a_checkpoint_of_another_config_is_refused(tmp_path, change):
+    """A stage's checkpoint records its config: with config.json gone, a run with another seed or model
+    size is refused (naming the file and the fix) instead of resuming the other run's stage."""
+    _interrupt(cf.get_config("toy2d", **TINY, checkpoint_every=1), str(tmp_path))
+    (tmp_path / "config.json").unlink()
+    other = cf.get_config("toy2d", **{**TINY, "checkpoint_every": 1, **change})
+    key = "seed" if "seed" in change else "model.num_layers"
+    with pytest.raises(ValueError, match=rf"bidirectional_base\.partial\.pt' is of another config \(differs in "
+                                         rf"{key}\); delete it, or use another --out folder"):
+        cf.run_pipeline(other, str(tmp_path), log=None)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "stage.partial.pt")
+    cf.StageCheckpoint(path, every=1).save(1, 5, {}, model=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"stage\.partial\.pt' does not fit this stage \(RuntimeError: .*size "
+                                         r"mismatch.*\); delete it"):
+        cf.StageCheckpoint(path, every=1).restore(model=torch.nn.Linear(3, 3))
+
+
 def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
     import errno
     import io
