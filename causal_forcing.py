@@ -2372,9 +2372,9 @@ def save_atomic(obj, path: str) -> None:
 def _load_saved(path: str, what: str = "stage file") -> dict:
     """torch.load of a file this code saved, after its checksums; a bad file is a ValueError naming it and the fix."""
     fix = "delete it and run again to redo that stage"
-    bad = _checksum_failure(path)
-    if bad is not None:
-        raise ValueError(f"{what} {path!r} is corrupt: record {bad} fails its CRC-32 checksum; {fix}")
+    problem = _archive_problem(path)
+    if problem is not None:
+        raise ValueError(f"{what} {path!r} is corrupt: {problem}; {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
