@@ -1947,17 +1947,13 @@ ATTENTION_BACKENDS["flex"] = (_flex_block_mask, flex_attend)  # ModelConfig.atte
 # =================================================================================================
 # II.4 the training loop: data parallel, optimizer steps, resumable checkpoints, divergence guard
 # =================================================================================================
-
-
-# --- data parallel under torchrun ----------------------------------------------------------------
-# Every rank draws the same *global* batch from the same seed and trains on its own slice; gradients
-# are averaged over ranks before each optimizer step. So N processes take exactly the steps one
-# process takes with the whole batch, and parameters stay identical on every rank.
+# Data parallel under torchrun: every rank draws the same *global* batch from the same seed and trains
+# on its own slice; gradients are averaged over ranks before each optimizer step. So N processes take
+# exactly the steps one process takes with the whole batch, and parameters stay identical on every rank.
 
 
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
-    """Joins the process group when torchrun started several processes (NCCL for CUDA, else gloo);
-    each process uses the GPU of its LOCAL_RANK. Returns (rank, world size)."""
+    """Joins torchrun's process group (NCCL on CUDA, one GPU per LOCAL_RANK; else gloo): (rank, world size)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         cuda = torch.device(device).type == "cuda"
         if cuda:
@@ -1975,16 +1971,13 @@ def rank_and_world() -> tuple[int, int]:
 def _shard(x: torch.Tensor) -> torch.Tensor:
     """This rank's slice of a global batch."""
     rank, world = rank_and_world()
-    if world == 1:
-        return x
     if len(x) % world:
         raise ValueError(f"batch of {len(x)} does not split over {world} processes")
-    return x.chunk(world)[rank]
+    return x.chunk(world)[rank] if world > 1 else x
 
 
 def _rank_rng(rng: Optional[torch.Generator]) -> Optional[torch.Generator]:
-    """A generator of this rank's own, seeded from the shared one (which every rank advances alike),
-    for draws that must differ between ranks (the noise of each rank's rollouts)."""
+    """This rank's own generator, seeded from the shared one: for draws that differ between ranks (rollouts)."""
     rank, world = rank_and_world()
     if world == 1:
         return rng
@@ -1992,22 +1985,21 @@ def _rank_rng(rng: Optional[torch.Generator]) -> Optional[torch.Generator]:
 
 
 def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
-    """Under torchrun, in place: shards a large model with FSDP (each block, then the root), or keeps
-    a replica per rank (DDP's scheme: _step averages the gradients)."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return model
+    """Under torchrun, in place: shards a large model with FSDP (each block, then the root; FSDP averages
+    the gradients itself), or makes identical replicas (DDP's scheme: _step averages the gradients)."""
     mode = cfg.train.data_parallel
+    if rank_and_world()[1] == 1:
+        return model
     if mode == "fsdp" or (mode == "auto" and cfg.model.dim >= 1024):
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks:
             fully_shard(block)
-        fully_shard(model)  # FSDP reduce-scatters averaged gradients itself
+        fully_shard(model)
         model.fsdp = True
     else:
         for p in model.parameters():
-            torch.distributed.broadcast(p.data, src=0)  # identical replicas, whatever each rank initialised
+            torch.distributed.broadcast(p.data, src=0)  # rank 0's initial weights on every rank
     return model
 
 
@@ -2027,16 +2019,6 @@ def _reshard(model: nn.Module) -> None:
         model.reshard()
 
 
-def _global_mean(x: torch.Tensor) -> float:
-    """A loss averaged over ranks (each rank's is the mean over its slice), for logging."""
-    rank, world = rank_and_world()
-    x = x.detach().float()
-    if world > 1:
-        torch.distributed.all_reduce(x)
-        x = x / world
-    return float(x)
-
-
 def _adamw(params, lr, cfg: TrainConfig, beta1=None, cosine_steps: Optional[int] = None):
     """AdamW with the recipe's betas; with cosine_steps, the lr decays to 0 over that many steps."""
     beta1 = cfg.adam_beta1 if beta1 is None else beta1
@@ -2052,8 +2034,8 @@ def _step(opt, model, loss, clip) -> float:
     norm; refuses a non-finite loss or gradient before the step, so the weights stay finite."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    rank, world = rank_and_world()
-    if world > 1 and not getattr(model, "fsdp", False):  # average gradients over the replicas
+    world = rank_and_world()[1]
+    if world > 1 and not getattr(model, "fsdp", False):
         for p in model.parameters():
             if p.requires_grad:
                 if p.grad is None:
@@ -2070,9 +2052,8 @@ def _step(opt, model, loss, clip) -> float:
 
 
 class Batches:
-    """Endless shuffled minibatches (index tensors) of a dataset of n samples: a new permutation from
-    rng each epoch, incomplete last batches dropped. A stage's checkpoint saves its state, so a
-    resumed stage sees the same batches."""
+    """Endless shuffled minibatches (index tensors) of n samples: a new permutation from rng each epoch,
+    incomplete last batches dropped. A stage's checkpoint keeps its state."""
 
     def __init__(self, n: int, batch: int, rng):
         if batch > n:
@@ -2093,160 +2074,26 @@ class Batches:
         self.perm, self.pos = state["perm"], state["pos"]
 
 
-# --- files written atomically, the run folder's lock, and the state a stage checkpoints ----------
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str):
-    """Yields a binary file beside `path` that replaces `path` when the block ends: an interrupted
-    write never leaves a truncated file, and the old one survives until the new one is whole. The
-    file is flushed to disk before the rename and the folder after it, so that a power loss cannot
-    leave an empty file under the final name."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's owner-only 0600
-        os.replace(tmp, path)
-        _fsync_folder(folder)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _fsync_folder(folder: str) -> None:
-    """Makes a rename in `folder` durable, where the system lets a folder be opened."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove_stale_temporaries(folder: str) -> None:
-    """Deletes the .tmp-* files that a save interrupted by a kill leaves behind."""
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.startswith(".tmp-"):
-            os.remove(os.path.join(folder, name))
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save, or JSON for a .json path, written atomically (see _atomic_file)."""
-    with _atomic_file(path) as f:
-        if path.endswith(".json"):  # strict JSON: NaN and infinities (which json reads back as constants) as null
-            strict = json.loads(json.dumps(obj), parse_constant=lambda _: None)
-            f.write(json.dumps(strict, indent=2, allow_nan=False).encode())
-        else:
-            torch.save(obj, f)
-
-
-def _load_saved(path: str, what: str = "stage file") -> dict:
-    """torch.load of a file this code saved, after checking its checksums; an empty, truncated or
-    corrupt file is a ValueError that names it and what to do."""
-    fix = "delete it and run again to redo that stage"
-    problem = _archive_problem(path)
-    if problem is not None:
-        raise ValueError(f"{what} {path!r} is corrupt: {problem}; {fix}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
-        raise ValueError(f"{what} {path!r} is empty or corrupt ({type(e).__name__}: {e}); {fix}") from None
-
-
-def lock_run_folder(out: str):
-    """Takes out/.lock for one run and returns its open file; the lock lasts until the file is closed
-    or the process ends (a killed run leaves none behind). A second run on the same folder would delete
-    the first one's temporary files and write over its stages: it gets a ValueError instead. Without
-    fcntl (Windows) there is no lock."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, ".lock"), "a")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise ValueError(f"another run is using {out!r} (it holds {os.path.join(out, '.lock')}): let it finish, "
-                         "or stop it, or use another --out folder") from None
-    return f
-
-
-class StageCheckpoint:
-    """The resumable state of one training stage in one file, written atomically every `every` steps:
-    models, optimizers (with their lr schedules), random generators, Batches, the step and the stage's
-    own values, so that a resumed stage takes exactly the steps an uninterrupted one would. path=None
-    (or torchrun, whose sharded optimizer states are not gathered here) turns it off."""
-
-    def __init__(self, path: Optional[str] = None, every: int = 100):
-        self.path = path if rank_and_world()[1] == 1 else None
-        self.every = every
-        self.t0, self.earlier = time.perf_counter(), 0.0  # seconds spent before a resume
-
-    def elapsed(self) -> float:
-        """Seconds spent on the stage, the runs before an interruption included."""
-        return self.earlier + time.perf_counter() - self.t0
-
-    def restore(self, **objs) -> tuple[int, dict]:
-        """Loads the saved state into `objs`; returns the step to go on from (0 without a checkpoint)
-        and the extras saved with it."""
-        if not self.path or not os.path.exists(self.path):
-            return 0, {}
-        state = _load_saved(self.path, "checkpoint")
-        for name, obj in objs.items():
-            saved = state["objs"].get(name)
-            if isinstance(obj, torch.Generator):
-                obj.set_state(saved)
-            elif isinstance(obj, torch.optim.Optimizer):
-                obj.load_state_dict(saved["opt"])
-                if saved["schedule"] is not None:
-                    obj.schedule.load_state_dict(saved["schedule"])
-            elif obj is not None:  # a model or Batches
-                obj.load_state_dict(saved)
-        torch.set_rng_state(state["torch_rng"])
-        self.earlier = state["seconds"]
-        return state["step"], state["extra"]
-
-    def save(self, step: int, total: int, extra: dict, **objs) -> None:
-        """After `step` finished steps: saves every `every` steps, not after the last (the stage's
-        result is saved then)."""
-        if not self.path or step % self.every or step == total:
-            return
-        states = {}
-        for name, obj in objs.items():
-            if isinstance(obj, torch.Generator):
-                states[name] = obj.get_state()
-            elif isinstance(obj, torch.optim.Optimizer):
-                schedule = getattr(obj, "schedule", None)
-                states[name] = {"opt": obj.state_dict(), "schedule": schedule.state_dict() if schedule else None}
-            elif obj is not None:  # a model (whole, if sharded) or Batches
-                states[name] = full_state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict()
-        save_atomic({"step": step, "objs": states, "extra": extra, "torch_rng": torch.get_rng_state(),
-                     "seconds": self.elapsed()}, self.path)
-
-
 class Diverged(RuntimeError):
     """A training stage met a non-finite loss or gradient. It stops before the step that would make its
     weights non-finite; nothing of it is saved as finished, and its last checkpoint is kept."""
 
 
+def _global_mean(x: torch.Tensor) -> float:
+    """A loss averaged over ranks (each rank's is the mean over its slice), for logging."""
+    x, world = x.detach().float(), rank_and_world()[1]
+    if world > 1:
+        torch.distributed.all_reduce(x)
+    return float(x / world)
+
+
 def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Optional["StageCheckpoint"] = None,
                log=print, state: Optional[dict] = None, hint: str = "", **objs) -> dict:
-    """The loop every stage runs. `step(i)` does step i and returns its losses by name; the loop
-    restores `objs` (models, optimizers, random generators, Batches) and `state` (the stage's own
-    values, e.g. DMD's EMA weights) from `ckpt` and goes on from its step; stops at a non-finite loss
-    or gradient with a Diverged error naming the stage, the step and `hint` (what to change); prints
-    the progress about ten times (the first loss, speed, time left) and checkpoints every `ckpt.every`
-    steps. Returns the history {loss name: [one value per step that produced it]}."""
+    """The loop every stage runs: step(i) does step i and returns its losses by name. Restores `objs`
+    (models, optimizers, random generators, Batches) and `state` (the stage's own values, e.g. DMD's
+    EMA) from `ckpt`, goes on from its step and checkpoints every ckpt.every steps; prints the progress
+    ten times; stops at a non-finite loss or gradient with a Diverged error naming the stage, the step
+    and `hint` (what to change). Returns the history {loss name: [one value per step giving it]}."""
     start, saved = ckpt.restore(**objs) if ckpt else (0, {})  # without a checkpoint: no files at all
     history = saved.get("history", {})
     if state is not None:
@@ -2274,6 +2121,164 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
     return history
 
 
+# --- files written atomically, the run folder's lock, and the state a stage checkpoints ----------
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str):
+    """Yields a binary file that replaces `path` when the block ends, flushed to disk before the rename
+    (and the folder after it): a kill, a power loss or a full disk never leaves an empty or truncated
+    file, and the old file stays until the new one is whole. A failed write is an OSError naming `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's owner-only 0600
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        cause = e.__context__ if isinstance(e, RuntimeError) else e  # torch.save reports a failed write as
+        if isinstance(cause, OSError):  # a RuntimeError ("unexpected pos"), a full disk among them
+            raise OSError(cause.errno, f"cannot write {path!r}: {cause.strerror or cause}; the previous file "
+                          "there, if any, is kept") from e
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes a rename in `folder` durable, where the system lets a folder be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_stale_temporaries(folder: str) -> None:
+    """Deletes the .tmp-* files that a save interrupted by a kill leaves behind."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(folder, name))
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save, or strict JSON for a .json path (NaN and infinities as null), written atomically."""
+    with _atomic_file(path) as f:
+        if path.endswith(".json"):
+            strict = json.loads(json.dumps(obj), parse_constant=lambda _: None)
+            f.write(json.dumps(strict, indent=2, allow_nan=False).encode())
+        else:
+            torch.save(obj, f)
+
+
+def _load_saved(path: str, what: str = "stage file") -> dict:
+    """torch.load of a file this code saved, after its checksums; a bad file is a ValueError naming it and the fix."""
+    fix = "delete it and run again to redo that stage"
+    problem = _archive_problem(path)
+    if problem is not None:
+        raise ValueError(f"{what} {path!r} is corrupt: {problem}; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
+        raise ValueError(f"{what} {path!r} is empty or corrupt ({type(e).__name__}: {e}); {fix}") from None
+
+
+def _holds(lock) -> bool:
+    """Whether a locked file is still the one at its path (deleted or replaced, it locks nothing)."""
+    with contextlib.suppress(OSError):
+        return os.path.samestat(os.fstat(lock.fileno()), os.stat(lock.name))
+    return False
+
+
+def lock_run_folder(out: str):
+    """Takes out/.lock for one run and returns its open file: a second run on the folder (which would
+    delete the first one's temporary files and write over its stages) gets a ValueError instead. The
+    lock lasts until the file is closed or the process ends. Without fcntl (Windows) there is none."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a")
+    with contextlib.suppress(OSError):
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _holds(f):  # not deleted or replaced while we took it
+            return f
+    f.close()
+    raise ValueError(f"another run is using {out!r} (it holds {f.name}): let it finish, or stop it, or use another "
+                     "--out folder")
+
+
+class StageCheckpoint:
+    """The resumable state of one training stage in one file, written atomically every `every` steps:
+    models, optimizers (with their lr schedules), random generators, Batches, the step, the stage's own
+    values and the `config`, so that a resumed stage takes exactly the steps an uninterrupted one would;
+    a checkpoint of another config is refused. Each save first checks `lock` (lock_run_folder's).
+    path=None (or torchrun, whose sharded optimizer states are not gathered here) turns it off."""
+
+    def __init__(self, path: Optional[str] = None, every: int = 100, config: Optional[dict] = None, lock=None):
+        self.path = path if rank_and_world()[1] == 1 else None
+        self.every, self.config, self.lock = every, config, lock
+        self.t0, self.earlier = time.perf_counter(), 0.0  # seconds spent before a resume
+
+    def elapsed(self) -> float:
+        """Seconds spent on the stage, the runs before an interruption included."""
+        return self.earlier + time.perf_counter() - self.t0
+
+    def restore(self, **objs) -> tuple[int, dict]:
+        """Loads the saved state into `objs`: the step to go on from (0 without a checkpoint) and the extras."""
+        if not self.path or not os.path.exists(self.path):
+            return 0, {}
+        state, fix = _load_saved(self.path, "checkpoint"), "delete it, or use another --out folder"
+        if self.config and state.get("config"):
+            _refuse_another_config(state["config"], self.config, f"checkpoint {self.path!r} is of", fix)
+        try:
+            for name, obj in objs.items():
+                saved = state["objs"][name]
+                if isinstance(obj, torch.Generator):
+                    obj.set_state(saved)
+                elif isinstance(obj, torch.optim.Optimizer):
+                    obj.load_state_dict(saved["opt"])
+                    if saved["schedule"] is not None:
+                        obj.schedule.load_state_dict(saved["schedule"])
+                elif obj is not None:  # a model or Batches
+                    obj.load_state_dict(saved)
+        except (KeyError, RuntimeError, ValueError) as e:  # e.g. a model of another size
+            raise ValueError(f"checkpoint {self.path!r} does not fit this stage ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[-1].strip()}); {fix}") from None
+        torch.set_rng_state(state["torch_rng"])
+        self.earlier = state["seconds"]
+        return state["step"], state["extra"]
+
+    def save(self, step: int, total: int, extra: dict, **objs) -> None:
+        """After `step` steps: saves every `every` steps, not after the last (the stage's result is saved then)."""
+        if not self.path or step % self.every or step == total:
+            return
+        if self.lock is not None and not _holds(self.lock):
+            raise ValueError(f"{self.lock.name!r}, this run's lock on its folder, was deleted or replaced, so "
+                             "another run could be writing there too: this run stops (its saved stages are kept); "
+                             "run again once no other run uses the folder")
+        states = {}
+        for name, obj in objs.items():
+            if isinstance(obj, torch.Generator):
+                states[name] = obj.get_state()
+            elif isinstance(obj, torch.optim.Optimizer):
+                schedule = getattr(obj, "schedule", None)
+                states[name] = {"opt": obj.state_dict(), "schedule": schedule.state_dict() if schedule else None}
+            elif obj is not None:  # a model (whole, if sharded) or Batches
+                states[name] = full_state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict()
+        save_atomic({"step": step, "objs": states, "extra": extra, "torch_rng": torch.get_rng_state(),
+                     "seconds": self.elapsed(), "config": self.config}, self.path)
+
+
 # =================================================================================================
 # II.5 data loaders: moving digits (Srivastava et al., 2015), MNIST files, bundled sprites
 # =================================================================================================
@@ -2283,30 +2288,30 @@ MNIST_ENV = "CAUSAL_FORCING_MNIST"  # a folder with the MNIST IDX files, if the 
 _SPRITES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_data", "digit_sprites.npz")
 
 
+class DataNotFound(FileNotFoundError, ValueError):
+    """A data file that is not there; also a ValueError, which the command line reports as an error."""
+
+
 def read_idx(path: str) -> torch.Tensor:
     """An IDX file (MNIST's format, raw or .gz) as a uint8 tensor: two zero bytes, the type 0x08 (uint8),
     the number of dimensions, each dimension as a big-endian uint32, then exactly that much data."""
     import gzip
-    import struct
     import zlib
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no IDX file at {path!r}")
+        raise DataNotFound(f"no IDX file at {path!r}")
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:  # gzip: bad header, CRC, truncated, bad deflate data
         raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is corrupt or truncated: "
                          "download it again") from e
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
         raise ValueError(f"{path} is not a uint8 IDX file (header {raw[:4].hex()}, expected 0000 08 <ndim>)")
     header = 4 + 4 * raw[3]
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated header ({len(raw)} bytes)")
-    dims = struct.unpack(f">{raw[3]}I", raw[4:header])
-    expected = header + math.prod(dims)
-    if len(raw) != expected:
-        raise ValueError(f"{path}: expected {expected} bytes for shape {dims}, found {len(raw)}; "
+    dims = tuple(int.from_bytes(raw[i: i + 4], "big") for i in range(4, header, 4))
+    if len(raw) != header + math.prod(dims):  # a header cut short counts dimensions of 0
+        raise ValueError(f"{path}: expected {header + math.prod(dims)} bytes for shape {dims}, found {len(raw)}; "
                          "the file is truncated or corrupt")
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
@@ -2317,21 +2322,20 @@ def load_digits(mnist_dir: Optional[str] = None, split: str = "test") -> tuple[t
     mnist_dir = mnist_dir or os.environ.get(MNIST_ENV)
     if not mnist_dir:
         if not os.path.isfile(_SPRITES):
-            raise FileNotFoundError(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
-                                    f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
+            raise DataNotFound(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
+                               f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
         import numpy as np
 
         with np.load(_SPRITES) as d:
             return torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long(), "digit sprites (toy_data)"
-    prefix = {"test": "t10k", "train": "train"}[split]
-    found = {}
+    prefix, found = {"test": "t10k", "train": "train"}[split], []
     for kind, rank in (("images", 3), ("labels", 1)):
         names = [f"{prefix}-{kind}{sep}idx{rank}-ubyte{ext}" for sep in "-." for ext in ("", ".gz")]
         paths = [os.path.join(mnist_dir, n) for n in names if os.path.isfile(os.path.join(mnist_dir, n))]
         if not paths:
-            raise FileNotFoundError(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
-        found[kind] = read_idx(paths[0])
-    images, labels = found["images"], found["labels"]
+            raise DataNotFound(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
+        found.append(read_idx(paths[0]))
+    images, labels = found
     if images.dim() != 3 or len(images) != len(labels):
         raise ValueError(f"MNIST files in {mnist_dir!r} disagree: images {tuple(images.shape)}, "
                          f"labels {tuple(labels.shape)}")
@@ -2359,8 +2363,7 @@ def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits:
     vel = speed * torch.stack([angle.sin(), angle.cos()], -1)  # (N, D, 2)
     video = torch.zeros(N, frames, size, size, dtype=torch.uint8)
     tops = torch.zeros(N, frames, D, 2, dtype=torch.long)
-    grid = torch.arange(digit_size)
-    n = torch.arange(N)[:, None, None]
+    grid, n = torch.arange(digit_size), torch.arange(N)[:, None, None]
     for f in range(frames):
         tops[:, f] = (pos * span).round().long()
         for d in range(D):
@@ -2371,22 +2374,7 @@ def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits:
         pos = pos + vel
         out = (pos < 0) | (pos > 1)
         pos, vel = pos.clamp(0, 1), torch.where(out, -vel, vel)
-    if return_positions:
-        return video, labels[pick], tops
-    return video, labels[pick]
-
-
-def load_moving_mnist(path: str) -> torch.Tensor:
-    """The released Moving MNIST test set (mnist_test_seq.npy: uint8, time first, (20, 10000, 64, 64))
-    as videos (N, T, H, W) uint8."""
-    import numpy as np
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no Moving MNIST file at {path!r}")
-    arr = np.load(path)
-    if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise ValueError(f"{path}: expected uint8 of shape (T, N, H, W), time first; got {arr.dtype} {arr.shape}")
-    return torch.from_numpy(arr).permute(1, 0, 2, 3).contiguous()
+    return (video, labels[pick], tops) if return_positions else (video, labels[pick])
 
 
 def digit_split(cfg: DataConfig) -> dict:
@@ -2451,8 +2439,8 @@ def toy_metrics(videos: torch.Tensor, data: ToyVideos, held_out: torch.Tensor, t
 
 
 class DigitClassifier(nn.Module):
-    """A small CNN that reads the digit in a frame (B, 1, H, W) in [-1, 1]. Its 128 penultimate activations
-    are the features of the Frechet distance (the role Inception or I3D features play for FID / FVD)."""
+    """A small CNN that reads the digit in frames (B, 1, H, W) in [-1, 1]; returns (features (B, 128),
+    logits (B, 10)). The features are the Frechet distance's (the role Inception features play for FID)."""
 
     def __init__(self, size: int):
         super().__init__()
@@ -2464,7 +2452,6 @@ class DigitClassifier(nn.Module):
         self.out = nn.Linear(128, 10)
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, H, W) -> (features (B, 128), logits (B, 10))."""
         f = self.body(frames)
         return f, self.out(f)
 
@@ -2660,16 +2647,16 @@ def run_config(out: str, **overrides) -> Config:
 _NOT_RESULTS = ("device", "train.checkpoint_every", "train.dmd_snapshots")  # fields that do not change results
 
 
-def _refuse_another_config(saved: dict, cfg: Config, what: str, fix: str) -> None:
+def _refuse_another_config(saved: dict, config: dict, what: str, fix: str) -> None:
     """Raises "<what> another config (differs in seed, train.dmd_steps, ...); <fix>" where the saved config
-    differs from cfg in a field other than _NOT_RESULTS."""
+    (a Config.to_dict()) differs from `config` in a field other than _NOT_RESULTS."""
     def flat(d):
         d = json.loads(json.dumps(d))  # tuples as lists, as config.json has them
         out = {k: v for k, v in d.items() if not isinstance(v, dict)}
         for section in _SECTIONS:
             out.update({f"{section}.{k}": v for k, v in d.get(section, {}).items()})
         return {k: v for k, v in out.items() if k not in _NOT_RESULTS}
-    a, b = flat(saved), flat(cfg.to_dict())
+    a, b = flat(saved), flat(config)
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if diff:
         raise ValueError(f"{what} another config (differs in {', '.join(diff)}); {fix}")
@@ -2688,7 +2675,7 @@ def _check_run_folder(cfg: Config, out: str) -> None:
         saved = _load_saved(os.path.join(stages, done[0]))["config"]
     else:
         return
-    _refuse_another_config(saved, cfg, f"{out!r} holds a run with", "use another --out folder, or delete this one "
+    _refuse_another_config(saved, cfg.to_dict(), f"{out!r} holds a run with", "use another --out folder, or delete this one "
                            "to start over")
 
 
@@ -2792,7 +2779,7 @@ class PipelineRun:
         path = os.path.join(self.out, "stages", name) if self.out else None
         if path and os.path.exists(path + ".pt"):
             saved = _load_saved(path + ".pt")
-            _refuse_another_config(saved["config"], self.cfg, f"{path + '.pt'!r} was made by",
+            _refuse_another_config(saved["config"], self.cfg.to_dict(), f"{path + '.pt'!r} was made by",
                                    "delete it (or use another --out folder) to redo that stage")
             result = saved["result"]
             if kind in _MODEL_KINDS:  # built first: building a model draws from the global generator
@@ -2807,7 +2794,7 @@ class PipelineRun:
         else:
             self.log(f"stage: {name}")
             partial = path + ".partial.pt" if path else None
-            ckpt = StageCheckpoint(partial, self.cfg.train.checkpoint_every)
+            ckpt = StageCheckpoint(partial, self.cfg.train.checkpoint_every, config=self.cfg.to_dict(), lock=self.lock)
             result = fn(ckpt)
             self.seconds[name] = round(ckpt.elapsed(), 2)  # the time before an interruption included
             if path:  # a model as its whole state dict: every rank joins an FSDP gather

@@ -1385,3 +1385,82 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(tmp
     with pytest.raises(ValueError, match="another config"):  # a failed start releases the lock too
         cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)
     cf.lock_run_folder(str(tmp_path)).close()  # free again
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the run-folder lock uses fcntl")
+def test_a_run_whose_lock_file_is_deleted_stops_before_its_next_save(tmp_path, monkeypatch):
+    """Deleting out/.lock while a run holds it would let a second run lock the folder too: the run
+    stops at its next checkpoint; and a .lock deleted while a run takes it locks nothing."""
+    def log(message):
+        if "[base] step" in message:
+            (tmp_path / ".lock").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"\.lock', this run's lock on its folder, was deleted or replaced"):
+        cf.run_pipeline(cf.get_config("toy2d", **TINY, checkpoint_every=1), str(tmp_path), log=log)
+    import fcntl
+    flock = fcntl.flock
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (flock(fd, op), os.remove(tmp_path / ".lock")))
+    with pytest.raises(ValueError, match="another run is using"):
+        cf.lock_run_folder(str(tmp_path))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupt(cfg, out, at="[base] step     2/"):
+    """Runs the pipeline until the log says `at` (a checkpoint of the stage is saved before it)."""
+    def log(message):
+        if message.strip().startswith(at):
+            raise _Stop
+    with pytest.raises(_Stop):
+        cf.run_pipeline(cfg, out, log=log)
+
+
+@pytest.mark.parametrize("change", [{"seed": 7}, {"num_layers": 2}])
+def test_a_checkpoint_of_another_config_is_refused(tmp_path, change):
+    """A stage's checkpoint records its config: with config.json gone, a run with another seed or model
+    size is refused (naming the file and the fix) instead of resuming the other run's stage."""
+    _interrupt(cf.get_config("toy2d", **TINY, checkpoint_every=1), str(tmp_path))
+    (tmp_path / "config.json").unlink()
+    other = cf.get_config("toy2d", **{**TINY, "checkpoint_every": 1, **change})
+    key = "seed" if "seed" in change else "model.num_layers"
+    with pytest.raises(ValueError, match=rf"bidirectional_base\.partial\.pt' is of another config \(differs in "
+                                         rf"{key}\); delete it, or use another --out folder"):
+        cf.run_pipeline(other, str(tmp_path), log=None)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "stage.partial.pt")
+    cf.StageCheckpoint(path, every=1).save(1, 5, {}, model=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"stage\.partial\.pt' does not fit this stage \(RuntimeError: .*size "
+                                         r"mismatch.*\); delete it"):
+        cf.StageCheckpoint(path, every=1).restore(model=torch.nn.Linear(3, 3))
+
+
+def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    path = str(tmp_path / "stage.pt")
+    cf.save_atomic({"w": torch.ones(2)}, path)
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(cf.os, "fdopen", lambda fd, mode: io.BufferedWriter(FullDisk(fd, "wb")))
+    for obj, name in (({"w": torch.zeros(10**6)}, "stage.pt"), ({"a": 1}, "r.json")):  # torch.save, JSON
+        with pytest.raises(OSError, match=rf"cannot write .*{name}'.*No space left on device.*previous file"):
+            cf.save_atomic(obj, str(tmp_path / name))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["w"].sum() == 2 and os.listdir(tmp_path) == ["stage.pt"]
+
+
+def test_every_file_a_run_writes_arrives_whole_by_a_rename(tmp_path, monkeypatch):
+    """No file of a run folder is written in place (an interrupted write would leave it empty or cut):
+    each is written to a temporary file, flushed to disk, then renamed over its name."""
+    renamed = []
+    replace = os.replace
+    monkeypatch.setattr(cf.os, "replace", lambda a, b: (renamed.append(os.path.abspath(b)), replace(a, b)))
+    cf.run_pipeline(cf.get_config("toy2d", **TINY, checkpoint_every=1), str(tmp_path), log=None)
+    written = {os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files if f != ".lock"}
+    assert written and written <= set(renamed)

@@ -109,11 +109,8 @@ def test_moving_digits_determinism_and_small_canvas():
         cf.moving_digits(1, size=20)
 
 
-def test_load_released_moving_mnist_layout(tmp_path):
-    arr = np.random.default_rng(0).integers(0, 256, (20, 3, 64, 64), dtype=np.uint8)  # time first
-    np.save(tmp_path / "mnist_test_seq.npy", arr)
-    videos = cf.load_moving_mnist(str(tmp_path / "mnist_test_seq.npy"))
-    assert videos.shape == (3, 20, 64, 64) and torch.equal(videos[1, 5], torch.from_numpy(arr[5, 1]))
-    np.save(tmp_path / "bad.npy", arr[0])
-    with pytest.raises(ValueError, match="time first"):
-        cf.load_moving_mnist(str(tmp_path / "bad.npy"))
+
+def test_missing_mnist_files_are_an_error_at_the_command_line(tmp_path, capsys):
+    rc = cf.main(["--config", "mnist", "--mnist-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: no MNIST test images in" in err and "Traceback" not in err
