@@ -111,6 +111,7 @@ def test_moving_digits_determinism_and_small_canvas():
 
 
 def test_missing_mnist_files_are_an_error_at_the_command_line(tmp_path, capsys):
-    rc = cf.main(["--config", "mnist", "--mnist-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_:  # a usage error: argparse's exit status 2
+        cf.main(["--config", "mnist", "--mnist-dir", str(tmp_path), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    assert rc == 2 and "error: no MNIST test images in" in err and "Traceback" not in err
+    assert exit_.value.code == 2 and "error: no MNIST test images in" in err and "Traceback" not in err
