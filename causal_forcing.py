@@ -1039,10 +1039,16 @@ def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None
 
 def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
            kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None,
-           first_chunk_sigmas=None, context_noise: float = 0.0, recache: bool = False) -> Iterator[torch.Tensor]:
+           first_chunk_sigmas=None, context_noise: float = 0.0, recache: bool = False,
+           prefix: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
     """Streams the few-step causal student (Self Forcing's inference loop): a generator that yields each
     chunk (B, f, C, H, W) as soon as it is denoised, then writes it to the KV cache at t = context_noise
     for the chunks after it.
+
+    prefix: clean frames (B, P, C, H, W), P a multiple of chunk_frames, to continue: they are written to
+      the cache chunk by chunk as finished chunks are (at t = context_noise, under cond), and the stream
+      yields the num_frames frames after them (frames P to P + num_frames - 1, each chunk with `sigmas`:
+      none is a first chunk without context).
 
     sigmas: the student's noise levels, student_sigmas(cfg.sample) (Wan's 4 steps warped:
       1, .9375, .8333, .625), or student_sigmas(cfg.sample, (1000, 500)) for a 2-step student;
@@ -1059,14 +1065,21 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
     check_sampling(generator, batch_size, num_frames, cond, context_noise=context_noise)
     if kv_cache is not None:
         check_cache(generator, kv_cache, batch_size)
-    cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, num_frames)
-    return _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache)
+    P = 0 if prefix is None else check_prefix(generator, prefix, batch_size)
+    cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, P + num_frames)
+    return _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix)
 
 
-def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache):
-    kept = []  # (start, x0) of the finished chunks the cache still holds, for a re-cache
-    for start in range(0, num_frames, generator.cfg.chunk_frames):
-        n = min(generator.cfg.chunk_frames, num_frames - start)
+def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix):
+    chunk, P = generator.cfg.chunk_frames, 0 if prefix is None else prefix.shape[1]
+    with torch.no_grad():
+        for start in range(0, P, chunk):  # the given frames become context, as finished chunks do
+            write_context(generator, prefix[:, start:start + chunk], cond, cache, start, context_noise, rng)
+    # (start, x0) of the finished chunks the cache still holds, for a re-cache
+    kept = [(a, prefix[:, a:a + chunk]) for a in range(0, P, chunk) if bool((cache.slot_frame == a).any())]
+    end = P + num_frames
+    for start in range(P, end, chunk):
+        n = min(chunk, end - start)
         # no_grad never spans a yield: the caller's code between chunks runs in its own grad mode, and a
         # stream left unfinished cannot switch gradients off for whatever runs after it
         with torch.no_grad():
@@ -1076,7 +1089,7 @@ def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, 
         if new_cond is not None:
             check_cond(generator, new_cond, batch_size)
         with torch.no_grad():
-            if start + n < num_frames:  # the finished chunk becomes context, under the prompt it was made with
+            if start + n < end:  # the finished chunk becomes context, under the prompt it was made with
                 write_context(generator, x0, cond, cache, start, context_noise, rng)
                 kept = [(a, c) for a, c in kept if bool((cache.slot_frame == a).any())] + [(start, x0)]
             if new_cond is not None:
@@ -1746,6 +1759,18 @@ def check_video(model, x: torch.Tensor, name: str = "x") -> None:
     _check_dtype(model, x, name)
     if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
         raise FloatingPointError(f"{name} holds NaN or infinite values")
+
+
+def check_prefix(model, prefix, batch: int) -> int:
+    """A stream's prefix: a video check_video accepts, of `batch` videos and P frames, P a positive multiple
+    of chunk_frames (whole chunks are written to the cache). Returns P."""
+    check_video(model, prefix, "prefix")
+    B, P = prefix.shape[:2]
+    if B != batch:
+        raise ValueError(f"prefix holds {B} videos but batch_size is {batch}")
+    if P % model.cfg.chunk_frames:
+        raise ValueError(f"prefix has {P} frames, not whole chunks of chunk_frames={model.cfg.chunk_frames}")
+    return P
 
 
 def _check_dtype(model, x: torch.Tensor, name: str) -> None:
