@@ -71,6 +71,8 @@ class Player:
 
     def press(self, digit: int) -> None:
         """Ask for `digit` from the next chunk on (the last press before it counts)."""
+        if digit not in range(10):
+            raise ValueError(f"digit must be one of 0-9, got {digit!r}")
         self.pending = digit
 
     def set_steps(self, steps: int) -> None:

@@ -79,6 +79,8 @@ def test_a_held_out_video_is_shown_then_continued_and_a_press_before_the_stream_
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="steps must be 1, 2 or 4"):
         player.set_steps(3)
+    with pytest.raises(ValueError, match="digit must be one of 0-9"):
+        player.press(10)
 
 
 def test_the_app_plays_as_a_task_and_pauses():
