@@ -181,12 +181,13 @@ class LiveApp:
             self.shown.append((frame, read, given))
         return [png(frame, self.scale) for frame in chunk[0]]
 
-    def show(self, frame: bytes) -> None:
-        """Put a frame on screen and update the readout."""
+    def show(self, frame: bytes, readout: bool = True) -> None:
+        """Put a frame on screen (and update the readout: the loop does so once per chunk, one message less a frame)."""
         self.image.value = frame
         self.frames_shown += 1
         self.times.append(time.perf_counter())
-        self.readout.value = self.status()
+        if readout:
+            self.readout.value = self.status()
 
     def frames_per_second(self) -> float:
         """Frames shown per second of wall time, over the last 60 frames (NaN before two)."""
@@ -194,11 +195,13 @@ class LiveApp:
         return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else float("nan")
 
     def status(self) -> str:
-        p, (_, read, given) = self.player, self.shown[-1]
-        kept = sum(r == p.digit for r in self.reads)
+        """The readout: the latest chunk, what the classifier reads in it, the time per chunk and the frame rate."""
+        p = self.player
+        chunk = list(self.shown)[-p.chunk:]  # (frame, read, given) of the latest chunk's frames
+        kept, given, reads = sum(r == p.digit for r in self.reads), chunk[0][2], " ".join(str(r) for _, r, _ in chunk)
         what = "given frames (a held-out video)" if given else f"asked for {p.digit}"
-        reading = "" if read is None else (f", the classifier reads <b class='cf-read'>{read}</b> ({kept} of "
-                                           f"{len(self.reads)} frames read as {p.digit} since it was asked for)")
+        reading = "" if self.classifier is None else (f", the classifier reads {reads} ({kept} of {len(self.reads)} "
+                                                      f"frames read as {p.digit} since it was asked for)")
         cache = "re-cached" if p.recache else "kept"
         return (f"<div>chunk {self.chunks_made}: {what}{reading}</div>"
                 f"<div><span class='cf-ms'>{sum(self.chunk_ms) / len(self.chunk_ms):.1f}</span> ms per chunk, "
@@ -209,12 +212,12 @@ class LiveApp:
         due = time.perf_counter()
         try:
             while self.playing:
-                for frame in self.step():
+                for i, frame in enumerate(self.step()):
                     due = max(due + 1 / self.fps, time.perf_counter() - 1 / self.fps)  # late: no catching up
                     await asyncio.sleep(max(0.002, due - time.perf_counter()))  # buttons are handled here
                     if not self.playing:
                         return
-                    self.show(frame)
+                    self.show(frame, readout=i == 0)
         except Exception as e:  # a stopped stream says why, in the readout (a task's error shows nowhere else)
             self.readout.value = f"<div>stopped: {type(e).__name__}: {e}</div>"
             self.pause()
