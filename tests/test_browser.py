@@ -61,8 +61,9 @@ class Browser:
     ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 
     def __init__(self, driver_url: str, profile: str):
-        options = {"binary": CHROMIUM, "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                                                "--window-size=1400,1100", f"--user-data-dir={profile}"]}
+        args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1100",
+                f"--user-data-dir={profile}"]
+        options = {"binary": CHROMIUM, "args": args}
         caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}}
         session = http("POST", driver_url + "/session", caps, timeout=120)["value"]["sessionId"]
         self.url = f"{driver_url}/session/{session}"
@@ -93,7 +94,8 @@ window.cfFrames = [];
 img.addEventListener('load', () => {
   const c = document.createElement('canvas'); c.width = 16; c.height = 16;
   const ctx = c.getContext('2d'); ctx.imageSmoothingEnabled = false; ctx.drawImage(img, 0, 0, 16, 16);
-  window.cfFrames.push([performance.now(), Array.from(ctx.getImageData(0, 0, 16, 16).data).filter((_, i) => i % 4 == 0)]);
+  const pixels = Array.from(ctx.getImageData(0, 0, 16, 16).data).filter((_, i) => i % 4 == 0);
+  window.cfFrames.push([performance.now(), pixels]);
 });"""
 TAKE = "const f = window.cfFrames; window.cfFrames = []; return f;"
 READOUT = "const r = document.querySelector('.cf-live-readout'); return r ? r.innerText : '';"
@@ -186,7 +188,8 @@ def _run_all_and_press(browser, classifier) -> None:
     browser.js("window.jupyterapp.commands.execute('notebook:run-all-cells');")
     last_cell = """const outs = document.querySelectorAll('.jp-Cell:last-child .jp-OutputArea-output');
     return Array.from(outs).map(o => o.innerText).join('\\n');"""
-    wait_for("every cell to run (the last prints the frames shown)", lambda: "frames shown" in browser.js(last_cell), 600)
+    wait_for("every cell to run (the last prints the frames shown)", lambda: "frames shown" in browser.js(last_cell),
+             600)
     errors = browser.js("return Array.from(document.querySelectorAll('.jp-OutputArea-output[data-mime-type="
                         "\"application/vnd.jupyter.stderr\"]')).map(e => e.innerText).join('\\n');")
     assert "Traceback" not in errors and "Error" not in errors, errors

@@ -43,7 +43,8 @@ def test_the_continuation_command_on_the_shipped_run(tmp_path, capsys):
         pytest.skip("no shipped digit run in docs/mnist_run")
     assert continuation.main(["--run", run, "--videos", "12", "--out", str(tmp_path / "c.json")]) == 0
     report = json.loads((tmp_path / "c.json").read_text())
-    assert report["videos"] == 12 and report["prefix_frames"] == 2 and report["run"] == os.path.join("docs", "mnist_run")
+    assert report["videos"] == 12 and report["prefix_frames"] == 2
+    assert report["run"] == os.path.join("docs", "mnist_run")
     assert set(report) >= {"continued", "from noise", "data"}
     assert report["data"]["seam_velocity_cosine"] == pytest.approx(1)
     assert len(report["continued"]["centroid_error_px"]) == report["frames"] - 2
