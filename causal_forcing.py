@@ -944,28 +944,34 @@ def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None
 
 def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
            kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None,
-           first_chunk_sigmas=None, context_noise: float = 0.0, recache: bool = False) -> Iterator[torch.Tensor]:
+           first_chunk_sigmas=None, context_noise: float = 0.0, recache: bool = False,
+           prefix: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
     """Streams the few-step causal student (Self Forcing's inference loop): yields each chunk (B, f, C, H, W)
     as soon as it is denoised, then writes it to the KV cache (default new_cache_for) at t = context_noise.
     sigmas: e.g. student_sigmas(cfg.sample); first_chunk_sigmas (default the same) for the first chunk,
     which has no context. chunks.send(new_cond) in place of next(chunks), from the first chunk on, returns
     the next chunk under a new prompt; the cached chunks stay as written (as upstream) or, with recache=True,
-    are re-run under it first (LongLive). Every argument, and a new prompt, is checked before any work."""
+    are re-run under it first (LongLive). prefix: clean frames (B, P, C, H, W), P whole chunks, to continue:
+    they are written to the cache as finished chunks are, and the stream yields the num_frames frames after
+    them (each chunk with `sigmas`: none is without context). Every argument, and a new prompt, is checked
+    before any work."""
     sigmas = check_sigmas(sigmas).tolist()
     first = sigmas if first_chunk_sigmas is None else check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist()
     check_sampling(generator, batch_size, num_frames, cond, context_noise=context_noise)
     if kv_cache is not None:
         check_cache(generator, kv_cache, batch_size)
-    cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, num_frames)
-    chunks = _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache)
+    P = 0 if prefix is None else check_prefix(generator, prefix, batch_size)
+    cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, P + num_frames)
+    chunks = _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix)
     next(chunks)  # to its first `yield`, before any work: so a send(cond) may ask for the first chunk too
     return chunks
 
 
-def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache):
+def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix):
     chunk, kept = generator.cfg.chunk_frames, []  # kept: (start, x0) of the finished chunks the cache holds
+    P = 0 if prefix is None else prefix.shape[1]
     new_cond = yield
-    for start in range(0, num_frames, chunk):
+    for start in range(0, P + num_frames, chunk):
         if new_cond is not None:
             check_cond(generator, new_cond, batch_size)
         # no_grad never spans a yield: the caller's code between chunks runs in its own grad mode
@@ -977,7 +983,10 @@ def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, 
                 cond = new_cond
                 for a, c in kept if recache else []:  # every kept chunk's keys and values again, in frame order
                     write_context(generator, c, cond, cache, a, context_noise, rng)
-            noise = _noise(generator, batch_size, min(chunk, num_frames - start), rng)
+            if start < P:  # a given chunk: context, as a finished one is (nothing to yield)
+                x0, new_cond = prefix[:, start:start + chunk], None
+                continue
+            noise = _noise(generator, batch_size, min(chunk, P + num_frames - start), rng)
             x0 = denoise_chunk(generator, noise, first if start == 0 else sigmas, cond, cache, start, rng=rng)
         new_cond = yield x0
 
@@ -1606,6 +1615,20 @@ def _check_tensor(model, x, name: str, fits: Callable, shape: str) -> None:
         raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: use {name}.to({w.dtype})")
     if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
         raise FloatingPointError(f"{name} holds NaN or infinite values")
+
+
+def check_prefix(model, prefix, batch: int) -> int:
+    """A stream's prefix: `batch` clean videos of the model's frames, P > 0 of them, whole chunks. Returns P."""
+    c = model.cfg
+    frame = (c.in_channels, c.height, c.width)
+    _check_tensor(model, prefix, "prefix", lambda v: v.dim() == 5 and v.shape[1] >= 1 and tuple(v.shape[2:]) == frame,
+                  f"shape (B, F, {', '.join(map(str, frame))}) with F >= 1")
+    B, P = prefix.shape[:2]
+    if B != batch:
+        raise ValueError(f"prefix holds {B} videos but batch_size is {batch}")
+    if P % c.chunk_frames:
+        raise ValueError(f"prefix has {P} frames, not whole chunks of chunk_frames={c.chunk_frames}")
+    return P
 
 
 def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, clean_context=None) -> None:

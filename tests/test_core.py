@@ -991,6 +991,63 @@ def test_gradient_checkpointing_is_safe_with_a_rolling_cache():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("window", [{}, dict(window_frames=3, sink_frames=1)], ids=["full cache", "rolling window"])
+def test_a_stream_continues_a_prefix_as_if_it_had_made_it(window):
+    """stream(prefix=...) writes the given frames to the cache chunk by chunk and continues after them: the
+    same as writing the context by hand; continuing a stream from its own first chunks (the rng where that
+    stream left it) gives exactly the rest of that stream."""
+    model, cfg = random_model(chunk_frames=1, cond_dim=3, dtype=torch.float32, **window)
+    cond, sig = torch.randn(2, 1, 3), cf.student_sigmas(cfg.sample)
+    prefix = torch.randn(2, 2, 2, 1, 1, generator=torch.Generator().manual_seed(3))
+    got = torch.cat(list(cf.stream(model, sig, num_frames=3, batch_size=2, cond=cond, prefix=prefix,
+                                   rng=torch.Generator().manual_seed(0), context_noise=0.2)), 1)
+    g, cache, manual = torch.Generator().manual_seed(0), cf.new_cache_for(model, 2, 5), []
+    with torch.no_grad():
+        for f in range(2):
+            cf.write_context(model, prefix[:, f:f + 1], cond, cache, f, 0.2, g)
+        for f in range(2, 5):
+            manual.append(cf.denoise_chunk(model, torch.randn(2, 1, 2, 1, 1, generator=g), sig, cond, cache, f, rng=g))
+            if f < 4:
+                cf.write_context(model, manual[-1], cond, cache, f, 0.2, g)
+    torch.testing.assert_close(got, torch.cat(manual, 1), rtol=0, atol=0)
+    rng = torch.Generator().manual_seed(1)
+    chunks = cf.stream(model, sig, num_frames=6, batch_size=2, cond=cond, rng=rng)
+    first = torch.cat([next(chunks), next(chunks)], 1)  # suspended before frame 1 is written: rng is where it left it
+    rest = cf.stream(model, sig, num_frames=4, batch_size=2, cond=cond, prefix=first,
+                     rng=torch.Generator().set_state(rng.get_state()))
+    torch.testing.assert_close(torch.cat(list(rest), 1), torch.cat(list(chunks), 1), rtol=0, atol=0)
+
+
+def test_a_prompt_switch_with_recache_rebuilds_the_prefix_too():
+    model, cfg = random_model(chunk_frames=1, cond_dim=3, dtype=torch.float32)
+    cond_a, cond_b, sig = torch.randn(2, 1, 3), torch.randn(2, 1, 3), cf.student_sigmas(cfg.sample)
+    prefix = torch.randn(2, 2, 2, 1, 1, generator=torch.Generator().manual_seed(3))
+    chunks = cf.stream(model, sig, num_frames=2, batch_size=2, cond=cond_a, prefix=prefix, recache=True,
+                       rng=torch.Generator().manual_seed(0))
+    got = torch.cat([next(chunks), chunks.send(cond_b)], 1)
+    g, cache = torch.Generator().manual_seed(0), cf.new_cache_for(model, 2, 4)
+    with torch.no_grad():
+        for f in range(2):
+            cf.write_context(model, prefix[:, f:f + 1], cond_a, cache, f, 0.0, g)
+        x2 = cf.denoise_chunk(model, torch.randn(2, 1, 2, 1, 1, generator=g), sig, cond_a, cache, 2, rng=g)
+        cf.write_context(model, x2, cond_a, cache, 2, 0.0, g)
+        for f, x in enumerate([prefix[:, :1], prefix[:, 1:], x2]):  # the re-cache: the given frames too
+            cf.write_context(model, x, cond_b, cache, f, 0.0, g)
+        x3 = cf.denoise_chunk(model, torch.randn(2, 1, 2, 1, 1, generator=g), sig, cond_b, cache, 3, rng=g)
+    torch.testing.assert_close(got, torch.cat([x2, x3], 1), rtol=0, atol=0)
+
+
+def test_a_bad_prefix_is_named_before_any_work():
+    model, cfg = random_model(chunk_frames=2, dtype=torch.float32)
+    sig, ok = cf.student_sigmas(cfg.sample), torch.zeros(2, 4, 2, 1, 1)
+    bad = {"whole chunks of chunk_frames=2": ok[:, :3], "holds 1 videos but batch_size is 2": ok[:1],
+           r"prefix must have shape \(B, F, 2, 1, 1\)": ok[..., 0], "NaN": ok.clone().fill_(float("nan")),
+           "prefix is torch.float64": ok.double()}
+    for match, prefix in bad.items():
+        with pytest.raises((ValueError, TypeError, FloatingPointError), match=match):
+            cf.stream(model, sig, num_frames=2, batch_size=2, prefix=prefix)
+
+
 @pytest.mark.parametrize("kw", [dict(chunk_frames=2), dict(chunk_frames=1, window_frames=3, sink_frames=1)])
 def test_streaming_with_cache_equals_recomputing_the_prefix(kw):
     """The cache is an optimisation only: the same samples as re-running every earlier frame."""
