@@ -969,7 +969,7 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
 
 def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix):
     chunk, kept = generator.cfg.chunk_frames, []  # kept: (start, x0) of the finished chunks the cache holds
-    P = 0 if prefix is None else prefix.shape[1]
+    P, x0 = 0 if prefix is None else prefix.shape[1], None  # x0: the chunk made (or given) last
     new_cond = yield
     for start in range(0, P + num_frames, chunk):
         if new_cond is not None:
