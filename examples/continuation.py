@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
+from examples.long_stream import digit_run  # noqa: E402
 
 
 def held_out_videos(cfg: cf.Config, num_videos: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +107,7 @@ def main(argv) -> int:
                         help="the JSON file to write (default docs/continuation.json)")
     args = parser.parse_args(argv)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-    run = args.run or next((p for p in (os.path.join("runs", "mnist"), os.path.join(here, "docs", "mnist_run"))
-                            if os.path.isfile(os.path.join(p, "models.pt"))), None)
-    if run is None or not os.path.isfile(os.path.join(run, "models.pt")):
-        parser.error(f"no trained digit models in {run or 'runs/mnist or docs/mnist_run'!r}: run "
-                     "'python causal_forcing.py --config mnist' first, or pass --run")
+    run = digit_run(parser, args.run)
     if args.videos < 1:
         parser.error("--videos must be >= 1")
     try:

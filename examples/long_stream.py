@@ -211,14 +211,21 @@ def load_digit_models(run: str, cfg: cf.Config) -> dict:
     return models
 
 
-def _checked_run(parser, args) -> tuple[str, cf.Config]:
-    """The run folder and its config from the flags, every flag checked before any work."""
+def digit_run(parser, run) -> str:
+    """The run folder of --run: given, else runs/mnist if it has models.pt, else the run shipped in
+    docs/mnist_run; a folder without models.pt is a usage error."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-    run = args.run or next((p for p in (os.path.join("runs", "mnist"), os.path.join(here, "docs", "mnist_run"))
-                            if os.path.isfile(os.path.join(p, "models.pt"))), None)
+    run = run or next((p for p in (os.path.join("runs", "mnist"), os.path.join(here, "docs", "mnist_run"))
+                       if os.path.isfile(os.path.join(p, "models.pt"))), None)
     if run is None or not os.path.isfile(os.path.join(run, "models.pt")):
         parser.error(f"no trained digit models in {run or 'runs/mnist or docs/mnist_run'!r}: run "
                      "'python causal_forcing.py --config mnist' first, or pass --run")
+    return run
+
+
+def _checked_run(parser, args) -> tuple[str, cf.Config]:
+    """The run folder and its config from the flags, every flag checked before any work."""
+    run = digit_run(parser, args.run)
     try:
         cfg = cf.run_config(run, **({"device": args.device} if args.device else {}))
     except (ValueError, FileNotFoundError) as e:
