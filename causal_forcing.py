@@ -185,6 +185,7 @@ class SampleConfig:
     pp_denoising_steps: tuple = (1000, 500)  # Causal Forcing++: 2 steps (the first chunk at denoising_steps)
     warp_denoising_steps: bool = True  # map them through the shifted schedule: 1000, 937.5, 833.3, 625
     context_noise: float = 0.0  # sigma at which finished chunks are written to the KV cache
+    renoise: str = "fresh"  # the student between its steps: fresh noise (upstream) or "ode", its own Euler step
 
 
 @dataclass
@@ -928,24 +929,28 @@ def write_context(model, x0, cond, cache, start, context_noise: float = 0.0, rng
         model(x, torch.full(x.shape[:2], context_noise, device=x.device), cond, kv_cache=cache, start_frame=start)
 
 
-def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None):
-    """Few-step student on one chunk (Self Forcing Alg. 1): at each sigma predict x0, then re-noise
-    it with *fresh* noise to the next sigma. Steps after `exit_step` are skipped; only the exit
+def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None, renoise: str = "fresh"):
+    """Few-step student on one chunk (Self Forcing Alg. 1): at each sigma predict x0, then re-noise it to
+    the next sigma with *fresh* noise (renoise="fresh", upstream) or with the noise the model predicts,
+    eps = x0 + v (renoise="ode": exactly an Euler step of the student's own ODE, which keeps it on the
+    teacher trajectories its ODE pairs came from). Steps after `exit_step` are skipped; only the exit
     step runs with gradients (when grad mode is on). Returns the chunk's x0."""
     exit_step = len(sigmas) - 1 if exit_step is None else exit_step
     for k, s in enumerate(sigmas[: exit_step + 1]):
         t = torch.full(x.shape[:2], s, device=x.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):
-            x0 = x0_from_velocity(x, model(x, t, cond, kv_cache=cache, start_frame=start), t)
+            v = model(x, t, cond, kv_cache=cache, start_frame=start)
+            x0 = x0_from_velocity(x, v, t)
         if k < exit_step:
-            x = add_noise(x0, _randn(x.shape, rng, x.device), sigmas[k + 1])
+            noise = x0 + v if renoise == "ode" else _randn(x.shape, rng, x.device)
+            x = add_noise(x0, noise, sigmas[k + 1])
     return x0
 
 
 def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
            kv_cache: Optional[KVCache] = None, rng: Optional[torch.Generator] = None,
            first_chunk_sigmas=None, context_noise: float = 0.0, recache: bool = False,
-           prefix: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+           prefix: Optional[torch.Tensor] = None, renoise: str = "fresh") -> Iterator[torch.Tensor]:
     """Streams the few-step causal student (Self Forcing's inference loop): yields each chunk (B, f, C, H, W)
     as soon as it is denoised, then writes it to the KV cache (default new_cache_for) at t = context_noise.
     sigmas: e.g. student_sigmas(cfg.sample); first_chunk_sigmas (default the same) for the first chunk,
@@ -953,21 +958,22 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
     the next chunk under a new prompt; the cached chunks stay as written (as upstream) or, with recache=True,
     are re-run under it first (LongLive). prefix: clean frames (B, P, C, H, W), P whole chunks, to continue:
     they are written to the cache as finished chunks are, and the stream yields the num_frames frames after
-    them (each chunk with `sigmas`: none is without context). Every argument, and a new prompt, is checked
-    before any work."""
+    them (each chunk with `sigmas`: none is without context). renoise: between the steps (denoise_chunk).
+    Every argument, and a new prompt, is checked before any work."""
     sigmas = check_sigmas(sigmas).tolist()
     first = sigmas if first_chunk_sigmas is None else check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist()
-    check_sampling(generator, batch_size, num_frames, cond, context_noise=context_noise)
+    check_sampling(generator, batch_size, num_frames, cond, context_noise=context_noise, renoise=renoise)
     if kv_cache is not None:
         check_cache(generator, kv_cache, batch_size)
     P = 0 if prefix is None else check_prefix(generator, prefix, batch_size)
     cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, P + num_frames)
-    chunks = _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix)
+    chunks = _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix,
+                     renoise)
     next(chunks)  # to its first `yield`, before any work: so a send(cond) may ask for the first chunk too
     return chunks
 
 
-def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix):
+def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix, renoise):
     chunk, kept = generator.cfg.chunk_frames, []  # kept: (start, x0) of the finished chunks the cache holds
     P, x0 = 0 if prefix is None else prefix.shape[1], None  # x0: the chunk made (or given) last
     new_cond = yield
@@ -987,7 +993,8 @@ def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, 
                 x0, new_cond = prefix[:, start:start + chunk], None
                 continue
             noise = _noise(generator, batch_size, min(chunk, P + num_frames - start), rng)
-            x0 = denoise_chunk(generator, noise, first if start == 0 else sigmas, cond, cache, start, rng=rng)
+            x0 = denoise_chunk(generator, noise, first if start == 0 else sigmas, cond, cache, start, rng=rng,
+                               renoise=renoise)
         new_cond = yield x0
 
 
@@ -1012,15 +1019,15 @@ def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_siz
 
 
 def sample_student(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
-                   context_noise: float = 0.0, rng=None, first_chunk_sigmas=None) -> torch.Tensor:
+                   context_noise: float = 0.0, rng=None, first_chunk_sigmas=None, renoise: str = "fresh") -> torch.Tensor:
     """The whole video from `stream`, (B, F, C, H, W)."""
     chunks = stream(model, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond, rng=rng,
-                    context_noise=context_noise, first_chunk_sigmas=first_chunk_sigmas)
+                    context_noise=context_noise, first_chunk_sigmas=first_chunk_sigmas, renoise=renoise)
     return torch.cat(list(chunks), 1)
 
 
 def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: int, exit_step: Optional[int] = None,
-                 cond=None, context_noise: float = 0.0, rng=None) -> torch.Tensor:
+                 cond=None, context_noise: float = 0.0, rng=None, renoise: str = "fresh") -> torch.Tensor:
     """Self Forcing's training rollout: the whole video chunk by chunk from the generator's own outputs
     through a fresh KV cache; only the exit step keeps its graph (not the steps before, nor the refresh)."""
     _check_sizes(batch_size, num_frames)
@@ -1028,7 +1035,7 @@ def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: i
     for start in range(0, num_frames, generator.cfg.chunk_frames):
         n = min(generator.cfg.chunk_frames, num_frames - start)
         noise = _noise(generator, batch_size, n, rng)
-        chunks.append(denoise_chunk(generator, noise, sigmas, cond, cache, start, exit_step, rng))
+        chunks.append(denoise_chunk(generator, noise, sigmas, cond, cache, start, exit_step, rng, renoise))
         if start + n < num_frames:
             write_context(generator, chunks[-1].detach(), cond, cache, start, context_noise, rng)
     return torch.cat(chunks, 1)
@@ -1347,7 +1354,7 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     state = {"ema": None, "gen_updates": 0, "snapshots": []}  # EMA: a copy of each (local shard of a) parameter
     rollout = lambda exit_step, cond, own, n=batch: self_rollout(  # noqa: E731
         gen, sigmas, batch_size=n, num_frames=cfg.data.frames, exit_step=exit_step, cond=cond,
-        context_noise=cfg.sample.context_noise, rng=own)
+        context_noise=cfg.sample.context_noise, rng=own, renoise=cfg.sample.renoise)
     fixed = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - the snapshots' noise and conditions
     snapshot_cond = cond_sampler(4, fixed()) if cond_sampler else None
     every = max(1, -(-tr.dmd_steps // tr.gen_update_ratio) // tr.dmd_snapshots) if tr.dmd_snapshots else None
@@ -1453,7 +1460,7 @@ _PRESETS: dict[str, dict] = {
                   base_steps=1200, base_lr=4e-3, teacher_steps=300, teacher_lr=1e-3, ode_pairs=320, ode_steps=200,
                   ode_lr=5e-4, dmd_steps=200, dmd_batch_size=32, gen_update_ratio=2, gen_lr=5e-5, critic_lr=4e-4,
                   ema_start_step=50, shift=1.5, teacher_solver_steps=16, teacher_guidance=4.0, real_guidance=4.0,
-                  eval_samples=250, cd_steps=250, cd_batch_size=32),
+                  eval_samples=250, cd_steps=250, cd_batch_size=32, renoise="ode"),
     # Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832 pixels), patch 2 -> 1560 tokens a
     # frame, chunks of 3 frames, umT5 text 512 x 4096.
     "wan-1.3b": dict(dataset="none", dmd_snapshots=0, frames=21, in_channels=16, height=60, width=104, patch_size=2,
@@ -1485,6 +1492,7 @@ _CHOICES = {  # the fields that name one of a few choices
     "attention": ("auto", "dense", "flex"), "precision": ("auto", "fp32", "bf16"),
     "data_parallel": ("auto", "ddp", "fsdp"), "teacher_mode": ("teacher_forcing", "diffusion_forcing"),
     "ode_step_draw": ("upstream", "batch", "sample", "chunk"), "fm_weight": ("bump", "uniform"),
+    "renoise": ("fresh", "ode"),
 }
 
 
@@ -1719,9 +1727,10 @@ def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
     return s
 
 
-def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=None, context_noise: float = 0.0) -> None:
+def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=None, context_noise: float = 0.0,
+                   renoise: str = "fresh") -> None:
     """A sampler's arguments: the model's dtype (the noise it draws has torch's default dtype), the sizes,
-    context_noise, the condition and the guidance's uncond."""
+    context_noise, renoise, the condition and the guidance's uncond."""
     w, default = next(model.parameters()), torch.get_default_dtype()
     if w.dtype != default and not model.uses_bf16(w.device):
         raise TypeError(f"the model's weights are {w.dtype}, but samplers draw noise in torch's default dtype "
@@ -1729,6 +1738,8 @@ def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=No
     _check_sizes(batch_size, num_frames)
     if not 0 <= context_noise < 1:
         raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level of the cached chunks")
+    if renoise not in ("fresh", "ode"):
+        raise ValueError(f"renoise={renoise!r} must be 'fresh' (new noise between steps) or 'ode' (the student's Euler step)")
     if cond is not None:
         check_cond(model, cond, batch_size)
     if cond is not None and uncond is not None:
@@ -2426,6 +2437,16 @@ def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> t
     return to_unit(video)[:, :, None], labels
 
 
+def balanced_digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-digit videos whose labels are 0, 1, ..., 9, 0, 1, ... (video i shows digit i % 10), as the
+    evaluation asks the generators for: each digit's videos drawn from that digit's images."""
+    images, labels = digits
+    per_digit = [digit_videos(cfg, len(range(c, num_videos, 10)), (images[labels == c], labels[labels == c]), rng)
+                 for c in range(10)]
+    order = torch.cat([torch.arange(c, num_videos, 10) for c in range(10)]).argsort()
+    return torch.cat([v for v, _ in per_digit])[order], torch.cat([lab for _, lab in per_digit])[order]
+
+
 # =================================================================================================
 # II.6 metrics: toy metrics; a digit classifier and the moving-digit metrics; NFE
 # =================================================================================================
@@ -2437,9 +2458,9 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
 
 
-def _mean_step(points: torch.Tensor) -> torch.Tensor:
-    """The mean distance between consecutive frames' points (B, F, 2): how far frames move."""
-    return (points[:, 1:] - points[:, :-1]).norm(dim=-1).mean()
+def _steps(points: torch.Tensor) -> torch.Tensor:
+    """(B, F - 1) the distance each video's point (B, F, 2) moves from frame to frame."""
+    return (points[:, 1:] - points[:, :-1]).norm(dim=-1)
 
 
 def toy_metrics(videos: torch.Tensor, data: ToyVideos, held_out: torch.Tensor, tol_degrees: float) -> dict:
@@ -2456,7 +2477,7 @@ def toy_metrics(videos: torch.Tensor, data: ToyVideos, held_out: torch.Tensor, t
     return {
         "energy_distance": energy_distance(videos, held_out),
         "off_manifold": float((dist.min(-1).values > 3 * data.std).double().mean()),
-        "motion": float("nan") if one_frame else float(_mean_step(pts) / _mean_step(ref)),
+        "motion": float("nan") if one_frame else float(_steps(pts).mean() / _steps(ref).mean()),
         "transition_accuracy": float("nan") if one_frame else float(ok.double().mean()),
     }
 
@@ -2560,26 +2581,38 @@ def chunk_boundary_jump(videos: torch.Tensor, chunk_frames: int) -> float:
 def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Tensor,
                   classifier: DigitClassifier, chunk_frames: Optional[int] = None) -> dict:
     """Metrics of generated moving-digit videos (B, F, 1, H, W) made for `labels` (B, num_digits),
-    against held-out videos (the paper's table in miniature):
+    against held-out videos (the paper's table in miniature). Every metric scores the frames as a
+    figure shows them, clamped to [-1, 1]; out_of_range says how much of the raw output lay beyond:
       frechet_distance   FD of the classifier's per-frame features, generated vs held-out  (quality)
       sharpness          neighbouring-pixel contrast over the held-out videos'; < 1 is blur  (quality)
       dynamic_degree     mean centroid displacement per frame over the held-out videos'      (motion)
+      motion_within_chunks   the same over the frame pairs inside a chunk only, so that jumps at chunk
+                             boundaries do not count as motion (given chunk_frames)
       instruction_following  fraction of frames the classifier reads as the requested digit
       temporal_consistency   fraction of frames that agree with their video's majority reading
       chunk_boundary_jump    change across chunk boundaries over change within chunks (given chunk_frames)
+      out_of_range, overshoot  the fraction of raw pixels outside [-1, 1], and their mean distance beyond it
     labels=None (an unconditional model) makes instruction_following NaN."""
+    videos, held_out = videos.cpu().float(), held_out.cpu().float()
+    beyond = (videos.abs() - 1).clamp(min=0)
+    out = beyond > 0
+    videos, held_out = videos.clamp(-1, 1), held_out.clamp(-1, 1)
     feats, pred = read_frames(classifier, videos)
     ref_feats, _ = read_frames(classifier, held_out)
-    videos, held_out = videos.cpu(), held_out.cpu()
     majority = pred.mode(dim=1).values
+    steps, ref_steps = _steps(centroids(videos)), _steps(centroids(held_out))
     metrics = {
         "frechet_distance": frechet_distance(feats, ref_feats),
         "sharpness": sharpness(videos) / sharpness(held_out),
-        "dynamic_degree": float(_mean_step(centroids(videos)) / _mean_step(centroids(held_out))),
+        "dynamic_degree": float(steps.mean() / ref_steps.mean()),
         "instruction_following": float("nan") if labels is None else float((pred == labels[:, :1]).double().mean()),
         "temporal_consistency": float((pred == majority[:, None]).double().mean()),
+        "out_of_range": float(out.double().mean()),
+        "overshoot": float(beyond[out].double().mean()) if out.any() else 0.0,
     }
     if chunk_frames:
+        inside = (torch.arange(1, videos.shape[1]) % chunk_frames) != 0  # frame pairs f, f + 1 in one chunk
+        metrics["motion_within_chunks"] = float(steps[:, inside].mean() / ref_steps[:, inside].mean())
         metrics["chunk_boundary_jump"] = chunk_boundary_jump(videos, chunk_frames)
     return metrics
 
@@ -2613,10 +2646,12 @@ _MODEL_KINDS = ("bidirectional", "causal", "classifier")  # stages whose result 
 
 
 def streaming_steps(cfg: SampleConfig, steps: int) -> dict:
-    """The sampler arguments of a student streamed with 1, 2 or 4 steps, Causal Forcing++'s way: the
-    first chunk, with no context to lean on, keeps the 4 steps of denoising_steps."""
+    """`stream`'s arguments from the config for a student streamed with 1, 2 or 4 steps, Causal Forcing++'s
+    way (the first chunk, with no context to lean on, keeps the 4 steps of denoising_steps), with the
+    config's context_noise and renoise."""
     few = {1: (1000,), 2: cfg.pp_denoising_steps, 4: cfg.denoising_steps}[steps]
-    return {"sigmas": student_sigmas(cfg, few), "first_chunk_sigmas": student_sigmas(cfg)}
+    return {"sigmas": student_sigmas(cfg, few), "first_chunk_sigmas": student_sigmas(cfg),
+            "context_noise": cfg.context_noise, "renoise": cfg.renoise}
 
 
 def sample_row(row: str, model: CausalDiT, cfg: Config, batch_size: int, cond=None, rng=None) -> torch.Tensor:
@@ -2630,8 +2665,8 @@ def sample_row(row: str, model: CausalDiT, cfg: Config, batch_size: int, cond=No
         sigmas = solver_sigmas(s.teacher_solver_steps, s)
         return sample_ar_teacher(model, sigmas, guidance=guidance, context_noise=s.context_noise, **size)
     if row == "causal_forcing_pp":  # 2 steps, the first chunk 4
-        return sample_student(model, context_noise=s.context_noise, **streaming_steps(s, 2), **size)
-    return sample_student(model, student_sigmas(s), context_noise=s.context_noise, **size)
+        return sample_student(model, **streaming_steps(s, 2), **size)
+    return sample_student(model, **streaming_steps(s, 4), **size)
 
 
 def _saved_model(cfg: Config, kind: str, state: dict) -> nn.Module:
@@ -2882,7 +2917,7 @@ class PipelineRun:
         for row in [r for r in STEP_ROWS if r in self.models]:
             model, by_steps[row] = self.models[row], {}
             for k in (1, 2, 4):  # the same seed for every step count and row (self.g is left as it was)
-                steps = dict(streaming_steps(cfg.sample, k), context_noise=cfg.sample.context_noise)
+                steps = streaming_steps(cfg.sample, k)
                 sample = lambda: sample_student(  # noqa: E731
                     model, num_frames=cfg.data.frames, batch_size=n, cond=cond,
                     rng=torch.Generator().manual_seed(cfg.seed), **steps)
@@ -2921,8 +2956,8 @@ class PipelineRun:
         results["train_clips_per_second"] = {k: round(steps * batch / self.seconds[k], 1)
                                              for k, (steps, batch) in work.items() if self.seconds.get(k)}
         n, tol = cfg.eval.eval_samples, cfg.eval.transition_tol_degrees
-        if self.digits:
-            videos, labels = digit_videos(cfg.data, n, d.split["test"], g)
+        if self.digits:  # fresh held-out videos, class-balanced as the generated rows are
+            videos, labels = balanced_digit_videos(cfg.data, n, d.split["test"], g)
             results["data"] = digit_metrics(videos, labels, d.test, self.classifier, cfg.model.chunk_frames)
             results["digits"] = d.split["source"]
             results["classifier_accuracy"] = self.accuracy
@@ -2955,9 +2990,10 @@ def format_table(results: dict) -> str:
     seconds = "stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["stage_seconds"].items())
     named = [("data (held-out vs fresh)", results["data"])]
     if "classifier_accuracy" in results:  # moving digits
-        cols = ("frechet_distance", "sharpness", "dynamic_degree", "instruction_following", "temporal_consistency",
-                "chunk_boundary_jump", "nfe_per_frame", "ms_per_frame")
-        heads = ("FD", "sharpness", "dynamic", "instruction", "consistency", "block jump", "NFE/frame", "ms/frame")
+        cols = ("frechet_distance", "sharpness", "dynamic_degree", "motion_within_chunks", "instruction_following",
+                "temporal_consistency", "chunk_boundary_jump", "out_of_range", "nfe_per_frame", "ms_per_frame")
+        heads = ("FD", "sharpness", "dynamic", "in-chunk", "instruction", "consistency", "block jump", "out of range",
+                 "NFE/frame", "ms/frame")
         width, col = 32, 12
         notes = [f"digits: {results['digits']}; the classifier reads {results['classifier_accuracy']:.3f} of "
                  "held-out frames", seconds + f"; total {sum(results['stage_seconds'].values()):.0f}"]

@@ -39,9 +39,8 @@ def continue_videos(generator: cf.CausalDiT, cfg: cf.Config, prefix: torch.Tenso
     """The generator's `num_frames` frames after the clean frames `prefix` (B, P, C, H, W), under `labels`
     (B, 1), streamed with the run's 4-step sampler; on the CPU, (B, num_frames, C, H, W)."""
     device = next(generator.parameters()).device
-    chunks = cf.stream(generator, cf.student_sigmas(cfg.sample), num_frames=num_frames, batch_size=len(prefix),
-                       cond=cf.label_cond(labels).to(device), prefix=prefix.to(device), rng=rng,
-                       context_noise=cfg.sample.context_noise)
+    chunks = cf.stream(generator, **cf.streaming_steps(cfg.sample, 4), num_frames=num_frames, batch_size=len(prefix),
+                       cond=cf.label_cond(labels).to(device), prefix=prefix.to(device), rng=rng)
     return torch.cat(list(chunks), 1).cpu()
 
 
@@ -86,9 +85,8 @@ def continuation_report(models: dict, cfg: cf.Config, num_videos: int = 250, see
     t0 = time.perf_counter()
     new = continue_videos(gen, cfg, data[:, :chunk], labels, frames - chunk, torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - t0
-    from_noise = cf.sample_student(gen, cf.student_sigmas(cfg.sample), batch_size=num_videos, num_frames=frames,
-                                   cond=cf.label_cond(labels).to(cfg.device), context_noise=cfg.sample.context_noise,
-                                   rng=torch.Generator().manual_seed(seed)).cpu()
+    from_noise = cf.sample_student(gen, **cf.streaming_steps(cfg.sample, 4), batch_size=num_videos, num_frames=frames,
+                                   cond=cf.label_cond(labels).to(cfg.device), rng=torch.Generator().manual_seed(seed)).cpu()
     videos = {"continued": torch.cat([data[:, :chunk], new], 1), "from noise": from_noise, "data": data}
     return {"videos": num_videos, "frames": frames, "prefix_frames": chunk, "seed": seed,
             "seconds_to_continue": round(seconds, 3),

@@ -55,11 +55,9 @@ class Player:
         return cf.label_cond(torch.tensor([[digit]])).to(self.device)
 
     def _new_stream(self, prefix: Optional[torch.Tensor] = None):
-        kw = cf.streaming_steps(self.cfg.sample, self.steps)
         self.prefix, self.started = prefix, False
-        self.chunks = cf.stream(self.generator, kw["sigmas"], first_chunk_sigmas=kw["first_chunk_sigmas"],
-                                num_frames=self.length, batch_size=1, cond=self.cond(self.digit), prefix=prefix,
-                                recache=self.recache, rng=self.rng, context_noise=self.cfg.sample.context_noise)
+        self.chunks = cf.stream(self.generator, **cf.streaming_steps(self.cfg.sample, self.steps), num_frames=self.length,
+                                batch_size=1, cond=self.cond(self.digit), prefix=prefix, recache=self.recache, rng=self.rng)
 
     def restart(self, prefix: Optional[torch.Tensor] = None, digit: Optional[int] = None) -> None:
         """A new stream: from noise, or continuing `prefix` (1, P, C, H, W) (whose chunks next_chunk

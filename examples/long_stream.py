@@ -40,25 +40,25 @@ def windowed(generator: cf.CausalDiT, window_frames: int, sink_frames: int = 0,
 
 
 def switched_stream(generator: cf.CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
-                    switches: Optional[dict] = None, recache: bool = False, rng=None,
-                    first_chunk_sigmas=None) -> Iterator[torch.Tensor]:
+                    switches: Optional[dict] = None, recache: bool = False, rng=None, **sampler) -> Iterator[torch.Tensor]:
     """`stream`'s chunks with prompt switches planned ahead: switches {frame: new_cond} sends each new
-    condition at its frame (a chunk boundary; with recache, the kept context is rebuilt under it)."""
+    condition at its frame (a chunk boundary; with recache, the kept context is rebuilt under it). sampler:
+    the rest of `stream`'s arguments (first_chunk_sigmas, context_noise, renoise; cf.streaming_steps)."""
     c, switches = generator.cfg.chunk_frames, switches or {}
     if any(f % c or not 0 < f < num_frames for f in switches):
         raise ValueError(f"switch frames {sorted(switches)} must be chunk boundaries (chunk_frames={c}) inside the video")
     chunks = cf.stream(generator, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond, rng=rng,
-                       first_chunk_sigmas=first_chunk_sigmas, recache=recache)
+                       recache=recache, **sampler)
     for at in range(0, num_frames, c):
         yield chunks.send(switches[at]) if at in switches else next(chunks)
 
 
 @torch.no_grad()
 def stream_video(generator: cf.CausalDiT, sigmas, *, num_frames: int, batch_size: int, cond=None,
-                 switches: Optional[dict] = None, recache: bool = False, rng=None) -> torch.Tensor:
+                 switches: Optional[dict] = None, recache: bool = False, rng=None, **sampler) -> torch.Tensor:
     """A whole streamed video (B, num_frames, C, H, W), with the prompt switches of `switched_stream`."""
     return torch.cat(list(switched_stream(generator, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond,
-                                          switches=switches, recache=recache, rng=rng)), 1)
+                                          switches=switches, recache=recache, rng=rng, **sampler)), 1)
 
 
 def long_stream_report(models: dict, cfg: cf.Config, held_out: torch.Tensor, num_frames: int = 1024,
@@ -80,7 +80,7 @@ def long_stream_report(models: dict, cfg: cf.Config, held_out: torch.Tensor, num
         for policy in cf.ROPE_POSITIONS:
             name = f"sink {sink}, {policy} positions"
             t0 = time.perf_counter()
-            video = stream_video(windowed(gen, W, sink, policy), cf.student_sigmas(cfg.sample), num_frames=num_frames,
+            video = stream_video(windowed(gen, W, sink, policy), **cf.streaming_steps(cfg.sample, 4), num_frames=num_frames,
                                  batch_size=batch_size, cond=cond, rng=torch.Generator().manual_seed(seed)).cpu()
             seconds = time.perf_counter() - t0
             blocks = [{"first_frame": a, **cf.digit_metrics(video[:, a:a + block], labels, held_out, classifier, chunk)}
@@ -107,8 +107,9 @@ def prompt_switch_report(models: dict, cfg: cf.Config, num_frames: int = 32, swi
     report = {"frames": num_frames, "switch_at": switch_at, "batch_size": batch_size, "policies": {}}
     for recache in (False, True):
         t0 = time.perf_counter()
-        video = stream_video(gen, cf.student_sigmas(cfg.sample), num_frames=num_frames, batch_size=batch_size, cond=cond_a,
-                             switches={switch_at: cond_b}, recache=recache, rng=torch.Generator().manual_seed(seed)).cpu()
+        video = stream_video(gen, **cf.streaming_steps(cfg.sample, 4), num_frames=num_frames, batch_size=batch_size,
+                             cond=cond_a, switches={switch_at: cond_b}, recache=recache,
+                             rng=torch.Generator().manual_seed(seed)).cpu().clamp(-1, 1)  # the frames as shown
         seconds = time.perf_counter() - t0
         pred = cf.read_frames(classifier, video)[1]  # (B, F)
         is_b = pred[:, switch_at:] == b[:, None]
@@ -284,7 +285,7 @@ def main(argv) -> int:
     plot_long_stream(report, os.path.join(args.out, "long_stream.png"))
     first = torch.arange(10)  # a video of each digit, which changes twice: d -> d + 3 -> d + 6
     conds = [cf.label_cond(((first + k) % 10)[:, None]).to(cfg.device) for k in (0, 3, 6)]
-    gif = {name: stream_video(models["causal_forcing"], cf.student_sigmas(cfg.sample), num_frames=48, batch_size=10,
+    gif = {name: stream_video(models["causal_forcing"], **cf.streaming_steps(cfg.sample, 4), num_frames=48, batch_size=10,
                               cond=conds[0], switches={16: conds[1], 32: conds[2]}, recache=recache,
                               rng=torch.Generator().manual_seed(0)).cpu()
            for name, recache in (("keep_cache", False), ("re_cache", True))}

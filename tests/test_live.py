@@ -21,10 +21,10 @@ def by_hand(player, digit, switches, num_frames, seed, steps=4, recache=False, p
     """The same stream as the player's, with its switches sent by hand (long_stream.switched_stream)."""
     kw = cf.streaming_steps(player.cfg.sample, steps)
     if prefix is not None:  # no switch: the plain stream after the given frames
-        return torch.cat(list(cf.stream(player.generator, kw["sigmas"], num_frames=num_frames, batch_size=1,
+        return torch.cat(list(cf.stream(player.generator, **kw, num_frames=num_frames, batch_size=1,
                                         cond=player.cond(digit), prefix=prefix, rng=rng)), 1)
     return torch.cat(list(long_stream.switched_stream(
-        player.generator, kw["sigmas"], first_chunk_sigmas=kw["first_chunk_sigmas"], num_frames=num_frames,
+        player.generator, **kw, num_frames=num_frames,
         batch_size=1, cond=player.cond(digit), switches={f: player.cond(d) for f, d in switches.items()},
         recache=recache, rng=torch.Generator().manual_seed(seed))), 1)
 

@@ -1,0 +1,79 @@
+"""The digit table's metrics score the frames as a figure shows them, motion inside chunks is told
+apart from jumps, the data row is class-balanced, and the student's "ode" re-noising is an Euler step."""
+
+import pytest
+import torch
+
+import causal_forcing as cf
+
+
+def moving_square(frames=6, size=16, jump_at=()):
+    """One bright 4x4 square on a dark frame, moving one pixel right per frame, or only at `jump_at`."""
+    video, x = -torch.ones(2, frames, 1, size, size), 2
+    for f in range(frames):
+        if f and (not jump_at or f in jump_at):
+            x += 1 if not jump_at else 3
+        video[:, f, 0, 6:10, x:x + 4] = 1.0
+    return video
+
+
+def test_digit_metrics_score_the_frames_as_displayed():
+    """Frames pushed beyond [-1, 1] score as the same frames clamped; out_of_range tells them apart."""
+    torch.manual_seed(0)
+    classifier = cf.DigitClassifier(16).eval()
+    held_out = moving_square()
+    shown = moving_square() * 0.9
+    pushed = shown.clone()
+    pushed[shown < -0.85] = -1.3  # the background 0.3 below the range, as a generator's often is
+    pushed[shown > 0.85] = 1.1
+    labels = torch.zeros(2, 1, dtype=torch.long)
+    a = cf.digit_metrics(pushed, labels, held_out, classifier, chunk_frames=2)
+    b = cf.digit_metrics(pushed.clamp(-1, 1), labels, held_out, classifier, chunk_frames=2)
+    for key in a:
+        if key not in ("out_of_range", "overshoot"):
+            assert a[key] == pytest.approx(b[key], nan_ok=True, rel=1e-12), key
+    assert b["out_of_range"] == 0 and b["overshoot"] == 0
+    assert a["out_of_range"] == pytest.approx(float((pushed.abs() > 1).double().mean()))
+    assert a["overshoot"] == pytest.approx(float((pushed.abs() - 1)[pushed.abs() > 1].mean()), rel=1e-6)
+
+
+def test_motion_within_chunks_does_not_count_jumps():
+    """A square that moves only as a chunk starts has a dynamic degree but no motion inside chunks;
+    one that moves steadily has the same motion inside chunks as the held-out clip it is."""
+    classifier = cf.DigitClassifier(16).eval()
+    steady = moving_square()
+    jumping = moving_square(jump_at=(2, 4))  # chunks of 2: frames 2 and 4 start chunks
+    m = cf.digit_metrics(jumping, None, steady, classifier, chunk_frames=2)
+    assert m["motion_within_chunks"] == 0 and m["dynamic_degree"] > 1
+    assert m["chunk_boundary_jump"] == float("inf") or m["chunk_boundary_jump"] > 100
+    same = cf.digit_metrics(steady, None, steady, classifier, chunk_frames=2)
+    assert same["motion_within_chunks"] == pytest.approx(1.0) and same["dynamic_degree"] == pytest.approx(1.0)
+
+
+def test_balanced_digit_videos_ask_for_every_digit_alike():
+    cfg = cf.get_config("mnist").data
+    images = torch.randint(0, 255, (50, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(50) % 10
+    videos, got = cf.balanced_digit_videos(cfg, 23, (images, labels), torch.Generator().manual_seed(0))
+    assert videos.shape == (23, cfg.frames, 1, cfg.canvas, cfg.canvas)
+    assert torch.equal(got[:, 0], torch.arange(23) % 10)
+
+
+def test_ode_renoise_is_an_euler_step_of_the_student():
+    """renoise="ode" re-noises x0 with the noise the model predicts: the student's own Euler ODE
+    along its sigmas, ending with the x0 prediction at the last one; "fresh" draws new noise."""
+    cfg = cf.get_config("toy2d", frames=2, chunk_frames=2)
+    model = cf._random_weights(cf.CausalDiT(cfg.model, causal=True).double())
+    sigmas = [1.0, 0.8, 0.5]
+    x = torch.randn(3, 2, 2, 1, 1, dtype=torch.float64)
+    got = cf.denoise_chunk(model, x, sigmas, None, None, 0, renoise="ode")
+    y = x
+    for s, s_next in zip(sigmas, sigmas[1:]):
+        y = y + (s_next - s) * model(y, torch.full((3, 2), s))
+    t = torch.full((3, 2), sigmas[-1])
+    # float64 maths; the sampler's noise-level tensor is float32 (what the network takes): agreement to ~1e-8
+    torch.testing.assert_close(got, cf.x0_from_velocity(y, model(y, t), t), rtol=1e-6, atol=1e-6)
+    fresh = cf.denoise_chunk(model, x, sigmas, None, None, 0, rng=torch.Generator().manual_seed(0))
+    assert not torch.allclose(fresh, got)
+    with pytest.raises(ValueError, match="renoise"):
+        cf.stream(model.float(), sigmas, num_frames=2, batch_size=1, renoise="ddim")
