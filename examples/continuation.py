@@ -56,7 +56,9 @@ def seam_statistics(videos: torch.Tensor, data: torch.Tensor, labels: torch.Tens
       seam_velocity_cosine    mean cosine between the two steps (1: the same direction; 0: unrelated)
       seam_turn_cosine  mean cosine between the step into frame `seam` and the step before it (the data's
                         own: a digit keeps its direction but where it bounces)
-      centroid_error_px mean distance of the centroid from the data's, per new frame"""
+      centroid_error_px mean distance of the centroid from the data's, per new frame
+    Every statistic scores the frames as shown, clamped to [-1, 1] (as digit_metrics does)."""
+    videos = videos.clamp(-1, 1)
     change = (videos[:, 1:] - videos[:, :-1]).abs().mean(dim=(2, 3, 4)).mean(0)  # change into frames 1 .. F-1
     inside = [f - 1 for f in range(seam + 1, videos.shape[1]) if f % chunk_frames]
     cv, cd = cf.centroids(videos), cf.centroids(data)  # (B, F, 2)

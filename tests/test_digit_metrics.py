@@ -1,10 +1,16 @@
 """The digit table's metrics score the frames as a figure shows them, motion inside chunks is told
-apart from jumps, the data row is class-balanced, and the student's "ode" re-noising is an Euler step."""
+apart from jumps, the data row is class-balanced, the student's "ode" re-noising is an Euler step, and
+examples/digit_probe.py scores the run's own sampler as the table does."""
+
+import json
+import os
 
 import pytest
 import torch
 
 import causal_forcing as cf
+
+SHIPPED_RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "mnist_run")
 
 
 def moving_square(frames=6, size=16, jump_at=()):
@@ -77,3 +83,27 @@ def test_ode_renoise_is_an_euler_step_of_the_student():
     assert not torch.allclose(fresh, got)
     with pytest.raises(ValueError, match="renoise"):
         cf.stream(model.float(), sigmas, num_frames=2, batch_size=1, renoise="ddim")
+
+
+def test_digit_probe_on_the_shipped_run(tmp_path, capsys):
+    """Both re-noisings of every student, the run's own one as the table samples it, and each DMD
+    generator beside its init."""
+    from examples import digit_probe
+
+    assert digit_probe.main(["--run", SHIPPED_RUN, "--videos", "12", "--out", str(tmp_path / "p.json")]) == 0
+    report = json.loads((tmp_path / "p.json").read_text())
+    cfg = cf.run_config(SHIPPED_RUN, device="cpu")
+    models = cf.load_models(SHIPPED_RUN, cfg)
+    labels = torch.arange(12)[:, None] % 10
+    held_out = cf.digit_videos(cfg.data, cfg.data.test_size, cf.digit_split(cfg.data)["test"],
+                               torch.Generator().manual_seed(0))[0]
+    as_table = cf.sample_row("causal_forcing", models["causal_forcing"], cfg, 12, cf.label_cond(labels),
+                             rng=torch.Generator().manual_seed(0))
+    expected = cf.digit_metrics(as_table, labels, held_out, models["digit_classifier"], cfg.model.chunk_frames)
+    got = report["renoise"]["causal_forcing"][cfg.sample.renoise]
+    assert got == pytest.approx({k: (None if v != v else v) for k, v in expected.items()})
+    fresh, ode = (report["renoise"]["causal_forcing"][m] for m in ("fresh", "ode"))
+    assert fresh["motion_within_chunks"] != ode["motion_within_chunks"]
+    assert set(report["renoise"]) == set(digit_probe.STUDENTS) and set(report["dmd"]) == set(digit_probe.DMD_FROM)
+    assert set(report["dmd"]["causal_forcing"]) == {"ode_student_from_ar", "causal_forcing"}
+    assert "motion inside chunks" in capsys.readouterr().out
