@@ -1766,33 +1766,30 @@ def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> Causal
 # =================================================================================================
 
 
-# Wan2.1's parameter names against Diffusers' WanTransformer3DModel; "{}" is a block index. The
-# cross-attention's LayerNorm runs second in a block: Wan calls it norm3, Diffusers norm2.
-_DIFFUSERS_NAMES = [
-    ("patch_embedding.", "patch_embedding."), ("head.head.", "proj_out."), ("head.modulation", "scale_shift_table"),
-    *((f"{x}_embedding.{i}.", f"condition_embedder.{x}_embedder.linear_{j}.") for x in ("text", "time")
+# Diffusers' WanTransformer3DModel parameter names against Wan2.1's; "{}" is a block index. The
+# cross-attention's LayerNorm runs second in a block: Diffusers calls it norm2, Wan norm3.
+_WAN_NAMES = [
+    ("patch_embedding.", "patch_embedding."), ("proj_out.", "head.head."), ("scale_shift_table", "head.modulation"),
+    *((f"condition_embedder.{x}_embedder.linear_{j}.", f"{x}_embedding.{i}.") for x in ("text", "time")
       for i, j in ((0, 1), (2, 2))),
-    ("time_projection.1.", "condition_embedder.time_proj."), ("blocks.{}.modulation", "blocks.{}.scale_shift_table"),
-    *((f"blocks.{{}}.{wan}.{a}", f"blocks.{{}}.{dif}.{b}")
+    ("condition_embedder.time_proj.", "time_projection.1."), ("blocks.{}.scale_shift_table", "blocks.{}.modulation"),
+    *((f"blocks.{{}}.{dif}.{b}", f"blocks.{{}}.{wan}.{a}")
       for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2"))
       for a, b in (("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("o.", "to_out.0."), ("norm_q.", "norm_q."),
                    ("norm_k.", "norm_k."))),
-    ("blocks.{}.norm3.", "blocks.{}.norm2."), ("blocks.{}.ffn.0.", "blocks.{}.ffn.net.0.proj."),
-    ("blocks.{}.ffn.2.", "blocks.{}.ffn.net.2."),
+    ("blocks.{}.norm2.", "blocks.{}.norm3."), ("blocks.{}.ffn.net.0.proj.", "blocks.{}.ffn.0."),
+    ("blocks.{}.ffn.net.2.", "blocks.{}.ffn.2."),
 ]
 
 
-def rename_wan_parameters(state: dict, to: str) -> dict:
-    """A Wan2.1 DiT state dict in the other layout: to="diffusers" from Wan's names (official, Causal/Self Forcing,
-    this module's), to="wan" from Diffusers'. A name the table does not cover is an error, not silently dropped."""
+def diffusers_to_wan(state: dict) -> dict:
+    """A Wan2.1 DiT state dict in Diffusers' names renamed to Wan's (official, Causal/Self Forcing, this module's).
+    A name the table does not cover is an error, not silently dropped."""
     import re
 
-    if to not in ("wan", "diffusers"):
-        raise ValueError(f"to={to!r} must be 'wan' or 'diffusers'")
     rules = []
-    for pair in _DIFFUSERS_NAMES:
-        src, dst = pair if to == "diffusers" else pair[::-1]
-        whole = "" if src.endswith(".") else "$"  # "head.head." is a prefix, "head.modulation" a whole name
+    for src, dst in _WAN_NAMES:
+        whole = "" if src.endswith(".") else "$"  # "proj_out." is a prefix, "scale_shift_table" a whole name
         rules.append((re.compile(re.escape(src).replace(r"\{\}", r"(\d+)") + whole), dst))
     out, unknown = {}, []
     for name, tensor in state.items():
@@ -1803,8 +1800,8 @@ def rename_wan_parameters(state: dict, to: str) -> dict:
         else:
             unknown.append(name)
     if unknown:
-        raise ValueError(f"{len(unknown)} parameter names are not {'Wan' if to == 'diffusers' else 'Diffusers'}-layout "
-                         f"Wan2.1 text-to-video DiT names (an image-to-video or Wan2.2 model?): {unknown[:6]}")
+        raise ValueError(f"{len(unknown)} parameter names are not Diffusers-layout Wan2.1 text-to-video DiT names "
+                         f"(an image-to-video or Wan2.2 model?): {unknown[:6]}")
     return out
 
 
@@ -1830,7 +1827,7 @@ def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
     out = {re.sub(rf"\.({wrappers})\b", "", re.sub(rf"^((module|model|{wrappers})\.)+", "", name)): tensor
            for name, tensor in (state if entry is None else state[entry]).items()}  # they nest: model._orig_mod.
     diffusers = any(k.startswith("condition_embedder.") or ".attn1." in k for k in out)
-    return rename_wan_parameters(out, to="wan") if diffusers else out
+    return diffusers_to_wan(out) if diffusers else out
 
 
 def _is_zip(path: str) -> bool:
@@ -1862,8 +1859,8 @@ def _archive_problem(path: str) -> Optional[str]:
 
 
 def _read_checkpoint(path: str) -> dict:
-    """A checkpoint's tensors: .safetensors, or a torch file read with weights_only=True: a zip archive memory-mapped
-    once _archive_problem finds nothing wrong, a legacy file (before PyTorch 1.6) whole."""
+    """A checkpoint's tensors: .safetensors, or a torch zip file memory-mapped with weights_only=True once
+    _archive_problem finds nothing wrong."""
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -1873,11 +1870,14 @@ def _read_checkpoint(path: str) -> dict:
             return load_file(path)
         except Exception as e:  # noqa: BLE001 - SafetensorError: header or length wrong; a missing shard
             raise ValueError(f"{path!r} is not a readable .safetensors file ({e}); download it again") from None
+    if not _is_zip(path):
+        raise ValueError(f"{path!r} is not a torch.save zip archive: download it again (a file saved before PyTorch "
+                         "1.6: load it there and torch.save it again)")
     if (problem := _archive_problem(path)) is not None:
         raise ValueError(f"{path!r} is corrupt: {problem}; download it again")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - RuntimeError, UnpicklingError, ...
         raise ValueError(f"{path!r} is not a readable torch checkpoint ({type(e).__name__}: {e}); it may be "
                          "truncated or corrupt (download it again), or hold objects other than tensors") from None
 
