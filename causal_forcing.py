@@ -2040,8 +2040,7 @@ def full_state_dict(model: nn.Module) -> dict:
 
 
 def _reshard(model: nn.Module) -> None:
-    """FSDP keeps the root's parameters gathered after a forward pass: shards them again, so that
-    model.parameters() are the sharded ones the optimizer and the EMA hold."""
+    """Shards FSDP's root parameters again after a forward pass: the sharded ones are the optimizer's and EMA's."""
     if getattr(model, "fsdp", False):
         model.reshard()
 
@@ -2176,12 +2175,7 @@ def _atomic_file(path: str):
             raise OSError(cause.errno, f"cannot write {path!r}: {cause.strerror or cause}; the previous file "
                           "there, if any, is kept") from e
         raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: str) -> None:
-    """Makes a rename in `folder` durable, where the system lets a folder be opened."""
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # the rename made durable, where the system lets a folder be opened
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -2189,11 +2183,12 @@ def _fsync_folder(folder: str) -> None:
             os.close(fd)
 
 
-def _remove_stale_temporaries(folder: str) -> None:
+def _remove_stale_temporaries(*folders: str) -> None:
     """Deletes the .tmp-* files that a save interrupted by a kill leaves behind."""
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.startswith(".tmp-"):
-            os.remove(os.path.join(folder, name))
+    for folder in folders:
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(folder, name))
 
 
 def save_atomic(obj, path: str) -> None:
@@ -2843,8 +2838,7 @@ class PipelineRun:
             self.g = torch.Generator().manual_seed(cfg.seed)
             self.data = pipeline_data(cfg, self.g, self.log)
             if out and self.rank == 0:
-                _remove_stale_temporaries(out)
-                _remove_stale_temporaries(os.path.join(out, "stages"))
+                _remove_stale_temporaries(out, os.path.join(out, "stages"))
                 if not os.path.exists(os.path.join(out, "config.json")):
                     save_atomic(cfg.to_dict(), os.path.join(out, "config.json"))
         except BaseException:
