@@ -27,11 +27,8 @@ conditioned on their label; "wan-1.3b" is Wan2.1-T2V-1.3B's DiT, whose checkpoin
     python -m pytest                          # the tests
 Beside it, examples/ (figures, long streams, benchmarks, Wan2.1 text to video).
 
-Part I is the method, in the order the data flows: I.1 config, I.2 toy data and its exact teachers, I.3 flow
-matching, I.4 attention masks, I.5 the network and its KV cache, I.6 samplers, I.7 losses, I.8 training
-stages, I.9 the injectivity floor. Part II is engineering that does not change the method: II.1 checks,
-II.2 Wan checkpoints, II.3 fast attention, II.4 the training loop, II.5 data, II.6 metrics, II.7 the
-pipeline, II.8 the command line.
+Part I (I.1-I.9) is the method, in the order the data flows; Part II (II.1-II.8) is engineering that does not
+change it: checks, Wan checkpoints, fast attention, the training loop, data, metrics, the pipeline, the command line.
 
 Shapes: B batch, F frames, C channels, H W height width, S tokens per frame, N tokens, D width,
 h heads, d head dim. Videos are (B, F, C, H, W); noise levels t are sigmas (B, F) in [0, 1], 1 = noise.
@@ -973,7 +970,8 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
     return chunks
 
 
-def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix, renoise):
+def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix,
+            renoise):
     chunk, kept = generator.cfg.chunk_frames, []  # kept: (start, x0) of the finished chunks the cache holds
     P, x0 = 0 if prefix is None else prefix.shape[1], None  # x0: the chunk made (or given) last
     new_cond = yield
@@ -1019,7 +1017,8 @@ def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_siz
 
 
 def sample_student(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
-                   context_noise: float = 0.0, rng=None, first_chunk_sigmas=None, renoise: str = "fresh") -> torch.Tensor:
+                   context_noise: float = 0.0, rng=None, first_chunk_sigmas=None,
+                   renoise: str = "fresh") -> torch.Tensor:
     """The whole video from `stream`, (B, F, C, H, W)."""
     chunks = stream(model, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond, rng=rng,
                     context_noise=context_noise, first_chunk_sigmas=first_chunk_sigmas, renoise=renoise)
@@ -1552,7 +1551,7 @@ def get_config(name: str = "toy2d", **overrides) -> Config:
 
 
 def _disagreements(cfg: Config) -> list[str]:
-    """validate_config's problems of values that must fit together, each value in its range."""
+    """get_config's problems of values that must fit together (each value is in its range)."""
     d, m, t, s = cfg.data, cfg.model, cfg.train, cfg.sample
     head, grid_key = m.dim // m.num_heads, "teacher_solver_steps" if s.cd_grid_steps is None else "cd_grid_steps"
     params = m.dim * (m.num_layers * (8 * m.dim + 2 * m.ffn_dim) + m.cond_dim + m.freq_dim + 2 * m.in_channels
@@ -1739,7 +1738,8 @@ def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=No
     if not 0 <= context_noise < 1:
         raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level of the cached chunks")
     if renoise not in ("fresh", "ode"):
-        raise ValueError(f"renoise={renoise!r} must be 'fresh' (new noise between steps) or 'ode' (the student's Euler step)")
+        raise ValueError(f"renoise={renoise!r} must be 'fresh' (new noise between steps) or 'ode' (the student's "
+                         "Euler step)")
     if cond is not None:
         check_cond(model, cond, batch_size)
     if cond is not None and uncond is not None:
@@ -1766,33 +1766,30 @@ def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> Causal
 # =================================================================================================
 
 
-# Wan2.1's parameter names against Diffusers' WanTransformer3DModel; "{}" is a block index. The
-# cross-attention's LayerNorm runs second in a block: Wan calls it norm3, Diffusers norm2.
-_DIFFUSERS_NAMES = [
-    ("patch_embedding.", "patch_embedding."), ("head.head.", "proj_out."), ("head.modulation", "scale_shift_table"),
-    *((f"{x}_embedding.{i}.", f"condition_embedder.{x}_embedder.linear_{j}.") for x in ("text", "time")
+# Diffusers' WanTransformer3DModel parameter names against Wan2.1's; "{}" is a block index. The
+# cross-attention's LayerNorm runs second in a block: Diffusers calls it norm2, Wan norm3.
+_WAN_NAMES = [
+    ("patch_embedding.", "patch_embedding."), ("proj_out.", "head.head."), ("scale_shift_table", "head.modulation"),
+    *((f"condition_embedder.{x}_embedder.linear_{j}.", f"{x}_embedding.{i}.") for x in ("text", "time")
       for i, j in ((0, 1), (2, 2))),
-    ("time_projection.1.", "condition_embedder.time_proj."), ("blocks.{}.modulation", "blocks.{}.scale_shift_table"),
-    *((f"blocks.{{}}.{wan}.{a}", f"blocks.{{}}.{dif}.{b}")
+    ("condition_embedder.time_proj.", "time_projection.1."), ("blocks.{}.scale_shift_table", "blocks.{}.modulation"),
+    *((f"blocks.{{}}.{dif}.{b}", f"blocks.{{}}.{wan}.{a}")
       for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2"))
       for a, b in (("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("o.", "to_out.0."), ("norm_q.", "norm_q."),
                    ("norm_k.", "norm_k."))),
-    ("blocks.{}.norm3.", "blocks.{}.norm2."), ("blocks.{}.ffn.0.", "blocks.{}.ffn.net.0.proj."),
-    ("blocks.{}.ffn.2.", "blocks.{}.ffn.net.2."),
+    ("blocks.{}.norm2.", "blocks.{}.norm3."), ("blocks.{}.ffn.net.0.proj.", "blocks.{}.ffn.0."),
+    ("blocks.{}.ffn.net.2.", "blocks.{}.ffn.2."),
 ]
 
 
-def rename_wan_parameters(state: dict, to: str) -> dict:
-    """A Wan2.1 DiT state dict in the other layout: to="diffusers" from Wan's names (official, Causal/Self Forcing,
-    this module's), to="wan" from Diffusers'. A name the table does not cover is an error, not silently dropped."""
+def diffusers_to_wan(state: dict) -> dict:
+    """A Wan2.1 DiT state dict in Diffusers' names renamed to Wan's (official, Causal/Self Forcing, this module's).
+    A name the table does not cover is an error, not silently dropped."""
     import re
 
-    if to not in ("wan", "diffusers"):
-        raise ValueError(f"to={to!r} must be 'wan' or 'diffusers'")
     rules = []
-    for pair in _DIFFUSERS_NAMES:
-        src, dst = pair if to == "diffusers" else pair[::-1]
-        whole = "" if src.endswith(".") else "$"  # "head.head." is a prefix, "head.modulation" a whole name
+    for src, dst in _WAN_NAMES:
+        whole = "" if src.endswith(".") else "$"  # "proj_out." is a prefix, "scale_shift_table" a whole name
         rules.append((re.compile(re.escape(src).replace(r"\{\}", r"(\d+)") + whole), dst))
     out, unknown = {}, []
     for name, tensor in state.items():
@@ -1803,8 +1800,8 @@ def rename_wan_parameters(state: dict, to: str) -> dict:
         else:
             unknown.append(name)
     if unknown:
-        raise ValueError(f"{len(unknown)} parameter names are not {'Wan' if to == 'diffusers' else 'Diffusers'}-layout "
-                         f"Wan2.1 text-to-video DiT names (an image-to-video or Wan2.2 model?): {unknown[:6]}")
+        raise ValueError(f"{len(unknown)} parameter names are not Diffusers-layout Wan2.1 text-to-video DiT names "
+                         f"(an image-to-video or Wan2.2 model?): {unknown[:6]}")
     return out
 
 
@@ -1830,7 +1827,7 @@ def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
     out = {re.sub(rf"\.({wrappers})\b", "", re.sub(rf"^((module|model|{wrappers})\.)+", "", name)): tensor
            for name, tensor in (state if entry is None else state[entry]).items()}  # they nest: model._orig_mod.
     diffusers = any(k.startswith("condition_embedder.") or ".attn1." in k for k in out)
-    return rename_wan_parameters(out, to="wan") if diffusers else out
+    return diffusers_to_wan(out) if diffusers else out
 
 
 def _is_zip(path: str) -> bool:
@@ -1862,8 +1859,7 @@ def _archive_problem(path: str) -> Optional[str]:
 
 
 def _read_checkpoint(path: str) -> dict:
-    """A checkpoint's tensors: .safetensors, or a torch file read with weights_only=True: a zip archive memory-mapped
-    once _archive_problem finds nothing wrong, a legacy file (before PyTorch 1.6) whole."""
+    """A checkpoint's tensors: .safetensors, or a torch zip file, memory-mapped (_load_saved)."""
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -1873,13 +1869,10 @@ def _read_checkpoint(path: str) -> dict:
             return load_file(path)
         except Exception as e:  # noqa: BLE001 - SafetensorError: header or length wrong; a missing shard
             raise ValueError(f"{path!r} is not a readable .safetensors file ({e}); download it again") from None
-    if (problem := _archive_problem(path)) is not None:
-        raise ValueError(f"{path!r} is corrupt: {problem}; download it again")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
-        raise ValueError(f"{path!r} is not a readable torch checkpoint ({type(e).__name__}: {e}); it may be "
-                         "truncated or corrupt (download it again), or hold objects other than tensors") from None
+    if not _is_zip(path):
+        raise ValueError(f"{path!r} is not a torch.save zip archive: download it again (a file saved before PyTorch "
+                         "1.6: load it there and torch.save it again)")
+    return _load_saved(path, "checkpoint", "download it again", mmap=True)
 
 
 def _read_transformer_folder(folder: str) -> dict:
@@ -2047,8 +2040,7 @@ def full_state_dict(model: nn.Module) -> dict:
 
 
 def _reshard(model: nn.Module) -> None:
-    """FSDP keeps the root's parameters gathered after a forward pass: shards them again, so that
-    model.parameters() are the sharded ones the optimizer and the EMA hold."""
+    """Shards FSDP's root parameters again after a forward pass: the sharded ones are the optimizer's and EMA's."""
     if getattr(model, "fsdp", False):
         model.reshard()
 
@@ -2183,12 +2175,7 @@ def _atomic_file(path: str):
             raise OSError(cause.errno, f"cannot write {path!r}: {cause.strerror or cause}; the previous file "
                           "there, if any, is kept") from e
         raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: str) -> None:
-    """Makes a rename in `folder` durable, where the system lets a folder be opened."""
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # the rename made durable, where the system lets a folder be opened
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -2196,11 +2183,12 @@ def _fsync_folder(folder: str) -> None:
             os.close(fd)
 
 
-def _remove_stale_temporaries(folder: str) -> None:
+def _remove_stale_temporaries(*folders: str) -> None:
     """Deletes the .tmp-* files that a save interrupted by a kill leaves behind."""
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.startswith(".tmp-"):
-            os.remove(os.path.join(folder, name))
+    for folder in folders:
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(folder, name))
 
 
 def save_atomic(obj, path: str) -> None:
@@ -2213,15 +2201,14 @@ def save_atomic(obj, path: str) -> None:
             torch.save(obj, f)
 
 
-def _load_saved(path: str, what: str = "stage file") -> dict:
-    """torch.load of a file this code saved, after its checksums; a bad file is a ValueError naming it and the fix."""
-    fix = "delete it and run again to redo that stage"
-    problem = _archive_problem(path)
-    if problem is not None:
+def _load_saved(path: str, what: str = "stage file", fix: str = "delete it and run again to redo that stage",
+                mmap: bool = False) -> dict:
+    """torch.load (tensors only) after the file's checksums; a bad file is a ValueError naming it and `fix`."""
+    if (problem := _archive_problem(path)) is not None:
         raise ValueError(f"{what} {path!r} is corrupt: {problem}; {fix}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError, ...
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (bad zip), UnpicklingError (not tensors), ...
         raise ValueError(f"{what} {path!r} is empty or corrupt ({type(e).__name__}: {e}); {fix}") from None
 
 
@@ -2437,7 +2424,7 @@ def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> t
     return to_unit(video)[:, :, None], labels
 
 
-def balanced_digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, ...]:
     """One-digit videos whose labels are 0, 1, ..., 9, 0, 1, ... (video i shows digit i % 10), as the
     evaluation asks the generators for: each digit's videos drawn from that digit's images."""
     images, labels = digits
@@ -2733,8 +2720,56 @@ def _check_run_folder(cfg: Config, out: str) -> None:
         saved = _load_saved(os.path.join(stages, done[0]))["config"]
     else:
         return
-    _refuse_another_config(saved, cfg.to_dict(), f"{out!r} holds a run with", "use another --out folder, or delete this one "
-                           "to start over")
+    _refuse_another_config(saved, cfg.to_dict(), f"{out!r} holds a run with",
+                           "use another --out folder, or delete this one to start over")
+
+
+def pipeline_data(cfg: Config, g: torch.Generator, log=print) -> types.SimpleNamespace:
+    """The run's videos, drawn from g: train and test; on moving digits also their labels, the digit split and the
+    label conditions `cond` (None on the toy and for unconditional models); on the toy its ToyVideos `toy`."""
+    d = types.SimpleNamespace(cond=None, train_labels=None, test_labels=None)
+    if cfg.data.dataset == "moving_digits":
+        d.split = digit_split(cfg.data)
+        log(f"data: {cfg.data.train_size} training and {cfg.data.test_size} held-out videos of {d.split['source']}")
+        d.train, d.train_labels = digit_videos(cfg.data, cfg.data.train_size, d.split["train"], g)
+        d.test, d.test_labels = digit_videos(cfg.data, cfg.data.test_size, d.split["test"], g)
+        d.cond = label_cond(d.train_labels) if cfg.model.cond_dim else None
+    elif (cfg.model.in_channels, cfg.model.height, cfg.model.width) != (2, 1, 1):
+        raise ValueError("toy2d frames are points in the plane: in_channels=2, height=width=1")
+    else:
+        d.toy = ToyVideos(cfg.data)
+        d.train, d.test = d.toy.sample(cfg.data.train_size, g), d.toy.sample(cfg.data.test_size, g)
+    return d
+
+
+def exact_flows(cfg: Config, toy: ToyVideos) -> dict:
+    """The toy's exact teachers' flow maps through the teachers' Euler sampler."""
+    sig = solver_sigmas(cfg.sample.teacher_solver_steps, cfg.sample)
+    return {"bidirectional": lambda eps: exact_bidirectional_flow(toy, eps, sig),
+            "ar": lambda eps: exact_ar_flow(toy, eps, sig, cfg.model.chunk_frames)}
+
+
+def injectivity_floors(cfg: Config, toy: ToyVideos, g: torch.Generator) -> dict:
+    """The frame-level floors of ODE regression from the toy's exact teachers, and how far off the data the
+    bidirectional teacher's conditional means lie, per frame."""
+    flows, e = exact_flows(cfg, toy), cfg.eval
+    args = (cfg.data.frames, cfg.model.chunk_frames, e.floor_outer, e.floor_inner, g)
+    bi, cond_mean = injectivity_floor(flows["bidirectional"], *args, return_mean=True)
+    ar = injectivity_floor(flows["ar"], *args)
+    points = rearrange(cond_mean, "b f c h w -> b f (c h w)")
+    dist = torch.cdist(points, toy.frame_points().expand(len(cond_mean), -1, -1))
+    off = (dist.min(-1).values > 3 * toy.std).double().mean(0)  # (F,) per frame
+    return {"bidirectional": float(bi.mean()), "ar": float(ar.mean()),
+            "per_frame": {"bidirectional": bi.tolist(), "ar": ar.tolist()},
+            "conditional_mean_off_manifold": off.tolist()}
+
+
+@torch.no_grad()
+def held_out_ode_loss(cfg: Config, kind: str, teacher, student, test: torch.Tensor, g: torch.Generator) -> list:
+    """The ODE student's regression loss at sigma = 1 on held-out pairs, per frame (the injectivity floor's units)."""
+    held = make_ode_pairs(cfg, teacher, test[:512], kind, rng=g)
+    batch = ode_pair_batch(held, slice(None), 0, student_sigmas(cfg.sample), kind)
+    return ode_regression_loss(student, *batch).mean(0).tolist()
 
 
 def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
@@ -2766,7 +2801,8 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
             m[f"ode_student_from_{kind}"] = run.stage(f"ode_student_{kind}", "causal", lambda ck: train_ode_student(
                 cfg, teacher[kind], pairs[kind], kind, say, g, ck))
             if not run.digits:
-                run.held_out_ode_loss(kind, teacher[kind], m[f"ode_student_from_{kind}"])
+                run.ode_losses[kind] = held_out_ode_loss(cfg, kind, teacher[kind], m[f"ode_student_from_{kind}"],
+                                                         d.test, g)
         for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
             m[row] = run.stage(f"dmd_{row}", "causal", lambda ck: train_dmd(
                 cfg, m[f"ode_student_from_{kind}"], m["bidirectional_teacher"], m["bidirectional_teacher"],
@@ -2778,7 +2814,7 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
                 cfg, m["consistency_student_from_ar"], m["bidirectional_teacher"], m["bidirectional_teacher"],
                 prompts, say, g, ck, steps=cfg.sample.pp_denoising_steps))
         if not run.digits:  # the injectivity floor, measured with the exact teachers
-            run.floors = run.stage("injectivity_floor", "plain", lambda ck: run.injectivity_floors())
+            run.floors = run.stage("injectivity_floor", "plain", lambda ck: injectivity_floors(cfg, d.toy, g))
         rows, by_steps, _ = run.stage("evaluation", "plain", lambda ck: run.evaluate())  # _: samples, for figures
         return run.finish(rows, by_steps)
 
@@ -2800,22 +2836,9 @@ class PipelineRun:
                 _check_run_folder(cfg, out)
             torch.manual_seed(cfg.seed)
             self.g = torch.Generator().manual_seed(cfg.seed)
-            self.data = d = types.SimpleNamespace(cond=None, train_labels=None, test_labels=None)
-            if self.digits:
-                d.split = digit_split(cfg.data)
-                self.log(f"data: {cfg.data.train_size} training and {cfg.data.test_size} held-out videos of "
-                         f"{d.split['source']}")
-                d.train, d.train_labels = digit_videos(cfg.data, cfg.data.train_size, d.split["train"], self.g)
-                d.test, d.test_labels = digit_videos(cfg.data, cfg.data.test_size, d.split["test"], self.g)
-                d.cond = label_cond(d.train_labels) if cfg.model.cond_dim else None
-            elif (cfg.model.in_channels, cfg.model.height, cfg.model.width) != (2, 1, 1):
-                raise ValueError("toy2d frames are points in the plane: in_channels=2, height=width=1")
-            else:
-                d.toy = ToyVideos(cfg.data)
-                d.train, d.test = d.toy.sample(cfg.data.train_size, self.g), d.toy.sample(cfg.data.test_size, self.g)
+            self.data = pipeline_data(cfg, self.g, self.log)
             if out and self.rank == 0:
-                _remove_stale_temporaries(out)
-                _remove_stale_temporaries(os.path.join(out, "stages"))
+                _remove_stale_temporaries(out, os.path.join(out, "stages"))
                 if not os.path.exists(os.path.join(out, "config.json")):
                     save_atomic(cfg.to_dict(), os.path.join(out, "config.json"))
         except BaseException:
@@ -2871,35 +2894,6 @@ class PipelineRun:
     def prompts(self, batch, rng):
         """DMD's conditions on moving digits: uniformly drawn digit labels."""
         return label_cond(torch.randint(10, (batch, self.cfg.data.num_digits), generator=rng)).to(self.cfg.device)
-
-    def held_out_ode_loss(self, kind, teacher, student):
-        """Toy runs: the ODE student's regression loss at sigma = 1 on held-out pairs, per frame (in the
-        units of the injectivity floor)."""
-        with torch.no_grad():
-            held = make_ode_pairs(self.cfg, teacher, self.data.test[:512], kind, rng=self.g)
-            batch = ode_pair_batch(held, slice(None), 0, student_sigmas(self.cfg.sample), kind)
-            self.ode_losses[kind] = ode_regression_loss(student, *batch).mean(0).tolist()
-
-    def exact_flows(self) -> dict:
-        """The exact teachers' flow maps through the teachers' Euler sampler (toy runs)."""
-        cfg, toy = self.cfg, self.data.toy
-        sig = solver_sigmas(cfg.sample.teacher_solver_steps, cfg.sample)
-        return {"bidirectional": lambda eps: exact_bidirectional_flow(toy, eps, sig),
-                "ar": lambda eps: exact_ar_flow(toy, eps, sig, cfg.model.chunk_frames)}
-
-    def injectivity_floors(self) -> dict:
-        """The frame-level floors of ODE regression from the exact teachers, and how far off the data
-        the bidirectional teacher's conditional means lie, per frame (toy runs)."""
-        toy, flows, e = self.data.toy, self.exact_flows(), self.cfg.eval
-        args = (self.cfg.data.frames, self.cfg.model.chunk_frames, e.floor_outer, e.floor_inner, self.g)
-        bi, cond_mean = injectivity_floor(flows["bidirectional"], *args, return_mean=True)
-        ar = injectivity_floor(flows["ar"], *args)
-        points = rearrange(cond_mean, "b f c h w -> b f (c h w)")
-        dist = torch.cdist(points, toy.frame_points().expand(len(cond_mean), -1, -1))
-        off = (dist.min(-1).values > 3 * toy.std).double().mean(0)  # (F,) per frame
-        return {"bidirectional": float(bi.mean()), "ar": float(ar.mean()),
-                "per_frame": {"bidirectional": bi.tolist(), "ar": ar.tolist()},
-                "conditional_mean_off_manifold": off.tolist()}
 
     def evaluate(self) -> tuple[dict, dict, dict]:
         """Samples every row's model with its sampler (sample_row), then the STEP_ROWS students streamed
@@ -2964,7 +2958,7 @@ class PipelineRun:
         else:
             results["data"] = toy_metrics(d.toy.sample(n, g), d.toy, d.test, tol)
             results["exact_teachers"] = {}  # the exact teachers through the same sampler: a perfect network
-            for name, flow in self.exact_flows().items():
+            for name, flow in exact_flows(cfg, d.toy).items():
                 eps = torch.randn(n, cfg.data.frames, 2, 1, 1, generator=g, dtype=torch.float64)
                 results["exact_teachers"][name] = toy_metrics(flow(eps), d.toy, d.test, tol)
             results["injectivity_floor"] = self.floors

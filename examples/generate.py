@@ -36,7 +36,7 @@ from examples.figures import (atomic_file, check_writable, publish, remove_stale
 
 # A Wan2.1 folder in Diffusers' layout (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) holds tokenizer/,
 # text_encoder/ (umT5-XXL), transformer/ (the DiT, Diffusers' parameter names) and vae/
-# (AutoencoderKLWan); the DiT's Diffusers names are mapped to Wan's in causal_forcing.py's II.2 (rename_wan_parameters).
+# (AutoencoderKLWan); the DiT's Diffusers names are mapped to Wan's in causal_forcing.py's II.2 (diffusers_to_wan).
 # Reading them needs the optional packages of requirements-wan.txt, imported only inside these
 # functions: `import causal_forcing` never needs them. Read in order: the model config, the text
 # encoder, the VAE decoding chunk by chunk, the video file, the prompts file, then `generate`.
