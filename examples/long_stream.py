@@ -126,7 +126,8 @@ def prompt_switch_report(models: dict, cfg: cf.Config, num_frames: int = 32, swi
     return report
 
 
-LONG_STREAM_METRICS = ("instruction_following", "frechet_distance", "sharpness", "dynamic_degree", "chunk_boundary_jump")
+LONG_STREAM_METRICS = ("instruction_following", "frechet_distance", "sharpness", "dynamic_degree", "motion_within_chunks",
+                       "chunk_boundary_jump", "out_of_range")
 
 
 def summarize_long_stream(report: dict, edges=(0, 8, 64, 256, 1024)) -> dict:
