@@ -932,6 +932,8 @@ def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None
     eps = x0 + v (renoise="ode": exactly an Euler step of the student's own ODE, which keeps it on the
     teacher trajectories its ODE pairs came from). Steps after `exit_step` are skipped; only the exit
     step runs with gradients (when grad mode is on). Returns the chunk's x0."""
+    if renoise not in ("fresh", "ode"):  # a misspelt mode would otherwise re-noise as "fresh" unnoticed
+        raise ValueError(f"renoise={renoise!r} must be 'fresh' or 'ode'")
     exit_step = len(sigmas) - 1 if exit_step is None else exit_step
     for k, s in enumerate(sigmas[: exit_step + 1]):
         t = torch.full(x.shape[:2], s, device=x.device)

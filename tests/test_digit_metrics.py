@@ -83,6 +83,8 @@ def test_ode_renoise_is_an_euler_step_of_the_student():
     assert not torch.allclose(fresh, got)
     with pytest.raises(ValueError, match="renoise"):
         cf.stream(model.float(), sigmas, num_frames=2, batch_size=1, renoise="ddim")
+    with pytest.raises(ValueError, match="renoise='ODE' must be 'fresh' or 'ode'"):
+        cf.denoise_chunk(model, x, sigmas, None, None, 0, renoise="ODE")
 
 
 def test_digit_probe_on_the_shipped_run(tmp_path, capsys):
