@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
-from examples.long_stream import digit_run  # noqa: E402
+from examples.long_stream import digit_run_config  # noqa: E402
 
 
 def held_out_videos(cfg: cf.Config, num_videos: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,15 +107,11 @@ def main(argv) -> int:
                         help="the JSON file to write (default docs/continuation.json)")
     args = parser.parse_args(argv)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-    run = digit_run(parser, args.run)
     if args.videos < 1:
         parser.error("--videos must be >= 1")
-    try:
-        cfg = cf.run_config(run, device="cpu")
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
-    if cfg.data.dataset != "moving_digits" or cfg.data.frames < 2 * cfg.model.chunk_frames:
-        parser.error(f"{run!r} is not a moving-digit run with at least two chunks per clip")
+    run, cfg = digit_run_config(parser, args.run, "continuations", device="cpu")
+    if cfg.data.frames < 2 * cfg.model.chunk_frames:
+        parser.error(f"{run!r} has one chunk per clip: a continuation needs at least two")
     name = os.path.relpath(os.path.abspath(run), here)  # the run as the repository names it, from any folder
     report = {"run": run if name.startswith("..") else name,
               **continuation_report(cf.load_models(run, cfg), cfg, args.videos, args.seed)}

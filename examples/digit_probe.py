@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
-from examples.long_stream import digit_run, load_digit_models  # noqa: E402
+from examples.long_stream import digit_run_config, load_digit_models  # noqa: E402
 
 DMD_FROM = {"self_forcing": "ode_student_from_bidirectional", "causal_forcing": "ode_student_from_ar",
             "causal_forcing_pp": "consistency_student_from_ar"}  # each DMD generator and its init
@@ -85,13 +85,12 @@ def main(argv) -> int:
     parser.add_argument("--out", default=os.path.join("docs", "digit_probe.json"),
                         help="the JSON file to write (default docs/digit_probe.json)")
     args = parser.parse_args(argv)
-    run = digit_run(parser, args.run)
     if args.videos < 1:
         parser.error("--videos must be >= 1")
+    run, cfg = digit_run_config(parser, args.run, "re-noising and DMD probes", device="cpu")
     try:
-        cfg = cf.run_config(run, device="cpu")
         models = load_digit_models(run, cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         parser.error(str(e))
     print(f"{run}: {args.videos} videos per row")
     report = {"run": run, **digit_probe(models, cfg, args.videos, args.seed)}

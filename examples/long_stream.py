@@ -225,15 +225,22 @@ def digit_run(parser, run) -> str:
     return run
 
 
-def _checked_run(parser, args) -> tuple[str, cf.Config]:
-    """The run folder and its config from the flags, every flag checked before any work."""
-    run = digit_run(parser, args.run)
+def digit_run_config(parser, run: Optional[str], what: str, device: Optional[str] = None) -> tuple[str, cf.Config]:
+    """--run's folder (digit_run) and its config.json, which must be a moving-digit run: `what` (e.g. "long
+    streams") is measured on moving digits only; anything else is a usage error."""
+    run = digit_run(parser, run)
     try:
-        cfg = cf.run_config(run, **({"device": args.device} if args.device else {}))
+        cfg = cf.run_config(run, **({"device": device} if device else {}))
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if cfg.data.dataset != "moving_digits":
-        parser.error(f"{run!r} is a {cfg.data.dataset} run; long streams are measured on moving digits")
+        parser.error(f"{run!r} is a {cfg.data.dataset} run; {what} are measured on moving digits")
+    return run, cfg
+
+
+def _checked_run(parser, args) -> tuple[str, cf.Config]:
+    """The run folder and its config from the flags, every flag checked before any work."""
+    run, cfg = digit_run_config(parser, args.run, "long streams", args.device)
     chunk = cfg.model.chunk_frames
     too_short = args.window is not None and args.window < 2 * chunk
     if args.frames < 2 * cfg.data.frames or args.batch_size < 10 or too_short:

@@ -109,3 +109,16 @@ def test_digit_probe_on_the_shipped_run(tmp_path, capsys):
     assert set(report["renoise"]) == set(digit_probe.STUDENTS) and set(report["dmd"]) == set(digit_probe.DMD_FROM)
     assert set(report["dmd"]["causal_forcing"]) == {"ode_student_from_ar", "causal_forcing"}
     assert "motion inside chunks" in capsys.readouterr().out
+
+
+def test_digit_probe_refuses_a_run_that_is_not_of_moving_digits(tmp_path, capsys):
+    from examples import digit_probe
+
+    cfg = cf.get_config("toy2d", device="cpu")
+    cf.save_atomic(cfg.to_dict(), str(tmp_path / "config.json"))
+    torch.save({}, tmp_path / "models.pt")
+    with pytest.raises(SystemExit):
+        digit_probe.main(["--run", str(tmp_path), "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert f"is a {cfg.data.dataset} run; re-noising and DMD probes are measured on moving digits" in err
+    assert not (tmp_path / "p.json").exists()
