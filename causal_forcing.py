@@ -43,7 +43,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import types
 import typing
@@ -2149,7 +2148,7 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
     return history
 
 
-# --- files written atomically, the run folder's lock, and the state a stage checkpoints ----------
+# --- files written atomically, and the state a stage checkpoints ---------------------------------
 
 
 @contextlib.contextmanager
@@ -2159,15 +2158,12 @@ def _atomic_file(path: str):
     file, and the old file stays until the new one is whole. A failed write is an OSError naming `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")  # a kill may leave it: delete it
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's owner-only 0600
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -2183,14 +2179,6 @@ def _atomic_file(path: str):
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _remove_stale_temporaries(*folders: str) -> None:
-    """Deletes the .tmp-* files that a save interrupted by a kill leaves behind."""
-    for folder in folders:
-        for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(folder, name))
 
 
 def save_atomic(obj, path: str) -> None:
@@ -2214,42 +2202,15 @@ def _load_saved(path: str, what: str = "stage file", fix: str = "delete it and r
         raise ValueError(f"{what} {path!r} is empty or corrupt ({type(e).__name__}: {e}); {fix}") from None
 
 
-def _holds(lock) -> bool:
-    """Whether a locked file is still the one at its path (deleted or replaced, it locks nothing)."""
-    with contextlib.suppress(OSError):
-        return os.path.samestat(os.fstat(lock.fileno()), os.stat(lock.name))
-    return False
-
-
-def lock_run_folder(out: str):
-    """Takes out/.lock for one run and returns its open file: a second run on the folder (which would
-    delete the first one's temporary files and write over its stages) gets a ValueError instead. The
-    lock lasts until the file is closed or the process ends. Without fcntl (Windows) there is none."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, ".lock"), "a")
-    with contextlib.suppress(OSError):
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if _holds(f):  # not deleted or replaced while we took it
-            return f
-    f.close()
-    raise ValueError(f"another run is using {out!r} (it holds {f.name}): let it finish, or stop it, or use another "
-                     "--out folder")
-
-
 class StageCheckpoint:
     """The resumable state of one training stage in one file, written atomically every `every` steps:
     models, optimizers (with their lr schedules), random generators, Batches, the step, the stage's own
     values and the `config`, so that a resumed stage takes exactly the steps an uninterrupted one would;
-    a checkpoint of another config is refused. Each save first checks `lock` (lock_run_folder's).
-    path=None (or torchrun, whose sharded optimizer states are not gathered here) turns it off."""
+    a checkpoint of another config is refused. path=None (or torchrun, whose sharded optimizer states are not gathered here) turns it off."""
 
-    def __init__(self, path: Optional[str] = None, every: int = 100, config: Optional[dict] = None, lock=None):
+    def __init__(self, path: Optional[str] = None, every: int = 100, config: Optional[dict] = None):
         self.path = path if rank_and_world()[1] == 1 else None
-        self.every, self.config, self.lock = every, config, lock
+        self.every, self.config = every, config
         self.t0, self.earlier = time.perf_counter(), 0.0  # seconds spent before a resume
 
     def elapsed(self) -> float:
@@ -2285,10 +2246,6 @@ class StageCheckpoint:
         """After `step` steps: saves every `every` steps, not after the last (the stage's result is saved then)."""
         if not self.path or step % self.every or step == total:
             return
-        if self.lock is not None and not _holds(self.lock):
-            raise ValueError(f"{self.lock.name!r}, this run's lock on its folder, was deleted or replaced, so "
-                             "another run could be writing there too: this run stops (its saved stages are kept); "
-                             "run again once no other run uses the folder")
         states = {}
         for name, obj in objs.items():
             if isinstance(obj, torch.Generator):
@@ -2781,44 +2738,44 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
     `python examples/figures.py OUT` draws the figures). Every finished stage is saved to
     out/stages/<stage>.pt, and a training stage every checkpoint_every steps to <stage>.partial.pt: the
     same call again loads the finished stages and resumes the interrupted one, as if never interrupted."""
-    with contextlib.closing(PipelineRun(cfg, out, log)) as run:  # data, random generator, stages; holds out/.lock
-        d, g, m, say = run.data, run.g, run.models, run.log
-        prompts = run.prompts if d.cond is not None else None
-        if run.digits:  # the metrics' digit reader first: it is trained on the data alone
-            run.classifier = run.stage("digit_classifier", "classifier", lambda ck: train_classifier(
-                cfg, d.train, d.train_labels, say, g, ck))
-            run.accuracy = float((read_frames(run.classifier, d.test)[1] == d.test_labels[:, :1]).double().mean())
-            say(f"  digit classifier reads {run.accuracy:.3f} of held-out frames correctly")
-        m["bidirectional_teacher"] = run.stage("bidirectional_base", "bidirectional", lambda ck: train_base(
-            cfg, d.train, say, g, d.cond, ck))
-        m["ar_teacher"] = run.stage("ar_teacher", "causal", lambda ck: train_ar_teacher(
-            cfg, m["bidirectional_teacher"], d.train, "teacher_forcing", say, g, d.cond, ck))
-        if run.digits:  # the ablation: the AR teacher by diffusion forcing (noisy context in training)
-            m["ar_teacher_diffusion_forcing"] = run.stage("ar_teacher_diffusion_forcing", "causal", lambda ck: (
-                train_ar_teacher(cfg, m["bidirectional_teacher"], d.train, "diffusion_forcing", say, g, d.cond, ck)))
-        teacher = {"bidirectional": m["bidirectional_teacher"], "ar": m["ar_teacher"]}  # what each kind distils
-        pairs = {kind: run.stage(f"ode_pairs_{kind}", "tensors", lambda ck: make_ode_pairs(
-            cfg, teacher[kind], d.train, kind, d.cond, g)) for kind in ("bidirectional", "ar")}
-        for kind in ("bidirectional", "ar"):
-            m[f"ode_student_from_{kind}"] = run.stage(f"ode_student_{kind}", "causal", lambda ck: train_ode_student(
-                cfg, teacher[kind], pairs[kind], kind, say, g, ck))
-            if not run.digits:
-                run.ode_losses[kind] = held_out_ode_loss(cfg, kind, teacher[kind], m[f"ode_student_from_{kind}"],
-                                                         d.test, g)
-        for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
-            m[row] = run.stage(f"dmd_{row}", "causal", lambda ck: train_dmd(
-                cfg, m[f"ode_student_from_{kind}"], m["bidirectional_teacher"], m["bidirectional_teacher"],
-                prompts, say, g, ck))
-        if cfg.train.cd_steps:  # Causal Forcing++: consistency distillation from the AR teacher, then the same DMD
-            m["consistency_student_from_ar"] = run.stage("consistency_student_ar", "causal", lambda ck: (
-                train_consistency(cfg, m["ar_teacher"], d.train, say, g, d.cond, ck)))
-            m["causal_forcing_pp"] = run.stage("dmd_causal_forcing_pp", "causal", lambda ck: train_dmd(
-                cfg, m["consistency_student_from_ar"], m["bidirectional_teacher"], m["bidirectional_teacher"],
-                prompts, say, g, ck, steps=cfg.sample.pp_denoising_steps))
-        if not run.digits:  # the injectivity floor, measured with the exact teachers
-            run.floors = run.stage("injectivity_floor", "plain", lambda ck: injectivity_floors(cfg, d.toy, g))
-        rows, by_steps, _ = run.stage("evaluation", "plain", lambda ck: run.evaluate())  # _: samples, for figures
-        return run.finish(rows, by_steps)
+    run = PipelineRun(cfg, out, log)  # the data, the random generator, resumable stages
+    d, g, m, say = run.data, run.g, run.models, run.log
+    prompts = run.prompts if d.cond is not None else None
+    if run.digits:  # the metrics' digit reader first: it is trained on the data alone
+        run.classifier = run.stage("digit_classifier", "classifier", lambda ck: train_classifier(
+            cfg, d.train, d.train_labels, say, g, ck))
+        run.accuracy = float((read_frames(run.classifier, d.test)[1] == d.test_labels[:, :1]).double().mean())
+        say(f"  digit classifier reads {run.accuracy:.3f} of held-out frames correctly")
+    m["bidirectional_teacher"] = run.stage("bidirectional_base", "bidirectional", lambda ck: train_base(
+        cfg, d.train, say, g, d.cond, ck))
+    m["ar_teacher"] = run.stage("ar_teacher", "causal", lambda ck: train_ar_teacher(
+        cfg, m["bidirectional_teacher"], d.train, "teacher_forcing", say, g, d.cond, ck))
+    if run.digits:  # the ablation: the AR teacher by diffusion forcing (noisy context in training)
+        m["ar_teacher_diffusion_forcing"] = run.stage("ar_teacher_diffusion_forcing", "causal", lambda ck: (
+            train_ar_teacher(cfg, m["bidirectional_teacher"], d.train, "diffusion_forcing", say, g, d.cond, ck)))
+    teacher = {"bidirectional": m["bidirectional_teacher"], "ar": m["ar_teacher"]}  # what each kind distils
+    pairs = {kind: run.stage(f"ode_pairs_{kind}", "tensors", lambda ck: make_ode_pairs(
+        cfg, teacher[kind], d.train, kind, d.cond, g)) for kind in ("bidirectional", "ar")}
+    for kind in ("bidirectional", "ar"):
+        m[f"ode_student_from_{kind}"] = run.stage(f"ode_student_{kind}", "causal", lambda ck: train_ode_student(
+            cfg, teacher[kind], pairs[kind], kind, say, g, ck))
+        if not run.digits:
+            run.ode_losses[kind] = held_out_ode_loss(cfg, kind, teacher[kind], m[f"ode_student_from_{kind}"],
+                                                     d.test, g)
+    for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
+        m[row] = run.stage(f"dmd_{row}", "causal", lambda ck: train_dmd(
+            cfg, m[f"ode_student_from_{kind}"], m["bidirectional_teacher"], m["bidirectional_teacher"],
+            prompts, say, g, ck))
+    if cfg.train.cd_steps:  # Causal Forcing++: consistency distillation from the AR teacher, then the same DMD
+        m["consistency_student_from_ar"] = run.stage("consistency_student_ar", "causal", lambda ck: (
+            train_consistency(cfg, m["ar_teacher"], d.train, say, g, d.cond, ck)))
+        m["causal_forcing_pp"] = run.stage("dmd_causal_forcing_pp", "causal", lambda ck: train_dmd(
+            cfg, m["consistency_student_from_ar"], m["bidirectional_teacher"], m["bidirectional_teacher"],
+            prompts, say, g, ck, steps=cfg.sample.pp_denoising_steps))
+    if not run.digits:  # the injectivity floor, measured with the exact teachers
+        run.floors = run.stage("injectivity_floor", "plain", lambda ck: injectivity_floors(cfg, d.toy, g))
+    rows, by_steps, _ = run.stage("evaluation", "plain", lambda ck: run.evaluate())  # _: samples, for figures
+    return run.finish(rows, by_steps)
 
 
 class PipelineRun:
@@ -2832,28 +2789,15 @@ class PipelineRun:
         self.cfg, self.out, self.digits = cfg, out, cfg.data.dataset == "moving_digits"
         self.rank, self.world = rank_and_world()
         self.log = log if log and self.rank == 0 else (lambda *_: None)  # under torchrun only rank 0 speaks and writes
-        self.lock = lock_run_folder(out) if out and self.rank == 0 else None  # one run per folder (rank 0 for all)
-        try:  # every check, and the data, before config.json: a refused run leaves nothing to refuse the next
-            if out:
-                _check_run_folder(cfg, out)
-            torch.manual_seed(cfg.seed)
-            self.g = torch.Generator().manual_seed(cfg.seed)
-            self.data = pipeline_data(cfg, self.g, self.log)
-            if out and self.rank == 0:
-                _remove_stale_temporaries(out, os.path.join(out, "stages"))
-                if not os.path.exists(os.path.join(out, "config.json")):
-                    save_atomic(cfg.to_dict(), os.path.join(out, "config.json"))
-        except BaseException:
-            self.close()
-            raise
+        if out:  # every check, and the data, before config.json: a refused run leaves nothing to refuse the next
+            _check_run_folder(cfg, out)
+        torch.manual_seed(cfg.seed)
+        self.g = torch.Generator().manual_seed(cfg.seed)
+        self.data = pipeline_data(cfg, self.g, self.log)
+        if out and self.rank == 0 and not os.path.exists(os.path.join(out, "config.json")):
+            save_atomic(cfg.to_dict(), os.path.join(out, "config.json"))
         self.models, self.seconds, self.losses, self.ode_losses = {}, {}, {}, {}
         self.classifier = self.accuracy = self.floors = None
-
-    def close(self) -> None:
-        """Releases out/.lock (also when the run failed, so that a notebook can run again at once)."""
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
 
     def stage(self, name: str, kind: str, fn: Callable):
         """Runs fn(checkpoint), or loads its result if an earlier run finished it, with the random generators'
@@ -2877,7 +2821,7 @@ class PipelineRun:
         else:
             self.log(f"stage: {name}")
             partial = path + ".partial.pt" if path else None
-            ckpt = StageCheckpoint(partial, self.cfg.train.checkpoint_every, config=self.cfg.to_dict(), lock=self.lock)
+            ckpt = StageCheckpoint(partial, self.cfg.train.checkpoint_every, config=self.cfg.to_dict())
             result = fn(ckpt)
             self.seconds[name] = round(ckpt.elapsed(), 2)  # the time before an interruption included
             if path:  # a model as its whole state dict: every rank joins an FSDP gather

@@ -4,7 +4,6 @@ formulas, bad input gets a clear error. Everything runs on a CPU in seconds."""
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -1183,10 +1182,10 @@ def test_saved_files_get_the_permissions_open_would_give(tmp_path):
     cf.save_atomic({"a": 1}, str(tmp_path / "r.json"))
     umask = os.umask(0)
     os.umask(umask)
-    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0600
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not owner-only
 
 
-def test_a_corrupt_stage_file_is_named_and_stale_temporaries_are_cleaned(tmp_path):
+def test_a_corrupt_stage_file_is_named_and_a_left_temporary_is_ignored(tmp_path):
     cfg = cf.get_config("toy2d", **TINY)
     cf.run_pipeline(cfg, str(tmp_path), log=None)
     stages = tmp_path / "stages"
@@ -1194,7 +1193,6 @@ def test_a_corrupt_stage_file_is_named_and_stale_temporaries_are_cleaned(tmp_pat
     (stages / "ar_teacher.pt").write_bytes(b"")  # an empty file under the final name
     with pytest.raises(ValueError, match=r"ar_teacher\.pt' is empty or corrupt .*delete it"):
         cf.run_pipeline(cfg, str(tmp_path), log=None)
-    assert not any(p.name.startswith(".tmp-") for p in stages.iterdir())
 
 
 def test_a_flipped_byte_in_a_stage_file_fails_its_checksum(tmp_path):
@@ -1423,43 +1421,6 @@ def test_a_stream_never_switches_gradients_off_for_its_caller():
     assert torch.is_grad_enabled()
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the run-folder lock uses fcntl")
-def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
-    """Two runs in one folder would delete each other's temporary files and write over each other's
-    stages: while one holds out/.lock, another is refused before any work, and nothing of the folder is
-    touched; the lock goes when its run ends, also when that run failed."""
-    held = cf.lock_run_folder(str(tmp_path))
-    (tmp_path / "stages").mkdir()
-    (tmp_path / "stages" / ".tmp-being-written").write_bytes(b"the first run's save in progress")
-    with pytest.raises(ValueError, match="another run is using"):
-        cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)
-    with pytest.raises(SystemExit) as stop:  # the command line's early folder check takes the lock too
-        cf.main(["--out", str(tmp_path), "--device", "cpu"])
-    assert stop.value.code == 2
-    assert (tmp_path / "stages" / ".tmp-being-written").exists() and not (tmp_path / "config.json").exists()
-    held.close()
-    (tmp_path / "config.json").write_text(json.dumps(cf.get_config("toy2d", **{**TINY, "base_steps": 4}).to_dict()))
-    with pytest.raises(ValueError, match="another config"):  # a failed start releases the lock too
-        cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)
-    cf.lock_run_folder(str(tmp_path)).close()  # free again
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="the run-folder lock uses fcntl")
-def test_a_run_whose_lock_file_is_deleted_stops_before_its_next_save(tmp_path, monkeypatch):
-    """Deleting out/.lock while a run holds it would let a second run lock the folder too: the run
-    stops at its next checkpoint; and a .lock deleted while a run takes it locks nothing."""
-    def log(message):
-        if "[base] step" in message:
-            (tmp_path / ".lock").unlink(missing_ok=True)
-    with pytest.raises(ValueError, match=r"\.lock', this run's lock on its folder, was deleted or replaced"):
-        cf.run_pipeline(cf.get_config("toy2d", **TINY, checkpoint_every=1), str(tmp_path), log=log)
-    import fcntl
-    flock = fcntl.flock
-    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (flock(fd, op), os.remove(tmp_path / ".lock")))
-    with pytest.raises(ValueError, match="another run is using"):
-        cf.lock_run_folder(str(tmp_path))
-
-
 class _Stop(Exception):
     pass
 
@@ -1504,7 +1465,7 @@ def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
     class FullDisk(io.FileIO):
         def write(self, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(cf.os, "fdopen", lambda fd, mode: io.BufferedWriter(FullDisk(fd, "wb")))
+    monkeypatch.setattr(cf, "open", lambda path, mode: io.BufferedWriter(FullDisk(path, "wb")), raising=False)
     for obj, name in (({"w": torch.zeros(10**6)}, "stage.pt"), ({"a": 1}, "r.json")):  # torch.save, JSON
         with pytest.raises(OSError, match=rf"cannot write .*{name}'.*No space left on device.*previous file"):
             cf.save_atomic(obj, str(tmp_path / name))
@@ -1519,5 +1480,5 @@ def test_every_file_a_run_writes_arrives_whole_by_a_rename(tmp_path, monkeypatch
     replace = os.replace
     monkeypatch.setattr(cf.os, "replace", lambda a, b: (renamed.append(os.path.abspath(b)), replace(a, b)))
     cf.run_pipeline(cf.get_config("toy2d", **TINY, checkpoint_every=1), str(tmp_path), log=None)
-    written = {os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files if f != ".lock"}
+    written = {os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files}
     assert written and written <= set(renamed)
