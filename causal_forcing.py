@@ -55,13 +55,9 @@ import torch.nn.functional as F_
 from einops import rearrange
 
 
-# #################################################################################################
-# PART I: THE METHOD, in the order the data flows. The stages run the one training loop of Part II.
-# #################################################################################################
+# #### PART I: THE METHOD, in the order the data flows (the stages run II.4's training loop) ######
 
-# =================================================================================================
-# I.1 config: what a run is made of (fields and defaults; the named presets and the checks are in II.1)
-# =================================================================================================
+# ==== I.1 config: the fields and their defaults (the named presets and the checks: II.1) =========
 
 
 @dataclass
@@ -207,9 +203,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# =================================================================================================
-# I.2 data: toy 2-D videos with their exact denoisers; conditions
-# =================================================================================================
+# ==== I.2 data: toy 2-D videos with their exact denoisers; conditions ============================
 
 
 class ToyVideos:
@@ -290,9 +284,7 @@ def drop_cond(cond: Optional[torch.Tensor], p: float, rng=None) -> Optional[torc
     return cond * keep.reshape(-1, *[1] * (cond.dim() - 1))
 
 
-# =================================================================================================
-# I.3 flow matching: noising, velocity and x0, the loss, timesteps, the Euler ODE, the exact teachers
-# =================================================================================================
+# ==== I.3 flow matching: noising, x0 and velocity, the loss, sigmas, the Euler ODE, exact teachers
 
 
 def shift_sigma(sigma, shift: float):
@@ -315,11 +307,6 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
 def x0_from_velocity(x_s, v, sigma):
     """x0 = x_s - s v, from v = eps - x0."""
     return x_s - _per_frame(sigma, x_s) * v
-
-
-def velocity_from_x0(x_s, x0, sigma):
-    """v = (x_s - x0) / s (s > 0)."""
-    return (x_s - x0) / _per_frame(sigma, x_s)
 
 
 def flow_matching_loss(model, x0, sigma, noise, cond=None, weight=None, **kw) -> torch.Tensor:
@@ -451,9 +438,7 @@ def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str
     return {"xt": xt.float().to(cfg.device), "x0": x0.float().to(cfg.device), "clean": clean.to(cfg.device)}
 
 
-# =================================================================================================
-# I.4 attention masks: block-causal, teacher forcing, rolling window
-# =================================================================================================
+# ==== I.4 attention masks: block-causal, teacher forcing, rolling window =========================
 
 
 def frame_visibility(q_frames: torch.Tensor, k_frames: torch.Tensor, chunk_frames: int,
@@ -519,9 +504,7 @@ def attend(q, k, v, mask=None) -> torch.Tensor:
     return kernel(q, k, v, token_level)
 
 
-# =================================================================================================
-# I.5 network: a Wan-style DiT with causal attention and a KV cache
-# =================================================================================================
+# ==== I.5 network: a Wan-style DiT with causal attention and a KV cache ==========================
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -841,9 +824,7 @@ class CausalDiT(nn.Module):
         return KVCache(self, batch_size, max_frames, window_frames, sink_frames)
 
 
-# =================================================================================================
-# I.6 samplers: the teachers, the few-step streaming student, and its training rollout
-# =================================================================================================
+# ==== I.6 samplers: the teachers, the few-step streaming student, and its training rollout =======
 
 
 def uncond_rows(cond: torch.Tensor, uncond=None) -> torch.Tensor:
@@ -885,8 +866,7 @@ def sample_bidirectional(model: CausalDiT, sigmas, *, batch_size: int, num_frame
                          guidance: float = 1.0, uncond=None, rng=None, noise=None) -> torch.Tensor:
     """The bidirectional teacher: Euler along `sigmas` (from 1 to 0, e.g. solver_sigmas(48, cfg.sample)), one
     timestep for the whole clip; guided against `uncond` (see guided_velocity)."""
-    sigmas = check_sigmas(sigmas)
-    check_sampling(model, batch_size, num_frames, cond, uncond)
+    sigmas = check_sampling(model, sigmas, batch_size, num_frames, cond, uncond)
     x = noise if noise is not None else _noise(model, batch_size, num_frames, rng)
     vel = lambda x_, s: guided_velocity(  # noqa: E731
         model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance, uncond)
@@ -899,8 +879,7 @@ def sample_ar_teacher(model: CausalDiT, sigmas, *, batch_size: int, num_frames: 
     """The AR teacher: chunk by chunk, a full Euler ODE along `sigmas` with the KV cache holding the clean
     earlier chunks, each written at t = context_noise. Guided, the conditional and unconditional predictions
     keep their own context (2B rows), and a finished chunk is written to both, each under its condition."""
-    sigmas = check_sigmas(sigmas)
-    check_sampling(model, batch_size, num_frames, cond, uncond, context_noise)
+    sigmas = check_sampling(model, sigmas, batch_size, num_frames, cond, uncond, context_noise)
     guided = cond is not None and guidance != 1.0
     cache = new_cache_for(model, 2 * batch_size if guided else batch_size, num_frames)
     chunk, chunks = model.cfg.chunk_frames, []
@@ -958,12 +937,10 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
     they are written to the cache as finished chunks are, and the stream yields the num_frames frames after
     them (each chunk with `sigmas`: none is without context). renoise: between the steps (denoise_chunk).
     Every argument, and a new prompt, is checked before any work."""
-    sigmas = check_sigmas(sigmas).tolist()
+    sigmas = check_sampling(generator, sigmas, batch_size, num_frames, cond, context_noise=context_noise,
+                            renoise=renoise, kv_cache=kv_cache, prefix=prefix).tolist()
     first = sigmas if first_chunk_sigmas is None else check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist()
-    check_sampling(generator, batch_size, num_frames, cond, context_noise=context_noise, renoise=renoise)
-    if kv_cache is not None:
-        check_cache(generator, kv_cache, batch_size)
-    P = 0 if prefix is None else check_prefix(generator, prefix, batch_size)
+    P = 0 if prefix is None else prefix.shape[1]
     cache = kv_cache if kv_cache is not None else new_cache_for(generator, batch_size, P + num_frames)
     chunks = _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix,
                      renoise)
@@ -1002,8 +979,7 @@ def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_siz
     """`stream` without a KV cache, the baseline it is measured against: every step runs the model on [the
     frames made so far at t = 0 ; the noisy chunk]. The same samples as `stream` (context_noise 0, same rng;
     with a rolling window only under absolute RoPE positions, as frames keep their indices here)."""
-    sigmas, done = check_sigmas(sigmas).tolist(), []
-    check_sampling(generator, batch_size, num_frames, cond)
+    sigmas, done = check_sampling(generator, sigmas, batch_size, num_frames, cond).tolist(), []
 
     def on_prefix(x, t, cond, kv_cache, start_frame):  # the model on [clean prefix at t = 0 ; chunk]
         prefix = torch.cat(done, 1) if done else x[:, :0]  # a rolling window is the config's banded mask
@@ -1030,7 +1006,7 @@ def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: i
                  cond=None, context_noise: float = 0.0, rng=None, renoise: str = "fresh") -> torch.Tensor:
     """Self Forcing's training rollout: the whole video chunk by chunk from the generator's own outputs
     through a fresh KV cache; only the exit step keeps its graph (not the steps before, nor the refresh)."""
-    _check_sizes(batch_size, num_frames)
+    check_sampling(generator, sigmas, batch_size, num_frames, cond, context_noise=context_noise, renoise=renoise)
     cache, chunks = new_cache_for(generator, batch_size, num_frames), []
     for start in range(0, num_frames, generator.cfg.chunk_frames):
         n = min(generator.cfg.chunk_frames, num_frames - start)
@@ -1041,9 +1017,7 @@ def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: i
     return torch.cat(chunks, 1)
 
 
-# =================================================================================================
-# I.7 losses: flow matching (I.3), ODE regression, consistency distillation, DMD's generator loss, the critic's loss
-# =================================================================================================
+# ==== I.7 losses: ODE regression, consistency distillation, DMD's generator loss, the critic's ====
 
 
 def ode_regression_loss(student: CausalDiT, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, cond=None,
@@ -1136,9 +1110,7 @@ def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noi
     return flow_matching_loss(fake_score, x.detach(), sigma, noise, cond)
 
 
-# =================================================================================================
-# I.8 stages: base, AR teacher, ODE pairs, ODE student, consistency student, DMD (each runs the loop of II.4)
-# =================================================================================================
+# ==== I.8 stages: base, AR teacher, ODE pairs and student, consistency student, DMD (loop: II.4) ====
 # Each stage is its loss (I.7) in a step function; the plumbing (train_loop, _adamw, _step, Batches, and for
 # several processes parallelize, _shard, _reshard, _rank_rng) comes from II.4 and can be read past.
 
@@ -1148,21 +1120,18 @@ def _fm_schedule(cfg: Config) -> SampleConfig:
     return cfg.sample if cfg.train.fm_shift is None else dataclasses.replace(cfg.sample, shift=cfg.train.fm_shift)
 
 
-def _fm_weight(sigma, cfg: Config):
-    """The bump weight over the schedule the sigmas were drawn from (mean 1 over that schedule)."""
-    return bump_weight(sigma, _fm_schedule(cfg)) if cfg.train.fm_weight == "bump" else None
-
-
 def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_frames: int, rng):
     """This rank's share of a flow-matching minibatch, on the device: clean clips, one sigma per chunk, noise,
-    and the conditions (dropped at cond_dropout, so that guidance has an "uncond"); every rank draws the
-    whole global batch from the shared generator and keeps its slice."""
-    idx = next(batches)
+    the conditions (dropped at cond_dropout, so that guidance has an "uncond") and the loss weight: fm_weight's,
+    over the schedule the sigmas come from (None: uniform). Every rank draws the whole global batch from the
+    shared generator and keeps its slice."""
+    idx, schedule = next(batches), _fm_schedule(cfg)
     x0 = data[idx]
-    sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, _fm_schedule(cfg), rng)
+    sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, schedule, rng)
     noise = torch.randn(x0.shape, generator=rng)
     c = None if cond is None else drop_cond(cond[idx], cfg.train.cond_dropout, rng)
-    return tuple(None if v is None else _shard(v).to(cfg.device) for v in (x0, sigma, noise, c))
+    x0, sigma, noise, c = (None if v is None else _shard(v).to(cfg.device) for v in (x0, sigma, noise, c))
+    return x0, sigma, noise, c, bump_weight(sigma, schedule) if cfg.train.fm_weight == "bump" else None
 
 
 def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None, ckpt=None) -> tuple[CausalDiT, list]:
@@ -1174,8 +1143,8 @@ def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None, 
     batches = Batches(len(data), tr.batch_size, rng)
 
     def step(i):
-        x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, data.shape[1], rng)  # one sigma per clip
-        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=_fm_weight(sigma, cfg))
+        x0, sigma, noise, c, w = _flow_matching_batch(cfg, data, cond, batches, data.shape[1], rng)  # a sigma a clip
+        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=w)
         _step(opt, model, loss, tr.grad_clip)
         return {"flow_matching": loss}
     history = train_loop("base", tr.base_steps, step, ckpt, log, hint=f"lower base_lr (now {tr.base_lr:g})",
@@ -1212,9 +1181,9 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
     batches = Batches(len(data), tr.batch_size, rng)
 
     def step(i):
-        x0, sigma, noise, c = _flow_matching_batch(cfg, data, cond, batches, cfg.model.chunk_frames, rng)
+        x0, sigma, noise, c, w = _flow_matching_batch(cfg, data, cond, batches, cfg.model.chunk_frames, rng)
         kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
-        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=_fm_weight(sigma, cfg), **kw)
+        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=w, **kw)
         _step(opt, model, loss, tr.grad_clip)
         return {"flow_matching": loss}
     history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", tr.teacher_steps, step, ckpt, log, model=model,
@@ -1407,9 +1376,7 @@ def _update_ema(state: dict, model: nn.Module, tr: TrainConfig) -> None:
             ema_update(state["ema"], model.parameters(), tr.ema_decay)
 
 
-# =================================================================================================
-# I.9 injectivity: the frame-level floor of ODE regression (paper Sec. 3, Lemma 3.2, Prop. 3.3)
-# =================================================================================================
+# ==== I.9 injectivity: the frame-level floor of ODE regression (Sec. 3, Prop. 3.3) ===============
 
 
 def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer: int, inner: int,
@@ -1433,13 +1400,9 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
     return (floor, mean) if return_mean else floor
 
 
-# #################################################################################################
-# PART II: ENGINEERING, none of which changes the method (II.1-II.8, listed at the top of the file).
-# #################################################################################################
+# #### PART II: ENGINEERING, none of which changes the method (II.1-II.8, listed at the top) ######
 
-# =================================================================================================
-# II.1 checks: named presets with checked overrides; the network's inputs
-# =================================================================================================
+# ==== II.1 checks: named presets with checked overrides; the network's inputs ====================
 
 
 _PRESETS: dict[str, dict] = {
@@ -1625,20 +1588,6 @@ def _check_tensor(model, x, name: str, fits: Callable, shape: str) -> None:
         raise FloatingPointError(f"{name} holds NaN or infinite values")
 
 
-def check_prefix(model, prefix, batch: int) -> int:
-    """A stream's prefix: `batch` clean videos of the model's frames, P > 0 of them, whole chunks. Returns P."""
-    c = model.cfg
-    frame = (c.in_channels, c.height, c.width)
-    _check_tensor(model, prefix, "prefix", lambda v: v.dim() == 5 and v.shape[1] >= 1 and tuple(v.shape[2:]) == frame,
-                  f"shape (B, F, {', '.join(map(str, frame))}) with F >= 1")
-    B, P = prefix.shape[:2]
-    if B != batch:
-        raise ValueError(f"prefix holds {B} videos but batch_size is {batch}")
-    if P % c.chunk_frames:
-        raise ValueError(f"prefix has {P} frames, not whole chunks of chunk_frames={c.chunk_frames}")
-    return P
-
-
 def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, clean_context=None) -> None:
     """Clear errors, before any work, for a hand-made call model(x, t, cond, kv_cache=, start_frame=, clean_context=)
     whose inputs would fail deep inside torch or quietly give wrong numbers."""
@@ -1727,15 +1676,19 @@ def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
     return s
 
 
-def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=None, context_noise: float = 0.0,
-                   renoise: str = "fresh") -> None:
-    """A sampler's arguments: the model's dtype (the noise it draws has torch's default dtype), the sizes,
-    context_noise, renoise, the condition and the guidance's uncond."""
+def check_sampling(model, sigmas, batch_size: int, num_frames: int, cond=None, uncond=None,
+                   context_noise: float = 0.0, renoise: str = "fresh", kv_cache=None, prefix=None) -> torch.Tensor:
+    """A sampler's arguments, before any work: its noise levels (returned checked, as check_sigmas's), the
+    sizes, the model's dtype (the noise it draws has torch's default dtype), context_noise, renoise, the
+    condition and the guidance's uncond, a given KV cache, and a prefix of clean frames to continue."""
+    sigmas = check_sigmas(sigmas)
     w, default = next(model.parameters()), torch.get_default_dtype()
     if w.dtype != default and not model.uses_bf16(w.device):
         raise TypeError(f"the model's weights are {w.dtype}, but samplers draw noise in torch's default dtype "
                         f"{default}: use model.to({default}) or torch.set_default_dtype({w.dtype})")
-    _check_sizes(batch_size, num_frames)
+    for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not 0 <= context_noise < 1:
         raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level of the cached chunks")
     if renoise not in ("fresh", "ode"):
@@ -1745,12 +1698,17 @@ def check_sampling(model, batch_size: int, num_frames: int, cond=None, uncond=No
         check_cond(model, cond, batch_size)
     if cond is not None and uncond is not None:
         check_cond(model, uncond, batch_size, "uncond", like=cond)
-
-
-def _check_sizes(batch_size: int, num_frames: int) -> None:
-    for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if kv_cache is not None:
+        check_cache(model, kv_cache, batch_size)
+    if prefix is not None:  # clean videos of the model's frames, whole chunks of them
+        c = model.cfg
+        frame = (c.in_channels, c.height, c.width)
+        _check_tensor(model, prefix, "prefix", lambda v: v.dim() == 5 and v.shape[1] >= 1 and tuple(v.shape[2:]) ==
+                      frame, f"shape (B, F, {', '.join(map(str, frame))}) with F >= 1")
+        if len(prefix) != batch_size or prefix.shape[1] % c.chunk_frames:
+            raise ValueError(f"prefix has {len(prefix)} videos of {prefix.shape[1]} frames: it needs batch_size="
+                             f"{batch_size} videos of whole chunks of chunk_frames={c.chunk_frames}")
+    return sigmas
 
 
 def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> CausalDiT:
@@ -1762,9 +1720,7 @@ def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> Causal
     return model
 
 
-# =================================================================================================
-# II.2 checkpoints in Wan's formats (Wan2.1, Causal Forcing, Self Forcing)
-# =================================================================================================
+# ==== II.2 checkpoints in Wan's formats (Wan2.1, Causal Forcing, Self Forcing) ===================
 
 
 # Diffusers' WanTransformer3DModel parameter names against Wan2.1's; "{}" is a block index. The
@@ -1921,9 +1877,7 @@ def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None,
     return model
 
 
-# =================================================================================================
-# II.3 fast attention: FlexAttention block masks (CUDA)
-# =================================================================================================
+# ==== II.3 fast attention: FlexAttention block masks (CUDA) ======================================
 
 
 def _flex_block_mask(vis: torch.Tensor, S: int, block: int = 128):
@@ -1972,9 +1926,7 @@ def flex_attend(q, k, v, block_mask) -> torch.Tensor:
 ATTENTION_BACKENDS["flex"] = (_flex_block_mask, flex_attend)  # ModelConfig.attention="flex" (I.4)
 
 
-# =================================================================================================
-# II.4 the training loop: data parallel, optimizer steps, resumable checkpoints, divergence guard
-# =================================================================================================
+# ==== II.4 the training loop: data parallel, optimizer steps, checkpoints, divergence ============
 # Data parallel under torchrun: every rank draws the same *global* batch from the same seed and trains
 # on its own slice; gradients are averaged over ranks before each optimizer step. So N processes take
 # exactly the steps one process takes with the whole batch, and parameters stay identical on every rank.
@@ -2259,9 +2211,7 @@ class StageCheckpoint:
                      "seconds": self.elapsed(), "config": self.config}, self.path)
 
 
-# =================================================================================================
-# II.5 data loaders: moving digits (Srivastava et al., 2015), MNIST files, bundled sprites
-# =================================================================================================
+# ==== II.5 data: moving digits (Srivastava et al., 2015), MNIST files, bundled sprites ===========
 
 
 MNIST_ENV = "CAUSAL_FORCING_MNIST"  # a folder with the MNIST IDX files, if the user has them
@@ -2393,9 +2343,7 @@ def balanced_digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=N
     return torch.cat([v for v, _ in per_digit])[order], torch.cat([lab for _, lab in per_digit])[order]
 
 
-# =================================================================================================
-# II.6 metrics: toy metrics; a digit classifier and the moving-digit metrics; NFE
-# =================================================================================================
+# ==== II.6 metrics: toy metrics; a digit classifier and the moving-digit metrics; NFE ============
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -2579,9 +2527,7 @@ def count_frame_evaluations(model: nn.Module):
         handle.remove()
 
 
-# =================================================================================================
-# II.7 pipeline: every stage (resumable from saved stages), the table, results.json (figures: examples/figures.py)
-# =================================================================================================
+# ==== II.7 pipeline: every stage, resumable; the table; results.json (figures: examples/) ========
 
 
 ROWS = ("bidirectional_teacher", "ar_teacher", "ode_student_from_bidirectional", "ode_student_from_ar",
@@ -2959,9 +2905,7 @@ def format_table(results: dict) -> str:
     return "\n".join(lines + [""] + notes)
 
 
-# =================================================================================================
-# II.8 command line
-# =================================================================================================
+# ==== II.8 command line ==========================================================================
 
 
 def _parse_override(text: str, types: dict) -> tuple[str, object]:
