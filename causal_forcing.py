@@ -25,10 +25,10 @@ conditioned on their label; "wan-1.3b" is Wan2.1-T2V-1.3B's DiT, whose checkpoin
     python causal_forcing.py --config mnist   # the same on moving digits (about 30 min on 2 CPU cores)
     torchrun --nproc_per_node=2 causal_forcing.py   # data parallel
     python -m pytest                          # the tests
-Beside it, examples/ (figures, long streams, benchmarks, Wan2.1 text to video).
 
-Part I (I.1-I.9) is the method, in the order the data flows; Part II (II.1-II.8) is engineering that does not
-change it: checks, Wan checkpoints, fast attention, the training loop, data, metrics, the pipeline, the command line.
+Part I (I.1-I.9) is the method, in the order the data flows; Part II (II.1-II.8) engineering that does not change
+it: checks, Wan checkpoints, fast attention, the training loop, data, metrics, the pipeline, the command line.
+Beside the module, examples/ holds the figures, long streams, benchmarks and Wan2.1 text to video.
 
 Shapes: B batch, F frames, C channels, H W height width, S tokens per frame, N tokens, D width,
 h heads, d head dim. Videos are (B, F, C, H, W); noise levels t are sigmas (B, F) in [0, 1], 1 = noise.
@@ -56,7 +56,6 @@ from einops import rearrange
 
 
 # #### PART I: THE METHOD, in the order the data flows (the stages run II.4's training loop) ######
-
 # ==== I.1 config: the fields and their defaults (the named presets and the checks: II.1) =========
 
 
@@ -935,8 +934,8 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
     the next chunk under a new prompt; the cached chunks stay as written (as upstream) or, with recache=True,
     are re-run under it first (LongLive). prefix: clean frames (B, P, C, H, W), P whole chunks, to continue:
     they are written to the cache as finished chunks are, and the stream yields the num_frames frames after
-    them (each chunk with `sigmas`: none is without context). renoise: between the steps (denoise_chunk).
-    Every argument, and a new prompt, is checked before any work."""
+    them (each chunk with `sigmas`: none is without context). renoise: see denoise_chunk. Every argument,
+    and a new prompt, is checked before any work."""
     sigmas = check_sampling(generator, sigmas, batch_size, num_frames, cond, context_noise=context_noise,
                             renoise=renoise, kv_cache=kv_cache, prefix=prefix).tolist()
     first = sigmas if first_chunk_sigmas is None else check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist()
@@ -1381,12 +1380,11 @@ def _update_ema(state: dict, model: nn.Module, tr: TrainConfig) -> None:
 
 def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer: int, inner: int,
                       rng=None, shape=(2, 1, 1), return_mean: bool = False):
-    """E[ Var(phi(eps)^i | eps of the chunks up to i's) ] per frame i, summed over a frame's
-    coordinates: the part of the ODE-regression loss that no causal student can remove, because
-    frame i's target depends on noise it does not see. Monte Carlo: `outer` draws of the visible
-    noise, `inner` redraws of the future noise for each. (F,) float64; with return_mean also the
-    MSE-optimal causal prediction E[phi(eps)^i | eps^<=i] (Prop. 3.3), (outer, F, *shape). Here
-    eps^<=i is the noise of every frame up to the end of frame i's chunk: what the student sees."""
+    """E[ Var(phi(eps)^i | eps^<=i) ] per frame i, summed over a frame's coordinates, where eps^<=i is the noise
+    of every frame up to the end of frame i's chunk (what the student sees): the part of the ODE-regression loss
+    that no causal student can remove, because frame i's target depends on noise it does not see. Monte Carlo:
+    `outer` draws of the visible noise, `inner` redraws of the future noise for each. (F,) float64; with
+    return_mean also the MSE-optimal causal prediction E[phi(eps)^i | eps^<=i] (Prop. 3.3), (outer, F, *shape)."""
     floor = torch.zeros(frames, dtype=torch.float64)
     mean = torch.zeros(outer, frames, *shape, dtype=torch.float64)
     for i in range(frames):
@@ -1401,7 +1399,6 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
 
 
 # #### PART II: ENGINEERING, none of which changes the method (II.1-II.8, listed at the top) ######
-
 # ==== II.1 checks: named presets with checked overrides; the network's inputs ====================
 
 
@@ -2158,7 +2155,8 @@ class StageCheckpoint:
     """The resumable state of one training stage in one file, written atomically every `every` steps:
     models, optimizers (with their lr schedules), random generators, Batches, the step, the stage's own
     values and the `config`, so that a resumed stage takes exactly the steps an uninterrupted one would;
-    a checkpoint of another config is refused. path=None (or torchrun, whose sharded optimizer states are not gathered here) turns it off."""
+    a checkpoint of another config is refused. path=None (or torchrun, whose sharded optimizer states are
+    not gathered here) turns it off."""
 
     def __init__(self, path: Optional[str] = None, every: int = 100, config: Optional[dict] = None):
         self.path = path if rank_and_world()[1] == 1 else None
