@@ -1005,7 +1005,7 @@ def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: i
                  cond=None, context_noise: float = 0.0, rng=None, renoise: str = "fresh") -> torch.Tensor:
     """Self Forcing's training rollout: the whole video chunk by chunk from the generator's own outputs
     through a fresh KV cache; only the exit step keeps its graph (not the steps before, nor the refresh)."""
-    check_sampling(generator, sigmas, batch_size, num_frames, cond, context_noise=context_noise, renoise=renoise)
+    _check_sizes(batch_size, num_frames)  # the rest comes checked from train_dmd's config
     cache, chunks = new_cache_for(generator, batch_size, num_frames), []
     for start in range(0, num_frames, generator.cfg.chunk_frames):
         n = min(generator.cfg.chunk_frames, num_frames - start)
@@ -1683,9 +1683,7 @@ def check_sampling(model, sigmas, batch_size: int, num_frames: int, cond=None, u
     if w.dtype != default and not model.uses_bf16(w.device):
         raise TypeError(f"the model's weights are {w.dtype}, but samplers draw noise in torch's default dtype "
                         f"{default}: use model.to({default}) or torch.set_default_dtype({w.dtype})")
-    for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    _check_sizes(batch_size, num_frames)
     if not 0 <= context_noise < 1:
         raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level of the cached chunks")
     if renoise not in ("fresh", "ode"):
@@ -1706,6 +1704,12 @@ def check_sampling(model, sigmas, batch_size: int, num_frames: int, cond=None, u
             raise ValueError(f"prefix has {len(prefix)} videos of {prefix.shape[1]} frames: it needs batch_size="
                              f"{batch_size} videos of whole chunks of chunk_frames={c.chunk_frames}")
     return sigmas
+
+
+def _check_sizes(batch_size: int, num_frames: int) -> None:
+    for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _random_weights(model: CausalDiT, seed: int = 0, std: float = 0.1) -> CausalDiT:
@@ -2938,9 +2942,6 @@ def _config_from_flags(parser, name: str, sets: list, device: Optional[str], **f
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in ("bench", "long-stream", "generate"):  # applications live beside the module
-        print(f"error: run python examples/{argv[0].replace('-', '_')}.py {' '.join(argv[1:])}", file=sys.stderr)
-        return 2
     parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage on toy 2-D videos or moving "
                                      "digits (--config mnist) and prints the table; the same command again resumes "
                                      "from the stages saved in --out. Streaming speed: examples/bench.py.")
