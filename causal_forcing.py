@@ -1928,9 +1928,9 @@ ATTENTION_BACKENDS["flex"] = (_flex_block_mask, flex_attend)  # ModelConfig.atte
 
 
 # ==== II.4 the training loop: data parallel, optimizer steps, checkpoints, divergence ============
-# Data parallel under torchrun: every rank draws the same *global* batch from the same seed and trains
-# on its own slice; gradients are averaged over ranks before each optimizer step. So N processes take
-# exactly the steps one process takes with the whole batch, and parameters stay identical on every rank.
+# Data parallel under torchrun: every rank draws the same *global* batch from the same seed, trains on its
+# slice and averages the gradients over ranks before each optimizer step. So N processes take exactly the
+# steps one process takes with the whole batch, and parameters stay identical on every rank.
 
 
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
@@ -1968,17 +1968,14 @@ def _rank_rng(rng: Optional[torch.Generator]) -> Optional[torch.Generator]:
 def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
     """Under torchrun, in place: shards a large model with FSDP (each block, then the root; FSDP averages
     the gradients itself), or makes identical replicas (DDP's scheme: _step averages the gradients)."""
-    mode = cfg.train.data_parallel
-    if rank_and_world()[1] == 1:
-        return model
-    if mode == "fsdp" or (mode == "auto" and cfg.model.dim >= 1024):
+    mode, world = cfg.train.data_parallel, rank_and_world()[1]
+    if world > 1 and (mode == "fsdp" or (mode == "auto" and cfg.model.dim >= 1024)):
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+        for module in (*model.blocks, model):
+            fully_shard(module)
         model.fsdp = True
-    else:
+    elif world > 1:
         for p in model.parameters():
             torch.distributed.broadcast(p.data, src=0)  # rank 0's initial weights on every rank
     return model
@@ -2000,18 +1997,17 @@ def _reshard(model: nn.Module) -> None:
 
 
 def _adamw(params, lr, cfg: TrainConfig, beta1=None, cosine_steps: Optional[int] = None):
-    """AdamW with the recipe's betas; with cosine_steps, the lr decays to 0 over that many steps."""
+    """AdamW with the recipe's betas; with cosine_steps, _step decays the lr to 0 along a cosine over that many
+    steps. The schedule is kept in the param group, so the optimizer's state dict holds it."""
     beta1 = cfg.adam_beta1 if beta1 is None else beta1
     opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    if cosine_steps:
-        cosine = lambda i: 0.5 * (1 + math.cos(math.pi * min(i / cosine_steps, 1)))  # noqa: E731
-        opt.schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+    opt.param_groups[0].update(base_lr=lr, cosine_steps=cosine_steps, steps_done=0)
     return opt
 
 
 def _step(opt, model, loss, clip) -> float:
-    """One optimizer step: backward, average gradients over replicas, clip, step. Returns the gradient
-    norm; refuses a non-finite loss or gradient before the step, so the weights stay finite."""
+    """One optimizer step: backward, average gradients over replicas, clip, step, the next lr (_adamw).
+    Returns the gradient norm; a non-finite loss or gradient is refused before the step."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     world = rank_and_world()[1]
@@ -2026,14 +2022,17 @@ def _step(opt, model, loss, clip) -> float:
     if not math.isfinite(norm):
         raise FloatingPointError(f"loss {float(loss.detach()):.4g}, gradient norm {norm}")
     opt.step()
-    if hasattr(opt, "schedule"):
-        opt.schedule.step()
+    for group in opt.param_groups:
+        if group.get("cosine_steps"):
+            group["steps_done"] += 1
+            t = min(group["steps_done"] / group["cosine_steps"], 1)
+            group["lr"] = group["base_lr"] * (0.5 * (1 + math.cos(math.pi * t)))
     return norm
 
 
 class Batches:
-    """Endless shuffled minibatches (index tensors) of n samples: a new permutation from rng each epoch,
-    incomplete last batches dropped. A stage's checkpoint keeps its state."""
+    """Endless shuffled minibatches of n indices: a new permutation from rng each epoch, short last batches
+    dropped. A stage's checkpoint keeps its state."""
 
     def __init__(self, n: int, batch: int, rng):
         if batch > n:
@@ -2055,8 +2054,8 @@ class Batches:
 
 
 class Diverged(RuntimeError):
-    """A training stage met a non-finite loss or gradient. It stops before the step that would make its
-    weights non-finite; nothing of it is saved as finished, and its last checkpoint is kept."""
+    """A stage met a non-finite loss or gradient. It stopped before that step, so its weights stay finite;
+    nothing of it is saved as finished, and its last checkpoint is kept."""
 
 
 def _global_mean(x: torch.Tensor) -> float:
@@ -2069,11 +2068,10 @@ def _global_mean(x: torch.Tensor) -> float:
 
 def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Optional["StageCheckpoint"] = None,
                log=print, state: Optional[dict] = None, hint: str = "", **objs) -> dict:
-    """The loop every stage runs: step(i) does step i and returns its losses by name. Restores `objs`
-    (models, optimizers, random generators, Batches) and `state` (the stage's own values, e.g. DMD's
-    EMA) from `ckpt`, goes on from its step and checkpoints every ckpt.every steps; prints the progress
-    ten times; stops at a non-finite loss or gradient with a Diverged error naming the stage, the step
-    and `hint` (what to change). Returns the history {loss name: [one value per step giving it]}."""
+    """Runs step(i), which returns its losses by name, for i < steps: from `ckpt`'s step with `objs` (models,
+    optimizers, generators, Batches) and `state` (the stage's own values, e.g. DMD's EMA) restored, saving
+    every ckpt.every steps, logging ten times. A non-finite loss or gradient raises Diverged naming the stage,
+    the step and `hint` (what to change). Returns {loss name: [one value per step giving it]}."""
     start, saved = ckpt.restore(**objs) if ckpt else (0, {})  # without a checkpoint: no files at all
     history = saved.get("history", {})
     if state is not None:
@@ -2082,14 +2080,12 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
     for i in range(start, steps):
         try:
             losses = {name: _global_mean(v) if torch.is_tensor(v) else float(v) for name, v in step(i).items()}
-            bad = [f"{name} loss {v}" for name, v in losses.items() if not math.isfinite(v)]
-            if bad:
+            if bad := [f"{name} loss {v}" for name, v in losses.items() if not math.isfinite(v)]:
                 raise FloatingPointError(", ".join(bad))
         except FloatingPointError as e:
-            raise Diverged(f"training diverged in stage '{stage}' at step {i + 1} of {steps} ({e}). Nothing of "
-                           f"this stage was saved as finished. The usual cause is a learning rate too high for "
-                           f"this model{': ' + hint if hint else ''} (from the command line, in a new --out "
-                           f"folder: a run folder keeps the config it was started with).") from None
+            raise Diverged(f"training diverged in stage '{stage}' at step {i + 1} of {steps} ({e}); nothing of it is "
+                           f"saved as finished. The learning rate is likely too high{': ' + hint if hint else ''} "
+                           "(on the command line, in a new --out folder: a run folder keeps its config)") from None
         for name, v in losses.items():
             history.setdefault(name, []).append(v)
         if log and (i % every == 0 or i == steps - 1):
@@ -2101,28 +2097,28 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
     return history
 
 
-# --- files written atomically, and the state a stage checkpoints ---------------------------------
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str):
-    """Yields a binary file that replaces `path` when the block ends, flushed to disk before the rename
-    (and the folder after it): a kill, a power loss or a full disk never leaves an empty or truncated
-    file, and the old file stays until the new one is whole. A failed write is an OSError naming `path`."""
+def save_atomic(obj, path: str) -> None:
+    """torch.save, or strict JSON for a .json path (NaN and infinities as null), to a temporary file flushed
+    to disk and renamed over `path`: a kill, a power loss or a full disk never leaves an empty or cut file,
+    and the old file stays until the new one is whole."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")  # a kill may leave it: delete it
     try:
         with open(tmp, "wb") as f:
-            yield f
+            if path.endswith(".json"):
+                strict = json.loads(json.dumps(obj), parse_constant=lambda _: None)
+                f.write(json.dumps(strict, indent=2, allow_nan=False).encode())
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        cause = e.__context__ if isinstance(e, RuntimeError) else e  # torch.save reports a failed write as
-        if isinstance(cause, OSError):  # a RuntimeError ("unexpected pos"), a full disk among them
+        cause = e.__context__ if isinstance(e, RuntimeError) else e  # torch.save's failed write: a RuntimeError
+        if isinstance(cause, OSError):  # a full disk among them
             raise OSError(cause.errno, f"cannot write {path!r}: {cause.strerror or cause}; the previous file "
                           "there, if any, is kept") from e
         raise
@@ -2132,16 +2128,6 @@ def _atomic_file(path: str):
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save, or strict JSON for a .json path (NaN and infinities as null), written atomically."""
-    with _atomic_file(path) as f:
-        if path.endswith(".json"):
-            strict = json.loads(json.dumps(obj), parse_constant=lambda _: None)
-            f.write(json.dumps(strict, indent=2, allow_nan=False).encode())
-        else:
-            torch.save(obj, f)
 
 
 def _load_saved(path: str, what: str = "stage file", fix: str = "delete it and run again to redo that stage",
@@ -2156,11 +2142,10 @@ def _load_saved(path: str, what: str = "stage file", fix: str = "delete it and r
 
 
 class StageCheckpoint:
-    """The resumable state of one training stage in one file, written atomically every `every` steps:
-    models, optimizers (with their lr schedules), random generators, Batches, the step, the stage's own
-    values and the `config`, so that a resumed stage takes exactly the steps an uninterrupted one would;
-    a checkpoint of another config is refused. path=None (or torchrun, whose sharded optimizer states are
-    not gathered here) turns it off."""
+    """A training stage's resumable state in one file, saved atomically every `every` steps: its models,
+    optimizers, generators and Batches, the step, its own values and the `config` (another config's is
+    refused), so a resumed stage takes exactly the steps an uninterrupted one would. Off for path=None and
+    under torchrun (sharded optimizer states are not gathered here)."""
 
     def __init__(self, path: Optional[str] = None, every: int = 100, config: Optional[dict] = None):
         self.path = path if rank_and_world()[1] == 1 else None
@@ -2180,15 +2165,10 @@ class StageCheckpoint:
             _refuse_another_config(state["config"], self.config, f"checkpoint {self.path!r} is of", fix)
         try:
             for name, obj in objs.items():
-                saved = state["objs"][name]
                 if isinstance(obj, torch.Generator):
-                    obj.set_state(saved)
-                elif isinstance(obj, torch.optim.Optimizer):
-                    obj.load_state_dict(saved["opt"])
-                    if saved["schedule"] is not None:
-                        obj.schedule.load_state_dict(saved["schedule"])
-                elif obj is not None:  # a model or Batches
-                    obj.load_state_dict(saved)
+                    obj.set_state(state["objs"][name])
+                elif obj is not None:  # a model, an optimizer (its lr schedule included) or Batches
+                    obj.load_state_dict(state["objs"][name])
         except (KeyError, RuntimeError, ValueError) as e:  # e.g. a model of another size
             raise ValueError(f"checkpoint {self.path!r} does not fit this stage ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[-1].strip()}); {fix}") from None
@@ -2200,15 +2180,8 @@ class StageCheckpoint:
         """After `step` steps: saves every `every` steps, not after the last (the stage's result is saved then)."""
         if not self.path or step % self.every or step == total:
             return
-        states = {}
-        for name, obj in objs.items():
-            if isinstance(obj, torch.Generator):
-                states[name] = obj.get_state()
-            elif isinstance(obj, torch.optim.Optimizer):
-                schedule = getattr(obj, "schedule", None)
-                states[name] = {"opt": obj.state_dict(), "schedule": schedule.state_dict() if schedule else None}
-            elif obj is not None:  # a model (whole, if sharded) or Batches
-                states[name] = full_state_dict(obj) if isinstance(obj, nn.Module) else obj.state_dict()
+        states = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+                  for name, obj in objs.items() if obj is not None}
         save_atomic({"step": step, "objs": states, "extra": extra, "torch_rng": torch.get_rng_state(),
                      "seconds": self.elapsed(), "config": self.config}, self.path)
 
@@ -2221,7 +2194,7 @@ _SPRITES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_data", 
 
 
 class DataNotFound(FileNotFoundError, ValueError):
-    """A data file that is not there; also a ValueError, which the command line reports as an error."""
+    """A data file that is not there; also a ValueError, which the programs report as bad input."""
 
 
 def read_idx(path: str) -> torch.Tensor:
@@ -2236,7 +2209,7 @@ def read_idx(path: str) -> torch.Tensor:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:  # gzip: bad header, CRC, truncated, bad deflate data
-        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is corrupt or truncated: "
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e}); it is corrupt or truncated: "
                          "download it again") from e
     if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
         raise ValueError(f"{path} is not a uint8 IDX file (header {raw[:4].hex()}, expected 0000 08 <ndim>)")
@@ -2244,7 +2217,7 @@ def read_idx(path: str) -> torch.Tensor:
     dims = tuple(int.from_bytes(raw[i: i + 4], "big") for i in range(4, header, 4))
     if len(raw) != header + math.prod(dims):  # a header cut short counts dimensions of 0
         raise ValueError(f"{path}: expected {header + math.prod(dims)} bytes for shape {dims}, found {len(raw)}; "
-                         "the file is truncated or corrupt")
+                         "it is truncated or corrupt")
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
 
@@ -2263,7 +2236,7 @@ def load_digits(mnist_dir: Optional[str] = None, split: str = "test") -> tuple[t
     prefix, found = {"test": "t10k", "train": "train"}[split], []
     for kind, rank in (("images", 3), ("labels", 1)):
         names = [f"{prefix}-{kind}{sep}idx{rank}-ubyte{ext}" for sep in "-." for ext in ("", ".gz")]
-        paths = [os.path.join(mnist_dir, n) for n in names if os.path.isfile(os.path.join(mnist_dir, n))]
+        paths = [p for name in names if os.path.isfile(p := os.path.join(mnist_dir, name))]
         if not paths:
             raise DataNotFound(f"no MNIST {split} {kind} in {mnist_dir!r}: looked for {names}")
         found.append(read_idx(paths[0]))
@@ -2277,18 +2250,17 @@ def load_digits(mnist_dir: Optional[str] = None, split: str = "test") -> tuple[t
 def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits: int = 2, speed: float = 0.1,
                   digit_size: int = 28, digits: Optional[tuple] = None, rng: Optional[torch.Generator] = None,
                   return_positions: bool = False):
-    """Moving-digit videos as in Srivastava et al. (2015), their setting the default. Each digit starts at
-    a uniform place in the unit square and moves `speed` per frame in a uniform direction; a coordinate
-    that leaves [0, 1] is clamped and its velocity flips (a bounce). Positions scale by size - digit_size
-    to the digit's top-left pixel; overlapping digits combine by max. Returns videos (N, F, size, size)
-    uint8, labels (N, num_digits) and, with return_positions, the top-left pixels (N, F, D, 2) as (y, x)."""
-    images, labels = digits if digits is not None else load_digits()[:2]
+    """Moving digits as in Srivastava et al. (2015), their setting the default: each digit starts uniformly in
+    the unit square and moves `speed` per frame in a uniform direction, bouncing off [0, 1] (clamped, velocity
+    flipped); positions scale by size - digit_size to top-left pixels, overlaps take the max. Returns uint8
+    videos (N, F, size, size), labels (N, num_digits) and, with return_positions, the tops (N, F, D, 2) (y, x)."""
     if digit_size > size:
         raise ValueError(f"digit_size={digit_size} does not fit a {size}x{size} canvas")
+    images, labels = digits if digits is not None else load_digits()[:2]
     if digit_size != images.shape[-1]:  # area-averaged resize, e.g. 28 -> 14 px for small canvases
         images = F_.interpolate(images[:, None].float(), size=(digit_size, digit_size), mode="area")
         images = images[:, 0].round().clamp(0, 255).to(torch.uint8)
-    N, D, span = num_videos, num_digits, size - digit_size
+    N, D = num_videos, num_digits
     pick = torch.randint(len(images), (N, D), generator=rng)
     pos = torch.rand(N, D, 2, generator=rng, dtype=torch.float64)  # (y, x) in the unit square
     angle = 2 * math.pi * torch.rand(N, D, generator=rng, dtype=torch.float64)
@@ -2297,15 +2269,13 @@ def moving_digits(num_videos: int, frames: int = 20, size: int = 64, num_digits:
     tops = torch.zeros(N, frames, D, 2, dtype=torch.long)
     grid, n = torch.arange(digit_size), torch.arange(N)[:, None, None]
     for f in range(frames):
-        tops[:, f] = (pos * span).round().long()
+        tops[:, f] = (pos * (size - digit_size)).round().long()
         for d in range(D):
             rows = (tops[:, f, d, 0, None] + grid)[:, :, None]  # (N, s, 1)
             cols = (tops[:, f, d, 1, None] + grid)[:, None, :]  # (N, 1, s)
-            canvas = video[:, f]
-            canvas[n, rows, cols] = torch.maximum(canvas[n, rows, cols], images[pick[:, d]])
+            video[n, f, rows, cols] = torch.maximum(video[n, f, rows, cols], images[pick[:, d]])
         pos = pos + vel
-        out = (pos < 0) | (pos > 1)
-        pos, vel = pos.clamp(0, 1), torch.where(out, -vel, vel)
+        pos, vel = pos.clamp(0, 1), torch.where((pos < 0) | (pos > 1), -vel, vel)
     return (video, labels[pick], tops) if return_positions else (video, labels[pick])
 
 
@@ -2336,8 +2306,8 @@ def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> t
 
 
 def balanced_digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, ...]:
-    """One-digit videos whose labels are 0, 1, ..., 9, 0, 1, ... (video i shows digit i % 10), as the
-    evaluation asks the generators for: each digit's videos drawn from that digit's images."""
+    """One-digit videos labelled 0, 1, ..., 9, 0, 1, ... (video i shows digit i % 10), as the evaluation
+    asks the generators for, each drawn from its digit's images."""
     images, labels = digits
     per_digit = [digit_videos(cfg, len(range(c, num_videos, 10)), (images[labels == c], labels[labels == c]), rng)
                  for c in range(10)]
