@@ -2031,8 +2031,7 @@ def _step(opt, model, loss, clip) -> float:
 
 
 class Batches:
-    """Endless shuffled minibatches of n indices: a new permutation from rng each epoch, short last batches
-    dropped. A stage's checkpoint keeps its state."""
+    """Endless shuffled minibatches of n indices: a new permutation from rng each epoch, short last ones dropped."""
 
     def __init__(self, n: int, batch: int, rng):
         if batch > n:
@@ -2084,8 +2083,8 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
                 raise FloatingPointError(", ".join(bad))
         except FloatingPointError as e:
             raise Diverged(f"training diverged in stage '{stage}' at step {i + 1} of {steps} ({e}); nothing of it is "
-                           f"saved as finished. The learning rate is likely too high{': ' + hint if hint else ''} "
-                           "(on the command line, in a new --out folder: a run folder keeps its config)") from None
+                           f"saved as finished. The learning rate is likely too high{': ' + hint if hint else ''}; "
+                           "on the command line, use a new --out folder (a run folder keeps its config)") from None
         for name, v in losses.items():
             history.setdefault(name, []).append(v)
         if log and (i % every == 0 or i == steps - 1):
@@ -2117,7 +2116,7 @@ def save_atomic(obj, path: str) -> None:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        cause = e.__context__ if isinstance(e, RuntimeError) else e  # torch.save's failed write: a RuntimeError
+        cause = e.__context__ if isinstance(e, RuntimeError) else e  # torch.save raises a failed write as RuntimeError
         if isinstance(cause, OSError):  # a full disk among them
             raise OSError(cause.errno, f"cannot write {path!r}: {cause.strerror or cause}; the previous file "
                           "there, if any, is kept") from e
@@ -2306,8 +2305,7 @@ def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> t
 
 
 def balanced_digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, ...]:
-    """One-digit videos labelled 0, 1, ..., 9, 0, 1, ... (video i shows digit i % 10), as the evaluation
-    asks the generators for, each drawn from its digit's images."""
+    """One-digit videos labelled 0, 1, ..., 9, 0, 1, ... (video i shows digit i % 10), each from its digit's images."""
     images, labels = digits
     per_digit = [digit_videos(cfg, len(range(c, num_videos, 10)), (images[labels == c], labels[labels == c]), rng)
                  for c in range(10)]
