@@ -2428,10 +2428,9 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 def centroids(videos: torch.Tensor) -> torch.Tensor:
     """The brightness-weighted centre (y, x) in pixels of every frame: (B, F, 1, H, W) -> (B, F, 2)."""
     w = ((videos[:, :, 0].double() + 1) / 2).clamp(0, 1)  # (B, F, H, W), brightness in [0, 1]
-    H, W = w.shape[-2:]
     total = w.sum((-2, -1)).clamp(min=1e-9)
-    ys = (w.sum(-1) * torch.arange(H, dtype=w.dtype)).sum(-1) / total
-    xs = (w.sum(-2) * torch.arange(W, dtype=w.dtype)).sum(-1) / total
+    ys = (w.sum(-1) * torch.arange(w.shape[-2], dtype=w.dtype)).sum(-1) / total
+    xs = (w.sum(-2) * torch.arange(w.shape[-1], dtype=w.dtype)).sum(-1) / total
     return torch.stack([ys, xs], -1)
 
 
@@ -2822,17 +2821,16 @@ class PipelineRun:
                 results["train_clips_per_second"][k] = round(steps * batch / self.seconds[k], 1)
         n = cfg.eval.eval_samples
         if self.digits:  # fresh held-out videos, class-balanced as the generated rows are
-            results["data"] = self.metrics(*balanced_digit_videos(cfg.data, n, d.split["test"], g))
-            results["digits"] = d.split["source"]
-            results["classifier_accuracy"] = self.accuracy
+            results.update(data=self.metrics(*balanced_digit_videos(cfg.data, n, d.split["test"], g)),
+                           digits=d.split["source"], classifier_accuracy=self.accuracy)
         else:  # and the exact teachers through the same sampler: a perfect network
             results["data"] = self.metrics(d.toy.sample(n, g))
             results["exact_teachers"] = {}
             for name, flow in exact_flows(cfg, d.toy).items():
                 eps = torch.randn(n, cfg.data.frames, 2, 1, 1, generator=g, dtype=torch.float64)
                 results["exact_teachers"][name] = self.metrics(flow(eps))
-            results["injectivity_floor"] = self.floors
-            results["ode_loss_at_sigma_1"] = self.ode_losses
+            results.update(injectivity_floor=self.floors, ode_loss_at_sigma_1=self.ode_losses)
+
         if by_steps:
             results["steps"] = by_steps
         if self.out:  # every rank joins the gather of the models' states
