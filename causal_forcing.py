@@ -2328,22 +2328,18 @@ def _steps(points: torch.Tensor) -> torch.Tensor:
 
 
 def toy_metrics(videos: torch.Tensor, data: ToyVideos, held_out: torch.Tensor, tol_degrees: float) -> dict:
-    """Energy distance to held-out data; off_manifold = fraction of frames more than 3 std from every
-    point a frame of the data can sit on; motion = mean frame-to-frame displacement over the data's;
-    transition_accuracy = fraction of consecutive frames that turn by +-turn (within tol)."""
-    pts = rearrange(videos.double(), "b f c h w -> b f (c h w)")
-    ref = rearrange(held_out.double(), "b f c h w -> b f (c h w)")
+    """Energy distance to held-out data; off_manifold = fraction of frames more than 3 std from every point a
+    frame of the data can sit on; motion = mean frame-to-frame displacement over the data's; transition_accuracy
+    = fraction of consecutive frames that turn by +-turn (within tol). One frame: NaN motion and transitions."""
+    pts, ref = (rearrange(v.double(), "b f c h w -> b f (c h w)") for v in (videos, held_out))
     dist = torch.cdist(pts.reshape(-1, 2), data.frame_points())  # (B*F, P)
     ang = torch.atan2(pts[..., 1], pts[..., 0])
     turn = torch.remainder(ang[:, 1:] - ang[:, :-1] + math.pi, 2 * math.pi) - math.pi
     ok = (turn.abs() - math.radians(data.cfg.turn_degrees)).abs() < math.radians(tol_degrees)
-    one_frame = pts.shape[1] == 1
-    return {
-        "energy_distance": energy_distance(videos, held_out),
-        "off_manifold": float((dist.min(-1).values > 3 * data.std).double().mean()),
-        "motion": float("nan") if one_frame else float(_steps(pts).mean() / _steps(ref).mean()),
-        "transition_accuracy": float("nan") if one_frame else float(ok.double().mean()),
-    }
+    return {"energy_distance": energy_distance(videos, held_out),
+            "off_manifold": float((dist.min(-1).values > 3 * data.std).double().mean()),
+            "motion": float(_steps(pts).mean() / _steps(ref).mean()),
+            "transition_accuracy": float(ok.double().mean())}
 
 
 class DigitClassifier(nn.Module):
@@ -2379,9 +2375,8 @@ def train_classifier(cfg: Config, videos: torch.Tensor, labels: torch.Tensor, lo
         loss = F_.cross_entropy(model(frames[idx].to(cfg.device))[1], targets[idx].to(cfg.device))
         _step(opt, model, loss, clip=math.inf)  # no clipping (the gradient is scaled by exactly 1)
         return {"cross_entropy": loss}
-    history = train_loop("digit classifier", cfg.train.classifier_steps, step, ckpt, log,
-                         hint="the classifier's Adam lr is 1e-3; check the data", model=model, opt=opt, rng=rng,
-                         batches=batches)
+    history = train_loop("digit classifier", cfg.train.classifier_steps, step, ckpt, log, model=model, opt=opt,
+                         rng=rng, batches=batches, hint="the classifier's Adam lr is 1e-3; check the data")
     return model.eval().requires_grad_(False), history.get("cross_entropy", [])
 
 
@@ -2401,10 +2396,9 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 def centroids(videos: torch.Tensor) -> torch.Tensor:
     """The brightness-weighted centre (y, x) in pixels of every frame: (B, F, 1, H, W) -> (B, F, 2)."""
     w = ((videos[:, :, 0].double() + 1) / 2).clamp(0, 1)  # (B, F, H, W), brightness in [0, 1]
-    H, W = w.shape[-2:]
     total = w.sum((-2, -1)).clamp(min=1e-9)
-    ys = (w.sum(-1) * torch.arange(H, dtype=w.dtype)).sum(-1) / total
-    xs = (w.sum(-2) * torch.arange(W, dtype=w.dtype)).sum(-1) / total
+    ys = (w.sum(-1) * torch.arange(w.shape[-2], dtype=w.dtype)).sum(-1) / total
+    xs = (w.sum(-2) * torch.arange(w.shape[-1], dtype=w.dtype)).sum(-1) / total
     return torch.stack([ys, xs], -1)
 
 
@@ -2444,33 +2438,27 @@ def chunk_boundary_jump(videos: torch.Tensor, chunk_frames: int) -> float:
 
 def digit_metrics(videos: torch.Tensor, labels: torch.Tensor, held_out: torch.Tensor,
                   classifier: DigitClassifier, chunk_frames: Optional[int] = None) -> dict:
-    """Metrics of generated moving-digit videos (B, F, 1, H, W) made for `labels` (B, num_digits),
-    against held-out videos (the paper's table in miniature). Every metric scores the frames as a
-    figure shows them, clamped to [-1, 1]; out_of_range says how much of the raw output lay beyond:
-      frechet_distance   FD of the classifier's per-frame features, generated vs held-out  (quality)
-      sharpness          neighbouring-pixel contrast over the held-out videos'; < 1 is blur  (quality)
-      dynamic_degree     mean centroid displacement per frame over the held-out videos'      (motion)
-      motion_within_chunks   the same over the frame pairs inside a chunk only, so that jumps at chunk
-                             boundaries do not count as motion (given chunk_frames)
-      instruction_following  fraction of frames the classifier reads as the requested digit
+    """Metrics of moving-digit videos (B, F, 1, H, W) made for `labels` (B, num_digits; None: unconditional)
+    against held-out videos, the paper's table in miniature, on the frames clamped to [-1, 1] as shown:
+      frechet_distance       FD of the classifier's per-frame features                         (quality)
+      sharpness              neighbouring-pixel contrast over the held-out videos'; < 1: blur  (quality)
+      dynamic_degree         mean centroid displacement per frame over the held-out videos'    (motion)
+      motion_within_chunks   the same inside chunks only: jumps at chunk boundaries are not motion
+      instruction_following  fraction of frames read as the requested digit (NaN without labels)
       temporal_consistency   fraction of frames that agree with their video's majority reading
-      chunk_boundary_jump    change across chunk boundaries over change within chunks (given chunk_frames)
-      out_of_range, overshoot  the fraction of raw pixels outside [-1, 1], and their mean distance beyond it
-    labels=None (an unconditional model) makes instruction_following NaN."""
-    videos, held_out = videos.cpu().float(), held_out.cpu().float()
-    beyond = (videos.abs() - 1).clamp(min=0)
+      chunk_boundary_jump    see chunk_boundary_jump (this and motion_within_chunks given chunk_frames)
+      out_of_range, overshoot  the fraction of raw pixels outside [-1, 1], and their mean distance beyond"""
+    beyond = (videos.cpu().float().abs() - 1).clamp(min=0)
     out = beyond > 0
-    videos, held_out = videos.clamp(-1, 1), held_out.clamp(-1, 1)
+    videos, held_out = (v.cpu().float().clamp(-1, 1) for v in (videos, held_out))
     feats, pred = read_frames(classifier, videos)
-    ref_feats, _ = read_frames(classifier, held_out)
-    majority = pred.mode(dim=1).values
     steps, ref_steps = _steps(centroids(videos)), _steps(centroids(held_out))
     metrics = {
-        "frechet_distance": frechet_distance(feats, ref_feats),
+        "frechet_distance": frechet_distance(feats, read_frames(classifier, held_out)[0]),
         "sharpness": sharpness(videos) / sharpness(held_out),
         "dynamic_degree": float(steps.mean() / ref_steps.mean()),
         "instruction_following": float("nan") if labels is None else float((pred == labels[:, :1]).double().mean()),
-        "temporal_consistency": float((pred == majority[:, None]).double().mean()),
+        "temporal_consistency": float((pred == pred.mode(dim=1).values[:, None]).double().mean()),
         "out_of_range": float(out.double().mean()),
         "overshoot": float(beyond[out].double().mean()) if out.any() else 0.0,
     }
@@ -2508,9 +2496,8 @@ _MODEL_KINDS = ("bidirectional", "causal", "classifier")  # stages whose result 
 
 
 def streaming_steps(cfg: SampleConfig, steps: int) -> dict:
-    """`stream`'s arguments from the config for a student streamed with 1, 2 or 4 steps, Causal Forcing++'s
-    way (the first chunk, with no context to lean on, keeps the 4 steps of denoising_steps), with the
-    config's context_noise and renoise."""
+    """`stream`'s arguments for a student streamed with 1, 2 or 4 steps, Causal Forcing++'s way (the first chunk,
+    with no context to lean on, keeps denoising_steps' 4), with the config's context_noise and renoise."""
     few = {1: (1000,), 2: cfg.pp_denoising_steps, 4: cfg.denoising_steps}[steps]
     return {"sigmas": student_sigmas(cfg, few), "first_chunk_sigmas": student_sigmas(cfg),
             "context_noise": cfg.context_noise, "renoise": cfg.renoise}
@@ -2518,24 +2505,21 @@ def streaming_steps(cfg: SampleConfig, steps: int) -> dict:
 
 def sample_row(row: str, model: CausalDiT, cfg: Config, batch_size: int, cond=None, rng=None) -> torch.Tensor:
     """Samples the model of a row of the table with that row's sampler: the teachers by their many-step
-    ODE (guided with teacher_guidance when conditioned), the students by streaming."""
-    s, guidance = cfg.sample, cfg.train.teacher_guidance
-    size = dict(batch_size=batch_size, num_frames=cfg.data.frames, cond=cond, rng=rng)
+    ODE (guided with teacher_guidance when conditioned), the students by streaming (Causal Forcing++ 2 steps)."""
+    s, size = cfg.sample, dict(batch_size=batch_size, num_frames=cfg.data.frames, cond=cond, rng=rng)
+    teacher = dict(sigmas=solver_sigmas(s.teacher_solver_steps, s), guidance=cfg.train.teacher_guidance, **size)
     if row == "bidirectional_teacher":
-        return sample_bidirectional(model, solver_sigmas(s.teacher_solver_steps, s), guidance=guidance, **size)
+        return sample_bidirectional(model, **teacher)
     if row.startswith("ar_teacher"):
-        sigmas = solver_sigmas(s.teacher_solver_steps, s)
-        return sample_ar_teacher(model, sigmas, guidance=guidance, context_noise=s.context_noise, **size)
-    if row == "causal_forcing_pp":  # 2 steps, the first chunk 4
-        return sample_student(model, **streaming_steps(s, 2), **size)
-    return sample_student(model, **streaming_steps(s, 4), **size)
+        return sample_ar_teacher(model, context_noise=s.context_noise, **teacher)
+    return sample_student(model, **streaming_steps(s, 2 if row == "causal_forcing_pp" else 4), **size)
 
 
 def _saved_model(cfg: Config, kind: str, state: dict) -> nn.Module:
-    """A model of a kind in _MODEL_KINDS with saved weights, on cfg.device."""
+    """A model of a kind in _MODEL_KINDS with saved weights, on cfg.device; the classifier frozen, as trained."""
     model = DigitClassifier(cfg.data.canvas) if kind == "classifier" else CausalDiT(cfg.model, causal=kind == "causal")
     model.load_state_dict(state)
-    return model.to(cfg.device)
+    return model.to(cfg.device).eval().requires_grad_(False) if kind == "classifier" else model.to(cfg.device)
 
 
 def load_models(out: str, cfg: Config) -> dict:
@@ -2550,18 +2534,25 @@ def load_models(out: str, cfg: Config) -> dict:
             for name, state in _load_saved(path, "models file").items()}
 
 
+def _config_fields(config: dict) -> dict:
+    """A Config.to_dict() (or config.json) flat: {"seed": 0, ..., "data.frames": 3, ...}, tuples as lists."""
+    config = json.loads(json.dumps(config))
+    fields = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    for section in _SECTIONS:
+        fields.update({f"{section}.{k}": v for k, v in config.get(section, {}).items()})
+    return fields
+
+
 def run_config(out: str, **overrides) -> Config:
-    """The config a run folder was made with (its config.json), checked as get_config checks any
-    config; `overrides` (e.g. device) replace saved values."""
+    """The config a run folder was made with (its config.json), checked as get_config checks any config;
+    `overrides` (e.g. device) replace saved values."""
     path = os.path.join(out, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {out!r}: it is not a run folder of this code")
     with open(path) as f:
-        saved = json.load(f)
-    flat = {k: v for k, v in saved.items() if k != "name" and not isinstance(v, dict)}
-    for section in _SECTIONS:
-        flat.update(saved[section])
-    return get_config(saved["name"], **{**flat, **overrides})
+        saved = _config_fields(json.load(f))
+    fields = {k.split(".")[-1]: v for k, v in saved.items() if k != "name"}  # field names are unique
+    return get_config(saved["name"], **{**fields, **overrides})
 
 
 _NOT_RESULTS = ("device", "train.checkpoint_every", "train.dmd_snapshots")  # fields that do not change results
@@ -2570,14 +2561,8 @@ _NOT_RESULTS = ("device", "train.checkpoint_every", "train.dmd_snapshots")  # fi
 def _refuse_another_config(saved: dict, config: dict, what: str, fix: str) -> None:
     """Raises "<what> another config (differs in seed, train.dmd_steps, ...); <fix>" where the saved config
     (a Config.to_dict()) differs from `config` in a field other than _NOT_RESULTS."""
-    def flat(d):
-        d = json.loads(json.dumps(d))  # tuples as lists, as config.json has them
-        out = {k: v for k, v in d.items() if not isinstance(v, dict)}
-        for section in _SECTIONS:
-            out.update({f"{section}.{k}": v for k, v in d.get(section, {}).items()})
-        return {k: v for k, v in out.items() if k not in _NOT_RESULTS}
-    a, b = flat(saved), flat(config)
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    a, b = _config_fields(saved), _config_fields(config)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in _NOT_RESULTS)
     if diff:
         raise ValueError(f"{what} another config (differs in {', '.join(diff)}); {fix}")
 
@@ -2648,12 +2633,11 @@ def held_out_ode_loss(cfg: Config, kind: str, teacher, student, test: torch.Tens
 
 
 def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
-    """Every stage on the config's videos (toy 2-D, or moving digits), then the table: read it as the
-    recipe's table of stages, in order. Returns the results dict; with `out` it also writes there
-    results.json, losses.json (each trained stage's losses per step) and models.pt (for `load_models`;
-    `python examples/figures.py OUT` draws the figures). Every finished stage is saved to
-    out/stages/<stage>.pt, and a training stage every checkpoint_every steps to <stage>.partial.pt: the
-    same call again loads the finished stages and resumes the interrupted one, as if never interrupted."""
+    """Every stage on the config's videos (toy 2-D or moving digits), in order: read it as the recipe's table of
+    stages. Returns the results dict; with `out` it writes there results.json, losses.json (each trained stage's
+    losses per step), models.pt (for `load_models`; examples/figures.py OUT draws the figures), each finished
+    stage to stages/<stage>.pt and a training stage every checkpoint_every steps to <stage>.partial.pt: the same
+    call again loads the finished stages and resumes the interrupted one, as if never interrupted."""
     run = PipelineRun(cfg, out, log)  # the data, the random generator, resumable stages
     d, g, m, say = run.data, run.g, run.models, run.log
     prompts = run.prompts if d.cond is not None else None
@@ -2676,18 +2660,18 @@ def run_pipeline(cfg: Config, out: Optional[str] = None, log=print) -> dict:
         m[f"ode_student_from_{kind}"] = run.stage(f"ode_student_{kind}", "causal", lambda ck: train_ode_student(
             cfg, teacher[kind], pairs[kind], kind, say, g, ck))
         if not run.digits:
-            run.ode_losses[kind] = held_out_ode_loss(cfg, kind, teacher[kind], m[f"ode_student_from_{kind}"],
-                                                     d.test, g)
+            run.ode_losses[kind] = held_out_ode_loss(cfg, kind, teacher[kind], m[f"ode_student_from_{kind}"], d.test, g)
+    real = m["bidirectional_teacher"]  # DMD's real score, and where its critic (the fake score) starts
     for row, kind in (("self_forcing", "bidirectional"), ("causal_forcing", "ar")):
         m[row] = run.stage(f"dmd_{row}", "causal", lambda ck: train_dmd(
-            cfg, m[f"ode_student_from_{kind}"], m["bidirectional_teacher"], m["bidirectional_teacher"],
-            prompts, say, g, ck))
+            cfg, m[f"ode_student_from_{kind}"], real, real, prompts, say, g, ck))
     if cfg.train.cd_steps:  # Causal Forcing++: consistency distillation from the AR teacher, then the same DMD
         m["consistency_student_from_ar"] = run.stage("consistency_student_ar", "causal", lambda ck: (
             train_consistency(cfg, m["ar_teacher"], d.train, say, g, d.cond, ck)))
         m["causal_forcing_pp"] = run.stage("dmd_causal_forcing_pp", "causal", lambda ck: train_dmd(
-            cfg, m["consistency_student_from_ar"], m["bidirectional_teacher"], m["bidirectional_teacher"],
-            prompts, say, g, ck, steps=cfg.sample.pp_denoising_steps))
+            cfg, m["consistency_student_from_ar"], real, real, prompts, say, g, ck,
+            steps=cfg.sample.pp_denoising_steps))
+
     if not run.digits:  # the injectivity floor, measured with the exact teachers
         run.floors = run.stage("injectivity_floor", "plain", lambda ck: injectivity_floors(cfg, d.toy, g))
     rows, by_steps, _ = run.stage("evaluation", "plain", lambda ck: run.evaluate())  # _: samples, for figures
@@ -2726,8 +2710,7 @@ class PipelineRun:
                                    "delete it (or use another --out folder) to redo that stage")
             result = saved["result"]
             if kind in _MODEL_KINDS:  # built first: building a model draws from the global generator
-                model = _saved_model(self.cfg, kind, result["model"])
-                result = (model.eval().requires_grad_(False) if kind == "classifier" else model, result["losses"])
+                result = (_saved_model(self.cfg, kind, result["model"]), result["losses"])
             elif kind == "tensors":  # loaded on the CPU: back to the device they were made on
                 result = {k: v.to(self.cfg.device) for k, v in result.items()}
             self.g.set_state(saved["rng"])
@@ -2736,8 +2719,7 @@ class PipelineRun:
             self.log(f"stage: {name} (finished earlier: loaded {path}.pt)")
         else:
             self.log(f"stage: {name}")
-            partial = path + ".partial.pt" if path else None
-            ckpt = StageCheckpoint(partial, self.cfg.train.checkpoint_every, config=self.cfg.to_dict())
+            ckpt = StageCheckpoint(path and path + ".partial.pt", self.cfg.train.checkpoint_every, self.cfg.to_dict())
             result = fn(ckpt)
             self.seconds[name] = round(ckpt.elapsed(), 2)  # the time before an interruption included
             if path:  # a model as its whole state dict: every rank joins an FSDP gather
@@ -2745,8 +2727,8 @@ class PipelineRun:
                 if self.rank == 0:
                     save_atomic({"result": packed, "rng": self.g.get_state(), "torch_rng": torch.get_rng_state(),
                                  "seconds": self.seconds[name], "config": self.cfg.to_dict()}, path + ".pt")
-                    if os.path.exists(partial):
-                        os.remove(partial)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path + ".partial.pt")
             self.log(f"  {name}: {self.seconds[name]:.1f} s")
         if kind in _MODEL_KINDS:
             self.losses[name] = result[1]
@@ -2757,44 +2739,41 @@ class PipelineRun:
         """DMD's conditions on moving digits: uniformly drawn digit labels."""
         return label_cond(torch.randint(10, (batch, self.cfg.data.num_digits), generator=rng)).to(self.cfg.device)
 
+    def metrics(self, videos: torch.Tensor, labels=None) -> dict:
+        """digit_metrics or toy_metrics of videos (made for `labels`, on moving digits) against the held-out ones."""
+        if self.digits:
+            return digit_metrics(videos, labels, self.data.test, self.classifier, self.cfg.model.chunk_frames)
+        return toy_metrics(videos, self.data.toy, self.data.test, self.cfg.eval.transition_tol_degrees)
+
     def evaluate(self) -> tuple[dict, dict, dict]:
-        """Samples every row's model with its sampler (sample_row), then the STEP_ROWS students streamed
-        with 1, 2 and 4 steps (the first chunk always 4), each from the same seed, and measures them.
-        Returns (rows, {row: {steps: metrics}}, {"samples": {row: videos}, "steps": {"row (k steps)": videos}})."""
+        """Samples every row's model with its sampler (sample_row), and the STEP_ROWS students with 1, 2 and 4 steps
+        (the first chunk 4) from one seed; measures the videos, NFE and wall time per frame. Returns (rows,
+        {row: {steps: metrics}}, {"samples": {row: videos}, "steps": {"row (k steps)": videos}})."""
+
         cfg, n = self.cfg, self.cfg.eval.eval_samples
         labels = torch.arange(n)[:, None].repeat(1, cfg.data.num_digits) % 10  # every digit alike
         cond = label_cond(labels).to(cfg.device) if self.data.cond is not None else None
-        asked = labels if cond is not None else None  # what the metrics check the samples' digits against
+
+        def measure(model: CausalDiT, sample: Callable) -> tuple[torch.Tensor, dict]:
+            t0 = time.perf_counter()
+            with count_frame_evaluations(model) as nfe:
+                x = sample()
+            wall, frames = time.perf_counter() - t0, n * cfg.data.frames
+            x = x.cpu()
+            metrics = self.metrics(x, labels if cond is not None else None)
+            return x, {**metrics, "nfe_per_frame": nfe["sample_frames"] / frames, "ms_per_frame": 1000 * wall / frames}
         rows, by_steps, samples = {}, {}, {"samples": {}, "steps": {}}
         for row in [r for r in (DIGIT_ROWS if self.digits else ROWS) if r in self.models]:
             model = self.models[row].eval()
-            sample = lambda: sample_row(row, model, cfg, n, cond, rng=self.g)  # noqa: E731
-            samples["samples"][row], rows[row] = self._measure(sample, model, asked)
+            samples["samples"][row], rows[row] = measure(model, lambda: sample_row(row, model, cfg, n, cond, self.g))
         for row in [r for r in STEP_ROWS if r in self.models]:
             model, by_steps[row] = self.models[row], {}
             for k in (1, 2, 4):  # the same seed for every step count and row (self.g is left as it was)
-                steps = streaming_steps(cfg.sample, k)
-                sample = lambda: sample_student(  # noqa: E731
-                    model, num_frames=cfg.data.frames, batch_size=n, cond=cond,
-                    rng=torch.Generator().manual_seed(cfg.seed), **steps)
                 name = f"{row} ({k} step{'s' if k > 1 else ''})"
-                samples["steps"][name], by_steps[row][str(k)] = self._measure(sample, model, asked)
+                samples["steps"][name], by_steps[row][str(k)] = measure(model, lambda: sample_student(
+                    model, num_frames=cfg.data.frames, batch_size=n, cond=cond,
+                    rng=torch.Generator().manual_seed(cfg.seed), **streaming_steps(cfg.sample, k)))
         return rows, by_steps, samples
-
-    def _measure(self, sample: Callable, model: CausalDiT, labels) -> tuple[torch.Tensor, dict]:
-        """Runs sample() and measures its videos, the network evaluations and the wall time per frame."""
-        cfg, d = self.cfg, self.data
-        t0 = time.perf_counter()
-        with count_frame_evaluations(model) as nfe:
-            x = sample()
-        wall = time.perf_counter() - t0
-        x = x.cpu()
-        if self.digits:
-            metrics = digit_metrics(x, labels, d.test, self.classifier, cfg.model.chunk_frames)
-        else:
-            metrics = toy_metrics(x, d.toy, d.test, cfg.eval.transition_tol_degrees)
-        frames = cfg.eval.eval_samples * cfg.data.frames
-        return x, {**metrics, "nfe_per_frame": nfe["sample_frames"] / frames, "ms_per_frame": 1000 * wall / frames}
 
     def finish(self, rows: dict, by_steps: dict) -> dict:
         """The results dict: every row, each stage's time and training throughput, and the data's own
@@ -2802,35 +2781,29 @@ class PipelineRun:
         With `out` it writes results.json, losses.json (DMD's without its rollouts) and models.pt."""
         cfg, g, d, t = self.cfg, self.g, self.data, self.cfg.train
         results = {"config": cfg.to_dict(), "rows": rows, "stage_seconds": self.seconds, "world_size": self.world}
-        # training throughput: clips through each stage's optimizer per second (DMD: the critic's)
-        plain, dmd, cd = t.batch_size, t.dmd_batch_size or t.batch_size, t.cd_batch_size or t.batch_size
-        work = {"bidirectional_base": (t.base_steps, plain), "ar_teacher": (t.teacher_steps, plain),
-                "ar_teacher_diffusion_forcing": (t.teacher_steps, plain),
-                "ode_student_bidirectional": (t.ode_steps, plain), "ode_student_ar": (t.ode_steps, plain),
-                "dmd_self_forcing": (t.dmd_steps, dmd), "dmd_causal_forcing": (t.dmd_steps, dmd),
-                "consistency_student_ar": (t.cd_steps, cd), "dmd_causal_forcing_pp": (t.dmd_steps, dmd)}
-        results["train_clips_per_second"] = {k: round(steps * batch / self.seconds[k], 1)
-                                             for k, (steps, batch) in work.items() if self.seconds.get(k)}
-        n, tol = cfg.eval.eval_samples, cfg.eval.transition_tol_degrees
+        results["train_clips_per_second"] = {}  # clips through each stage's optimizer per second (DMD: the critic's)
+        for k, losses in self.losses.items():
+            steps = len(losses["critic"] if isinstance(losses, dict) else losses)  # a loss per step
+            batch = {"dmd": t.dmd_batch_size, "consistency": t.cd_batch_size}.get(k.split("_")[0]) or t.batch_size
+            if k != "digit_classifier" and self.seconds[k]:  # the metrics' classifier is not the method's
+                results["train_clips_per_second"][k] = round(steps * batch / self.seconds[k], 1)
+        n = cfg.eval.eval_samples
         if self.digits:  # fresh held-out videos, class-balanced as the generated rows are
-            videos, labels = balanced_digit_videos(cfg.data, n, d.split["test"], g)
-            results["data"] = digit_metrics(videos, labels, d.test, self.classifier, cfg.model.chunk_frames)
-            results["digits"] = d.split["source"]
-            results["classifier_accuracy"] = self.accuracy
-        else:
-            results["data"] = toy_metrics(d.toy.sample(n, g), d.toy, d.test, tol)
-            results["exact_teachers"] = {}  # the exact teachers through the same sampler: a perfect network
+            results.update(data=self.metrics(*balanced_digit_videos(cfg.data, n, d.split["test"], g)),
+                           digits=d.split["source"], classifier_accuracy=self.accuracy)
+        else:  # and the exact teachers through the same sampler: a perfect network
+            results["data"] = self.metrics(d.toy.sample(n, g))
+            results["exact_teachers"] = {}
             for name, flow in exact_flows(cfg, d.toy).items():
                 eps = torch.randn(n, cfg.data.frames, 2, 1, 1, generator=g, dtype=torch.float64)
-                results["exact_teachers"][name] = toy_metrics(flow(eps), d.toy, d.test, tol)
-            results["injectivity_floor"] = self.floors
-            results["ode_loss_at_sigma_1"] = self.ode_losses
+                results["exact_teachers"][name] = self.metrics(flow(eps))
+            results.update(injectivity_floor=self.floors, ode_loss_at_sigma_1=self.ode_losses)
+
         if by_steps:
             results["steps"] = by_steps
-        if self.out:
-            states = {k: full_state_dict(m) for k, m in self.models.items()}  # every rank joins the gather
-            if self.classifier is not None:
-                states["digit_classifier"] = self.classifier.state_dict()
+        if self.out:  # every rank joins the gather of the models' states
+            models = {**self.models, "digit_classifier": self.classifier}
+            states = {k: full_state_dict(m) for k, m in models.items() if m is not None}
             if self.rank == 0:
                 losses = {k: v if isinstance(v, list) else {key: r for key, r in v.items() if key != "snapshots"}
                           for k, v in self.losses.items()}
@@ -2862,13 +2835,11 @@ def format_table(results: dict) -> str:
         floor = results["injectivity_floor"]
         numbers = lambda values: "  ".join(f"{v:.3f}" for v in values)  # noqa: E731
         notes = ["injectivity floor E[Var(phi(eps)^i | eps^<=i)] per frame (exact teachers):",
-                 "  bidirectional: " + numbers(floor["per_frame"]["bidirectional"]),
-                 "  ar:            " + numbers(floor["per_frame"]["ar"]),
+                 *(f"  {kind + ':':15s}" + numbers(v) for kind, v in floor["per_frame"].items()),
                  "  off-manifold fraction of E[phi_Bi(eps)^i | eps^<=i], the best causal student's frame: "
-                 + numbers(floor["conditional_mean_off_manifold"])]
-        notes += [f"  ode student from {kind:13s} held-out loss at sigma=1: " + numbers(v)
-                  for kind, v in results.get("ode_loss_at_sigma_1", {}).items()]
-        notes += ["", seconds]
+                 + numbers(floor["conditional_mean_off_manifold"]),
+                 *(f"  ode student from {kind:13s} held-out loss at sigma=1: " + numbers(v)
+                   for kind, v in results.get("ode_loss_at_sigma_1", {}).items()), "", seconds]
     lines = [f"{'row':{width}s}" + "".join(f"{h:>{col}s}" for h in heads)]
     for row, m in [*named, *results["rows"].items()]:
         lines.append(f"{row:{width}s}" + "".join(f"{m.get(c, float('nan')):{col}.3f}" for c in cols))
@@ -2878,26 +2849,24 @@ def format_table(results: dict) -> str:
 # ==== II.8 command line ==========================================================================
 
 
-def _parse_override(text: str, types: dict) -> tuple[str, object]:
+def _parse_override(text: str) -> tuple[str, object]:
     """--set KEY=VALUE: the value as JSON where it parses (3, 0.5, true, [1, 2]), else as text (get_config
-    checks its type). The preset's `name` is --config's, not a setting."""
+    checks the key and the type). The preset's `name` is --config's, not a setting."""
     key, sep, raw = text.partition("=")
     if not sep:
         raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
-    if key == "name" or key not in types:
-        raise ValueError(f"{key} is the preset's name: choose the preset with --config" if key == "name" else
-                         f"unknown config key {key!r}; valid keys: {', '.join(sorted(set(types) - {'name'}))}")
-    try:
+    if key == "name":
+        raise ValueError("name is the preset's name: choose the preset with --config")
+    with contextlib.suppress(json.JSONDecodeError):
         return key, None if raw == "None" else json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
+    return key, raw
 
 
 def _config_from_flags(parser, name: str, sets: list, device: Optional[str], **flags) -> Config:
     """get_config from --config, --set KEY=VALUE, --device and the other flags given (not None); a bad key
     or value, or a key given twice (--seed 1 --set seed=2), is a usage error."""
     try:
-        given = [_parse_override(s, _field_types()) for s in sets]
+        given = [_parse_override(s) for s in sets]
         given += [(k, v) for k, v in {"device": device, **flags}.items() if v is not None]
         keys = [k for k, _ in given]
         twice = sorted({k for k in keys if keys.count(k) > 1})
@@ -2909,18 +2878,16 @@ def _config_from_flags(parser, name: str, sets: list, device: Optional[str], **f
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description="Causal Forcing: trains every stage on toy 2-D videos or moving "
                                      "digits (--config mnist) and prints the table; the same command again resumes "
                                      "from the stages saved in --out. Streaming speed: examples/bench.py.")
     parser.add_argument("--config", default="toy2d", choices=sorted(_PRESETS), help="named preset (default toy2d)")
-    parser.add_argument("--out", help="run folder: stages/, results.json, losses.json, models.pt "
-                        "(default runs/<config>)")
+    parser.add_argument("--out", help="run folder (default runs/<config>): stages/, results.json, models.pt, ...")
     parser.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by name, e.g. --set frames=6 --set chunk_frames=2 (repeatable)")
-    parser.add_argument("--mnist-dir", help="folder with the MNIST IDX files (raw or .gz) for --config mnist; "
-                        "default $CAUSAL_FORCING_MNIST, else the digit sprites in toy_data/")
+    parser.add_argument("--mnist-dir", help=f"folder with the MNIST IDX files (raw or .gz) for --config mnist "
+                        f"(default ${MNIST_ENV}, else the digit sprites in toy_data/)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: auto)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -2940,9 +2907,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:  # bad input: another config or run in --out, a missing or unwritable file
         parser.error(str(e))
     if rank == 0:
-        print(f"\n{format_table(results)}")
-        print(f"\ntotal {time.perf_counter() - t0:.1f} s on {world} process(es); wrote "
+        print(f"\n{format_table(results)}\n\ntotal {time.perf_counter() - t0:.1f} s on {world} process(es); wrote "
               f"{os.path.join(out, 'results.json')}")
+
     return 0
 
 

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = parser.parse_args(argv)
     try:  # a misspelt key, a bad value or a folder that is not a finished toy run: a usage error, no traceback
-        overrides = dict(cf._parse_override(kv, cf._field_types()) for kv in args.set)
+        overrides = dict(map(cf._parse_override, args.set))
         saved = cf.run_config(args.run, device="cpu")
         cfg = cf.run_config(args.run, device="cpu", **overrides)
         if saved.data.dataset != "toy2d":
