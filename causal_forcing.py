@@ -2781,12 +2781,15 @@ class PipelineRun:
         With `out` it writes results.json, losses.json (DMD's without its rollouts) and models.pt."""
         cfg, g, d, t = self.cfg, self.g, self.data, self.cfg.train
         results = {"config": cfg.to_dict(), "rows": rows, "stage_seconds": self.seconds, "world_size": self.world}
-        results["train_clips_per_second"] = {}  # clips through each stage's optimizer per second (DMD: the critic's)
-        for k, losses in self.losses.items():
-            steps = len(losses["critic"] if isinstance(losses, dict) else losses)  # a loss per step
-            batch = {"dmd": t.dmd_batch_size, "consistency": t.cd_batch_size}.get(k.split("_")[0]) or t.batch_size
-            if k != "digit_classifier" and self.seconds[k]:  # the metrics' classifier is not the method's
-                results["train_clips_per_second"][k] = round(steps * batch / self.seconds[k], 1)
+        # training throughput: clips through each stage's optimizer per second (DMD: the critic's)
+        plain, dmd, cd = t.batch_size, t.dmd_batch_size or t.batch_size, t.cd_batch_size or t.batch_size
+        work = {"bidirectional_base": (t.base_steps, plain), "ar_teacher": (t.teacher_steps, plain),
+                "ar_teacher_diffusion_forcing": (t.teacher_steps, plain),
+                "ode_student_bidirectional": (t.ode_steps, plain), "ode_student_ar": (t.ode_steps, plain),
+                "dmd_self_forcing": (t.dmd_steps, dmd), "dmd_causal_forcing": (t.dmd_steps, dmd),
+                "consistency_student_ar": (t.cd_steps, cd), "dmd_causal_forcing_pp": (t.dmd_steps, dmd)}
+        results["train_clips_per_second"] = {k: round(steps * batch / self.seconds[k], 1)
+                                             for k, (steps, batch) in work.items() if self.seconds.get(k)}
         n = cfg.eval.eval_samples
         if self.digits:  # fresh held-out videos, class-balanced as the generated rows are
             results.update(data=self.metrics(*balanced_digit_videos(cfg.data, n, d.split["test"], g)),
