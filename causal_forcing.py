@@ -1480,9 +1480,8 @@ def _coerce(key: str, value, typ):
 
 
 def get_config(name: str = "toy2d", **overrides) -> Config:
-    """A named preset with overrides by field name, wherever it lives: get_config("toy2d", chunk_frames=2, frames=6).
-    All is checked before anything is built or run; one ValueError lists each value's own problems (key, type,
-    _RANGES, _CHOICES) or, if none, those of values that must agree (_disagreements)."""
+    """A named preset with overrides by field name, wherever it lives: get_config("toy2d", chunk_frames=2). Before
+    anything runs, one ValueError lists each value's problems (key, type, _RANGES, _CHOICES), else _disagreements."""
     if name not in _PRESETS:
         raise ValueError(f"unknown config {_short(name)}; available: {sorted(_PRESETS)}")
     types, cfg = _field_types(), Config(name=name)
@@ -1522,8 +1521,9 @@ def _disagreements(cfg: Config) -> list[str]:
         (m.window_frames is None or m.window_frames - m.sink_frames >= m.chunk_frames,
          f"window_frames={m.window_frames} - sink_frames={m.sink_frames} must hold a chunk ({m.chunk_frames})"),
         (m.sink_frames >= 0 and m.sink_frames % m.chunk_frames == 0,
-         f"sink_frames={m.sink_frames} must be a multiple of chunk_frames={m.chunk_frames}"),
-        (not t.cd_steps or getattr(s, grid) >= 2, f"{grid}={getattr(s, grid)}: consistency distillation needs 2+ steps"),
+         f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames={m.chunk_frames}"),
+        (not t.cd_steps or getattr(s, grid) >= 2,
+         f"{grid}={getattr(s, grid)}: consistency distillation needs a grid of at least 2 steps"),
     ]
     for key in ("denoising_steps", "pp_denoising_steps"):  # as the samplers take them
         steps = getattr(s, key)
@@ -1535,8 +1535,7 @@ def _disagreements(cfg: Config) -> list[str]:
             ((m.in_channels, m.height, m.width) == (1, d.canvas, d.canvas),
              f"moving digits are 1x{d.canvas}x{d.canvas} frames: set in_channels=1, height=width=canvas={d.canvas}"),
             (d.digit_size <= d.canvas, f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas"),
-            (d.num_digits == 1, f"num_digits={d.num_digits}: the pipeline's label conditions and digit metrics read "
-             "one digit a video (moving_digits() itself makes any number)"),
+            (d.num_digits == 1, f"num_digits={d.num_digits}: the pipeline's label conditions and metrics take one"),
             (d.canvas % 8 == 0, f"canvas={d.canvas} must be a multiple of 8 (the digit classifier pools three times)"),
             (m.cond_dim in (0, 10), f"cond_dim={m.cond_dim} must be 10 (a one-hot label) or 0 (unconditional)"),
         ]
@@ -1601,30 +1600,16 @@ def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, cl
     if kv_cache is not None and clean_context is not None:
         raise ValueError("pass either kv_cache or clean_context, not both")
     if clean_context is not None:
-        _check_tensor(model, clean_context, "clean_context", lambda v: v.shape == x.shape, f"the shape of x {x.shape}")
+        _check_tensor(model, clean_context, "clean_context", lambda v: v.shape == x.shape,
+                      f"the shape of x {tuple(x.shape)}")
     if kv_cache is not None:
-        check_cache(model, kv_cache, B, start_frame, F)
+        check_cache(model, kv_cache, B)
+        _check_cache_call(kv_cache, start_frame, F)
 
 
-def check_cache(model, cache, batch: int, start_frame: Optional[int] = None, num_frames: int = 0) -> None:
-    """The cache must be one model.new_kv_cache(batch) makes (a full-attention model may use any window); frames
-    [start_frame, + num_frames), the next ones or ones written again, must find there the frames they attend to."""
-    c, (layers, _, heads, _, tokens, head_dim) = model.cfg, cache.k.shape
-    window, sink = cache.window_frames, cache.sink_frames
-    own_window = (window, sink) if c.window_frames is None else (c.window_frames, c.sink_frames)
-    made_for = [("layers", layers, len(model.blocks)), ("heads", heads, c.num_heads),
-                ("head dim", head_dim, c.dim // c.num_heads), ("tokens per frame", tokens, model.tokens_per_frame),
-                ("chunk_frames", cache.chunk_frames, c.chunk_frames),
-                ("rope_positions", cache.rope_positions, c.rope_positions),
-                ("(window_frames, sink_frames)", (window, sink), own_window)]
-    wrong = [f"{name}={got!r} is not the model's {own!r}" for name, got, own in made_for if got != own]
-    if wrong:
-        raise ValueError(f"this KV cache was made for another model ({'; '.join(wrong)}): use model.new_kv_cache")
-    if batch != cache.batch_size:
-        raise ValueError(f"batch size {batch} does not match the KV cache's {cache.batch_size}")
-    if start_frame is None:
-        return
-    end = start_frame + num_frames
+def _check_cache_call(cache, start_frame: int, num_frames: int) -> None:
+    """Frames [start, start + F) through the cache: the next ones, or ones written again that it still holds."""
+    end, window, sink = start_frame + num_frames, cache.window_frames, cache.sink_frames
     if not 0 <= start_frame <= cache.end:
         raise ValueError(f"start_frame={start_frame} is beyond the KV cache: start at frame {cache.end} at most")
     if end > (cache.max_frames if window is None else start_frame + window - sink):
@@ -1635,6 +1620,23 @@ def check_cache(model, cache, batch: int, start_frame: Optional[int] = None, num
     missing = sorted(set(needed.nonzero().flatten().tolist()) - set(cache.slot_frame.tolist()))
     if missing:
         raise ValueError(f"frames {missing} are no longer in the rolling KV cache: re-denoise only the latest chunk")
+
+
+def check_cache(model, cache, batch: int) -> None:
+    """The cache must be one model.new_kv_cache(batch) makes (a full-attention model may use any window)."""
+    c, (layers, _, heads, _, tokens, head_dim) = model.cfg, cache.k.shape
+    window = (cache.window_frames, cache.sink_frames)
+    made_for = [("layers", layers, len(model.blocks)), ("heads", heads, c.num_heads),
+                ("head dim", head_dim, c.dim // c.num_heads), ("tokens per frame", tokens, model.tokens_per_frame),
+                ("chunk_frames", cache.chunk_frames, c.chunk_frames),
+                ("rope_positions", cache.rope_positions, c.rope_positions),
+                ("(window_frames, sink_frames)", window, window if c.window_frames is None else
+                 (c.window_frames, c.sink_frames))]
+    wrong = [f"{name}={got!r} is not the model's {own!r}" for name, got, own in made_for if got != own]
+    if wrong:
+        raise ValueError(f"this KV cache was made for another model ({'; '.join(wrong)}): use model.new_kv_cache")
+    if batch != cache.batch_size:
+        raise ValueError(f"batch size {batch} does not match the KV cache's {cache.batch_size}")
 
 
 def check_cond(model, cond, batch: int, name: str = "cond", like=None) -> None:
@@ -1659,15 +1661,14 @@ def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
                         f"{type(sigmas).__name__}") from None
     if s.dim() != 1 or not len(s) or not ((s >= 0) & (s <= 1)).all() or not (s[1:] < s[:-1]).all():
         raise ValueError(f"{name} must be a non-empty, strictly descending list of noise levels in [0, 1]: "
-                         f"{_short(s.tolist())}")
+                         f"{s.tolist()}")
     return s
 
 
 def check_sampling(model, sigmas, batch_size: int, num_frames: int, cond=None, uncond=None,
                    context_noise: float = 0.0, renoise: str = "fresh", kv_cache=None, prefix=None) -> torch.Tensor:
-    """A sampler's arguments, before any work: its noise levels (returned as check_sigmas's), the sizes, the model's
-    dtype (samplers draw noise in torch's default dtype), context_noise, renoise, the condition and the guidance's
-    uncond, a given KV cache, and a prefix of clean frames (whole chunks) to continue."""
+    """A sampler's arguments, before any work (returns the sigmas as check_sigmas does): the sizes, the model's dtype
+    (noise comes in torch's default dtype), context_noise, renoise, cond and uncond, a KV cache, a prefix to go on."""
     sigmas = check_sigmas(sigmas)
     w, default = next(model.parameters()), torch.get_default_dtype()
     if w.dtype != default and not model.uses_bf16(w.device):
@@ -1760,9 +1761,8 @@ def checkpoint_entry(state: dict, key: Optional[str] = None) -> Optional[str]:
 
 
 def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
-    """Wan's bare parameter names from the official files, a Causal/Self Forcing checkpoint's entry (checkpoint_entry;
-    {"model." + name: tensor}), under FSDP's, DDP's ("module.") or torch.compile's ("_orig_mod.") wrappers, or
-    in Diffusers' names."""
+    """Wan's bare parameter names from the official files, a Causal/Self Forcing checkpoint's entry (checkpoint_entry),
+    under FSDP, DDP ("module.") or torch.compile ("_orig_mod.") wrappers, or in Diffusers' names (diffusers_to_wan)."""
     import re
 
     entry, wrappers = checkpoint_entry(state, key), "_fsdp_wrapped_module|_orig_mod|_checkpoint_wrapped_module"
@@ -1841,9 +1841,8 @@ def _read_transformer_folder(folder: str) -> dict:
 
 def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None,
                      log: Optional[Callable] = None) -> nn.Module:
-    """Loads Wan2.1 DiT weights into `model` strictly (every parameter, with its shape, and nothing else) from a
-    .safetensors or torch file (checksums checked) or a Diffusers folder; `key`: the checkpoint's entry
-    (checkpoint_entry: Causal/Self Forcing's generator by default); `log` is told which entry was loaded."""
+    """Loads Wan2.1 DiT weights strictly (every parameter, its shape, nothing else) from a .safetensors or torch file
+    (checksums checked) or a Diffusers folder; `key`: see checkpoint_entry; `log` is told which entry was loaded."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint file or Diffusers folder at {path!r}")
     raw = _read_transformer_folder(path) if os.path.isdir(path) else _read_checkpoint(path)
