@@ -1660,8 +1660,7 @@ def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
         raise TypeError(f"{name} must be a list of noise levels such as student_sigmas(cfg.sample), got "
                         f"{type(sigmas).__name__}") from None
     if s.dim() != 1 or not len(s) or not ((s >= 0) & (s <= 1)).all() or not (s[1:] < s[:-1]).all():
-        raise ValueError(f"{name} must be a non-empty, strictly descending list of noise levels in [0, 1]: "
-                         f"{s.tolist()}")
+        raise ValueError(f"{name} must be a non-empty, strictly descending list in [0, 1], got {s.tolist()}")
     return s
 
 
@@ -1832,7 +1831,8 @@ def _read_transformer_folder(folder: str) -> dict:
             raise ValueError(f"{index!r} is not a shard index ({type(e).__name__}: {e}); download it again") from None
         outside = sorted(set(shards) - set(os.listdir(folder)))  # also "../x", "/x" or "sub/x": not names there
         if outside:
-            raise ValueError(f"{index!r} names shards that are not files in its folder: {_short(outside)}")
+            raise ValueError(f"{index!r} names shards that are not files in its folder: {_short(outside)}; download "
+                             "the folder again")
     elif not os.path.isfile(os.path.join(folder, shards[0])):
         raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its .index.json) in {folder!r}: give the "
                                 "transformer/ folder of a Wan2.1 Diffusers download")
