@@ -1475,7 +1475,7 @@ def _coerce(key: str, value, typ):
     typ = next((a for a in typing.get_args(typ) if a is not type(None)), typ)  # Optional[int] -> int
     allowed = {float: (int, float), tuple: (tuple, list)}.get(typ, typ)
     if not isinstance(value, allowed) or (isinstance(value, bool) and typ is not bool):
-        raise ValueError(f"config override {key}={_short(value)} is a {type(value).__name__}, not a {typ.__name__}")
+        raise ValueError(f"config override {key}={_short(value)} has type {type(value).__name__}, not {typ.__name__}")
     return float(value) if typ is float else tuple(value) if typ is tuple else value
 
 
@@ -1515,7 +1515,7 @@ def _disagreements(cfg: Config) -> list[str]:
          f"DMD sigmas: 0 < dmd_min_sigma={t.dmd_min_sigma} < dmd_max_sigma={t.dmd_max_sigma} <= 1 does not hold"),
         (m.dim % m.num_heads == 0 and head % 2 == 0 and head >= 6,
          f"dim={m.dim} must be num_heads={m.num_heads} times an even head dim >= 6 (3-D rotary positions)"),
-        (params <= 50e9, f"about {params:.1e} parameters (dim, ffn_dim, num_layers): over 5e10 (Wan2.1 14B: 1.4e10)"),
+        (params <= 50e9, f"dim, ffn_dim, num_layers give about {params:.1e} parameters, over 5e10 (Wan2.1 14B 1.4e10)"),
         (m.height % m.patch_size == 0 and m.width % m.patch_size == 0,
          f"height={m.height}, width={m.width} must be multiples of patch_size={m.patch_size}"),
         (m.window_frames is None or m.window_frames - m.sink_frames >= m.chunk_frames,
@@ -1535,7 +1535,8 @@ def _disagreements(cfg: Config) -> list[str]:
             ((m.in_channels, m.height, m.width) == (1, d.canvas, d.canvas),
              f"moving digits are 1x{d.canvas}x{d.canvas} frames: set in_channels=1, height=width=canvas={d.canvas}"),
             (d.digit_size <= d.canvas, f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas"),
-            (d.num_digits == 1, f"num_digits={d.num_digits}: the pipeline's label conditions and metrics take one"),
+            (d.num_digits == 1, f"num_digits={d.num_digits}: the pipeline's label conditions and digit metrics read "
+             "one digit a video"),
             (d.canvas % 8 == 0, f"canvas={d.canvas} must be a multiple of 8 (the digit classifier pools three times)"),
             (m.cond_dim in (0, 10), f"cond_dim={m.cond_dim} must be 10 (a one-hot label) or 0 (unconditional)"),
         ]
