@@ -1403,17 +1403,14 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
 
 
 _PRESETS: dict[str, dict] = {
-    # One token a frame, frame-wise causal blocks as in the paper's frame-wise models. The base, from scratch, needs
-    # the low noise levels that place a frame: sigmas unshifted, weighted uniformly (upstream: shifted, bump); the AR
-    # teacher, adapting it to the causal mask, more steps at a higher lr than a fine-tune. Consistency distillation:
-    # a 16-step grid (upstream 48: each link trained 3x as often), batches of 64, an EMA target that follows faster.
+    # One token a frame. The base, from scratch, needs the low noise levels that place a frame: unshifted sigmas,
+    # weighted uniformly (upstream: shifted, bump); the AR teacher adapts to the causal mask with more steps at a
+    # higher lr than a fine-tune. CD: 16 grid steps (upstream 48: each trained 3x as often), a faster EMA target.
     "toy2d": dict(fm_shift=1.0, fm_weight="uniform", base_lr=4e-3, base_steps=2000, teacher_lr=2e-3, teacher_steps=1200,
                   cd_grid_steps=16, cd_batch_size=64, cd_ema_decay=0.95, dmd_batch_size=128),  # DMD: ~3 minutes
-    # Moving digits, sized for every stage (Causal Forcing++'s two too) in under 30 minutes on a 2-core CPU: 8 frames
-    # of 16x16 (12-pixel digits), patch 4 -> 16 tokens a frame, chunks of 2, the label as a one-token condition, a
-    # milder noise shift for small frames, 100 DMD generator updates (ratio 2, upstream 5), 250 consistency steps on
-    # the teachers' 16-step grid. The paper's data, at a GPU's cost: canvas=64, height=64, width=64, digit_size=28,
-    # num_digits=2, frames=20, speed=0.1.
+    # Moving digits, every stage (Causal Forcing++'s too) in under 30 minutes on a 2-core CPU: 16x16 frames, patch 4,
+    # the label as a one-token condition, a milder shift for small frames, DMD ratio 2 (upstream 5). The paper's data,
+    # at a GPU's cost: canvas, height, width 64, digit_size=28, num_digits=2, frames=20, speed=0.1.
     "mnist": dict(dataset="moving_digits", frames=8, canvas=16, digit_size=12, num_digits=1, speed=0.25,
                   train_size=10000, test_size=1000, in_channels=1, height=16, width=16, patch_size=4, dim=96,
                   ffn_dim=384, num_heads=4, num_layers=4, freq_dim=64, cond_dim=10, chunk_frames=2, batch_size=64,
@@ -1421,8 +1418,7 @@ _PRESETS: dict[str, dict] = {
                   ode_lr=5e-4, dmd_steps=200, dmd_batch_size=32, gen_update_ratio=2, gen_lr=5e-5, critic_lr=4e-4,
                   ema_start_step=50, shift=1.5, teacher_solver_steps=16, teacher_guidance=4.0, real_guidance=4.0,
                   eval_samples=250, cd_steps=250, cd_batch_size=32, renoise="ode"),
-    # Wan2.1-T2V-1.3B: latent clips of 21 frames x 16 channels x 60 x 104 (480x832 pixels), patch 2 -> 1560 tokens a
-    # frame, chunks of 3 frames, umT5 text 512 x 4096.
+    # Wan2.1-T2V-1.3B: 21 latent frames of 16 x 60 x 104 (480x832 pixels), 1560 tokens a frame, umT5 text 512 x 4096.
     "wan-1.3b": dict(dataset="none", dmd_snapshots=0, frames=21, in_channels=16, height=60, width=104, patch_size=2,
                      dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, freq_dim=256, cond_dim=4096, text_len=512,
                      chunk_frames=3),
@@ -1448,11 +1444,10 @@ _RANGES = (
     (lambda v: 0 <= v < 2**63, "must lie in [0, 2**63 - 1] (torch.Generator's seeds)", "seed"),
 )
 _CHOICES = {  # the fields that name one of a few choices
-    "dataset": ("toy2d", "moving_digits", "none"), "rope_positions": ROPE_POSITIONS,
-    "attention": ("auto", "dense", "flex"), "precision": ("auto", "fp32", "bf16"),
+    "dataset": ("toy2d", "moving_digits", "none"), "rope_positions": ROPE_POSITIONS, "renoise": ("fresh", "ode"),
+    "attention": ("auto", "dense", "flex"), "precision": ("auto", "fp32", "bf16"), "fm_weight": ("bump", "uniform"),
     "data_parallel": ("auto", "ddp", "fsdp"), "teacher_mode": ("teacher_forcing", "diffusion_forcing"),
-    "ode_step_draw": ("upstream", "batch", "sample", "chunk"), "fm_weight": ("bump", "uniform"),
-    "renoise": ("fresh", "ode"),
+    "ode_step_draw": ("upstream", "batch", "sample", "chunk"),
 }
 
 
@@ -1480,29 +1475,27 @@ def _coerce(key: str, value, typ):
     typ = next((a for a in typing.get_args(typ) if a is not type(None)), typ)  # Optional[int] -> int
     allowed = {float: (int, float), tuple: (tuple, list)}.get(typ, typ)
     if not isinstance(value, allowed) or (isinstance(value, bool) and typ is not bool):
-        raise ValueError(f"config override {key}={_short(value)} has type {type(value).__name__}, "
-                         f"expected {typ.__name__}")
+        raise ValueError(f"config override {key}={_short(value)} has type {type(value).__name__}, not {typ.__name__}")
     return float(value) if typ is float else tuple(value) if typ is tuple else value
 
 
 def get_config(name: str = "toy2d", **overrides) -> Config:
-    """A named preset with overrides by field name, wherever the field lives: get_config("toy2d", chunk_frames=2,
-    frames=6). Every value is checked before anything is built, written or trained; one ValueError lists the problems:
-    each value's own (its key, type, _RANGES, _CHOICES), else those of values that must agree (_disagreements)."""
+    """A named preset with overrides by field name, wherever it lives: get_config("toy2d", chunk_frames=2). Before
+    anything runs, one ValueError lists each value's problems (key, type, _RANGES, _CHOICES), else _disagreements."""
     if name not in _PRESETS:
         raise ValueError(f"unknown config {_short(name)}; available: {sorted(_PRESETS)}")
     types, cfg = _field_types(), Config(name=name)
+    parts = {"": cfg, **{section: getattr(cfg, section) for section in _SECTIONS}}
     for key, value in {**_PRESETS[name], **overrides}.items():
         if key not in types:
             raise ValueError(f"unknown config key {_short(key)}; valid keys: {', '.join(sorted(types))}")
-        section, typ = types[key]
-        setattr(getattr(cfg, section) if section else cfg, key, _coerce(key, value, typ))
-    values = {key: getattr(getattr(cfg, section) if section else cfg, key) for key, (section, _) in types.items()}
+        setattr(parts[types[key][0]], key, _coerce(key, value, types[key][1]))
+    values = {key: getattr(parts[section], key) for key, (section, _) in types.items()}
     problems = [f"{key}={_short(values[key])} {rule}" for ok, rule, keys in _RANGES for key in keys.split()
                 if values[key] is not None and not ok(values[key])]
     problems += [f"{key}={_short(values[key])} is not {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}"
                  for key, choices in _CHOICES.items() if values[key] not in choices]
-    problems = problems or _disagreements(cfg)  # values that must agree are compared once each is in range
+    problems = problems or _disagreements(cfg)
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
     cfg.device = resolve_device(cfg.device)
@@ -1514,37 +1507,36 @@ def get_config(name: str = "toy2d", **overrides) -> Config:
 def _disagreements(cfg: Config) -> list[str]:
     """get_config's problems of values that must fit together (each value is in its range)."""
     d, m, t, s = cfg.data, cfg.model, cfg.train, cfg.sample
-    head, grid_key = m.dim // m.num_heads, "teacher_solver_steps" if s.cd_grid_steps is None else "cd_grid_steps"
-    params = m.dim * (m.num_layers * (8 * m.dim + 2 * m.ffn_dim) + m.cond_dim + m.freq_dim + 2 * m.in_channels
-                      * m.patch_size**2)  # blocks (attention 8 D^2, FFN), embeddings, head: roughly
+    head, grid = m.dim // m.num_heads, "teacher_solver_steps" if s.cd_grid_steps is None else "cd_grid_steps"
+    params = m.dim * (m.num_layers * (8 * m.dim + 2 * m.ffn_dim) + m.cond_dim + m.freq_dim
+                      + 2 * m.in_channels * m.patch_size**2)  # blocks (attention 8 D^2, FFN), embeddings, head
     rules = [  # (what must hold, what to say if it does not)
         (0 < t.dmd_min_sigma < t.dmd_max_sigma <= 1,
-         f"DMD sigmas must satisfy 0 < dmd_min_sigma < dmd_max_sigma <= 1, got {t.dmd_min_sigma}, {t.dmd_max_sigma}"),
+         f"DMD sigmas: 0 < dmd_min_sigma={t.dmd_min_sigma} < dmd_max_sigma={t.dmd_max_sigma} <= 1 does not hold"),
         (m.dim % m.num_heads == 0 and head % 2 == 0 and head >= 6,
-         f"dim={m.dim} must be num_heads={m.num_heads} times an even head dim >= 6 (for 3-D rotary positions)"),
-        (params <= 50e9, f"dim={m.dim}, ffn_dim={m.ffn_dim}, num_layers={m.num_layers} give about {params:.1e} "
-                         "parameters, over the 5e10 this code accepts (Wan2.1's 14B model: 1.4e10)"),
+         f"dim={m.dim} must be num_heads={m.num_heads} times an even head dim >= 6 (3-D rotary positions)"),
+        (params <= 50e9, f"dim, ffn_dim, num_layers give about {params:.1e} parameters, over 5e10 (Wan2.1 14B 1.4e10)"),
         (m.height % m.patch_size == 0 and m.width % m.patch_size == 0,
-         f"frame {m.height}x{m.width} is not divisible by patch_size={m.patch_size}"),
+         f"height={m.height}, width={m.width} must be multiples of patch_size={m.patch_size}"),
         (m.window_frames is None or m.window_frames - m.sink_frames >= m.chunk_frames,
          f"window_frames={m.window_frames} - sink_frames={m.sink_frames} must hold a chunk ({m.chunk_frames})"),
         (m.sink_frames >= 0 and m.sink_frames % m.chunk_frames == 0,
-         f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames"),
-        (not t.cd_steps or getattr(s, grid_key) >= 2,
-         f"{grid_key}={getattr(s, grid_key)}: consistency distillation needs a grid of at least 2 steps"),
+         f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames={m.chunk_frames}"),
+        (not t.cd_steps or getattr(s, grid) >= 2,
+         f"{grid}={getattr(s, grid)}: consistency distillation needs a grid of at least 2 steps"),
     ]
-    for key in ("denoising_steps", "pp_denoising_steps"):  # as the samplers take them: strictly descending
+    for key in ("denoising_steps", "pp_denoising_steps"):  # as the samplers take them
         steps = getattr(s, key)
         ok = steps and all(isinstance(k, (int, float)) and 0 < k <= s.num_train_timesteps for k in steps)
-        rules.append((ok and all(a > b for a, b in zip(steps, steps[1:])), f"{key}={_short(steps)} must be a "
-                      f"non-empty, strictly descending list of numbers in (0, {s.num_train_timesteps}]"))
+        rules.append((ok and all(a > b for a, b in zip(steps, steps[1:])), f"{key}={_short(steps)} must be "
+                      f"strictly descending numbers in (0, {s.num_train_timesteps}]"))
     if d.dataset == "moving_digits":
         rules += [
-            ((m.in_channels, m.height, m.width) == (1, d.canvas, d.canvas), f"moving digits are 1x{d.canvas}x"
-             f"{d.canvas} frames (canvas={d.canvas}): the model needs in_channels=1, height=width={d.canvas}"),
+            ((m.in_channels, m.height, m.width) == (1, d.canvas, d.canvas),
+             f"moving digits are 1x{d.canvas}x{d.canvas} frames: set in_channels=1, height=width=canvas={d.canvas}"),
             (d.digit_size <= d.canvas, f"digit_size={d.digit_size} does not fit the {d.canvas}x{d.canvas} canvas"),
             (d.num_digits == 1, f"num_digits={d.num_digits}: the pipeline's label conditions and digit metrics read "
-             "one digit per video (moving_digits() itself makes any number)"),
+             "one digit a video"),
             (d.canvas % 8 == 0, f"canvas={d.canvas} must be a multiple of 8 (the digit classifier pools three times)"),
             (m.cond_dim in (0, 10), f"cond_dim={m.cond_dim} must be 10 (a one-hot label) or 0 (unconditional)"),
         ]
@@ -1574,35 +1566,36 @@ def resolve_device(name: str) -> str:
 # --- the network's inputs: clear errors before any work (samplers check theirs; check_inputs a hand-made call)
 
 
-def _check_tensor(model, x, name: str, fits: Callable, shape: str) -> None:
-    """x must be a tensor that `fits` (its shape, which `shape` names) of the model's float dtype, and finite."""
+def _check_tensor(model, x, name: str, fits: Optional[Callable] = None, shape: str = "") -> None:
+    """x must be a finite tensor of the model's float dtype whose shape `fits` (as `shape` says); by default, videos
+    of the model's frames."""
+    frame, w = (model.cfg.in_channels, model.cfg.height, model.cfg.width), model.patch_embedding.weight
+    if fits is None:
+        fits, shape = (lambda v: v.dim() == 5 and v.shape[1] >= 1 and v.shape[2:] == frame,
+                       "shape (B, F, %d, %d, %d) with F >= 1" % frame)
     if not torch.is_tensor(x) or not fits(x):
         raise ValueError(f"{name} must have {shape}, got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
-    w = model.patch_embedding.weight
     if not x.is_floating_point() or (x.dtype != w.dtype and not model.uses_bf16(w.device)):
         raise TypeError(f"{name} is {x.dtype} but the model's weights are {w.dtype}: use {name}.to({w.dtype})")
-    if not bool(torch.isfinite(x).all()):  # attention would spread a NaN to every frame, earlier ones too
+    if not torch.isfinite(x).all():  # attention would spread a NaN to every frame, earlier ones too
         raise FloatingPointError(f"{name} holds NaN or infinite values")
 
 
 def check_inputs(model, x, t, cond=None, kv_cache=None, start_frame: int = 0, clean_context=None) -> None:
-    """Clear errors, before any work, for a hand-made call model(x, t, cond, kv_cache=, start_frame=, clean_context=)
-    whose inputs would fail deep inside torch or quietly give wrong numbers."""
-    c = model.cfg
-    frame = (c.in_channels, c.height, c.width)
-    _check_tensor(model, x, "x", lambda v: v.dim() == 5 and v.shape[1] >= 1 and tuple(v.shape[2:]) == frame,
-                  f"shape (B, F, {', '.join(map(str, frame))}) with F >= 1")
+    """Checks a hand-made call model(x, t, cond, kv_cache=, start_frame=, clean_context=) before any work: inputs
+    that would fail deep inside torch or quietly give wrong numbers."""
+    _check_tensor(model, x, "x")
     B, F = x.shape[:2]
     if not torch.is_tensor(t) or t.shape != (B, F):
         raise ValueError(f"t must have shape (B, F) = ({B}, {F}), got {tuple(t.shape) if torch.is_tensor(t) else t!r}")
-    if not bool(((t >= 0) & (t <= 1)).all()):  # also false for NaN
-        raise ValueError(f"t holds noise levels outside [0, 1]; t is sigma = timestep / 1000, got {t.tolist()}")
+    if not ((t >= 0) & (t <= 1)).all():  # also false for NaN
+        raise ValueError(f"t holds noise levels outside [0, 1] (sigma = timestep / 1000): {_short(t.tolist())}")
     if cond is not None:
         check_cond(model, cond, B)
     if isinstance(start_frame, bool) or not isinstance(start_frame, int):
         raise TypeError(f"start_frame must be an int, got {start_frame!r}")
-    if model.causal and start_frame % c.chunk_frames:
-        raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (chunk_frames={c.chunk_frames})")
+    if model.causal and start_frame % model.cfg.chunk_frames:
+        raise ValueError(f"start_frame={start_frame} is not at a chunk boundary (of {model.cfg.chunk_frames} frames)")
     if (kv_cache is not None or clean_context is not None) and not model.causal:
         raise ValueError("kv_cache and clean_context need a causal model (causal=True)")
     if kv_cache is not None and clean_context is not None:
@@ -1625,7 +1618,7 @@ def _check_cache_call(cache, start_frame: int, num_frames: int) -> None:
             f"max_frames={cache.max_frames}" if window is None else f"{window - sink} rolling non-sink slots"))
     needed = frame_visibility(torch.arange(start_frame, end), torch.arange(start_frame), cache.chunk_frames, window,
                               sink).any(0)  # (start,): which earlier frames the call attends to
-    missing = sorted(set(torch.nonzero(needed).flatten().tolist()) - set(cache.slot_frame.tolist()))
+    missing = sorted(set(needed.nonzero().flatten().tolist()) - set(cache.slot_frame.tolist()))
     if missing:
         raise ValueError(f"frames {missing} are no longer in the rolling KV cache: re-denoise only the latest chunk")
 
@@ -1634,12 +1627,12 @@ def check_cache(model, cache, batch: int) -> None:
     """The cache must be one model.new_kv_cache(batch) makes (a full-attention model may use any window)."""
     c, (layers, _, heads, _, tokens, head_dim) = model.cfg, cache.k.shape
     window = (cache.window_frames, cache.sink_frames)
-    own_window = window if c.window_frames is None else (c.window_frames, c.sink_frames)
     made_for = [("layers", layers, len(model.blocks)), ("heads", heads, c.num_heads),
                 ("head dim", head_dim, c.dim // c.num_heads), ("tokens per frame", tokens, model.tokens_per_frame),
                 ("chunk_frames", cache.chunk_frames, c.chunk_frames),
                 ("rope_positions", cache.rope_positions, c.rope_positions),
-                ("(window_frames, sink_frames)", window, own_window)]
+                ("(window_frames, sink_frames)", window, window if c.window_frames is None else
+                 (c.window_frames, c.sink_frames))]
     wrong = [f"{name}={got!r} is not the model's {own!r}" for name, got, own in made_for if got != own]
     if wrong:
         raise ValueError(f"this KV cache was made for another model ({'; '.join(wrong)}): use model.new_kv_cache")
@@ -1667,17 +1660,15 @@ def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{name} must be a list of noise levels such as student_sigmas(cfg.sample), got "
                         f"{type(sigmas).__name__}") from None
-    if s.dim() != 1 or len(s) == 0 or not bool(((s >= 0) & (s <= 1)).all()) or not bool((s[1:] < s[:-1]).all()):
-        raise ValueError(f"{name} must be a non-empty, strictly descending list of noise levels in [0, 1]: "
-                         f"{s.tolist()}")
+    if s.dim() != 1 or not len(s) or not ((s >= 0) & (s <= 1)).all() or not (s[1:] < s[:-1]).all():
+        raise ValueError(f"{name} must be a non-empty, strictly descending list in [0, 1], got {s.tolist()}")
     return s
 
 
 def check_sampling(model, sigmas, batch_size: int, num_frames: int, cond=None, uncond=None,
                    context_noise: float = 0.0, renoise: str = "fresh", kv_cache=None, prefix=None) -> torch.Tensor:
-    """A sampler's arguments, before any work: its noise levels (returned checked, as check_sigmas's), the
-    sizes, the model's dtype (the noise it draws has torch's default dtype), context_noise, renoise, the
-    condition and the guidance's uncond, a given KV cache, and a prefix of clean frames to continue."""
+    """A sampler's arguments, before any work (returns the sigmas as check_sigmas does): the sizes, the model's dtype
+    (noise comes in torch's default dtype), context_noise, renoise, cond and uncond, a KV cache, a prefix to go on."""
     sigmas = check_sigmas(sigmas)
     w, default = next(model.parameters()), torch.get_default_dtype()
     if w.dtype != default and not model.uses_bf16(w.device):
@@ -1687,22 +1678,18 @@ def check_sampling(model, sigmas, batch_size: int, num_frames: int, cond=None, u
     if not 0 <= context_noise < 1:
         raise ValueError(f"context_noise={context_noise} must lie in [0, 1): the noise level of the cached chunks")
     if renoise not in ("fresh", "ode"):
-        raise ValueError(f"renoise={renoise!r} must be 'fresh' (new noise between steps) or 'ode' (the student's "
-                         "Euler step)")
+        raise ValueError(f"renoise={renoise!r} must be 'fresh' or 'ode'")
     if cond is not None:
         check_cond(model, cond, batch_size)
     if cond is not None and uncond is not None:
         check_cond(model, uncond, batch_size, "uncond", like=cond)
     if kv_cache is not None:
         check_cache(model, kv_cache, batch_size)
-    if prefix is not None:  # clean videos of the model's frames, whole chunks of them
-        c = model.cfg
-        frame = (c.in_channels, c.height, c.width)
-        _check_tensor(model, prefix, "prefix", lambda v: v.dim() == 5 and v.shape[1] >= 1 and tuple(v.shape[2:]) ==
-                      frame, f"shape (B, F, {', '.join(map(str, frame))}) with F >= 1")
-        if len(prefix) != batch_size or prefix.shape[1] % c.chunk_frames:
+    if prefix is not None:
+        _check_tensor(model, prefix, "prefix")
+        if len(prefix) != batch_size or prefix.shape[1] % model.cfg.chunk_frames:
             raise ValueError(f"prefix has {len(prefix)} videos of {prefix.shape[1]} frames: it needs batch_size="
-                             f"{batch_size} videos of whole chunks of chunk_frames={c.chunk_frames}")
+                             f"{batch_size} videos of whole chunks of chunk_frames={model.cfg.chunk_frames}")
     return sigmas
 
 
@@ -1741,14 +1728,11 @@ _WAN_NAMES = [
 
 
 def diffusers_to_wan(state: dict) -> dict:
-    """A Wan2.1 DiT state dict in Diffusers' names renamed to Wan's (official, Causal/Self Forcing, this module's).
-    A name the table does not cover is an error, not silently dropped."""
+    """A Wan2.1 DiT state dict with Diffusers' names renamed to Wan's; a name the table does not cover is an error."""
     import re
 
-    rules = []
-    for src, dst in _WAN_NAMES:
-        whole = "" if src.endswith(".") else "$"  # "proj_out." is a prefix, "scale_shift_table" a whole name
-        rules.append((re.compile(re.escape(src).replace(r"\{\}", r"(\d+)") + whole), dst))
+    rules = [(re.compile(re.escape(src).replace(r"\{\}", r"(\d+)") + ("" if src.endswith(".") else "$")), dst)
+             for src, dst in _WAN_NAMES]  # "proj_out." is a prefix, "scale_shift_table" a whole name
     out, unknown = {}, []
     for name, tensor in state.items():
         for pattern, dst in rules:
@@ -1764,21 +1748,21 @@ def diffusers_to_wan(state: dict) -> dict:
 
 
 def checkpoint_entry(state: dict, key: Optional[str] = None) -> Optional[str]:
-    """Which top-level entry of a checkpoint holds the weights: `key` if given (it must be there),
-    else the first of generator_ema, generator, model; None for a bare state dict of tensors."""
-    if key is not None and key not in state:
-        raise KeyError(f"checkpoint has no entry {key!r}; it has {_short(sorted(state))}")
-    if key is None and not all(torch.is_tensor(v) for v in state.values()):
+    """Which top-level entry of a checkpoint holds the weights: `key` if given, else the first of generator_ema,
+    generator, model; None for a bare state dict of tensors."""
+    if key is None and all(torch.is_tensor(v) for v in state.values()):
+        return None
+    if key is None:
         key = next((k for k in ("generator_ema", "generator", "model") if isinstance(state.get(k), dict)), None)
-        if key is None:
-            raise KeyError(f"no state dict in this checkpoint: top-level keys {_short(sorted(state))}")
+    if key is None or key not in state:
+        what = "no state dict" if key is None else f"no entry {key!r}"
+        raise KeyError(f"{what} in this checkpoint; its top-level keys: {_short(sorted(state))}")
     return key
 
 
 def wan_state_dict(state: dict, key: Optional[str] = None) -> dict:
-    """Wan's bare parameter names from any file the field uses: the official safetensors, a Causal/Self Forcing
-    checkpoint {"generator_ema" | "generator" | "critic" | "model": {"model." + name: tensor}} (checkpoint_entry's),
-    with the wrappers of FSDP, DDP ("module.") and torch.compile ("_orig_mod."), or Diffusers' names."""
+    """Wan's bare parameter names from the official files, a Causal/Self Forcing checkpoint's entry (checkpoint_entry),
+    under FSDP, DDP ("module.") or torch.compile ("_orig_mod.") wrappers, or in Diffusers' names (diffusers_to_wan)."""
     import re
 
     entry, wrappers = checkpoint_entry(state, key), "_fsdp_wrapped_module|_orig_mod|_checkpoint_wrapped_module"
@@ -1796,8 +1780,8 @@ def _is_zip(path: str) -> bool:
 
 def _archive_problem(path: str) -> Optional[str]:
     """Why torch.load, which checks nothing, must not read a torch zip file; None if nothing is wrong or it is no zip
-    archive. torch.save stores records as they are: one that is compressed or declares more bytes than the file holds
-    could inflate to any size. One whose bytes fail its CRC-32 (a flipped bit; found by a full read) is corrupt."""
+    archive. torch.save stores records as they are: a compressed one, or one declaring more bytes than the file holds,
+    could inflate to any size; one failing its CRC-32 (a flipped bit; a full read finds it) is corrupt."""
     import zipfile
 
     if not _is_zip(path):
@@ -1817,20 +1801,20 @@ def _archive_problem(path: str) -> Optional[str]:
 
 
 def _read_checkpoint(path: str) -> dict:
-    """A checkpoint's tensors: .safetensors, or a torch zip file, memory-mapped (_load_saved)."""
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError("reading .safetensors needs the safetensors package: pip install safetensors") from e
-        try:
-            return load_file(path)
-        except Exception as e:  # noqa: BLE001 - SafetensorError: header or length wrong; a missing shard
-            raise ValueError(f"{path!r} is not a readable .safetensors file ({e}); download it again") from None
-    if not _is_zip(path):
-        raise ValueError(f"{path!r} is not a torch.save zip archive: download it again (a file saved before PyTorch "
-                         "1.6: load it there and torch.save it again)")
-    return _load_saved(path, "checkpoint", "download it again", mmap=True)
+    """A checkpoint's tensors: .safetensors, or a torch zip file, memory-mapped after _load_saved's checks."""
+    if not path.endswith(".safetensors"):
+        if not _is_zip(path):
+            raise ValueError(f"{path!r} is not a torch.save zip archive: download it again (a file saved before "
+                             "PyTorch 1.6: load it there and torch.save it again)")
+        return _load_saved(path, "checkpoint", "download it again", mmap=True)
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ImportError("reading .safetensors needs the safetensors package: pip install safetensors") from e
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - SafetensorError: header or length wrong
+        raise ValueError(f"{path!r} is not a readable .safetensors file ({e}); download it again") from None
 
 
 def _read_transformer_folder(folder: str) -> dict:
@@ -1846,9 +1830,10 @@ def _read_transformer_folder(folder: str) -> dict:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or no {name: shard} weight_map
             raise ValueError(f"{index!r} is not a shard index ({type(e).__name__}: {e}); download it again") from None
-        outside = [s for s in shards if not isinstance(s, str) or os.path.basename(s) != s or s in ("", ".", "..")]
+        outside = sorted(set(shards) - set(os.listdir(folder)))  # also "../x", "/x" or "sub/x": not names there
         if outside:
-            raise ValueError(f"{index!r} names shards that are not files in its folder: {_short(outside)}")
+            raise ValueError(f"{index!r} names shards that are not files in its folder: {_short(outside)}; download "
+                             "the folder again")
     elif not os.path.isfile(os.path.join(folder, shards[0])):
         raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its .index.json) in {folder!r}: give the "
                                 "transformer/ folder of a Wan2.1 Diffusers download")
@@ -1857,9 +1842,8 @@ def _read_transformer_folder(folder: str) -> dict:
 
 def load_wan_weights(model: nn.Module, path: str, key: Optional[str] = None,
                      log: Optional[Callable] = None) -> nn.Module:
-    """Loads Wan2.1 DiT weights (or a Causal/Self Forcing generator: entry `key`, see checkpoint_entry) into `model`,
-    strictly: every parameter, with its shape, and nothing else. `path`: a .safetensors or torch file (its checksums
-    checked: a full read), or a Diffusers folder (_read_transformer_folder). `log` is told which entry was loaded."""
+    """Loads Wan2.1 DiT weights strictly (every parameter, its shape, nothing else) from a .safetensors or torch file
+    (checksums checked) or a Diffusers folder; `key`: see checkpoint_entry; `log` is told which entry was loaded."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint file or Diffusers folder at {path!r}")
     raw = _read_transformer_folder(path) if os.path.isdir(path) else _read_checkpoint(path)
