@@ -1488,7 +1488,8 @@ def get_config(name: str = "toy2d", **overrides) -> Config:
     parts = {"": cfg, **{section: getattr(cfg, section) for section in _SECTIONS}}
     for key, value in {**_PRESETS[name], **overrides}.items():
         if key not in types:
-            raise ValueError(f"unknown config key {_short(key)}; valid keys: {', '.join(sorted(types))}")
+            valid = ", ".join(sorted(set(types) - {"name"}))  # the preset's name is get_config's first argument
+            raise ValueError(f"unknown config key {_short(key)}; valid keys: {valid}")
         setattr(parts[types[key][0]], key, _coerce(key, value, types[key][1]))
     values = {key: getattr(parts[section], key) for key, (section, _) in types.items()}
     problems = [f"{key}={_short(values[key])} {rule}" for ok, rule, keys in _RANGES for key in keys.split()
@@ -1830,7 +1831,8 @@ def _read_transformer_folder(folder: str) -> dict:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or no {name: shard} weight_map
             raise ValueError(f"{index!r} is not a shard index ({type(e).__name__}: {e}); download it again") from None
-        outside = sorted(set(shards) - set(os.listdir(folder)))  # also "../x", "/x" or "sub/x": not names there
+        files = {n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))}
+        outside = sorted(set(shards) - files)  # also "../x", "/x", "sub/x" or a folder: not files there
         if outside:
             raise ValueError(f"{index!r} names shards that are not files in its folder: {_short(outside)}; download "
                              "the folder again")
@@ -1985,7 +1987,8 @@ def _adamw(params, lr, cfg: TrainConfig, beta1=None, cosine_steps: Optional[int]
     steps. The schedule is kept in the param group, so the optimizer's state dict holds it."""
     beta1 = cfg.adam_beta1 if beta1 is None else beta1
     opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    opt.param_groups[0].update(base_lr=lr, cosine_steps=cosine_steps, steps_done=0)
+    for group in opt.param_groups:
+        group.update(base_lr=group["lr"], cosine_steps=cosine_steps, steps_done=0)
     return opt
 
 
@@ -2088,7 +2091,9 @@ def save_atomic(obj, path: str) -> None:
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")  # a kill may leave it: delete it
     try:
-        with open(tmp, "wb") as f:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)  # a stale one, or a link planted there: O_EXCL makes a new file or fails
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             if path.endswith(".json"):
                 strict = json.loads(json.dumps(obj), parse_constant=lambda _: None)
                 f.write(json.dumps(strict, indent=2, allow_nan=False).encode())
@@ -2680,6 +2685,8 @@ class PipelineRun:
         self.data = pipeline_data(cfg, self.g, self.log)
         if out and self.rank == 0 and not os.path.exists(os.path.join(out, "config.json")):
             save_atomic(cfg.to_dict(), os.path.join(out, "config.json"))
+        if out:  # again: a run of another config started beside this one may have claimed the folder meanwhile
+            _check_run_folder(cfg, out)
         self.models, self.seconds, self.losses, self.ode_losses = {}, {}, {}, {}
         self.classifier = self.accuracy = self.floors = None
 
@@ -2891,7 +2898,7 @@ def main(argv=None) -> int:
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:  # bad input: another config or run in --out, a missing or unwritable file
+    except (ValueError, OSError) as e:  # bad input: another config in --out, a missing or unwritable file
         parser.error(str(e))
     if rank == 0:
         print(f"\n{format_table(results)}\n\ntotal {time.perf_counter() - t0:.1f} s on {world} process(es); wrote "

@@ -1192,7 +1192,7 @@ def test_a_corrupt_stage_file_is_named_and_a_left_temporary_is_ignored(tmp_path)
     cfg = cf.get_config("toy2d", **TINY)
     cf.run_pipeline(cfg, str(tmp_path), log=None)
     stages = tmp_path / "stages"
-    (stages / ".tmp-abc123ar_teacher.pt").write_bytes(b"half a save")  # what a kill during a save leaves
+    (stages / ".tmp-12345-ar_teacher.pt").write_bytes(b"half a save")  # what a kill during a save leaves
     (stages / "ar_teacher.pt").write_bytes(b"")  # an empty file under the final name
     with pytest.raises(ValueError, match=r"ar_teacher\.pt' is empty or corrupt .*delete it"):
         cf.run_pipeline(cfg, str(tmp_path), log=None)
@@ -1450,6 +1450,42 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path, change):
         cf.run_pipeline(other, str(tmp_path), log=None)
 
 
+def test_a_checkpoint_whose_optimizer_has_no_lr_schedule_is_refused_by_name(tmp_path):
+    """The cosine schedule lives in the optimizer's param group: a checkpoint whose optimizer state lacks it
+    (a LambdaLR beside the optimizer) cannot resume the stage bit for bit, so it is refused, with the fix."""
+    model = torch.nn.Linear(2, 2)
+    path = str(tmp_path / "stage.partial.pt")
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.save({"step": 1, "objs": {"opt": {"opt": old.state_dict(), "schedule": {"last_epoch": 1}}}, "extra": {},
+                "torch_rng": torch.get_rng_state(), "seconds": 0.0, "config": None}, path)
+    opt = cf._adamw(model.parameters(), 1e-3, cf.get_config("toy2d").train, cosine_steps=5)
+    with pytest.raises(ValueError, match=r"stage\.partial\.pt' does not fit this stage .*; delete it"):
+        cf.StageCheckpoint(path, every=1).restore(opt=opt)
+
+
+def test_a_link_planted_at_a_save_s_temporary_name_is_not_followed(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    os.symlink(outside, tmp_path / "run" / f".tmp-{os.getpid()}-r.json")
+    cf.save_atomic({"a": 1}, str(tmp_path / "run" / "r.json"))
+    assert outside.read_text() == "keep me" and json.loads((tmp_path / "run" / "r.json").read_text()) == {"a": 1}
+
+
+def test_a_run_of_another_config_that_claims_the_folder_while_the_data_loads_stops_this_one(tmp_path, monkeypatch):
+    """Two runs of different configs started together on an empty folder both pass the first check: the
+    folder is checked again once config.json is written, so the later one is refused."""
+    other = cf.get_config("toy2d", **{**TINY, "seed": 7})
+    load = cf.pipeline_data
+
+    def claimed_meanwhile(*args, **kwargs):
+        cf.save_atomic(other.to_dict(), str(tmp_path / "config.json"))
+        return load(*args, **kwargs)
+    monkeypatch.setattr(cf, "pipeline_data", claimed_meanwhile)
+    with pytest.raises(ValueError, match="holds a run with another config"):
+        cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)
+
+
 def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(tmp_path):
     path = str(tmp_path / "stage.partial.pt")
     cf.StageCheckpoint(path, every=1).save(1, 5, {}, model=torch.nn.Linear(2, 2))
@@ -1468,7 +1504,7 @@ def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
     class FullDisk(io.FileIO):
         def write(self, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(cf, "open", lambda path, mode: io.BufferedWriter(FullDisk(path, "wb")), raising=False)
+    monkeypatch.setattr(cf.os, "fdopen", lambda fd, mode: io.BufferedWriter(FullDisk(fd, "wb")))
     for obj, name in (({"w": torch.zeros(10**6)}, "stage.pt"), ({"a": 1}, "r.json")):  # torch.save, JSON
         with pytest.raises(OSError, match=rf"cannot write .*{name}'.*No space left on device.*previous file"):
             cf.save_atomic(obj, str(tmp_path / name))

@@ -266,15 +266,18 @@ def test_a_malformed_shard_index_is_named(tmp_path, index):
         cf.load_wan_weights(cf.CausalDiT(cf.get_config("toy2d", **SMALL).model), str(tmp_path))
 
 
-@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder"])
+@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder", "folder"])
 def test_a_shard_index_cannot_name_files_outside_its_folder(tmp_path, where):
     _, folder = diffusers_folder(tmp_path, shards=1)
     shard = folder / "diffusion_pytorch_model-00001-of-00001.safetensors"
     moved = {"parent": tmp_path / "x.safetensors", "absolute": tmp_path / "x.safetensors",
-             "subfolder": folder / "sub" / "x.safetensors"}[where]
+             "subfolder": folder / "sub" / "x.safetensors", "folder": tmp_path / "x.safetensors"}[where]
     moved.parent.mkdir(exist_ok=True)
     shard.rename(moved)
-    name = {"parent": "../x.safetensors", "absolute": str(moved), "subfolder": "sub/x.safetensors"}[where]
+    if where == "folder":  # a folder under the shard's name is no shard
+        (folder / "x.safetensors").mkdir()
+    name = {"parent": "../x.safetensors", "absolute": str(moved), "subfolder": "sub/x.safetensors",
+            "folder": "x.safetensors"}[where]
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": dict.fromkeys(json.loads(index.read_text())["weight_map"], name)}))
     with pytest.raises(ValueError, match="not files in its folder"):
