@@ -1507,13 +1507,13 @@ def get_config(name: str = "toy2d", **overrides) -> Config:
 
 def _disagreements(cfg: Config) -> list[str]:
     """get_config's problems of values that must fit together (each value is in its range)."""
-    d, m, t, s = cfg.data, cfg.model, cfg.train, cfg.sample
+    d, m, tr, s = cfg.data, cfg.model, cfg.train, cfg.sample
     head, grid = m.dim // m.num_heads, "teacher_solver_steps" if s.cd_grid_steps is None else "cd_grid_steps"
     params = m.dim * (m.num_layers * (8 * m.dim + 2 * m.ffn_dim) + m.cond_dim + m.freq_dim
                       + 2 * m.in_channels * m.patch_size**2)  # blocks (attention 8 D^2, FFN), embeddings, head
     rules = [  # (what must hold, what to say if it does not)
-        (0 < t.dmd_min_sigma < t.dmd_max_sigma <= 1,
-         f"DMD sigmas: 0 < dmd_min_sigma={t.dmd_min_sigma} < dmd_max_sigma={t.dmd_max_sigma} <= 1 does not hold"),
+        (0 < tr.dmd_min_sigma < tr.dmd_max_sigma <= 1,
+         f"DMD sigmas: 0 < dmd_min_sigma={tr.dmd_min_sigma} < dmd_max_sigma={tr.dmd_max_sigma} <= 1 does not hold"),
         (m.dim % m.num_heads == 0 and head % 2 == 0 and head >= 6,
          f"dim={m.dim} must be num_heads={m.num_heads} times an even head dim >= 6 (3-D rotary positions)"),
         (params <= 50e9, f"dim, ffn_dim, num_layers give about {params:.1e} parameters, over 5e10 (Wan2.1 14B 1.4e10)"),
@@ -1523,7 +1523,7 @@ def _disagreements(cfg: Config) -> list[str]:
          f"window_frames={m.window_frames} - sink_frames={m.sink_frames} must hold a chunk ({m.chunk_frames})"),
         (m.sink_frames >= 0 and m.sink_frames % m.chunk_frames == 0,
          f"sink_frames={m.sink_frames} must be a non-negative multiple of chunk_frames={m.chunk_frames}"),
-        (not t.cd_steps or getattr(s, grid) >= 2,
+        (not tr.cd_steps or getattr(s, grid) >= 2,
          f"{grid}={getattr(s, grid)}: consistency distillation needs a grid of at least 2 steps"),
     ]
     for key in ("denoising_steps", "pp_denoising_steps"):  # as the samplers take them
@@ -2012,8 +2012,8 @@ def _step(opt, model, loss, clip) -> float:
     for group in opt.param_groups:
         if group.get("cosine_steps"):
             group["steps_done"] += 1
-            t = min(group["steps_done"] / group["cosine_steps"], 1)
-            group["lr"] = group["base_lr"] * (0.5 * (1 + math.cos(math.pi * t)))
+            progress = min(group["steps_done"] / group["cosine_steps"], 1)
+            group["lr"] = group["base_lr"] * (0.5 * (1 + math.cos(math.pi * progress)))
     return norm
 
 
@@ -2770,15 +2770,15 @@ class PipelineRun:
         """The results dict: every row, each stage's time and training throughput, and the data's own
         metrics; toy runs add the exact teachers, the injectivity floors and the held-out ODE losses.
         With `out` it writes results.json, losses.json (DMD's without its rollouts) and models.pt."""
-        cfg, g, d, t = self.cfg, self.g, self.data, self.cfg.train
+        cfg, g, d, tr = self.cfg, self.g, self.data, self.cfg.train
         results = {"config": cfg.to_dict(), "rows": rows, "stage_seconds": self.seconds, "world_size": self.world}
         # training throughput: clips through each stage's optimizer per second (DMD: the critic's)
-        plain, dmd, cd = t.batch_size, t.dmd_batch_size or t.batch_size, t.cd_batch_size or t.batch_size
-        work = {"bidirectional_base": (t.base_steps, plain), "ar_teacher": (t.teacher_steps, plain),
-                "ar_teacher_diffusion_forcing": (t.teacher_steps, plain),
-                "ode_student_bidirectional": (t.ode_steps, plain), "ode_student_ar": (t.ode_steps, plain),
-                "dmd_self_forcing": (t.dmd_steps, dmd), "dmd_causal_forcing": (t.dmd_steps, dmd),
-                "consistency_student_ar": (t.cd_steps, cd), "dmd_causal_forcing_pp": (t.dmd_steps, dmd)}
+        plain, dmd, cd = tr.batch_size, tr.dmd_batch_size or tr.batch_size, tr.cd_batch_size or tr.batch_size
+        work = {"bidirectional_base": (tr.base_steps, plain), "ar_teacher": (tr.teacher_steps, plain),
+                "ar_teacher_diffusion_forcing": (tr.teacher_steps, plain),
+                "ode_student_bidirectional": (tr.ode_steps, plain), "ode_student_ar": (tr.ode_steps, plain),
+                "dmd_self_forcing": (tr.dmd_steps, dmd), "dmd_causal_forcing": (tr.dmd_steps, dmd),
+                "consistency_student_ar": (tr.cd_steps, cd), "dmd_causal_forcing_pp": (tr.dmd_steps, dmd)}
         results["train_clips_per_second"] = {k: round(steps * batch / self.seconds[k], 1)
                                              for k, (steps, batch) in work.items() if self.seconds.get(k)}
         n = cfg.eval.eval_samples
