@@ -250,9 +250,9 @@ class ToyVideos:
         var_s = (1 - s) ** 2 * self.std**2 + s**2  # (B, 1)
         logw = self.log_weights[None].expand(B, -1)  # (B, M)
         if context is not None and context.shape[1] > 0:
-            c = context.double().reshape(B, -1)
+            ctx = context.double().reshape(B, -1)
             mu_c = self.means[:, : context.shape[1]].reshape(len(self.means), -1)
-            logw = logw - torch.cdist(c, mu_c) ** 2 / (2 * self.std**2)
+            logw = logw - torch.cdist(ctx, mu_c) ** 2 / (2 * self.std**2)
         logw = logw - ((x[:, None] - (1 - s)[:, :, None] * mu[None]) ** 2).sum(-1) / (2 * var_s)
         w = torch.softmax(logw, dim=-1)  # (B, M) posterior over components
         gain = (1 - s) * self.std**2 / var_s  # (B, 1)
@@ -959,11 +959,11 @@ def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, 
         with torch.no_grad():
             if start > 0:  # the chunk before becomes context, under the prompt it was made with
                 write_context(generator, x0, cond, cache, start - chunk, context_noise, rng)
-                kept = [(a, c) for a, c in kept if bool((cache.slot_frame == a).any())] + [(start - chunk, x0)]
+                kept = [(a, x) for a, x in kept if bool((cache.slot_frame == a).any())] + [(start - chunk, x0)]
             if new_cond is not None:
                 cond = new_cond
-                for a, c in kept if recache else []:  # every kept chunk's keys and values again, in frame order
-                    write_context(generator, c, cond, cache, a, context_noise, rng)
+                for a, x in kept if recache else []:  # every kept chunk's keys and values again, in frame order
+                    write_context(generator, x, cond, cache, a, context_noise, rng)
             if start < P:  # a given chunk: context, as a finished one is (nothing to yield)
                 x0, new_cond = prefix[:, start:start + chunk], None
                 continue
@@ -1128,9 +1128,9 @@ def _flow_matching_batch(cfg: Config, data, cond, batches: "Batches", chunk_fram
     x0 = data[idx]
     sigma = sample_sigmas(len(x0), x0.shape[1], chunk_frames, schedule, rng)
     noise = torch.randn(x0.shape, generator=rng)
-    c = None if cond is None else drop_cond(cond[idx], cfg.train.cond_dropout, rng)
-    x0, sigma, noise, c = (None if v is None else _shard(v).to(cfg.device) for v in (x0, sigma, noise, c))
-    return x0, sigma, noise, c, bump_weight(sigma, schedule) if cfg.train.fm_weight == "bump" else None
+    y = None if cond is None else drop_cond(cond[idx], cfg.train.cond_dropout, rng)
+    x0, sigma, noise, y = (None if v is None else _shard(v).to(cfg.device) for v in (x0, sigma, noise, y))
+    return x0, sigma, noise, y, bump_weight(sigma, schedule) if cfg.train.fm_weight == "bump" else None
 
 
 def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None, ckpt=None) -> tuple[CausalDiT, list]:
@@ -1142,8 +1142,8 @@ def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None, 
     batches = Batches(len(data), tr.batch_size, rng)
 
     def step(i):
-        x0, sigma, noise, c, w = _flow_matching_batch(cfg, data, cond, batches, data.shape[1], rng)  # a sigma a clip
-        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=w)
+        x0, sigma, noise, y, w = _flow_matching_batch(cfg, data, cond, batches, data.shape[1], rng)  # a sigma a clip
+        loss = flow_matching_loss(model, x0, sigma, noise, y, weight=w)
         _step(opt, model, loss, tr.grad_clip)
         return {"flow_matching": loss}
     history = train_loop("base", tr.base_steps, step, ckpt, log, hint=f"lower base_lr (now {tr.base_lr:g})",
@@ -1180,9 +1180,9 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
     batches = Batches(len(data), tr.batch_size, rng)
 
     def step(i):
-        x0, sigma, noise, c, w = _flow_matching_batch(cfg, data, cond, batches, cfg.model.chunk_frames, rng)
+        x0, sigma, noise, y, w = _flow_matching_batch(cfg, data, cond, batches, cfg.model.chunk_frames, rng)
         kw = {"clean_context": x0} if mode == "teacher_forcing" else {}
-        loss = flow_matching_loss(model, x0, sigma, noise, c, weight=w, **kw)
+        loss = flow_matching_loss(model, x0, sigma, noise, y, weight=w, **kw)
         _step(opt, model, loss, tr.grad_clip)
         return {"flow_matching": loss}
     history = train_loop(f"ar teacher, {mode.replace('_', ' ')}", tr.teacher_steps, step, ckpt, log, model=model,
@@ -1208,12 +1208,12 @@ def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: st
     out = {"xt": [], "x0": [], "clean": [], "cond": []}
     for idx in torch.arange(n).split(batch):
         clean = data[idx].to(cfg.device)
-        c = None if cond is None else cond[idx].to(cfg.device)
+        y = None if cond is None else cond[idx].to(cfg.device)
         kw = {"clean_context": clean} if kind == "ar" else {}
         vel = lambda x_, s: guided_velocity(teacher, x_, torch.full(x_.shape[:2], s, device=x_.device),  # noqa: E731
-                                            c, cfg.train.teacher_guidance, **kw)
+                                            y, cfg.train.teacher_guidance, **kw)
         x0, kept = euler_ode(vel, torch.randn(clean.shape, generator=rng).to(cfg.device), sig, keep)
-        for key, value in (("xt", torch.stack([kept[s] for s in keep], 1)), ("x0", x0), ("clean", clean), ("cond", c)):
+        for key, value in (("xt", torch.stack([kept[s] for s in keep], 1)), ("x0", x0), ("clean", clean), ("cond", y)):
             if value is not None:
                 out[key].append(value)
     return {k: torch.cat(v) for k, v in out.items() if v}
@@ -1280,9 +1280,9 @@ def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=p
         idx = next(batches)
         n = int(torch.randint(len(grid) - 1, (1,), generator=rng))
         x0, noise = data[idx], torch.randn(data[idx].shape, generator=rng)
-        c = None if cond is None else cond[idx]
-        x0, noise, c = (None if v is None else _shard(v).to(cfg.device) for v in (x0, noise, c))
-        loss = consistency_distillation_loss(student, ema, frozen, x0, noise, grid[n], grid[n + 1], c, tr.cd_guidance)
+        y = None if cond is None else cond[idx]
+        x0, noise, y = (None if v is None else _shard(v).to(cfg.device) for v in (x0, noise, y))
+        loss = consistency_distillation_loss(student, ema, frozen, x0, noise, grid[n], grid[n + 1], y, tr.cd_guidance)
         loss = loss.mean()
         _step(opt, student, loss, tr.grad_clip)
         _reshard(student)
@@ -2296,9 +2296,9 @@ def digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> t
 def balanced_digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=None) -> tuple[torch.Tensor, ...]:
     """One-digit videos labelled 0, 1, ..., 9, 0, 1, ... (video i shows digit i % 10), each from its digit's images."""
     images, labels = digits
-    per_digit = [digit_videos(cfg, len(range(c, num_videos, 10)), (images[labels == c], labels[labels == c]), rng)
-                 for c in range(10)]
-    order = torch.cat([torch.arange(c, num_videos, 10) for c in range(10)]).argsort()
+    per_digit = [digit_videos(cfg, len(range(k, num_videos, 10)), (images[labels == k], labels[labels == k]), rng)
+                 for k in range(10)]
+    order = torch.cat([torch.arange(k, num_videos, 10) for k in range(10)]).argsort()
     return torch.cat([v for v, _ in per_digit])[order], torch.cat([lab for _, lab in per_digit])[order]
 
 
@@ -2836,7 +2836,7 @@ def format_table(results: dict) -> str:
                    for kind, v in results.get("ode_loss_at_sigma_1", {}).items()), "", seconds]
     lines = [f"{'row':{width}s}" + "".join(f"{h:>{col}s}" for h in heads)]
     for row, m in [*named, *results["rows"].items()]:
-        lines.append(f"{row:{width}s}" + "".join(f"{m.get(c, float('nan')):{col}.3f}" for c in cols))
+        lines.append(f"{row:{width}s}" + "".join(f"{m.get(key, float('nan')):{col}.3f}" for key in cols))
     return "\n".join(lines + [""] + notes)
 
 
