@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
-from examples.long_stream import digit_run_config  # noqa: E402
+from examples.long_stream import add_run_argument, digit_run_config  # noqa: E402
 
 
 def held_out_videos(cfg: cf.Config, num_videos: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +99,7 @@ def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="examples/continuation.py", description="Held-out moving-digit videos "
                                      "continued from their first chunk by a trained generator (stream(..., prefix=)): "
                                      "is the digit kept, and does the motion carry on across the seam?")
-    parser.add_argument("--run", default=None, help="a finished --config mnist run folder (default: runs/mnist if it "
-                        "has models.pt, else the run shipped in docs/mnist_run)")
+    add_run_argument(parser)
     parser.add_argument("--videos", type=int, default=250, help="held-out videos to continue (default 250)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the videos and of the sampler (default 0)")
     parser.add_argument("--out", default=os.path.join("docs", "continuation.json"),

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
-from examples.long_stream import digit_run_config, load_digit_models  # noqa: E402
+from examples.long_stream import add_run_argument, digit_run_config, load_digit_models  # noqa: E402
 
 DMD_FROM = {"self_forcing": "ode_student_from_bidirectional", "causal_forcing": "ode_student_from_ar",
             "causal_forcing_pp": "consistency_student_from_ar"}  # each DMD generator and its init
@@ -78,8 +78,7 @@ def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="examples/digit_probe.py", description="A trained digit run's students "
                                      "streamed with fresh and with 'ode' re-noising, and each DMD generator against "
                                      "its init: FD to the data and to the real score's samples.")
-    parser.add_argument("--run", default=None, help="a finished --config mnist run folder (default: runs/mnist if it "
-                        "has models.pt, else the run shipped in docs/mnist_run)")
+    add_run_argument(parser)
     parser.add_argument("--videos", type=int, default=250, help="videos per row (default 250)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samplers and held-out videos (default 0)")
     parser.add_argument("--out", default=os.path.join("docs", "digit_probe.json"),

@@ -225,6 +225,12 @@ def digit_run(parser, run) -> str:
     return run
 
 
+def add_run_argument(parser) -> None:
+    """--run, the digit run folder that digit_run_config reads."""
+    parser.add_argument("--run", default=None, help="a finished --config mnist run folder (default: runs/mnist if it "
+                        "has models.pt, else the run shipped in docs/mnist_run)")
+
+
 def digit_run_config(parser, run: Optional[str], what: str, device: Optional[str] = None) -> tuple[str, cf.Config]:
     """--run's folder (digit_run) and its config.json, which must be a moving-digit run: `what` (e.g. "long
     streams") is measured on moving digits only; anything else is a usage error."""
@@ -265,8 +271,7 @@ def main(argv) -> int:
                                      "rolling window (no sink and a sink, absolute and window RoPE positions), and "
                                      "prompt switches with the cache kept or re-cached. Writes long_stream.json, "
                                      "long_stream.png and prompt_switch.gif to --out.")
-    parser.add_argument("--run", default=None, help="a finished --config mnist run folder (default: runs/mnist if it "
-                        "has models.pt, else the run shipped in docs/mnist_run)")
+    add_run_argument(parser)
     parser.add_argument("--frames", type=int, default=1024, help="frames per stream (default 1024)")
     parser.add_argument("--batch-size", type=int, default=64, help="videos per stream (default 64)")
     parser.add_argument("--window", type=int, default=None, help="rolling window in frames (default: the training clip length)")
