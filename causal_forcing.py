@@ -1573,7 +1573,7 @@ def _check_tensor(model, x, name: str, fits: Optional[Callable] = None, shape: s
     frame, w = (model.cfg.in_channels, model.cfg.height, model.cfg.width), model.patch_embedding.weight
     if fits is None:
         fits, shape = (lambda v: v.dim() == 5 and v.shape[1] >= 1 and v.shape[2:] == frame,
-                       "shape (B, F, %d, %d, %d) with F >= 1" % frame)
+                       f"shape (B, F, {', '.join(map(str, frame))}) with F >= 1")
     if not torch.is_tensor(x) or not fits(x):
         raise ValueError(f"{name} must have {shape}, got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
     if not x.is_floating_point() or (x.dtype != w.dtype and not model.uses_bf16(w.device)):
