@@ -2740,7 +2740,6 @@ class PipelineRun:
         """Samples every row's model with its sampler (sample_row), and the STEP_ROWS students with 1, 2 and 4 steps
         (the first chunk 4) from one seed; measures the videos, NFE and wall time per frame. Returns (rows,
         {row: {steps: metrics}}, {"samples": {row: videos}, "steps": {"row (k steps)": videos}})."""
-
         cfg, n = self.cfg, self.cfg.eval.eval_samples
         labels = torch.arange(n)[:, None].repeat(1, cfg.data.num_digits) % 10  # every digit alike
         cond = label_cond(labels).to(cfg.device) if self.data.cond is not None else None
