@@ -132,8 +132,8 @@ class TrainConfig:
     teacher_guidance: float = 6.0  # CFG of the ODE-pair teacher (upstream 6); unused when unconditional
     cond_dropout: float = 0.1  # base and AR teacher: drop the condition so that CFG has an "uncond"
     # base and AR teacher's sigma draw and weight (from scratch, a model also needs the low noise levels)
-    fm_shift: Optional[float] = None  # shift of the sigma draw; None = the sampler's `shift` (upstream)
-    fm_weight: str = "bump"  # "bump" (upstream, zero at both ends) or "uniform"
+    fm_shift: Optional[float] = None  # shift of the sigma draw; None = the sampler's `shift`
+    fm_weight: str = "bump"  # "bump" (upstream: 0 at t = 1000, near 0 at the clean end) or "uniform"
     # stage 2: ODE pairs and ODE distillation (upstream lr 2e-6, ~1K steps)
     ode_pairs: int = 2048
     ode_steps: int = 400
@@ -153,7 +153,7 @@ class TrainConfig:
     gen_update_ratio: int = 5  # "two time-scale update": the fake score must track the generator
     dmd_batch_size: Optional[int] = None  # DMD's clips per step; None = batch_size
     ema_decay: float = 0.99
-    ema_start_step: int = 20  # in generator updates (upstream 200 of ~750)
+    ema_start_step: int = 20  # in generator updates (upstream: 200 critic steps of ~750, 40 updates)
     dmd_min_sigma: float = 0.02  # DMD/critic timesteps are clamped to [0.02, 0.98] (upstream)
     dmd_max_sigma: float = 0.98
     real_guidance: float = 4.0  # CFG scale uncond + g (cond - uncond); upstream "cond + 3 (cond - uncond)"
@@ -336,14 +336,11 @@ def bump_weight(sigma: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
     return w.to(sigma.device)[idx].reshape(sigma.shape).to(sigma.dtype)
 
 
-def sample_sigmas(batch: int, frames: int, chunk_frames: int, cfg: SampleConfig, rng=None,
-                  lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    """(B, F) training sigmas: one per chunk, drawn uniformly from the 1000 steps of the shifted
-    schedule whose *unshifted* sigma lies in [lo, hi]; chunk_frames >= frames gives one per clip."""
+def sample_sigmas(batch: int, frames: int, chunk_frames: int, cfg: SampleConfig, rng=None) -> torch.Tensor:
+    """(B, F) training sigmas: one per chunk, drawn uniformly from the 1000 steps of the shifted schedule
+    (`training_sigmas`); chunk_frames >= frames gives one per clip."""
     chunks = -(-frames // chunk_frames)
-    T = cfg.num_train_timesteps  # unshifted step i has sigma 1 - i / T
-    first, last = math.ceil(T * (1 - hi) - 1e-9), min(math.floor(T * (1 - lo) + 1e-9), T - 1)
-    idx = torch.randint(first, last + 1, (batch, chunks), generator=rng)
+    idx = torch.randint(cfg.num_train_timesteps, (batch, chunks), generator=rng)
     s = training_sigmas(cfg)[idx].float()  # (B, chunks)
     return s.repeat_interleave(chunk_frames, dim=1)[:, :frames]
 
@@ -412,8 +409,8 @@ def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chun
     out, kept = [], {k: [] for k in keep or []}
     for start in range(0, eps.shape[1], chunk_frames):
         fr = slice(start, min(start + chunk_frames, eps.shape[1]))
-        ctx = (context if context is not None else torch.cat(out, 1) if out else eps[:, :0].double())[:, :start]
-        vel = lambda x, s: data.exact_velocity(x, s, fr, ctx)  # noqa: E731
+        earlier = (context if context is not None else torch.cat(out, 1) if out else eps[:, :0].double())[:, :start]
+        vel = lambda x, s: data.exact_velocity(x, s, fr, earlier)  # noqa: E731
         x0, states = euler_ode(vel, eps[:, fr].double(), sigmas, keep)
         out.append(x0)
         for k in kept:
@@ -906,7 +903,7 @@ def write_context(model, x0, cond, cache, start, context_noise: float = 0.0, rng
 def denoise_chunk(model, x, sigmas, cond, cache, start, exit_step=None, rng=None, renoise: str = "fresh"):
     """Few-step student on one chunk (Self Forcing Alg. 1): at each sigma predict x0, then re-noise it to
     the next sigma with *fresh* noise (renoise="fresh", upstream) or with the noise the model predicts,
-    eps = x0 + v (renoise="ode": exactly an Euler step of the student's own ODE, which keeps it on the
+    eps = x0 + v (renoise="ode": exactly an Euler step of the student's own ODE, which keeps it near the
     teacher trajectories its ODE pairs came from). Steps after `exit_step` are skipped; only the exit
     step runs with gradients (when grad mode is on). Returns the chunk's x0."""
     if renoise not in ("fresh", "ode"):  # a misspelt mode would otherwise re-noise as "fresh" unnoticed
@@ -949,7 +946,7 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
 
 def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, context_noise, recache, prefix,
             renoise):
-    chunk, kept = generator.cfg.chunk_frames, []  # kept: (start, x0) of the finished chunks the cache holds
+    chunk, kept = generator.cfg.chunk_frames, []  # kept: (start, x0) of the cached chunks, for recache
     P, x0 = 0 if prefix is None else prefix.shape[1], None  # x0: the chunk made (or given) last
     new_cond = yield
     for start in range(0, P + num_frames, chunk):
@@ -957,7 +954,7 @@ def _stream(generator, sigmas, first, num_frames, batch_size, cond, cache, rng, 
             check_cond(generator, new_cond, batch_size)
         # no_grad never spans a yield: the caller's code between chunks runs in its own grad mode
         with torch.no_grad():
-            if start > 0:  # the chunk before becomes context, under the prompt it was made with
+            if start > 0:  # the chunk yielded last is cached only now, under the prompt it was made with
                 write_context(generator, x0, cond, cache, start - chunk, context_noise, rng)
                 kept = [(a, x) for a, x in kept if bool((cache.slot_frame == a).any())] + [(start - chunk, x0)]
             if new_cond is not None:
@@ -1247,14 +1244,14 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
     opt = _adamw(student.parameters(), tr.ode_lr, tr, cosine_steps=tr.ode_steps)
     (n, K, F), chunk = pairs["xt"].shape[:3], cfg.model.chunk_frames
     per = UPSTREAM_ODE_STEP_DRAW[kind] if tr.ode_step_draw == "upstream" else tr.ode_step_draw
-    per_coordinate = cfg.model.in_channels * cfg.model.height * cfg.model.width  # MSE per coordinate
+    coords_per_frame = cfg.model.in_channels * cfg.model.height * cfg.model.width  # logged: MSE per coordinate
     sigmas = student_sigmas(cfg.sample)
 
     def step(i):
         idx = torch.randint(n, (tr.batch_size,), generator=rng)
         k = ode_step_index(tr.batch_size, F, chunk, K, per, rng)  # the whole batch's, then this rank's share
         loss = ode_regression_loss(student, *ode_pair_batch(pairs, _shard(idx), _shard(k), sigmas, kind))
-        loss = loss.mean() / per_coordinate
+        loss = loss.mean() / coords_per_frame
         _step(opt, student, loss, tr.grad_clip)
         return {"ode_regression": loss}
     history = train_loop(f"ode student from {kind}", tr.ode_steps, step, ckpt, log,
@@ -1309,9 +1306,9 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
     """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (bidirectional, from
     the base) with `critic_loss` on a fresh rollout; every `gen_update_ratio` steps the generator takes a
     `dmd_generator_loss` step on its own rollout, stopped at a random denoising step. The real score is
-    frozen (guided when conditioned); cond_sampler(batch, rng) draws a batch's conditions. steps: the
-    rollouts' denoising steps (default denoising_steps). Returns the EMA generator (the raw one before EMA
-    starts) and its record: loss histories, gradient norms, and `dmd_snapshots` fixed rollouts of 4 videos."""
+    frozen (guided when conditioned); cond_sampler(batch, rng) draws a batch's conditions. steps: every chunk's
+    denoising steps in the rollouts, the first's too (default denoising_steps). Returns the EMA generator (the
+    raw one before EMA starts) and its record: loss histories, gradient norms, `dmd_snapshots` rollouts of 4 videos."""
     tr = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
@@ -1380,11 +1377,11 @@ def _update_ema(state: dict, model: nn.Module, tr: TrainConfig) -> None:
 
 def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer: int, inner: int,
                       rng=None, shape=(2, 1, 1), return_mean: bool = False):
-    """E[ Var(phi(eps)^i | eps^<=i) ] per frame i, summed over a frame's coordinates, where eps^<=i is the noise
-    of every frame up to the end of frame i's chunk (what the student sees): the part of the ODE-regression loss
-    that no causal student can remove, because frame i's target depends on noise it does not see. Monte Carlo:
-    `outer` draws of the visible noise, `inner` redraws of the future noise for each. (F,) float64; with
-    return_mean also the MSE-optimal causal prediction E[phi(eps)^i | eps^<=i] (Prop. 3.3), (outer, F, *shape)."""
+    """E[ Var(phi(eps)^i | eps^<=i) ] per frame i, summed over a frame's coordinates, where eps^<=i is the noise of
+    every frame up to the end of frame i's chunk (a noisy-context student's input at sigma = 1): the part of its
+    ODE-regression loss there that no causal student can remove, as frame i's target depends on noise it does not
+    see. Monte Carlo: `outer` draws of the visible noise, `inner` redraws of the future noise for each. (F,) float64;
+    with return_mean also the MSE-optimal causal prediction E[phi(eps)^i | eps^<=i] (Prop. 3.3), (outer, F, *shape)."""
     floor = torch.zeros(frames, dtype=torch.float64)
     mean = torch.zeros(outer, frames, *shape, dtype=torch.float64)
     for i in range(frames):
