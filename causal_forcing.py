@@ -1305,10 +1305,11 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
               steps: Optional[tuple] = None) -> tuple[CausalDiT, dict]:
     """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (bidirectional, from
     the base) with `critic_loss` on a fresh rollout; every `gen_update_ratio` steps the generator takes a
-    `dmd_generator_loss` step on its own rollout, stopped at a random denoising step. The real score is
-    frozen (guided when conditioned); cond_sampler(batch, rng) draws a batch's conditions. steps: every chunk's
-    denoising steps in the rollouts, the first's too (default denoising_steps). Returns the EMA generator (the
-    raw one before EMA starts) and its record: loss histories, gradient norms, `dmd_snapshots` rollouts of 4 videos."""
+    `dmd_generator_loss` step on its own rollout, stopped at a random denoising step. The real score (the
+    pipeline's base; upstream Wan2.1-14B) is frozen, guided when conditioned; cond_sampler(batch, rng) draws a
+    batch's conditions. steps: every chunk's denoising steps in the rollouts, the first's too (default
+    denoising_steps). Returns the EMA generator (the raw one before EMA starts) and its record: loss histories,
+    gradient norms, `dmd_snapshots` rollouts of 4 videos."""
     tr = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
