@@ -81,10 +81,10 @@ def atomic_file(path: str):
 
 def remove_stale_temporaries(path: str) -> None:
     """Deletes the temporaries that writes of `path` killed before they finished left beside it: only
-    files named .tmp-<8 characters>-<path's name> (this file's) or .tmp-<8 characters><path's name>
+    files named .tmp-<8 characters>-<path's name> (this file's) or .tmp-<process id>-<path's name>
     (causal_forcing.save_atomic's), never another program's."""
     folder, name = os.path.split(os.path.abspath(path))
-    ours = re.compile(r"\.tmp-[a-z0-9_]{8}-?" + re.escape(name))
+    ours = re.compile(r"\.tmp-([a-z0-9_]{8}|[0-9]+)-" + re.escape(name))
     for entry in os.listdir(folder) if os.path.isdir(folder) else []:
         if ours.fullmatch(entry):
             with contextlib.suppress(FileNotFoundError):

@@ -46,8 +46,9 @@ figures.save_gif({{"a": torch.zeros(2, 3, 1, 4, 4)}}, {str(path)!r})
     assert path.read_bytes() == b"the old figure"
     left = [n for n in os.listdir(tmp_path) if n != "samples.gif"]
     assert len(left) == 1 and left[0].startswith(".tmp-") and left[0].endswith("-samples.gif")
-    others = [".tmp-other", ".tmp-abcdefgh-samples.gif.bak", ".tmp-abcdefgh-steps.gif", "samples.gif.tmp"]
-    for name in others:
+    others = [".tmp-other", ".tmp-abcdefgh-samples.gif.bak", ".tmp-abcdefgh-steps.gif", "samples.gif.tmp",
+              ".tmp-123-steps.gif"]
+    for name in others + [".tmp-4321-samples.gif"]:  # the last as causal_forcing.save_atomic names its temporary
         (tmp_path / name).write_bytes(b"")
     figures.remove_stale_temporaries(str(path))
     assert sorted(os.listdir(tmp_path)) == sorted(others + ["samples.gif"])
