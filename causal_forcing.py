@@ -238,10 +238,9 @@ class ToyVideos:
     # --- exact teachers -----------------------------------------------------------------------
     def exact_x0(self, x_s: torch.Tensor, s: torch.Tensor, frames: Optional[slice] = None,
                  context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """E[x0 | x_s] for the frames `frames` of a video (all frames if None), optionally given
-        clean earlier frames `context` = x0[:, :frames.start]. Conditioning a mixture on some of its
-        coordinates reweights its components by how well each explains them: that is the exact AR
-        teacher. x_s is (B, f, 2, 1, 1); s is a float or (B,)."""
+        """E[x0 | x_s] for the frames `frames` of a video (all frames if None), optionally given clean earlier frames
+        `context` = x0[:, :frames.start]. Conditioning a mixture on some of its coordinates reweights its components by
+        how well each explains them: that is the exact AR teacher. x_s is (B, f, 2, 1, 1); s is a float or (B,)."""
         frames = frames or slice(0, self.means.shape[1])
         B = x_s.shape[0]
         x = x_s.double().reshape(B, -1)  # (B, f*2)
@@ -355,8 +354,8 @@ def student_sigmas(cfg: SampleConfig, steps: Optional[tuple] = None) -> list[flo
     schedule (Self Forcing's warp_denoising_step): [1000, 750, 500, 250] -> [1000, 937.5, 833.3, 625] / 1000."""
     T = cfg.num_train_timesteps
     steps = cfg.denoising_steps if steps is None else steps
-    if not steps or not all(0 < k <= T for k in steps):
-        raise ValueError(f"denoising steps {steps} must be a non-empty list of timesteps in (0, {T}]")
+    if not steps or not all(0 < k <= T for k in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"denoising steps {steps} must be a non-empty, strictly descending list in (0, {T}]")
     raw = torch.tensor(steps, dtype=torch.float64) / T
     return [float(s) for s in (shift_sigma(raw, cfg.shift) if cfg.warp_denoising_steps else raw)]
 
@@ -419,17 +418,21 @@ def exact_ar_flow(data: ToyVideos, eps: torch.Tensor, sigmas: torch.Tensor, chun
     return (x0, {k: torch.cat(v, 1) for k, v in kept.items()}) if keep else x0
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in ("ar", "bidirectional"):
+        raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
+
+
 def exact_ode_pairs(data: ToyVideos, cfg: Config, clean: torch.Tensor, kind: str, rng=None) -> dict:
     """make_ode_pairs (I.8) with the *exact* teachers (toy data only), which isolate the injectivity argument
     from any error of a learned teacher: "ar" given the ground-truth earlier frames, "bidirectional"."""
+    _check_kind(kind)
     keep, sig = ode_pair_sigmas(cfg.sample)
     eps = torch.randn(clean.shape, generator=rng, dtype=torch.float64)
     if kind == "ar":
         x0, kept = exact_ar_flow(data, eps, sig, cfg.model.chunk_frames, context=clean.double(), keep=keep)
-    elif kind == "bidirectional":
-        x0, kept = exact_bidirectional_flow(data, eps, sig, keep=keep)
     else:
-        raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
+        x0, kept = exact_bidirectional_flow(data, eps, sig, keep=keep)
     xt = torch.stack([kept[k] for k in keep], 1)
     return {"xt": xt.float().to(cfg.device), "x0": x0.float().to(cfg.device), "clean": clean.to(cfg.device)}
 
@@ -539,12 +542,11 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the frames already generated, per layer: a new chunk attends to them instead of
-    re-running the prefix. Buffers (layers, B, h, slots, S, d), a slot per frame: max_frames (default 1024),
-    or W = window_frames (a model with a window gets its own): Z = sink_frames for the first frames, a ring
-    for the rest. Keys are stored rotated ("absolute" positions) or raw ("window": rotated at each read).
-    A call on frames [a, a + F) (`plan`, each layer's `extend`, `commit`) overwrites their slots and
-    forgets later frames."""
+    """Keys and values of the frames already generated, per layer: a new chunk attends to them instead of re-running the
+    prefix. Buffers (layers, B, h, slots, S, d), a slot per frame: max_frames (default 1024), or W = window_frames (the
+    model's, if it has one): Z = sink_frames for the first frames, a ring for the rest. Keys are stored rotated
+    ("absolute" positions) or raw ("window": rotated at each read). A call on frames [a, a + F) (`plan`, each layer's
+    `extend`, `commit`) overwrites their slots and forgets later frames."""
 
     def __init__(self, model, batch_size: int, max_frames: Optional[int] = None, window_frames: Optional[int] = None,
                  sink_frames: Optional[int] = None):
@@ -556,8 +558,8 @@ class KVCache:
             raise ValueError(f"max_frames={max_frames}, window_frames={window_frames}, sink_frames={sink_frames} "
                              f"conflict with the model's rolling window {own}: leave them out (max_frames is for a "
                              "full cache)")
-        if window is not None and window - sink < c.chunk_frames:
-            raise ValueError(f"window_frames - sink_frames = {window - sink} must hold a chunk of {c.chunk_frames}")
+        if window is not None and (sink < 0 or window - sink < c.chunk_frames):
+            raise ValueError(f"sink_frames={sink} must be >= 0 and window_frames - sink_frames a chunk or more")
         self.batch_size, self.chunk_frames, self.rope_positions = batch_size, c.chunk_frames, c.rope_positions
         self.max_frames = (max_frames or 1024) if window is None else None
         self.window_frames, self.sink_frames = window, sink
@@ -862,7 +864,7 @@ def sample_bidirectional(model: CausalDiT, sigmas, *, batch_size: int, num_frame
                          guidance: float = 1.0, uncond=None, rng=None, noise=None) -> torch.Tensor:
     """The bidirectional teacher: Euler along `sigmas` (from 1 to 0, e.g. solver_sigmas(48, cfg.sample)), one
     timestep for the whole clip; guided against `uncond` (see guided_velocity)."""
-    sigmas = check_sampling(model, sigmas, batch_size, num_frames, cond, uncond)
+    sigmas = check_sampling(model, sigmas, batch_size, num_frames, cond, uncond, to_zero=True)
     x = noise if noise is not None else _noise(model, batch_size, num_frames, rng)
     vel = lambda x_, s: guided_velocity(  # noqa: E731
         model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance, uncond)
@@ -875,7 +877,7 @@ def sample_ar_teacher(model: CausalDiT, sigmas, *, batch_size: int, num_frames: 
     """The AR teacher: chunk by chunk, a full Euler ODE along `sigmas` with the KV cache holding the clean
     earlier chunks, each written at t = context_noise. Guided, the conditional and unconditional predictions
     keep their own context (2B rows), and a finished chunk is written to both, each under its condition."""
-    sigmas = check_sampling(model, sigmas, batch_size, num_frames, cond, uncond, context_noise)
+    sigmas = check_sampling(model, sigmas, batch_size, num_frames, cond, uncond, context_noise, to_zero=True)
     guided = cond is not None and guidance != 1.0
     cache = new_cache_for(model, 2 * batch_size if guided else batch_size, num_frames)
     chunk, chunks = model.cfg.chunk_frames, []
@@ -927,12 +929,10 @@ def stream(generator: CausalDiT, sigmas, *, num_frames: int, batch_size: int, co
     """Streams the few-step causal student (Self Forcing's inference loop): yields each chunk (B, f, C, H, W)
     as soon as it is denoised, then writes it to the KV cache (default new_cache_for) at t = context_noise.
     sigmas: e.g. student_sigmas(cfg.sample); first_chunk_sigmas (default the same) for the first chunk,
-    which has no context. chunks.send(new_cond) in place of next(chunks), from the first chunk on, returns
-    the next chunk under a new prompt; the cached chunks stay as written (as upstream) or, with recache=True,
-    are re-run under it first (LongLive). prefix: clean frames (B, P, C, H, W), P whole chunks, to continue:
-    they are written to the cache as finished chunks are, and the stream yields the num_frames frames after
-    them (each chunk with `sigmas`: none is without context). renoise: see denoise_chunk. Every argument,
-    and a new prompt, is checked before any work."""
+    which has no context. chunks.send(new_cond) in place of next(chunks) switches the prompt from the next
+    chunk on; the cached chunks stay as written (upstream) or, with recache=True, are re-run under it (LongLive).
+    prefix: clean frames (B, P, C, H, W), whole chunks, cached first to continue them. renoise: see denoise_chunk.
+    Every argument, and a new prompt, is checked before any work."""
     sigmas = check_sampling(generator, sigmas, batch_size, num_frames, cond, context_noise=context_noise,
                             renoise=renoise, kv_cache=kv_cache, prefix=prefix).tolist()
     first = sigmas if first_chunk_sigmas is None else check_sigmas(first_chunk_sigmas, "first_chunk_sigmas").tolist()
@@ -1018,12 +1018,11 @@ def self_rollout(generator: CausalDiT, sigmas, *, batch_size: int, num_frames: i
 
 def ode_regression_loss(student: CausalDiT, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, cond=None,
                         clean_context=None) -> torch.Tensor:
-    """ODE regression (stage 2, upstream `ODERegression.generator_loss`): the squared error between the
-    student's x0 from x_t (B, F, C, H, W) at noise levels t (B, F) and the teacher's ODE endpoint
-    `target`, per frame, summed over a frame's coordinates (the units of the injectivity floor, I.9):
-    (B, F); the caller averages. With clean_context (the ground-truth clip) the student sees clean
-    earlier chunks through the teacher-forcing mask: the AR variant (Causal Forcing). Without it, it
-    sees the noisy earlier frames under the block-causal mask, as in CausVid / Self Forcing."""
+    """ODE regression (stage 2, upstream `ODERegression.generator_loss`): the squared error between the student's x0
+    from x_t (B, F, C, H, W) at noise levels t (B, F) and the teacher's ODE endpoint `target`, per frame, summed over a
+    frame's coordinates (the units of the injectivity floor, I.9): (B, F); the caller averages. With clean_context (the
+    ground-truth clip) the student sees clean earlier chunks through the teacher-forcing mask: the AR variant (Causal
+    Forcing). Without it, it sees the noisy earlier frames under the block-causal mask, as in CausVid / Self Forcing."""
     x0 = x0_from_velocity(x_t, student(x_t, t, cond, clean_context=clean_context), t)
     return (x0 - target).pow(2).sum(dim=(2, 3, 4))
 
@@ -1032,6 +1031,7 @@ def ode_pair_batch(pairs: dict, idx, k, sigmas: list[float], kind: str = "ar") -
     """`ode_regression_loss`'s inputs for ODE pairs `idx`, each frame at student step k (an int, or (B, F)
     from `ode_step_index`): x_t, t, the teacher's endpoints, the conditions or None, and the ground-truth
     clips as clean context for kind="ar" (None for "bidirectional": its student sees noisy frames)."""
+    _check_kind(kind)
     xt = pairs["xt"][idx]  # (B, K, F, C, H, W): the teacher's states at every student sigma
     B, K, F = xt.shape[:3]
     k = torch.full((B, F), int(k)) if not torch.is_tensor(k) or k.dim() == 0 else k
@@ -1172,6 +1172,8 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
     diffusion forcing (ablation): every chunk is noisy at its own level and attends to the noisy
       earlier chunks; at inference the context is clean, a train/test mismatch (Prop. 3.4)."""
     tr, mode = cfg.train, mode or cfg.train.teacher_mode
+    if mode not in ("teacher_forcing", "diffusion_forcing"):
+        raise ValueError(f"mode={mode!r} must be 'teacher_forcing' or 'diffusion_forcing'")
     model = parallelize(copy_model(base, causal=True), cfg)
     opt = _adamw(model.parameters(), tr.teacher_lr, tr, cosine_steps=tr.teacher_steps)
     batches = Batches(len(data), tr.batch_size, rng)
@@ -1196,8 +1198,7 @@ def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: st
     chunks); kind="bidirectional": the bidirectional teacher the whole clip. cond (N, L, cond_dim): each
     clip's condition, which guides the teacher (teacher_guidance) and is kept for the student. Returns
     {"xt": (n, K, F, C, H, W) states at the K student sigmas, "x0": endpoints, "clean": clips, "cond"}."""
-    if kind not in ("ar", "bidirectional"):
-        raise ValueError(f"kind must be 'ar' or 'bidirectional', got {kind!r}")
+    _check_kind(kind)
     if cond is not None and len(cond) != len(data):
         raise ValueError(f"cond has {len(cond)} rows for {len(data)} clips; pass one condition per clip")
     keep, sig = ode_pair_sigmas(cfg.sample)
@@ -1240,6 +1241,7 @@ def train_ode_student(cfg: Config, init: CausalDiT, pairs: dict, kind: str, log=
     base made causal for "bidirectional"). Each frame regresses from a student sigma drawn per ode_step_draw
     ("upstream": per chunk on bidirectional pairs as Self Forcing, per sample on AR pairs as Causal Forcing)."""
     tr = cfg.train
+    _check_kind(kind)
     student = parallelize(copy_model(init, causal=True), cfg)
     opt = _adamw(student.parameters(), tr.ode_lr, tr, cosine_steps=tr.ode_steps)
     (n, K, F), chunk = pairs["xt"].shape[:3], cfg.model.chunk_frames
@@ -1303,13 +1305,12 @@ def _dmd_sigma(cfg: Config, batch, rng, device):
 def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_init: CausalDiT,
               cond_sampler: Optional[Callable] = None, log=print, rng=None, ckpt=None,
               steps: Optional[tuple] = None) -> tuple[CausalDiT, dict]:
-    """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (bidirectional, from
-    the base) with `critic_loss` on a fresh rollout; every `gen_update_ratio` steps the generator takes a
-    `dmd_generator_loss` step on its own rollout, stopped at a random denoising step. The real score (the
-    pipeline's base; upstream Wan2.1-14B) is frozen, guided when conditioned; cond_sampler(batch, rng) draws a
-    batch's conditions. steps: every chunk's denoising steps in the rollouts, the first's too (default
-    denoising_steps). Returns the EMA generator (the raw one before EMA starts) and its record: loss histories,
-    gradient norms, `dmd_snapshots` rollouts of 4 videos."""
+    """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (bidirectional, from the base)
+    with `critic_loss` on a fresh rollout; every `gen_update_ratio` steps the generator takes a `dmd_generator_loss`
+    step on its own rollout, stopped at a random denoising step. The real score (the pipeline's base; upstream
+    Wan2.1-14B) is frozen, guided when conditioned; cond_sampler(batch, rng) draws a batch's conditions. steps: every
+    chunk's denoising steps in the rollouts, the first's too (default denoising_steps). Returns the EMA generator (the
+    raw one before EMA starts) and its record: loss histories, gradient norms, `dmd_snapshots` rollouts of 4 videos."""
     tr = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
@@ -1428,10 +1429,12 @@ _SECTIONS = ("data", "model", "train", "sample", "eval")  # the sub-configs of C
 # Each numeric field's range: (the test, what a value must be, the fields). A None (where allowed) is not tested.
 _RANGES = (
     (lambda v: v >= 1, "must be >= 1",
-     "frames train_size test_size in_channels height width patch_size dim ffn_dim num_heads num_layers freq_dim "
-     "chunk_frames batch_size base_steps teacher_steps ode_pairs ode_steps dmd_steps dmd_batch_size gen_update_ratio "
-     "cd_batch_size classifier_steps checkpoint_every num_train_timesteps teacher_solver_steps cd_grid_steps "
-     "eval_samples floor_outer floor_inner"),
+     "frames num_starts train_size test_size canvas digit_size in_channels height width patch_size dim ffn_dim "
+     "num_heads num_layers text_len chunk_frames batch_size base_steps teacher_steps ode_pairs ode_steps dmd_steps "
+     "dmd_batch_size gen_update_ratio cd_batch_size classifier_steps checkpoint_every num_train_timesteps "
+     "teacher_solver_steps cd_grid_steps eval_samples floor_outer"),
+    (lambda v: v >= 2 and v % 2 == 0, "must be an even number >= 2", "freq_dim"),
+    (lambda v: v >= 2, "must be >= 2 (it draws a variance)", "floor_inner"),
     (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0",
      "base_lr teacher_lr ode_lr cd_lr gen_lr critic_lr grad_clip fm_shift shift rope_theta eps radius speed"),
     (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0",
@@ -1514,6 +1517,8 @@ def _disagreements(cfg: Config) -> list[str]:
          f"DMD sigmas: 0 < dmd_min_sigma={tr.dmd_min_sigma} < dmd_max_sigma={tr.dmd_max_sigma} <= 1 does not hold"),
         (m.dim % m.num_heads == 0 and head % 2 == 0 and head >= 6,
          f"dim={m.dim} must be num_heads={m.num_heads} times an even head dim >= 6 (3-D rotary positions)"),
+        (d.dataset == "none" or max(tr.batch_size, tr.cd_batch_size or 0) <= d.train_size,
+         f"batch_size={tr.batch_size} and cd_batch_size={tr.cd_batch_size} must be <= train_size={d.train_size}"),
         (params <= 50e9, f"dim, ffn_dim, num_layers give about {params:.1e} parameters, over 5e10 (Wan2.1 14B 1.4e10)"),
         (m.height % m.patch_size == 0 and m.width % m.patch_size == 0,
          f"height={m.height}, width={m.width} must be multiples of patch_size={m.patch_size}"),
@@ -1664,10 +1669,11 @@ def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
     return s
 
 
-def check_sampling(model, sigmas, batch_size: int, num_frames: int, cond=None, uncond=None,
-                   context_noise: float = 0.0, renoise: str = "fresh", kv_cache=None, prefix=None) -> torch.Tensor:
+def check_sampling(model, sigmas, batch_size: int, num_frames: int, cond=None, uncond=None, context_noise: float = 0.0,
+                   renoise: str = "fresh", kv_cache=None, prefix=None, to_zero: bool = False) -> torch.Tensor:
     """A sampler's arguments, before any work (returns the sigmas as check_sigmas does): the sizes, the model's dtype
-    (noise comes in torch's default dtype), context_noise, renoise, cond and uncond, a KV cache, a prefix to go on."""
+    (noise comes in torch's default dtype), context_noise, renoise, cond and uncond, a KV cache with room for the
+    frames, a prefix to go on; with to_zero (a teacher's ODE) sigmas that end at 0."""
     sigmas = check_sigmas(sigmas)
     w, default = next(model.parameters()), torch.get_default_dtype()
     if w.dtype != default and not model.uses_bf16(w.device):
@@ -1689,6 +1695,12 @@ def check_sampling(model, sigmas, batch_size: int, num_frames: int, cond=None, u
         if len(prefix) != batch_size or prefix.shape[1] % model.cfg.chunk_frames:
             raise ValueError(f"prefix has {len(prefix)} videos of {prefix.shape[1]} frames: it needs batch_size="
                              f"{batch_size} videos of whole chunks of chunk_frames={model.cfg.chunk_frames}")
+    total = num_frames + (0 if prefix is None else prefix.shape[1])
+    if kv_cache is not None and kv_cache.max_frames is not None and total > kv_cache.max_frames:
+        raise ValueError(f"{total} frames do not fit this KV cache (max_frames={kv_cache.max_frames}): make one with "
+                         f"model.new_kv_cache({batch_size}, max_frames={total}), or leave kv_cache out")
+    if to_zero and sigmas[-1] != 0:
+        raise ValueError(f"a teacher's sigmas must end at 0, e.g. solver_sigmas(48, cfg.sample); got {sigmas.tolist()}")
     return sigmas
 
 
@@ -2510,12 +2522,17 @@ def _saved_model(cfg: Config, kind: str, state: dict) -> nn.Module:
 
 
 def load_models(out: str, cfg: Config) -> dict:
-    """The trained models of a finished run in folder `out` (its models.pt; `cfg` its config), ready to
-    sample: a CausalDiT per row of the table and, on moving digits, the "digit_classifier" of the metrics."""
+    """The trained models of a finished run in folder `out` (its models.pt), ready to sample: a CausalDiT per row of
+    the table and, on moving digits, the "digit_classifier" of the metrics. `cfg` (e.g. run_config(out)) must give
+    the run's network: one that differs (chunk_frames, a window, a size) is refused; the speed fields may differ."""
     path = os.path.join(out, "models.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no models.pt in {out!r}: run the pipeline there first "
                                 f"(python causal_forcing.py --out {out})")
+    saved, speed = run_config(out, device=cfg.device).model, ("attention", "precision", "grad_checkpointing", "compile")
+    diff = [f"model.{k}" for k, v in dataclasses.asdict(saved).items() if k not in speed and getattr(cfg.model, k) != v]
+    if diff:
+        raise ValueError(f"cfg differs from the network of the run in {out!r} ({', '.join(diff)}): use run_config(out)")
     kinds = {"digit_classifier": "classifier", "bidirectional_teacher": "bidirectional"}
     return {name: _saved_model(cfg, kinds.get(name, "causal"), state).eval().requires_grad_(False)
             for name, state in _load_saved(path, "models file").items()}
@@ -2882,6 +2899,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", help="cuda, mps or cpu (default: auto)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: give 1 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = _config_from_flags(parser, args.config, args.set, args.device, seed=args.seed, mnist_dir=args.mnist_dir)

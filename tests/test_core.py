@@ -81,6 +81,43 @@ def test_a_model_too_big_for_any_machine_is_refused_before_it_is_built(overrides
     assert cf.get_config("wan-14b", device="cpu").model.dim == 5120  # the largest real model passes
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (dict(train_size=50, batch_size=32), r"cd_batch_size=64 must be <= train_size=50"),  # the preset's CD batch
+    (dict(freq_dim=3), r"freq_dim=3 must be an even number >= 2"), (dict(floor_inner=1), r"floor_inner=1 must be >= 2"),
+    (dict(num_starts=0), r"num_starts=0 must be >= 1"), (dict(text_len=-5), r"text_len=-5 must be >= 1"),
+    (dict(digit_size=0), r"digit_size=0 must be >= 1")])
+def test_values_that_would_fail_late_or_quietly_are_refused_by_get_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        cf.get_config("toy2d", **overrides)
+
+
+def test_misspelt_kinds_and_modes_are_refused_not_trained_as_the_other_variant():
+    cfg = cf.get_config("toy2d", num_layers=1, dim=24, num_heads=2, ffn_dim=32, device="cpu")
+    base, data = cf.CausalDiT(cfg.model, causal=False), torch.randn(8, cfg.data.frames, 2, 1, 1)
+    with pytest.raises(ValueError, match="mode='teacher-forcing' must be 'teacher_forcing' or 'diffusion_forcing'"):
+        cf.train_ar_teacher(cfg, base, data, mode="teacher-forcing", log=None)
+    pairs = {"xt": torch.zeros(2, 4, cfg.data.frames, 2, 1, 1), "x0": torch.zeros(2, cfg.data.frames, 2, 1, 1),
+             "clean": torch.zeros(2, cfg.data.frames, 2, 1, 1)}
+    for call in (lambda: cf.ode_pair_batch(pairs, slice(None), 0, cf.student_sigmas(cfg.sample), "AR"),
+                 lambda: cf.train_ode_student(cfg, base, pairs, "AR", log=None)):
+        with pytest.raises(ValueError, match="kind must be 'ar' or 'bidirectional', got 'AR'"):
+            call()
+    with pytest.raises(ValueError, match="strictly descending"):
+        cf.student_sigmas(cfg.sample, (250, 1000))  # e.g. train_dmd(steps=...)
+
+
+def test_a_teacher_is_refused_sigmas_that_stop_short_of_clean_frames_and_a_cache_too_small_for_a_stream():
+    model, cfg = random_model(dtype=torch.float32)
+    with pytest.raises(ValueError, match="a teacher's sigmas must end at 0"):
+        cf.sample_bidirectional(model, cf.student_sigmas(cfg.sample), batch_size=1, num_frames=2)
+    with pytest.raises(ValueError, match="a teacher's sigmas must end at 0"):
+        cf.sample_ar_teacher(model, [1.0], batch_size=1, num_frames=2)
+    with pytest.raises(ValueError, match=r"6 frames do not fit this KV cache \(max_frames=4\)"):
+        cf.stream(model, [1.0], num_frames=6, batch_size=1, kv_cache=model.new_kv_cache(1, max_frames=4))
+    with pytest.raises(ValueError, match="sink_frames=-2 must be >= 0"):
+        model.new_kv_cache(1, window_frames=4, sink_frames=-2)
+
+
 @pytest.mark.parametrize("seed", [-1, 2**63, 2**64])
 def test_seeds_outside_torchs_range_are_refused(seed):
     with pytest.raises(ValueError, match=r"seed=.* must lie in \[0, 2\*\*63 - 1\]"):
@@ -828,6 +865,10 @@ def test_pipeline_writes_loss_histories_and_its_models_load_back(tmp_path):
     assert x.shape == (2, cfg.data.frames, 2, 1, 1) and torch.isfinite(x).all()
     with pytest.raises(FileNotFoundError, match="run the pipeline there first"):
         cf.load_models(str(tmp_path / "nothing"), cfg)
+    other = cf.get_config("toy2d", **{**TINY, "chunk_frames": 2})  # the same weights' shapes, another mask
+    with pytest.raises(ValueError, match=r"differs from the network of the run .*\(model.chunk_frames\)"):
+        cf.load_models(str(tmp_path), other)
+    assert cf.load_models(str(tmp_path), cf.get_config("toy2d", **{**TINY, "attention": "dense"}))  # speed: fine
 
 
 def test_command_line_rejects_unknown_keys(capsys):
@@ -1276,6 +1317,13 @@ def test_an_out_that_is_a_file_is_a_usage_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         cf.main(["--out", str(path)])
     assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_a_thread_count_below_one_is_a_usage_error(threads, capsys):
+    with pytest.raises(SystemExit) as e:
+        cf.main(["--threads", threads])
+    assert e.value.code == 2 and f"--threads {threads}: give 1 or more" in capsys.readouterr().err
 
 
 def test_stages_remember_their_config_when_config_json_is_deleted(tmp_path):
