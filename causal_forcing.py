@@ -864,7 +864,7 @@ def sample_bidirectional(model: CausalDiT, sigmas, *, batch_size: int, num_frame
                          guidance: float = 1.0, uncond=None, rng=None, noise=None) -> torch.Tensor:
     """The bidirectional teacher: Euler along `sigmas` (from 1 to 0, e.g. solver_sigmas(48, cfg.sample)), one
     timestep for the whole clip; guided against `uncond` (see guided_velocity)."""
-    sigmas = check_sampling(model, sigmas, batch_size, num_frames, cond, uncond, to_zero=True)
+    sigmas = check_sampling(model, sigmas, batch_size, num_frames, cond, uncond, to_zero=True, noise=noise)
     x = noise if noise is not None else _noise(model, batch_size, num_frames, rng)
     vel = lambda x_, s: guided_velocity(  # noqa: E731
         model, x_, torch.full(x_.shape[:2], s, device=x_.device), cond, guidance, uncond)
@@ -1670,10 +1670,11 @@ def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
 
 
 def check_sampling(model, sigmas, batch_size: int, num_frames: int, cond=None, uncond=None, context_noise: float = 0.0,
-                   renoise: str = "fresh", kv_cache=None, prefix=None, to_zero: bool = False) -> torch.Tensor:
+                   renoise: str = "fresh", kv_cache=None, prefix=None, to_zero: bool = False,
+                   noise=None) -> torch.Tensor:
     """A sampler's arguments, before any work (returns the sigmas as check_sigmas does): the sizes, the model's dtype
     (noise comes in torch's default dtype), context_noise, renoise, cond and uncond, a KV cache with room for the
-    frames, a prefix to go on; with to_zero (a teacher's ODE) sigmas that end at 0."""
+    frames, a prefix to go on, given noise; with to_zero (a teacher's ODE) sigmas that end at 0."""
     sigmas = check_sigmas(sigmas)
     w, default = next(model.parameters()), torch.get_default_dtype()
     if w.dtype != default and not model.uses_bf16(w.device):
@@ -1701,6 +1702,9 @@ def check_sampling(model, sigmas, batch_size: int, num_frames: int, cond=None, u
                          f"model.new_kv_cache({batch_size}, max_frames={total}), or leave kv_cache out")
     if to_zero and sigmas[-1] != 0:
         raise ValueError(f"a teacher's sigmas must end at 0, e.g. solver_sigmas(48, cfg.sample); got {sigmas.tolist()}")
+    if noise is not None:
+        shape = (batch_size, num_frames, model.cfg.in_channels, model.cfg.height, model.cfg.width)
+        _check_tensor(model, noise, "noise", lambda v: v.shape == shape, f"shape {shape}")
     return sigmas
 
 

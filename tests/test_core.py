@@ -116,6 +116,11 @@ def test_a_teacher_is_refused_sigmas_that_stop_short_of_clean_frames_and_a_cache
         cf.stream(model, [1.0], num_frames=6, batch_size=1, kv_cache=model.new_kv_cache(1, max_frames=4))
     with pytest.raises(ValueError, match="sink_frames=-2 must be >= 0"):
         model.new_kv_cache(1, window_frames=4, sink_frames=-2)
+    sig = cf.solver_sigmas(4, cfg.sample)
+    with pytest.raises(ValueError, match=r"noise must have shape \(1, 2, 2, 1, 1\), got \(1, 3, 2, 1, 1\)"):
+        cf.sample_bidirectional(model, sig, batch_size=1, num_frames=2, noise=torch.randn(1, 3, 2, 1, 1))
+    with pytest.raises(FloatingPointError, match="noise holds NaN"):
+        cf.sample_bidirectional(model, sig, batch_size=1, num_frames=2, noise=torch.full((1, 2, 2, 1, 1), math.nan))
 
 
 @pytest.mark.parametrize("seed", [-1, 2**63, 2**64])
