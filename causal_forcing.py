@@ -1107,8 +1107,9 @@ def critic_loss(fake_score: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noi
 
 
 # ==== I.8 stages: base, AR teacher, ODE pairs and student, consistency student, DMD (loop: II.4) ====
-# Each stage is its loss (I.7) in a step function; the plumbing (train_loop, _adamw, _step, Batches, and for
-# several processes parallelize, _shard, _reshard, _rank_rng) comes from II.4 and can be read past.
+# 0 trains the base; 1 turns a copy into the AR teacher; 2 trains a student from the teacher on its ODE pairs (CF++:
+# by consistency; the baseline: from the base, on its pairs); 3, DMD, trains it with the base as real score and a
+# copy as fake score. Each stage is its loss (I.7) in a step; the plumbing (train_loop, _step, ...) is II.4's.
 
 
 def _fm_schedule(cfg: Config) -> SampleConfig:
