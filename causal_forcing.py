@@ -153,7 +153,7 @@ class TrainConfig:
     gen_update_ratio: int = 5  # "two time-scale update": the fake score must track the generator
     dmd_batch_size: Optional[int] = None  # DMD's clips per step; None = batch_size
     ema_decay: float = 0.99
-    ema_start_step: int = 20  # in generator updates (upstream: 200 critic steps of ~750, 40 updates)
+    ema_start_step: int = 20  # in generator updates (upstream: from critic step 200, 40 updates at ratio 5)
     dmd_min_sigma: float = 0.02  # DMD/critic timesteps are clamped to [0.02, 0.98] (upstream)
     dmd_max_sigma: float = 0.98
     real_guidance: float = 4.0  # CFG scale uncond + g (cond - uncond); upstream "cond + 3 (cond - uncond)"
