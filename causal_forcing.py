@@ -989,9 +989,8 @@ def stream_recompute(generator: CausalDiT, sigmas, *, num_frames: int, batch_siz
         yield done[-1]
 
 
-def sample_student(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None,
-                   context_noise: float = 0.0, rng=None, first_chunk_sigmas=None,
-                   renoise: str = "fresh") -> torch.Tensor:
+def sample_student(model: CausalDiT, sigmas, *, batch_size: int, num_frames: int, cond=None, context_noise: float = 0.0,
+                   rng=None, first_chunk_sigmas=None, renoise: str = "fresh") -> torch.Tensor:
     """The whole video from `stream`, (B, F, C, H, W)."""
     chunks = stream(model, sigmas, num_frames=num_frames, batch_size=batch_size, cond=cond, rng=rng,
                     context_noise=context_noise, first_chunk_sigmas=first_chunk_sigmas, renoise=renoise)
@@ -1034,8 +1033,9 @@ def ode_pair_batch(pairs: dict, idx, k, sigmas: list[float], kind: str = "ar") -
     _check_kind(kind)
     xt = pairs["xt"][idx]  # (B, K, F, C, H, W): the teacher's states at every student sigma
     B, K, F = xt.shape[:3]
-    k = torch.full((B, F), int(k)) if not torch.is_tensor(k) or k.dim() == 0 else k
-    k = k.to(xt.device)
+    if K != len(sigmas):
+        raise ValueError(f"the ODE pairs hold states at {K} sigmas, not at the {len(sigmas)} given: make them anew")
+    k = (torch.full((B, F), int(k)) if not torch.is_tensor(k) or k.dim() == 0 else k).to(xt.device)
     x = xt.gather(1, k[:, None, :, None, None, None].expand(B, 1, F, *xt.shape[3:]))[:, 0]  # (B, F, C, H, W)
     t = torch.tensor(sigmas, dtype=torch.float64)[k.cpu()].to(x.dtype).to(x.device)
     cond = pairs["cond"][idx] if "cond" in pairs else None
@@ -1136,6 +1136,7 @@ def train_base(cfg: Config, data: torch.Tensor, log=print, rng=None, cond=None, 
     Wan2.1); cond (N, L, cond_dim): each training video's condition (dropped at cond_dropout)."""
     tr = cfg.train
     model = parallelize(CausalDiT(cfg.model, causal=False).to(cfg.device), cfg)
+    check_data(model, data, cond)
     opt = _adamw(model.parameters(), tr.base_lr, tr, beta1=tr.base_beta1, cosine_steps=tr.base_steps)
     batches = Batches(len(data), tr.batch_size, rng)
 
@@ -1175,6 +1176,7 @@ def train_ar_teacher(cfg: Config, base: CausalDiT, data: torch.Tensor, mode=None
     tr, mode = cfg.train, mode or cfg.train.teacher_mode
     if mode not in ("teacher_forcing", "diffusion_forcing"):
         raise ValueError(f"mode={mode!r} must be 'teacher_forcing' or 'diffusion_forcing'")
+    check_data(base, data, cond)
     model = parallelize(copy_model(base, causal=True), cfg)
     opt = _adamw(model.parameters(), tr.teacher_lr, tr, cosine_steps=tr.teacher_steps)
     batches = Batches(len(data), tr.batch_size, rng)
@@ -1200,8 +1202,7 @@ def make_ode_pairs(cfg: Config, teacher: CausalDiT, data: torch.Tensor, kind: st
     clip's condition, which guides the teacher (teacher_guidance) and is kept for the student. Returns
     {"xt": (n, K, F, C, H, W) states at the K student sigmas, "x0": endpoints, "clean": clips, "cond"}."""
     _check_kind(kind)
-    if cond is not None and len(cond) != len(data):
-        raise ValueError(f"cond has {len(cond)} rows for {len(data)} clips; pass one condition per clip")
+    check_data(teacher, data, cond)
     keep, sig = ode_pair_sigmas(cfg.sample)
     n = min(cfg.train.ode_pairs, len(data))
     out = {"xt": [], "x0": [], "clean": [], "cond": []}
@@ -1269,10 +1270,10 @@ def train_consistency(cfg: Config, teacher: CausalDiT, data: torch.Tensor, log=p
     for the batch (`consistency_sigmas`), fresh noise, a `consistency_distillation_loss` step, then the EMA
     moves towards the student (cd_ema_decay). Returns the student; the EMA only gives targets."""
     tr = cfg.train
+    check_data(teacher, data, cond)
     student = parallelize(copy_model(teacher, causal=True).train(), cfg)
     ema = parallelize(copy_model(teacher, causal=True).eval().requires_grad_(False), cfg)
-    frozen = teacher.eval()
-    grid = consistency_sigmas(cfg.sample)
+    frozen, grid = teacher.eval(), consistency_sigmas(cfg.sample)
     opt = _adamw(student.parameters(), tr.cd_lr, tr, cosine_steps=tr.cd_steps)
     batches = Batches(len(data), tr.cd_batch_size or tr.batch_size, rng)
 
@@ -1308,10 +1309,10 @@ def train_dmd(cfg: Config, generator: CausalDiT, real_score: CausalDiT, fake_ini
               steps: Optional[tuple] = None) -> tuple[CausalDiT, dict]:
     """Stage 3: DMD with self-rollout (Self Forcing). Every step trains the fake score (bidirectional, from the base)
     with `critic_loss` on a fresh rollout; every `gen_update_ratio` steps the generator takes a `dmd_generator_loss`
-    step on its own rollout, stopped at a random denoising step. The real score (the pipeline's base; upstream
-    Wan2.1-14B) is frozen, guided when conditioned; cond_sampler(batch, rng) draws a batch's conditions. steps: every
-    chunk's denoising steps in the rollouts, the first's too (default denoising_steps). Returns the EMA generator (the
-    raw one before EMA starts) and its record: loss histories, gradient norms, `dmd_snapshots` rollouts of 4 videos."""
+    step on its own rollout, stopped at a random denoising step. The real score (the base; upstream Wan2.1-14B) is
+    frozen, guided when conditioned; cond_sampler(batch, rng) draws a batch's conditions. steps: every chunk's
+    denoising steps in the rollouts (default denoising_steps). Returns the EMA generator (the raw one before EMA
+    starts) and its record: losses, gradient norms, 4 videos every floor(updates / dmd_snapshots) updates."""
     tr = cfg.train
     gen = parallelize(copy_model(generator).train(), cfg)
     fake = parallelize(copy_model(fake_init).train(), cfg)
@@ -1367,12 +1368,11 @@ def _update_ema(state: dict, model: nn.Module, tr: TrainConfig) -> None:
     of the weights (decay ema_decay) in state["ema"] (restored from a checkpoint on the CPU)."""
     state["gen_updates"] += 1
     with torch.no_grad():
-        if state["ema"] is None:
-            if state["gen_updates"] >= tr.ema_start_step:
-                state["ema"] = [p.detach().clone() for p in model.parameters()]
-        else:
+        if state["ema"] is not None:
             state["ema"] = [e.to(p.device) for e, p in zip(state["ema"], model.parameters())]
             ema_update(state["ema"], model.parameters(), tr.ema_decay)
+        elif state["gen_updates"] >= tr.ema_start_step:
+            state["ema"] = [p.detach().clone() for p in model.parameters()]
 
 
 # ==== I.9 injectivity: the frame-level floor of ODE regression (Sec. 3, Prop. 3.3) ===============
@@ -1384,7 +1384,7 @@ def injectivity_floor(flow_map: Callable, frames: int, chunk_frames: int, outer:
     every frame up to the end of frame i's chunk (a noisy-context student's input at sigma = 1): the part of its
     ODE-regression loss there that no causal student can remove, as frame i's target depends on noise it does not
     see. Monte Carlo: `outer` draws of the visible noise, `inner` redraws of the future noise for each. (F,) float64;
-    with return_mean also the MSE-optimal causal prediction E[phi(eps)^i | eps^<=i] (Prop. 3.3), (outer, F, *shape)."""
+    return_mean: also each frame's MSE-optimal causal prediction E[phi(eps)^i | eps^<=i], (outer, F, *shape)."""
     floor = torch.zeros(frames, dtype=torch.float64)
     mean = torch.zeros(outer, frames, *shape, dtype=torch.float64)
     for i in range(frames):
@@ -1656,6 +1656,14 @@ def check_cond(model, cond, batch: int, name: str = "cond", like=None) -> None:
                   and (like is None or v.shape[1] == L), f"shape ({' or '.join(map(str, batches))}, {L}, {c.cond_dim})")
     if c.text_len is not None and cond.shape[1] > c.text_len:
         raise ValueError(f"{name} has {cond.shape[1]} rows, more than text_len={c.text_len}")
+
+
+def check_data(model, data, cond=None) -> None:
+    """A training stage's clips (N, F, C, H, W), finite, of the model's dtype, and their conditions (N, L, cond_dim)
+    or None (a model without conditioning refuses one), before any work."""
+    _check_tensor(model, data, "data")
+    if cond is not None:
+        check_cond(model, cond, len(data))
 
 
 def check_sigmas(sigmas, name: str = "sigmas") -> torch.Tensor:
@@ -2073,7 +2081,7 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
     optimizers, generators, Batches) and `state` (the stage's own values, e.g. DMD's EMA) restored, saving
     every ckpt.every steps, logging ten times. A non-finite loss or gradient raises Diverged naming the stage,
     the step and `hint` (what to change). Returns {loss name: [one value per step giving it]}."""
-    start, saved = ckpt.restore(**objs) if ckpt else (0, {})  # without a checkpoint: no files at all
+    start, saved = ckpt.restore((stage, steps), **objs) if ckpt else (0, {})  # without a checkpoint: no files at all
     history = saved.get("history", {})
     if state is not None:
         state.update(saved.get("state", {}))
@@ -2094,7 +2102,7 @@ def train_loop(stage: str, steps: int, step: Callable[[int], dict], ckpt: Option
             log(f"  [{stage}] step {i + 1:5d}/{steps}  loss {next(iter(losses.values())):.4f}  "
                 f"{rate:6.2f} it/s  {(steps - i - 1) / rate:5.0f} s left")
         if ckpt:
-            ckpt.save(i + 1, steps, {"history": history, "state": state or {}}, **objs)
+            ckpt.save(i + 1, steps, {"history": history, "state": state or {}}, stage, **objs)
     return history
 
 
@@ -2159,11 +2167,14 @@ class StageCheckpoint:
         """Seconds spent on the stage, the runs before an interruption included."""
         return self.earlier + time.perf_counter() - self.t0
 
-    def restore(self, **objs) -> tuple[int, dict]:
-        """Loads the saved state into `objs`: the step to go on from (0 without a checkpoint) and the extras."""
+    def restore(self, stage: Optional[tuple] = None, **objs) -> tuple[int, dict]:
+        """Loads the saved state into `objs`: the step to go on from (0 without a checkpoint) and the extras; one of
+        another `stage` (name, steps) or config is refused."""
         if not self.path or not os.path.exists(self.path):
             return 0, {}
         state, fix = _load_saved(self.path, "checkpoint"), "delete it, or use another --out folder"
+        if stage is not None and state.get("stage") != tuple(stage):
+            raise ValueError(f"checkpoint {self.path!r} is of stage {state.get('stage')}, not {tuple(stage)}; {fix}")
         if self.config and state.get("config"):
             _refuse_another_config(state["config"], self.config, f"checkpoint {self.path!r} is of", fix)
         try:
@@ -2179,14 +2190,15 @@ class StageCheckpoint:
         self.earlier = state["seconds"]
         return state["step"], state["extra"]
 
-    def save(self, step: int, total: int, extra: dict, **objs) -> None:
-        """After `step` steps: saves every `every` steps, not after the last (the stage's result is saved then)."""
+    def save(self, step: int, total: int, extra: dict, stage: str = "", **objs) -> None:
+        """After `step` of `total` steps of `stage`: saves every `every` steps, not after the last (the stage's result
+        is saved then)."""
         if not self.path or step % self.every or step == total:
             return
         states = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
                   for name, obj in objs.items() if obj is not None}
         save_atomic({"step": step, "objs": states, "extra": extra, "torch_rng": torch.get_rng_state(),
-                     "seconds": self.elapsed(), "config": self.config}, self.path)
+                     "seconds": self.elapsed(), "config": self.config, "stage": (stage, total)}, self.path)
 
 
 # ==== II.5 data: moving digits (Srivastava et al., 2015), MNIST files, bundled sprites ===========

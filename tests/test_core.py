@@ -106,6 +106,49 @@ def test_misspelt_kinds_and_modes_are_refused_not_trained_as_the_other_variant()
         cf.student_sigmas(cfg.sample, (250, 1000))  # e.g. train_dmd(steps=...)
 
 
+def test_the_stages_check_their_data_and_conditions_before_any_work():
+    cfg = cf.get_config("toy2d", num_layers=1, dim=24, num_heads=2, ffn_dim=32, base_steps=2, device="cpu")
+    base, data = cf.CausalDiT(cfg.model, causal=False), torch.randn(8, cfg.data.frames, 2, 1, 1)
+    with pytest.raises(ValueError, match=r"no conditioning \(cond_dim=0\) but cond was given"):
+        cf.train_base(cfg, data, log=None, cond=torch.randn(8, 1, 10))
+    bad = data.clone()
+    bad[5, 2] = math.nan
+    for call in (lambda: cf.train_base(cfg, bad, log=None), lambda: cf.train_ar_teacher(cfg, base, bad, log=None),
+                 lambda: cf.make_ode_pairs(cfg, base, bad, "bidirectional"),
+                 lambda: cf.train_consistency(cfg, base, bad, log=None)):
+        with pytest.raises(FloatingPointError, match="data holds NaN"):
+            call()
+    digits = cf.get_config("mnist", num_layers=1, dim=24, num_heads=2, ffn_dim=32, device="cpu")
+    model, clips = cf.CausalDiT(digits.model, causal=False), torch.zeros(8, digits.data.frames, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"cond must have shape \(8, L, 10\), got \(6, 1, 10\)"):
+        cf.train_ar_teacher(digits, model, clips, log=None, cond=torch.zeros(6, 1, 10))
+
+
+def test_ode_pairs_made_for_other_student_sigmas_are_refused():
+    cfg = cf.get_config("toy2d", num_layers=1, dim=24, num_heads=2, ffn_dim=32, device="cpu")
+    two = cf.get_config("toy2d", num_layers=1, dim=24, num_heads=2, ffn_dim=32, denoising_steps=(1000, 500),
+                        device="cpu")
+    teacher, data = cf.CausalDiT(cfg.model), torch.randn(8, cfg.data.frames, 2, 1, 1)
+    pairs = cf.make_ode_pairs(two, teacher, data, "ar")  # states at 2 sigmas
+    with pytest.raises(ValueError, match="the ODE pairs hold states at 2 sigmas, not at the 4 given"):
+        cf.train_ode_student(cfg, teacher, pairs, "ar", log=None)
+
+
+def test_a_stage_checkpoint_of_another_stage_or_length_is_refused(tmp_path):
+    """A checkpoint path met again by another stage (or the same stage with other step counts) must not be resumed:
+    the stage would start from the other one's weights, optimizer and random state."""
+    cfg = cf.get_config("toy2d", num_layers=1, dim=24, num_heads=2, ffn_dim=32, base_steps=5, teacher_steps=5,
+                        batch_size=4, device="cpu")
+    data, path = torch.randn(8, cfg.data.frames, 2, 1, 1), str(tmp_path / "stage.partial.pt")
+    base, _ = cf.train_base(cfg, data, log=None, ckpt=cf.StageCheckpoint(path, every=2))  # leaves its step 4
+    with pytest.raises(ValueError, match=r"is of stage \('base', 5\), not \('ar teacher, teacher forcing', 5\)"):
+        cf.train_ar_teacher(cfg, base, data, log=None, ckpt=cf.StageCheckpoint(path, every=2))
+    shorter = cf.get_config("toy2d", num_layers=1, dim=24, num_heads=2, ffn_dim=32, base_steps=3, batch_size=4,
+                            device="cpu")
+    with pytest.raises(ValueError, match=r"is of stage \('base', 5\), not \('base', 3\)"):
+        cf.train_base(shorter, data, log=None, ckpt=cf.StageCheckpoint(path, every=2))
+
+
 def test_a_teacher_is_refused_sigmas_that_stop_short_of_clean_frames_and_a_cache_too_small_for_a_stream():
     model, cfg = random_model(dtype=torch.float32)
     with pytest.raises(ValueError, match="a teacher's sigmas must end at 0"):
