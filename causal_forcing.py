@@ -77,7 +77,7 @@ class DataConfig:
     digit_size: int = 16  # digits are resized from 28 px
     num_digits: int = 1  # one digit, so that its label is the video's class
     speed: float = 0.2  # per frame, in units of the canvas span (canvas - digit_size)
-    mnist_dir: Optional[str] = None  # MNIST IDX files; None: $CAUSAL_FORCING_MNIST, else toy_data sprites
+    mnist_dir: Optional[str] = None  # MNIST IDX files; None: toy_data sprites (get_config: $CAUSAL_FORCING_MNIST)
 
 
 ROPE_POSITIONS = ("absolute", "window")  # the values of ModelConfig.rope_positions
@@ -1502,7 +1502,7 @@ def get_config(name: str = "toy2d", **overrides) -> Config:
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
     cfg.device = resolve_device(cfg.device)
-    if cfg.data.dataset == "moving_digits" and not cfg.data.mnist_dir:  # record where the digits will come from
+    if cfg.data.dataset == "moving_digits" and "mnist_dir" not in overrides:  # record where the digits come from
         cfg.data.mnist_dir = os.environ.get(MNIST_ENV) or None
     return cfg
 
@@ -1563,7 +1563,9 @@ def resolve_device(name: str) -> str:
         kind = torch.device(name).type
     except (RuntimeError, ValueError):
         raise ValueError(f"device={_short(name)} is not a device torch knows; use cuda, mps, cpu or auto") from None
-    if not here.get(kind, True):
+    if kind not in here:
+        raise ValueError(f"device={_short(name)}: this code runs on cuda, mps or cpu; use one of them or auto")
+    if not here[kind]:
         raise ValueError(f"device={_short(name)}: no {kind} device is available here; use cpu or auto")
     return name
 
@@ -2114,7 +2116,7 @@ def save_atomic(obj, path: str) -> None:
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")  # a kill may leave it: delete it
     try:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.remove(tmp)  # a stale one, or a link planted there: O_EXCL makes a new file or fails
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             if path.endswith(".json"):
@@ -2126,7 +2128,7 @@ def save_atomic(obj, path: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
         cause = e.__context__ if isinstance(e, RuntimeError) else e  # torch.save raises a failed write as RuntimeError
         if isinstance(cause, OSError):  # a full disk among them
@@ -2237,13 +2239,12 @@ def read_idx(path: str) -> torch.Tensor:
 
 
 def load_digits(mnist_dir: Optional[str] = None, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Digit images (N, 28, 28) uint8, labels (N,) long, and their source: the MNIST `split` in `mnist_dir`
-    (or $CAUSAL_FORCING_MNIST), else the sprites in toy_data/ (see toy_data/make_digit_sprites.py)."""
-    mnist_dir = mnist_dir or os.environ.get(MNIST_ENV)
+    """Digit images (N, 28, 28) uint8, labels (N,) long, and their source: the MNIST `split` in `mnist_dir`, else
+    the sprites in toy_data/ (see toy_data/make_digit_sprites.py). get_config reads $CAUSAL_FORCING_MNIST."""
     if not mnist_dir:
         if not os.path.isfile(_SPRITES):
-            raise DataNotFound(f"no MNIST folder given (mnist_dir or ${MNIST_ENV}) and no digit sprites at "
-                               f"{_SPRITES}; regenerate them with toy_data/make_digit_sprites.py")
+            raise DataNotFound(f"no MNIST folder given (mnist_dir) and no digit sprites at {_SPRITES}; regenerate "
+                               "them with toy_data/make_digit_sprites.py")
         import numpy as np
 
         with np.load(_SPRITES) as d:
@@ -2325,7 +2326,7 @@ def balanced_digit_videos(cfg: DataConfig, num_videos: int, digits: tuple, rng=N
     images, labels = digits
     per_digit = [digit_videos(cfg, len(range(k, num_videos, 10)), (images[labels == k], labels[labels == k]), rng)
                  for k in range(10)]
-    order = torch.cat([torch.arange(k, num_videos, 10) for k in range(10)]).argsort()
+    order = torch.cat([torch.arange(num_videos)[k::10] for k in range(10)]).argsort()  # any num_videos, < 10 too
     return torch.cat([v for v, _ in per_digit])[order], torch.cat([lab for _, lab in per_digit])[order]
 
 
@@ -2570,10 +2571,22 @@ def run_config(out: str, **overrides) -> Config:
     path = os.path.join(out, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {out!r}: it is not a run folder of this code")
-    with open(path) as f:
-        saved = _config_fields(json.load(f))
+    saved = _config_fields(_read_config_json(path))
     fields = {k.split(".")[-1]: v for k, v in saved.items() if k != "name"}  # field names are unique
     return get_config(saved["name"], **{**fields, **overrides})
+
+
+def _read_config_json(path: str) -> dict:
+    """A run folder's config.json; one that is not a config (cut short, edited, another file) is named with the fix."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # json's errors are ValueErrors
+        config = e
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        raise ValueError(f"{path!r} is not a config this code wrote ({_short(config)}): put the run's config.json "
+                         "back, or use another --out folder")
+    return config
 
 
 _NOT_RESULTS = ("device", "train.checkpoint_every", "train.dmd_snapshots")  # fields that do not change results
@@ -2595,8 +2608,7 @@ def _check_run_folder(cfg: Config, out: str) -> None:
     done = sorted(n for n in (os.listdir(stages) if os.path.isdir(stages) else [])
                   if n.endswith(".pt") and not n.endswith(".partial.pt") and not n.startswith(".tmp-"))
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        saved = _read_config_json(path)
     elif done:
         saved = _load_saved(os.path.join(stages, done[0]))["config"]
     else:
@@ -2846,7 +2858,7 @@ def format_table(results: dict) -> str:
     if "classifier_accuracy" in results:  # moving digits
         cols = ("frechet_distance", "sharpness", "dynamic_degree", "motion_within_chunks", "instruction_following",
                 "temporal_consistency", "chunk_boundary_jump", "out_of_range", "nfe_per_frame", "ms_per_frame")
-        heads = ("FD", "sharpness", "dynamic", "in-chunk", "instruction", "consistency", "block jump", "out of range",
+        heads = ("FD", "sharpness", "dynamic", "in-chunk", "instruction", "consistency", "block jump", "off range",
                  "NFE/frame", "ms/frame")
         width, col = 32, 12
         notes = [f"digits: {results['digits']}; the classifier reads {results['classifier_accuracy']:.3f} of "

@@ -573,6 +573,9 @@ def main(argv) -> int:
         print(json.dumps(result, indent=2))
         return 0 if result["ok"] else 1
     if args.suite == "speed":
+        if cfg.model.dim >= 1024 and cfg.device == "cpu":  # a Wan-sized network on every chunk, on a CPU
+            print(f"note: {cfg.name} on the CPU takes a long time (a Wan-sized network on every chunk); on a laptop, "
+                  "try --config mnist", file=sys.stderr)
         result = benchmark_stream(cfg, args.frames, args.batch_size, args.repeats)
     else:
         window = cfg.model.window_frames or 2 * cfg.model.chunk_frames

@@ -12,6 +12,7 @@ and off-manifold fraction of the consistency student and of the CF++ generator a
 About 35 s per setting on a 2-core CPU (the preset; more with a larger cd_batch_size)."""
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,6 +36,11 @@ def main(argv=None) -> int:
         cfg = cf.run_config(args.run, device="cpu", **overrides)
         if saved.data.dataset != "toy2d":
             parser.error(f"{args.run!r} is a {saved.data.dataset} run; the probe retrains a toy2d run's CF++ stages")
+        fixed = [f"{part}.{k}" for part in ("data", "model") for k, v in dataclasses.asdict(getattr(cfg, part)).items()
+                 if getattr(getattr(saved, part), k) != v]
+        if fixed:  # the students are copies of the run's teachers, trained on its data
+            parser.error(f"--set {', '.join(fixed)}: the probe keeps the run's network and data; set only training "
+                         "and sampling fields (e.g. cd_batch_size, cd_lr, cd_grid_steps)")
         models = cf.load_models(args.run, saved)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))

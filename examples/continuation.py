@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
+from examples.figures import check_writable  # noqa: E402
 from examples.long_stream import add_run_argument, digit_run_config  # noqa: E402
 
 
@@ -108,6 +109,10 @@ def main(argv) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
     if args.videos < 1:
         parser.error("--videos must be >= 1")
+    try:  # where the report goes, before any work
+        check_writable(args.out, "--out")
+    except ValueError as e:
+        parser.error(str(e))
     run, cfg = digit_run_config(parser, args.run, "continuations", device="cpu")
     if cfg.data.frames < 2 * cfg.model.chunk_frames:
         parser.error(f"{run!r} has one chunk per clip: a continuation needs at least two")
@@ -123,7 +128,6 @@ def main(argv) -> int:
               f"{r['seam_velocity_cosine']:.2f}; with the step before {r['seam_turn_cosine']:.2f}), centroid off "
               "the data's by "
               + " ".join(f"{e:.2f}" for e in r["centroid_error_px"]) + " px")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     cf.save_atomic(report, args.out)
     print(f"wrote {args.out}")
     return 0

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import causal_forcing as cf  # noqa: E402
+from examples.figures import check_writable  # noqa: E402
 from examples.long_stream import add_run_argument, digit_run_config, load_digit_models  # noqa: E402
 
 DMD_FROM = {"self_forcing": "ode_student_from_bidirectional", "causal_forcing": "ode_student_from_ar",
@@ -86,6 +87,10 @@ def main(argv) -> int:
     args = parser.parse_args(argv)
     if args.videos < 1:
         parser.error("--videos must be >= 1")
+    try:  # where the report goes, before any work
+        check_writable(args.out, "--out")
+    except ValueError as e:
+        parser.error(str(e))
     run, cfg = digit_run_config(parser, args.run, "re-noising and DMD probes", device="cpu")
     try:
         models = load_digit_models(run, cfg)
@@ -93,7 +98,6 @@ def main(argv) -> int:
         parser.error(str(e))
     print(f"{run}: {args.videos} videos per row")
     report = {"run": run, **digit_probe(models, cfg, args.videos, args.seed)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     cf.save_atomic(report, args.out)
     print(f"wrote {args.out}")
     return 0

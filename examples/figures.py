@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         written = write_figures(args.run)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # a missing or unreadable run, a folder that cannot be written
         parser.error(str(e))
     print("wrote " + ", ".join(written))
     return 0

@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -496,6 +497,8 @@ def main(argv) -> int:
     args = parser.parse_args(argv)
     if args.frames < 1 or (args.steps is not None and args.steps < 1) or args.chunk_frames < 1:
         parser.error("--frames, --steps and --chunk-frames must be >= 1")
+    if not (math.isfinite(args.shift) and args.shift > 0) or not math.isfinite(args.guidance or 0.0):
+        parser.error(f"--shift must be a finite number > 0 and --guidance finite, got {args.shift} and {args.guidance}")
     given = lambda *names: [n for n in names if getattr(args, n.lstrip("-").replace("-", "_")) not in (None, False)]  # noqa: E731
     wrong = given("--steps", "--guidance", "--negative-prompt") if args.checkpoint else \
         given("--checkpoint-key", "--denoising-steps", "--first-chunk-steps", "--recache")

@@ -1374,6 +1374,39 @@ def test_a_thread_count_below_one_is_a_usage_error(threads, capsys):
     assert e.value.code == 2 and f"--threads {threads}: give 1 or more" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["", '{"seed": 0', "[]", '{"seed": 0}'])
+def test_a_damaged_config_json_is_named_with_the_fix(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    for call in (lambda: cf.run_config(str(tmp_path)),
+                 lambda: cf.run_pipeline(cf.get_config("toy2d", **TINY), str(tmp_path), log=None)):
+        with pytest.raises(ValueError, match=r"config.json' is not a config this code wrote .*put the run's config"):
+            call()
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu"])
+def test_a_device_this_code_does_not_run_on_is_refused_by_get_config(device):
+    with pytest.raises(ValueError, match=f"device='{device}': this code runs on cuda, mps or cpu"):
+        cf.get_config("toy2d", device=device)
+
+
+def test_a_finished_digit_run_reads_its_own_digits_whatever_the_environment_says(tmp_path, monkeypatch):
+    """The environment variable names the MNIST folder of a new config only; config.json records it, and a run
+    made on the sprites (mnist_dir null) is read back on the sprites."""
+    monkeypatch.setenv(cf.MNIST_ENV, str(tmp_path / "elsewhere"))
+    assert cf.get_config("mnist").data.mnist_dir == str(tmp_path / "elsewhere")  # a new config takes it
+    assert cf.get_config("mnist", mnist_dir=None).data.mnist_dir is None  # an explicit None: the sprites
+    run = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "mnist_run")
+    assert cf.run_config(run).data.mnist_dir is None
+    assert cf.load_digits()[2] == "digit sprites (toy_data)"
+
+
+def test_class_balanced_held_out_videos_for_fewer_videos_than_digits():
+    cfg = cf.get_config("mnist", device="cpu")
+    digits = cf.digit_split(cfg.data)["test"]
+    videos, labels = cf.balanced_digit_videos(cfg.data, 4, digits, torch.Generator().manual_seed(0))
+    assert videos.shape[0] == 4 and labels[:, 0].tolist() == [0, 1, 2, 3]
+
+
 def test_stages_remember_their_config_when_config_json_is_deleted(tmp_path):
     cfg = cf.get_config("toy2d", **TINY)
     cf.run_pipeline(cfg, str(tmp_path), log=None)

@@ -180,3 +180,23 @@ def test_long_stream_names_a_models_file_of_another_config(tmp_path, capsys):
     err = usage_error(long_stream.main, ["--run", run, "--out", str(tmp_path / "out")], capsys)
     assert "models.pt does not fit the config in" in err and "config.json" in err and "size mismatch" in err
     assert "different runs" in err
+
+
+@pytest.mark.parametrize("program", ["digit_probe", "continuation"])
+def test_a_probe_refuses_an_out_it_cannot_write_before_any_work(program, tmp_path, capsys, no_models):
+    import importlib
+
+    main = importlib.import_module(f"examples.{program}").main
+    err = usage_error(main, ["--run", SHIPPED_RUN, "--out", str(tmp_path)], capsys)  # a folder, not a file
+    assert "--out" in err and "is a folder; give a file name" in err and "Traceback" not in err
+
+
+def test_cd_probe_refuses_settings_of_the_network_or_data_it_keeps(tmp_path, capsys, no_models):
+    import json
+
+    import causal_forcing as cf
+    from examples import cd_probe
+
+    (tmp_path / "config.json").write_text(json.dumps(cf.get_config("toy2d", device="cpu").to_dict()))
+    err = usage_error(cd_probe.main, ["--run", str(tmp_path), "--set", "dim=48", "--set", "frames=6"], capsys)
+    assert "--set data.frames, model.dim: the probe keeps the run's network and data" in err
