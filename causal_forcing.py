@@ -2249,6 +2249,8 @@ def load_digits(mnist_dir: Optional[str] = None, split: str = "test") -> tuple[t
 
         with np.load(_SPRITES) as d:
             return torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long(), "digit sprites (toy_data)"
+    if split not in ("test", "train"):
+        raise ValueError(f"split={split!r}: MNIST has a 'test' and a 'train' split")
     prefix, found = {"test": "t10k", "train": "train"}[split], []
     for kind, rank in (("images", 3), ("labels", 1)):
         names = [f"{prefix}-{kind}{sep}idx{rank}-ubyte{ext}" for sep in "-." for ext in ("", ".gz")]
@@ -2401,6 +2403,8 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (N, D) (FID's formula):
         |mu_x - mu_y|^2 + tr(C_x + C_y - 2 (C_x^1/2 C_y C_x^1/2)^1/2),
     the matrix square roots from symmetric eigendecompositions, in float64."""
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError(f"the Frechet distance needs 2 or more feature vectors a set, got {len(x)} and {len(y)}")
     x, y = x.double(), y.double()
     mx, my = x.mean(0), y.mean(0)
     cx, cy = torch.cov(x.T), torch.cov(y.T)

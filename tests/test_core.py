@@ -1400,6 +1400,13 @@ def test_a_finished_digit_run_reads_its_own_digits_whatever_the_environment_says
     assert cf.load_digits()[2] == "digit sprites (toy_data)"
 
 
+def test_a_frechet_distance_of_one_sample_and_an_unknown_mnist_split_are_named():
+    with pytest.raises(ValueError, match="needs 2 or more feature vectors a set, got 1 and 5"):
+        cf.frechet_distance(torch.randn(1, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="split='val': MNIST has a 'test' and a 'train' split"):
+        cf.load_digits("/nonexistent", split="val")
+
+
 def test_class_balanced_held_out_videos_for_fewer_videos_than_digits():
     cfg = cf.get_config("mnist", device="cpu")
     digits = cf.digit_split(cfg.data)["test"]
