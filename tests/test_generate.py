@@ -396,3 +396,11 @@ except ImportError as e:
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.join(HERE, ".."))
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--shift", "0"), ("--shift", "nan"), ("--guidance", "nan")])
+def test_a_shift_or_guidance_that_is_no_number_to_sample_with_is_a_usage_error(flag, value, tmp_path, capsys):
+    """Checked with the other flags, before the text encoder, the VAE and the DiT are loaded."""
+    with pytest.raises(SystemExit) as e:
+        wan.main(["--wan-dir", str(tmp_path), "--prompt", "a fox", flag, value])
+    assert e.value.code == 2 and "--shift must be a finite number > 0 and --guidance finite" in capsys.readouterr().err
